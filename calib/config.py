@@ -94,3 +94,103 @@ class SimulationDefaults:
 
 
 SIMULATION = SimulationDefaults()
+
+
+# ------------------------------------------------- roofline (calib/roofline.py)
+#: Bytes per activation element in the TP all-reduce term (bf16/fp16).
+ROOFLINE_ACT_BYTES = 2
+#: Steps per JAX call in calib.roofline.dataset_components (bounds memory on 1M-step data).
+ROOFLINE_CHUNK_STEPS = 65536
+#: Rows per loop iteration of the roofline slot reduction on the CPU backend (keeps the
+#: temporaries in cache; measured ~8x faster than one pass on 122,752 x 128 inputs).
+ROOFLINE_CPU_BLOCK_ROWS = 64
+
+# ------------------------------------------------------- trace import (calib.traces)
+#: Malformed traces.json lines warned about individually (the rest are summarised).
+IMPORT_MAX_LINE_WARNINGS = 20
+#: Per-experiment import cache directory, relative to the import root.
+IMPORT_CACHE_DIRNAME = ".calib-cache"
+#: zlib level for the step x slot variables of saved datasets (1 fast .. 9 small).
+DATASET_ZLIB_LEVEL = 1
+#: Uncompressed traces.json at least this large are parsed by several processes.
+IMPORT_PARALLEL_MIN_BYTES = 64 * 2**20
+#: Longest running interval (steps) a request may have; longer ones are damaged input.
+IMPORT_MAX_INTERVAL_STEPS = 1_000_000
+
+
+# ------------------------------------------------------- model geometry (model helper)
+#: Parameterisation of the per-model / per-experiment log corrections (calib.model):
+#: True = centred (``log_b_active ~ N(log b_pop, tau)``), False = non-centred (``z_b``).
+#: Measured by bench/bench_geometry.py (numbers below once measured).
+MODEL_CENTERED = True
+#: String form of the same choice, for manifests and reports.
+MODEL_PARAMETERISATION = "centered" if MODEL_CENTERED else "noncentered"
+#: Raw coordinates of the additive overheads (per_layer/request/step µs): "softplus"
+#: (linear above the prior median: straight collinearity ridges) or "log".
+OVERHEAD_COORDINATES = "softplus"
+#: Dense (full) mass matrix for NUTS (the fit runner's default).
+DENSE_MASS = True
+
+
+# ------------------------ posterior products (calib/export, e2e, baselines, report)
+#: Share of a request's QUEUED step counted in its predicted E2E/TTFT: a request queued
+#: while step q runs (the QUEUED event carries scheduler.step = q) waits on average for
+#: half of it under uniform arrivals. 1 counts the whole step, 0 none (QUEUED between steps).
+E2E_QUEUED_STEP_WEIGHT = 0.5
+#: Log-scale clip of posterior-predictive step noise (a step at most e^3 ≈ 20× its median):
+#: exp of a Student-t variable has no finite mean, so unclipped draws could dominate sums.
+E2E_NOISE_LOG_CLIP = 3.0
+#: check_e2e fails when P(Binomial(n_experiments, prob) <= n_inside) is below this
+#: (coverage implausibly low for the nominal interval probability).
+E2E_COVERAGE_FAIL_TAIL = 0.01
+#: Metrics whose coverage decides check_e2e's exit code ("e2e", "ttft", "itl").
+E2E_CHECK_METRICS = ("e2e",)
+#: Largest (draws × steps) block evaluated at once (float64 elements; bounds memory).
+E2E_CHUNK_ELEMENTS = 4_000_000
+#: Seed of posterior thinning and predictive noise in check_e2e / report.
+E2E_SEED = 0
+#: Posterior draws used for the report's posterior predictive check.
+REPORT_PPC_DRAWS = 200
+#: PNG resolution of report figures.
+REPORT_DPI = 110
+
+
+@dataclass(frozen=True)
+class ApiOverheadSampler:
+    """NUTS settings of the API-overhead fit (calib/api_overheads.py): a small model."""
+
+    chains: int = 2
+    warmup: int = 400
+    draws: int = 500
+    seed: int = 0
+    target_accept: float = 0.9
+    #: Observations per (quantity, model) kept (evenly random subsample) to bound runtime.
+    max_obs: int = 2000
+
+
+API_SAMPLER = ApiOverheadSampler()
+
+# ------------------------------------------- validation (calib/validate.py, validation helper)
+@dataclass(frozen=True)
+class ValidateSampler:
+    """NUTS settings of each validation fold: smaller than :data:`SAMPLER` (one fit per
+    fold; ``scripts/validate.py`` flags override them)."""
+
+    chains: int = 2
+    warmup: int = 300
+    draws: int = 300
+    seed: int = 0
+    target_accept: float = 0.85
+    max_tree_depth: int = 8
+    chain_method: str = "parallel"
+
+
+VALIDATE_SAMPLER = ValidateSampler()
+#: Temporal split fractions (train, val, test) within each experiment, by step id.
+VALIDATE_TEMPORAL = (0.6, 0.2, 0.2)
+#: Request-hash split: SHA-256(req_id) mod 100 < 70 train, < 85 val, else test.
+VALIDATE_HASH_SPLIT = (70, 85)
+#: Posterior draws used per fold for predictions and intervals (thinned evenly).
+VALIDATE_DRAWS = 400
+#: Train steps fitted per fold at most (seeded random subset beyond; None: all).
+VALIDATE_MAX_TRAIN_STEPS: int | None = 30000
