@@ -14,8 +14,9 @@ from pathlib import Path
 # --------------------------------------------------------------------------- paths
 #: Repository root when running from a checkout (scripts resolve defaults here).
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-#: The embedded default canonical dataset (16 simulated experiments).
-DEFAULT_TRACES = PROJECT_ROOT / "traces" / "default.nc"
+#: The embedded default data: 16 simulated experiment directories in the real trace
+#: format (gzipped traces.json), imported through the real importer on first use.
+DEFAULT_TRACES = PROJECT_ROOT / "traces" / "default"
 #: The simulation recipe the default dataset is generated from.
 DEFAULT_RECIPE = PROJECT_ROOT / "traces" / "default.yaml"
 DEFAULT_PRIORS = PROJECT_ROOT / "priors" / "default.yaml"
@@ -128,6 +129,10 @@ MODEL_PARAMETERISATION = "centered" if MODEL_CENTERED else "noncentered"
 #: Raw coordinates of the additive overheads (per_layer/request/step µs): "softplus"
 #: (linear above the prior median: straight collinearity ridges) or "log".
 OVERHEAD_COORDINATES = "softplus"
+#: Raw coordinate of the per-model weight correction (per-model / per-experiment):
+#: "constant" samples log of the per-step constant b_w·T_w + L·per_layer + per_step
+#: (the data pin it; straight posterior), "log" samples log b_w directly.
+WEIGHT_COORDINATES = "constant"
 #: Dense (full) mass matrix for NUTS (the fit runner's default).
 DENSE_MASS = True
 

@@ -7,6 +7,7 @@ xarray dataset described by ``calib.traces.schema``.
 
 from calib.traces.dataset import (
     concat_experiments,
+    dataset_hash,
     find_experiments,
     import_experiment,
     import_root,
@@ -19,6 +20,7 @@ from calib.traces.reconstruct import reconstruct
 __all__ = [
     "TraceWarning",
     "concat_experiments",
+    "dataset_hash",
     "find_experiments",
     "import_experiment",
     "import_root",

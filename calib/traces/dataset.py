@@ -362,9 +362,29 @@ def save_dataset(ds: xr.Dataset, path: str | Path) -> Path:
     return path
 
 
-def load_dataset(path: str | Path) -> xr.Dataset:
-    """Open a saved dataset into memory and validate it against ``calib.traces.schema``."""
+def dataset_hash(ds: xr.Dataset) -> str:
+    """Content hash of a canonical dataset: SHA-256 over its experiments' source hashes.
+
+    Stable across re-imports of the same trace files (unlike the NetCDF file's bytes,
+    whose manifest records the import time); used as the ``data_hash`` of manifests.
+    """
+    names = [str(n) for n in ds["experiment"].values]
+    sources = [str(h) for h in ds["exp_source_sha256"].values]
+    text = "\n".join(f"{n}:{h}" for n, h in zip(names, sources, strict=True))
+    return text_sha256(f"schema={DATASET_SCHEMA_VERSION}\n{text}")
+
+
+def load_dataset(path: str | Path, *, progress: bool = True) -> xr.Dataset:
+    """Open a canonical dataset and validate it against ``calib.traces.schema``.
+
+    ``path`` is either a saved dataset (NetCDF, from ``scripts/import_traces.py``) or a
+    folder of experiment directories in the trace format, which is imported here with
+    :func:`import_root` (cached per experiment under ``<path>/.calib-cache``, so only
+    the first call pays for parsing).
+    """
     path = Path(path)
+    if path.is_dir():
+        return import_root(path, progress=progress)
     if not path.is_file():
         raise CalibError("dataset file not found", path=path, fix=FIX_REIMPORT)
     try:
