@@ -1,0 +1,447 @@
+"""Teacher-forced replay: per-experiment E2E, TTFT and decode-interval intervals.
+
+Every step of the dataset keeps its observed batch (teacher forcing); only the
+step durations are predicted. For request r of an experiment (steps sorted by
+scheduler step id):
+
+* predicted E2E  = Σ predicted durations of the steps with id in [QUEUED step, FINISHED step];
+* predicted TTFT = Σ over [QUEUED step, FIRST_TOKEN step];
+
+  the QUEUED step itself counts with weight ``E2E_QUEUED_STEP_WEIGHT`` (default 0.5:
+  a request queued while step q runs waits on average for half of it; use 1 to
+  count it fully, 0 when QUEUED is logged between steps), and every step in a
+  window can carry a host gap ``step_gap_us`` (e.g. BLIS's α₂; default 0);
+* predicted decode interval (``itl``) = (E2E − TTFT)/(output − 1), i.e. Σ over
+  (FIRST_TOKEN step, FINISHED step] divided by output − 1 (requests with ≥ 2 tokens).
+
+Each experiment mean is linear in the step durations, so it is a weighted sum
+``Σ_s w_s·d_s`` with weights built once from the windows (cumulative counts via
+``searchsorted``); per posterior draw the whole table is a handful of
+matrix-vector products (draws are processed in chunks to bound memory).
+
+Observed values are the journey labels (``req_e2e_us``, ``req_ttft_us``, and
+(E2E − TTFT)/(output − 1)) of the same requests: requests not failed, with
+QUEUED, FIRST_TOKEN and FINISHED steps and finite labels.
+
+Which corrections predict an experiment (column ``basis``):
+
+``fitted``          the experiment's own posterior (``b_exp`` for per-experiment fits,
+                    else its model's ``b``);
+``new-experiment``  per-experiment fits, workload not in the posterior (or forced with
+                    ``new_experiments=True``): ``log b = log b[m] + tau_exp·z`` per draw;
+``population``      model not in the posterior (or listed in ``population_models``):
+                    ``log b = log b_pop + tau·z`` per draw; its noise scale is the
+                    per-draw mean of ``sigma`` over the fitted models.
+
+With ``noise=True`` (default) every predicted step duration is multiplied by the
+model's Student-t noise ``exp(sigma·t_nu)`` (clipped at ±``E2E_NOISE_LOG_CLIP`` on the
+log scale), so the interval is a posterior *predictive* interval of the
+experiment mean: without noise, ``mu`` is the median step time and sums of
+medians sit below sums of durations.
+
+Verdict: for each metric in :data:`calib.config.E2E_CHECK_METRICS`, with n experiments
+and k intervals containing the observed mean, the check fails when
+``P(Binomial(n, prob) <= k) < E2E_COVERAGE_FAIL_TAIL`` (coverage implausibly low
+for the nominal probability). Baselines (:mod:`calib.baselines`) are reported, not judged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from calib import config
+from calib.errors import CalibError
+from calib.predict import StepFeatures, step_time_draws_us, student_t_log_noise
+
+__all__ = ["METRICS", "E2EResult", "ReplayDesign", "experiment_means", "flat_draws",
+           "format_table", "replay", "replay_design"]
+
+#: Metrics in table order: end-to-end latency, time to first token, decode interval.
+METRICS = ("e2e", "ttft", "itl")
+_COMP = len(config.COMPONENTS)
+
+
+@dataclass(frozen=True)
+class ReplayDesign:
+    """Request windows of a dataset turned into per-step weights.
+
+    Attributes
+    ----------
+    order : (n,) step positions of the dataset in replay order (by experiment, step id).
+    step_exp : (n,) experiment index of each step in replay order.
+    bounds : (E + 1,) block boundaries: experiment e is ``order[bounds[e]:bounds[e+1]]``.
+    weights : (n, 3) weight of each step in each metric's experiment mean (METRICS order).
+    observed_us : (3, E) observed experiment means (NaN without valid requests).
+    n_requests : (3, E) requests behind each mean.
+    experiments, models : names of the dataset experiments and of their models.
+    """
+
+    order: np.ndarray
+    step_exp: np.ndarray
+    bounds: np.ndarray
+    weights: np.ndarray
+    observed_us: np.ndarray
+    n_requests: np.ndarray
+    experiments: tuple[str, ...]
+    models: tuple[str, ...]
+
+
+def _names(ds, dim: str) -> list[str]:
+    if dim in ds.coords:
+        return [str(x) for x in np.asarray(ds[dim].values)]
+    return [str(i) for i in range(ds.sizes[dim])]
+
+
+def replay_design(ds, queued_step_weight: float = config.E2E_QUEUED_STEP_WEIGHT) -> ReplayDesign:
+    """Weights and observed means of every experiment of a canonical dataset.
+
+    ``queued_step_weight`` is the share of the QUEUED step counted in E2E and TTFT
+    (see :data:`calib.config.E2E_QUEUED_STEP_WEIGHT`).
+    """
+    if not 0.0 <= queued_step_weight <= 1.0:
+        raise CalibError(f"queued-step weight must be in [0, 1], got {queued_step_weight}",
+                         field="--queued-step-weight")
+    need = ("step_experiment", "step_id", "req_experiment", "req_queued_step",
+            "req_first_token_step", "req_finished_step", "req_failed", "req_output_len",
+            "req_e2e_us", "req_ttft_us", "exp_model")
+    missing = [v for v in need if v not in ds]
+    if missing:
+        raise CalibError(f"dataset lacks variable(s) {', '.join(missing)}", field=missing[0],
+                         fix="import the traces with calib.traces (schema.py)")
+    step_exp_raw = np.asarray(ds["step_experiment"].values).astype(np.int64)
+    step_id_raw = np.asarray(ds["step_id"].values).astype(np.int64)
+    order = np.lexsort((step_id_raw, step_exp_raw))
+    step_exp = step_exp_raw[order]
+    step_id = step_id_raw[order]
+    n_exp = ds.sizes["experiment"]
+    n = order.size
+    bounds = np.searchsorted(step_exp, np.arange(n_exp + 1), side="left")
+
+    r_exp = np.asarray(ds["req_experiment"].values).astype(np.int64)
+    q = np.asarray(ds["req_queued_step"].values).astype(np.int64)
+    ft = np.asarray(ds["req_first_token_step"].values).astype(np.int64)
+    fin = np.asarray(ds["req_finished_step"].values).astype(np.int64)
+    out_len = np.asarray(ds["req_output_len"].values).astype(np.int64)
+    e2e = np.asarray(ds["req_e2e_us"].values, np.float64)
+    ttft = np.asarray(ds["req_ttft_us"].values, np.float64)
+    valid = (~np.asarray(ds["req_failed"].values, bool) & (q >= 0) & (ft >= q) & (fin >= ft)
+             & np.isfinite(e2e) & np.isfinite(ttft))
+    itl_valid = valid & (out_len >= 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        itl = np.where(itl_valid, (e2e - ttft) / (out_len - 1), np.nan)
+
+    # global positions (replay order) of each window: searchsorted inside the experiment block
+    lo_q = np.zeros(r_exp.size, np.int64)
+    hi_ft = np.zeros(r_exp.size, np.int64)
+    hi_fin = np.zeros(r_exp.size, np.int64)
+    for e in range(n_exp):
+        r = np.nonzero(r_exp == e)[0]
+        if r.size == 0:
+            continue
+        ids = step_id[bounds[e]:bounds[e + 1]]
+        lo_q[r] = bounds[e] + np.searchsorted(ids, q[r], side="left")
+        hi_ft[r] = bounds[e] + np.searchsorted(ids, ft[r], side="right")
+        hi_fin[r] = bounds[e] + np.searchsorted(ids, fin[r], side="right")
+
+    observed = np.full((3, n_exp), np.nan)
+    counts = np.zeros((3, n_exp), np.int64)
+    diff = np.zeros((n + 1, 3))
+    for k, (ok, vals, lo, hi, per) in enumerate((
+            (valid, e2e, lo_q, hi_fin, np.ones(r_exp.size)),
+            (valid, ttft, lo_q, hi_ft, np.ones(r_exp.size)),
+            (itl_valid, itl, hi_ft, hi_fin, 1.0 / np.maximum(out_len - 1, 1)))):
+        counts[k] = np.bincount(r_exp[ok], minlength=n_exp)
+        sums = np.bincount(r_exp[ok], weights=vals[ok], minlength=n_exp)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            observed[k] = np.where(counts[k] > 0, sums / counts[k], np.nan)
+        v = per[ok] / np.maximum(counts[k][r_exp[ok]], 1)
+        np.add.at(diff[:, k], lo[ok], v)
+        np.add.at(diff[:, k], hi[ok], -v)
+        if k < 2 and queued_step_weight != 1.0:  # E2E, TTFT: part of the QUEUED step
+            first = lo[ok][hi[ok] > lo[ok]]
+            cut = (1.0 - queued_step_weight) * v[hi[ok] > lo[ok]]
+            np.add.at(diff[:, k], first, -cut)
+            np.add.at(diff[:, k], first + 1, cut)
+    weights = np.cumsum(diff, axis=0)[:n]
+    weights[np.abs(weights) < 1e-15] = 0.0
+    return ReplayDesign(order=order, step_exp=step_exp, bounds=bounds, weights=weights,
+                        observed_us=observed, n_requests=counts,
+                        experiments=tuple(_names(ds, "experiment")),
+                        models=tuple(str(m) for m in np.asarray(ds["exp_model"].values)))
+
+
+def experiment_means(step_us: np.ndarray, design: ReplayDesign) -> np.ndarray:
+    """Experiment means ``(draws, 3, E)`` from step durations ``(draws, n)`` in replay order."""
+    step_us = np.atleast_2d(step_us)
+    E = design.bounds.size - 1
+    out = np.zeros((step_us.shape[0], 3, E))
+    for e in range(E):
+        a, b = design.bounds[e], design.bounds[e + 1]
+        if b > a:
+            out[:, :, e] = step_us[:, a:b] @ design.weights[a:b]
+    out[:, design.n_requests == 0] = np.nan
+    return out
+
+
+def flat_draws(idata, draws: int | None = None) -> dict[str, np.ndarray]:
+    """Posterior variables without a ``step`` dim, flattened to ``(sample, ...)``.
+
+    ``draws`` thins evenly over chain × draw (default all).
+    """
+    post = idata.posterior
+    total = post.sizes["chain"] * post.sizes["draw"]
+    idx = None
+    if draws is not None:
+        if draws < 1:
+            raise CalibError(f"draws must be at least 1, got {draws}", field="--draws")
+        if draws < total:
+            idx = np.linspace(0, total - 1, draws).round().astype(int)
+    out = {}
+    for name, da in post.data_vars.items():
+        if "step" in da.dims:
+            continue
+        v = np.asarray(da.values, dtype=np.float64)
+        v = v.reshape((total, *v.shape[2:]))
+        out[name] = v if idx is None else v[idx]
+    return out
+
+
+@dataclass
+class _Groups:
+    b: np.ndarray        # (d, E, 6)
+    sigma: np.ndarray    # (d, E)
+    basis: list[str]
+
+
+def _correction_groups(params: dict, idata, design: ReplayDesign, *, new_experiments: bool,
+                       population_models, rng: np.random.Generator) -> _Groups:
+    from calib.posterior import model_coords
+
+    coords = model_coords(idata)
+    models, experiments = coords["model"], coords["experiment"]
+    d = params["b"].shape[0]
+    E = len(design.experiments)
+    has_exp = "b_exp" in params
+    b = np.empty((d, E, _COMP))
+    sigma = np.empty((d, E))
+    basis = []
+    pop_sigma = params["sigma"].mean(axis=1)
+    forced_pop = set(population_models or ())
+    unknown = forced_pop - set(design.models)
+    if unknown:
+        raise CalibError(f"--population-models names model(s) not in the dataset: "
+                         f"{', '.join(sorted(unknown))}", field="--population-models",
+                         fix=f"use model names of the dataset: {', '.join(sorted(set(design.models)))}")
+    for e, (name, model) in enumerate(zip(design.experiments, design.models, strict=True)):
+        if model in models and model not in forced_pop:
+            m = models.index(model)
+            if has_exp and name in experiments and not new_experiments:
+                b[:, e] = params["b_exp"][:, experiments.index(name)]
+                basis.append("fitted")
+            elif has_exp:
+                tau_exp = params["tau_exp"]
+                z = rng.standard_normal((d, _COMP))
+                b[:, e] = params["b"][:, m] * np.exp(tau_exp * z)
+                basis.append("new-experiment")
+            else:
+                b[:, e] = params["b"][:, m]
+                basis.append("fitted")
+            sigma[:, e] = params["sigma"][:, m]
+        else:
+            tau = params.get("tau", np.zeros((d, _COMP)))
+            z = rng.standard_normal((d, _COMP))
+            b[:, e] = params["b_pop"] * np.exp(tau * z)
+            sigma[:, e] = pop_sigma
+            basis.append("population")
+    return _Groups(b, sigma, basis)
+
+
+@dataclass
+class E2EResult:
+    """Outcome of :func:`replay`.
+
+    Attributes
+    ----------
+    table : pandas.DataFrame, one row per (metric, experiment): ``metric``, ``experiment``,
+        ``model``, ``basis``, ``n_requests``, ``observed_us``, ``predicted_us`` (mean over
+        draws), ``lower_us``/``upper_us`` (equal-tailed ``prob`` interval), ``error_pct``
+        ((predicted − observed)/observed·100), ``bias_us`` (predicted − observed),
+        ``inside``, and per baseline ``<name>_us`` and ``<name>_error_pct``.
+    coverage : metric -> dict(n, inside, rate, p_low, fails).
+    passed : whether every checked metric passes.
+    message : one-line verdict.
+    worst : (metric, experiment, error_pct) with the largest |error| on E2E.
+    draws_us : (draws, 3, E) predicted experiment means per draw.
+    prob, noise : settings used.
+    """
+
+    table: object
+    coverage: dict
+    passed: bool
+    message: str
+    worst: tuple
+    draws_us: np.ndarray
+    prob: float
+    noise: bool
+    settings: dict = field(default_factory=dict)
+
+
+def replay(idata, ds, *, features: StepFeatures | None = None, prob: float = config.INTERVAL_PROB,
+           draws: int | None = config.E2E_DRAWS, noise: bool = True,
+           new_experiments: bool = False, population_models=(), seed: int = config.E2E_SEED,
+           baselines: bool = True, design: ReplayDesign | None = None,
+           step_gap_us: float = 0.0,
+           queued_step_weight: float = config.E2E_QUEUED_STEP_WEIGHT) -> E2EResult:
+    """Teacher-forced replay of every experiment of ``ds`` under the posterior ``idata``.
+
+    Parameters
+    ----------
+    idata : posterior (``calib.posterior.load_posterior``).
+    ds : canonical dataset (every step, not only sampled ones).
+    features : roofline terms of every step of ``ds`` in dataset order (default:
+        ``calib.roofline.dataset_components(ds)``).
+    prob : central interval probability.
+    draws : posterior draws (thinned evenly; None: all).
+    noise : include the Student-t step noise (posterior predictive).
+    new_experiments : per-experiment fits: predict every experiment as a new workload.
+    population_models : models predicted from the population level (held out).
+    seed : seed of the thinning-independent randomness (effects, noise).
+    baselines : also fit and report the blackbox and NNLS baselines.
+    design : a precomputed :func:`replay_design` of ``ds``.
+    step_gap_us : host time added to every predicted step (µs; e.g. BLIS's α₂).
+    queued_step_weight : share of the QUEUED step counted (ignored with ``design``).
+    """
+    import pandas as pd
+    from scipy.stats import binom
+
+    if not 0.0 < prob < 1.0:
+        raise CalibError(f"interval probability must be in (0, 1), got {prob}", field="--prob")
+    if not (np.isfinite(step_gap_us) and step_gap_us >= 0):
+        raise CalibError(f"step gap must be a finite number >= 0 µs, got {step_gap_us}",
+                         field="--step-gap-us")
+    design = replay_design(ds, queued_step_weight) if design is None else design
+    if features is None:
+        from calib.roofline import dataset_components
+
+        features = StepFeatures.from_components(dataset_components(ds))
+    feats = features.take(design.order)
+    rng = np.random.default_rng(seed)
+    params = flat_draws(idata, draws)
+    groups = _correction_groups(params, idata, design, new_experiments=new_experiments,
+                                population_models=population_models, rng=rng)
+    n = design.order.size
+    d = params["b"].shape[0]
+    chunk = max(1, min(d, config.E2E_CHUNK_ELEMENTS // max(n, 1)))
+    pred = np.empty((d, 3, design.bounds.size - 1))
+    for a in range(0, d, chunk):
+        sl = slice(a, min(d, a + chunk))
+        D = step_time_draws_us(groups.b[sl], params["per_layer_us"][sl],
+                               params["per_request_us"][sl], params["per_step_us"][sl],
+                               params["alpha"][sl], feats, design.step_exp)
+        if noise:
+            D *= student_t_log_noise(rng, groups.sigma[sl][:, design.step_exp],
+                                     params["nu"][sl], D.shape)
+        if step_gap_us:
+            D += step_gap_us
+        pred[sl] = experiment_means(D, design)
+
+    base = {}
+    if baselines:
+        from calib.baselines import baseline_step_predictions
+
+        for name, step_us in baseline_step_predictions(ds, features).items():
+            base[name] = experiment_means(step_us[design.order][None, :] + step_gap_us,
+                                          design)[0]
+
+    lo_q, hi_q = (1 - prob) / 2, (1 + prob) / 2
+    rows = []
+    for k, metric in enumerate(METRICS):
+        for e, name in enumerate(design.experiments):
+            obs = design.observed_us[k, e]
+            col = pred[:, k, e]
+            finite = np.isfinite(obs) and np.all(np.isfinite(col))
+            mean = float(col.mean()) if finite else np.nan
+            lo = float(np.quantile(col, lo_q)) if finite else np.nan
+            hi = float(np.quantile(col, hi_q)) if finite else np.nan
+            row = {"metric": metric, "experiment": name, "model": design.models[e],
+                   "basis": groups.basis[e], "n_requests": int(design.n_requests[k, e]),
+                   "observed_us": obs, "predicted_us": mean, "lower_us": lo, "upper_us": hi,
+                   "error_pct": 100.0 * (mean - obs) / obs if finite else np.nan,
+                   "bias_us": mean - obs if finite else np.nan,
+                   "inside": bool(finite and lo <= obs <= hi)}
+            for bname, vals in base.items():
+                v = float(vals[k, e])
+                row[f"{bname}_us"] = v
+                row[f"{bname}_error_pct"] = 100.0 * (v - obs) / obs if np.isfinite(obs) else np.nan
+            rows.append(row)
+    table = pd.DataFrame(rows)
+
+    coverage = {}
+    for metric in METRICS:
+        sub = table[(table.metric == metric) & np.isfinite(table.observed_us)]
+        n_e = int(len(sub))
+        k_in = int(sub.inside.sum())
+        p_low = float(binom.cdf(k_in, n_e, prob)) if n_e else float("nan")
+        checked = metric in config.E2E_CHECK_METRICS
+        fails = bool(checked and (n_e == 0 or p_low < config.E2E_COVERAGE_FAIL_TAIL))
+        coverage[metric] = {"n": n_e, "inside": k_in, "rate": k_in / n_e if n_e else np.nan,
+                            "p_low": p_low, "checked": checked, "fails": fails}
+    e2e_rows = table[(table.metric == "e2e") & np.isfinite(table.error_pct)]
+    if len(e2e_rows):
+        w = e2e_rows.loc[e2e_rows.error_pct.abs().idxmax()]
+        worst = ("e2e", str(w.experiment), float(w.error_pct))
+    else:
+        worst = ("e2e", "", float("nan"))
+    failed = [m for m, c in coverage.items() if c["fails"]]
+    parts = [f"{m} coverage {c['inside']}/{c['n']} ({100 * c['rate']:.0f} %)"
+             for m, c in coverage.items() if c["n"]]
+    passed = not failed
+    msg = (("PASS" if passed else "FAIL") + f": nominal {100 * prob:.0f} % intervals; "
+           + "; ".join(parts) + f"; worst E2E error {worst[2]:+.1f} % ({worst[1]})")
+    if failed:
+        msg += (f"; failing: {', '.join(failed)} (P(Binomial(n, {prob}) <= inside) < "
+                f"{config.E2E_COVERAGE_FAIL_TAIL})")
+    return E2EResult(table=table, coverage=coverage, passed=passed, message=msg, worst=worst,
+                     draws_us=pred, prob=prob, noise=noise,
+                     settings={"draws": int(d), "noise": noise, "prob": prob, "seed": seed,
+                               "step_gap_us": step_gap_us,
+                               "new_experiments": new_experiments,
+                               "population_models": sorted(population_models or ())})
+
+
+def format_table(result: E2EResult) -> str:
+    """Plain-text per-experiment table (ms), one block per metric, then the verdict."""
+    t = result.table
+    lines = []
+    pct = f"{100 * result.prob:.0f}%"
+    bnames = [c[:-3] for c in t.columns if c.endswith("_us") and c[:-3] in ("blackbox", "nnls")]
+    for metric in METRICS:
+        sub = t[t.metric == metric]
+        label = {"e2e": "E2E latency", "ttft": "time to first token",
+                 "itl": "decode interval (E2E−TTFT)/(output−1)"}[metric]
+        lines.append(f"== {label} (ms; {pct} interval; "
+                     f"{'with' if result.noise else 'without'} step noise) ==")
+        head = (f"{'experiment':<44} {'basis':<14} {'observed':>10} {'predicted':>10} "
+                f"{'lower':>10} {'upper':>10} {'err%':>7} {'bias':>9} {'in':>3}")
+        for b in bnames:
+            head += f" {b + ' err%':>14}"
+        lines.append(head)
+        for _, r in sub.iterrows():
+            line = (f"{str(r.experiment)[:44]:<44} {r.basis:<14} {r.observed_us / 1e3:>10.2f} "
+                    f"{r.predicted_us / 1e3:>10.2f} {r.lower_us / 1e3:>10.2f} "
+                    f"{r.upper_us / 1e3:>10.2f} {r.error_pct:>+7.1f} {r.bias_us / 1e3:>+9.2f} "
+                    f"{'yes' if r.inside else 'NO':>3}")
+            for b in bnames:
+                line += f" {r[b + '_error_pct']:>+14.1f}"
+            lines.append(line)
+        c = result.coverage[metric]
+        mean_abs = sub.error_pct.abs().mean()
+        summary = (f"coverage {c['inside']}/{c['n']}; mean |err| {mean_abs:.1f} %")
+        for b in bnames:
+            summary += f"; {b} mean |err| {sub[b + '_error_pct'].abs().mean():.1f} %"
+        lines.append(summary + ("" if c["checked"] else " (reported, not checked)"))
+        lines.append("")
+    lines.append(result.message)
+    return "\n".join(lines)

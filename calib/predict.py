@@ -1,0 +1,297 @@
+"""Step-time predictions: plug-in, BLIS-style and per posterior draw.
+
+Pure functions over arrays (numpy, float64). Three ways to predict a step's
+duration from its roofline terms (:class:`StepFeatures`, µs and counts):
+
+* :func:`plugin_step_time_us` — the fitted model at one parameter set (e.g. the
+  posterior means: a *plug-in* prediction, which is not the posterior-mean
+  prediction because the model is non-linear in ``alpha``)::
+
+      pf  = b_pf_compute·T_pf_compute + b_pf_kv·T_pf_kv
+      dc  = b_dc_compute·T_dc_compute + b_dc_kv·T_dc_kv
+      mu  = pf + dc − alpha·min(pf, dc) + b_weight·T_weight + b_tp·T_tp
+            + per_layer_us·L + per_request_us·B + per_step_us
+
+  ``mu`` is the *median* step time of the model (``log y ~ StudentT(nu, log mu, sigma)``).
+* :func:`blis_step_time_us` — BLIS's trained-physics ``StepTime`` formula from
+  exported ``beta_coeffs`` (BLIS order, :data:`BLIS_BETA_NAMES`). It adds prefill and
+  decode terms (no ``alpha``), so with ``alpha = 0`` it equals the plug-in prediction.
+* :func:`step_time_draws_us` — the plug-in formula vectorised over posterior draws
+  (``(draws, steps)``), grouped by the correction set each step uses (model,
+  experiment, or a new model drawn from the population).
+
+Exported-module contract (checked by the validation helper): for any non-empty
+batch the BLIS prediction is > 0, deterministic and side-effect free (no global
+state, no randomness), and costs far below 1 ms at batch size 128.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from calib import config
+
+__all__ = [
+    "ALPHA_NAMES",
+    "BLIS_BETA_NAMES",
+    "BLIS_EP_NAME",
+    "StepFeatures",
+    "betas_from_params",
+    "batch_type",
+    "blis_step_time_us",
+    "noise_mean_factor",
+    "params_from_betas",
+    "plugin_step_time_us",
+    "step_time_draws_us",
+    "student_t_log_noise",
+]
+
+#: BLIS ``beta_coeffs`` order (trained-physics backend, 10 coefficients).
+BLIS_BETA_NAMES = ("pf_compute", "dc_compute", "weight", "tp", "per_layer_us",
+                   "per_request_us", "per_step_us", "per_moe_layer_us", "pf_kv", "dc_kv")
+#: BLIS's optional 11th beta (MoE dispatch/combine under DP > 1); not fitted, not exported.
+BLIS_EP_NAME = "ep"
+#: BLIS ``alpha_coeffs`` order (µs): ARRIVED→QUEUED, FINISHED→DEPARTED, per output token.
+ALPHA_NAMES = ("queueing_us", "post_decode_us", "per_output_token_us")
+
+_IDX = {c: i for i, c in enumerate(config.COMPONENTS)}
+
+
+class StepFeatures(NamedTuple):
+    """Roofline terms of ``n`` steps.
+
+    Attributes
+    ----------
+    components : (n, 6) float, µs, columns in :data:`calib.config.COMPONENTS` order.
+    num_layers, batch_size, num_moe_layers : (n,) float counts (0 for an empty step).
+    """
+
+    components: np.ndarray
+    num_layers: np.ndarray
+    batch_size: np.ndarray
+    num_moe_layers: np.ndarray
+
+    @classmethod
+    def from_components(cls, comps) -> StepFeatures:
+        """From :func:`calib.roofline.dataset_components` output (an ``xr.Dataset``)."""
+        mat = np.stack([np.asarray(comps[c].values, dtype=np.float64)
+                        for c in config.COMPONENTS], axis=1)
+
+        def get(k: str) -> np.ndarray:
+            return np.asarray(comps[k].values, dtype=np.float64)
+
+        moe = get("num_moe_layers") if "num_moe_layers" in comps else np.zeros(len(mat))
+        return cls(mat, get("num_layers"), get("batch_size"), moe)
+
+    def take(self, idx) -> StepFeatures:
+        """The features of the steps ``idx``."""
+        return StepFeatures(*(np.asarray(a)[idx] for a in self))
+
+    def __len__(self) -> int:  # number of steps
+        return int(np.shape(self.components)[0])
+
+
+def batch_type(components) -> np.ndarray:
+    """"prefill-only", "decode-only" or "mixed" per step, from its (n, 6) roofline terms."""
+    c = np.asarray(components, np.float64)
+    pf = (c[:, _IDX["pf_compute"]] + c[:, _IDX["pf_kv"]]) > 0
+    dc = (c[:, _IDX["dc_compute"]] + c[:, _IDX["dc_kv"]]) > 0
+    return np.where(pf & dc, "mixed", np.where(pf, "prefill-only", "decode-only"))
+
+
+def _col(features: StepFeatures, name: str) -> np.ndarray:
+    return np.asarray(features.components, dtype=np.float64)[:, _IDX[name]]
+
+
+def plugin_step_time_us(b, per_layer_us: float, per_request_us: float, per_step_us: float,
+                        alpha: float, features: StepFeatures) -> np.ndarray:
+    """Model step time (µs, the median under the model) at one parameter set.
+
+    Parameters
+    ----------
+    b : (6,) or (n, 6) dimensionless corrections in ``COMPONENTS`` order (one set,
+        or one per step).
+    per_layer_us, per_request_us, per_step_us : overheads (µs per layer, per request, per step).
+    alpha : prefill/decode mixing weight in [0, 1].
+    features : the steps.
+
+    Returns
+    -------
+    (n,) float64 µs.
+    """
+    b = np.asarray(b, dtype=np.float64)
+    c = np.asarray(features.components, dtype=np.float64)
+    bc = c * b  # broadcasts (6,) or (n, 6)
+    pf = bc[:, _IDX["pf_compute"]] + bc[:, _IDX["pf_kv"]]
+    dc = bc[:, _IDX["dc_compute"]] + bc[:, _IDX["dc_kv"]]
+    return (pf + dc - alpha * np.minimum(pf, dc) + bc[:, _IDX["weight"]] + bc[:, _IDX["tp"]]
+            + per_layer_us * np.asarray(features.num_layers, np.float64)
+            + per_request_us * np.asarray(features.batch_size, np.float64)
+            + per_step_us * (np.asarray(features.batch_size) > 0))
+
+
+def betas_from_params(b: Sequence[float], per_layer_us: float, per_request_us: float,
+                      per_step_us: float) -> list[float]:
+    """The 10 BLIS ``beta_coeffs`` (order :data:`BLIS_BETA_NAMES`) of one parameter set.
+
+    ``per_moe_layer_us`` is 0: the model does not fit BLIS's β₈ (it applies only to
+    interleaved MoE architectures). The optional 11th ``ep`` beta is left out, so
+    BLIS defaults it to β₄ (the TP correction); it matters only for MoE under DP > 1.
+    """
+    b = [float(x) for x in b]
+    named = dict(zip(config.COMPONENTS, b, strict=True))
+    vals = {**named, "per_layer_us": float(per_layer_us), "per_request_us": float(per_request_us),
+            "per_step_us": float(per_step_us), "per_moe_layer_us": 0.0}
+    return [vals[k] for k in BLIS_BETA_NAMES]
+
+
+def params_from_betas(betas: Sequence[float]) -> dict:
+    """Inverse of :func:`betas_from_params` for 10 or 11 betas (alpha taken as 0)."""
+    betas = [float(x) for x in betas]
+    if len(betas) < 10:
+        raise ValueError(f"need at least 10 betas (prefill and decode split), got {len(betas)}")
+    named = dict(zip(BLIS_BETA_NAMES, betas[:10], strict=True))
+    return {"b": np.array([named[c] for c in config.COMPONENTS]),
+            "per_layer_us": named["per_layer_us"], "per_request_us": named["per_request_us"],
+            "per_step_us": named["per_step_us"], "per_moe_layer_us": named["per_moe_layer_us"],
+            "alpha": 0.0}
+
+
+def blis_step_time_us(beta_coeffs: Sequence[float], features: StepFeatures, *,
+                      interleaved_moe: bool = False, integer: bool = False) -> np.ndarray:
+    """BLIS trained-physics ``StepTime`` (µs) from ``beta_coeffs`` on our roofline terms.
+
+    Follows BLIS's rules: with fewer than 9 betas the prefill term is
+    ``β₁·max(T_pf_compute, T_pf_kv)`` (else ``β₁·T_pf_compute + β₉·T_pf_kv``); with fewer
+    than 10 the decode term is ``β₂·max(...)``; β₈ multiplies the MoE layer count only
+    for interleaved MoE architectures; the per-step term β₇ is charged to every
+    non-empty batch. The MoE dispatch term (11th beta, DP > 1) is not modelled (DP = 1).
+
+    Parameters
+    ----------
+    beta_coeffs : 7 to 11 non-negative values in :data:`BLIS_BETA_NAMES` order.
+    features : the steps.
+    interleaved_moe : whether the architecture interleaves MoE and dense layers.
+    integer : return BLIS's integer µs (truncated, at least 1) instead of floats.
+    """
+    beta = np.zeros(11)
+    given = np.asarray(beta_coeffs, dtype=np.float64)
+    if given.ndim != 1 or not 7 <= given.size <= 11:
+        raise ValueError(f"BLIS takes 7 to 11 beta coefficients, got shape {given.shape}")
+    beta[:given.size] = given
+    t = {c: _col(features, c) for c in config.COMPONENTS}
+    if given.size >= 9:
+        pf = beta[0] * t["pf_compute"] + beta[8] * t["pf_kv"]
+    else:
+        pf = beta[0] * np.maximum(t["pf_compute"], t["pf_kv"])
+    if given.size >= 10:
+        dc = beta[1] * t["dc_compute"] + beta[9] * t["dc_kv"]
+    else:
+        dc = beta[1] * np.maximum(t["dc_compute"], t["dc_kv"])
+    nonempty = np.asarray(features.batch_size) > 0
+    out = (pf + dc + beta[2] * t["weight"] + beta[3] * t["tp"]
+           + beta[4] * np.asarray(features.num_layers, np.float64)
+           + beta[5] * np.asarray(features.batch_size, np.float64)
+           + beta[6] * nonempty
+           + (beta[7] * np.asarray(features.num_moe_layers, np.float64) if interleaved_moe
+              else 0.0))
+    if integer:
+        return np.maximum(1, np.trunc(out)).astype(np.int64)
+    return out
+
+
+def step_time_draws_us(b: np.ndarray, per_layer_us: np.ndarray, per_request_us: np.ndarray,
+                       per_step_us: np.ndarray, alpha: np.ndarray, features: StepFeatures,
+                       group: np.ndarray) -> np.ndarray:
+    """Model step time (µs) for every draw and step: shape ``(draws, n)``.
+
+    Parameters
+    ----------
+    b : (draws, G, 6) corrections per draw and correction group (a model, an
+        experiment, or a new model drawn from the population).
+    per_layer_us, per_request_us, per_step_us, alpha : (draws,).
+    features : the n steps.
+    group : (n,) int index into G: the correction set each step uses.
+
+    Returns a ``(draws, n)`` view of a steps-major array (contiguous per group of
+    steps); the min term is evaluated on mixed batches only (it is 0 elsewhere).
+    """
+    b = np.asarray(b, dtype=np.float64)
+    group = np.asarray(group)
+    n = len(features)
+    d = b.shape[0]
+    comps = np.asarray(features.components, dtype=np.float64)
+    B = np.asarray(features.batch_size, np.float64)
+    # steps x terms: 6 components, L, B, 1 (non-empty); coefficients per draw likewise
+    X = np.column_stack([comps, np.asarray(features.num_layers, np.float64), B,
+                         (B > 0).astype(np.float64)])
+    over = np.stack([np.asarray(per_layer_us, np.float64), np.asarray(per_request_us, np.float64),
+                     np.asarray(per_step_us, np.float64)], axis=1)          # (d, 3)
+    pf_i = [_IDX["pf_compute"], _IDX["pf_kv"]]
+    dc_i = [_IDX["dc_compute"], _IDX["dc_kv"]]
+    mixed = (comps[:, pf_i].sum(axis=1) > 0) & (comps[:, dc_i].sum(axis=1) > 0)
+    alpha = np.asarray(alpha, np.float64)[None, :]
+    out = np.empty((n, d))  # steps x draws: a group's rows are one contiguous block
+    for g in np.unique(group):
+        sel = np.nonzero(group == g)[0]
+        if sel.size and sel[-1] - sel[0] + 1 == sel.size:
+            sel = slice(int(sel[0]), int(sel[-1]) + 1)
+        bg = b[:, g, :]                                                     # (d, 6)
+        coef = np.concatenate([bg, over], axis=1)                           # (d, 9)
+        block = out[sel]
+        if isinstance(sel, slice):
+            np.matmul(X[sel], coef.T, out=block)                            # linear part
+        else:
+            block = X[sel] @ coef.T
+        mix = np.nonzero(mixed[sel])[0]
+        if mix.size:                                                        # − alpha·min(pf, dc)
+            cm = comps[sel][mix]
+            pf = cm[:, pf_i] @ bg[:, pf_i].T
+            dc = cm[:, dc_i] @ bg[:, dc_i].T
+            np.minimum(pf, dc, out=pf)
+            pf *= alpha
+            block[mix] -= pf
+        if not isinstance(sel, slice):
+            out[sel] = block
+    return out.T
+
+
+def student_t_log_noise(rng: np.random.Generator, sigma: np.ndarray, nu: np.ndarray,
+                        shape: tuple[int, int], clip: float = config.E2E_NOISE_LOG_CLIP
+                        ) -> np.ndarray:
+    """Multiplicative step-time noise ``exp(clip(sigma·t_nu))`` of shape ``(draws, n)``.
+
+    ``sigma`` and ``nu`` are (draws,) or (draws, n). The log-noise is clipped at
+    ±``clip`` because ``exp`` of a Student-t variable has no finite mean: without the
+    clip, rare draws would dominate sums over thousands of steps. The t variates are
+    drawn in float32 (noise precision ~1e-7 is ample) for speed; the result is a
+    ``(draws, n)`` view of a steps-major array (the layout of :func:`step_time_draws_us`).
+    """
+    d, n = shape
+    nu = np.asarray(nu, np.float64).reshape(d)
+    g = rng.standard_gamma(np.broadcast_to((nu / 2.0).astype(np.float32), (n, d)),
+                           dtype=np.float32)
+    g *= (2.0 / nu).astype(np.float32)                   # chi²_nu / nu
+    np.maximum(g, np.float32(1e-30), out=g)               # float32 underflow: no 1/0 (clipped)
+    t = rng.standard_normal((n, d), dtype=np.float32)
+    t /= np.sqrt(g)                                       # t_nu, steps x draws
+    sig = np.broadcast_to(np.asarray(sigma, np.float64).reshape(d, -1), shape).T
+    out = np.multiply(sig, t, dtype=np.float64)
+    np.clip(out, -clip, clip, out=out)
+    np.exp(out, out=out)
+    return out.T
+
+
+def noise_mean_factor(sigma: float, nu: float, clip: float = config.E2E_NOISE_LOG_CLIP,
+                      n: int = 200_000, seed: int = 0) -> float:
+    """``E[exp(clip(sigma·t_nu))]``: mean step time over median step time ``mu``.
+
+    Monte Carlo with a fixed seed (deterministic); the clip is the one used for
+    posterior-predictive noise (:func:`student_t_log_noise`).
+    """
+    rng = np.random.default_rng(seed)
+    t = rng.standard_t(float(nu), size=n)
+    return float(np.mean(np.exp(np.clip(float(sigma) * t, -clip, clip))))

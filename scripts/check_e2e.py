@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Teacher-forced E2E / TTFT / decode-interval check of a posterior against its dataset.
+
+Examples::
+
+    python scripts/check_e2e.py posteriors/default.nc
+    python scripts/check_e2e.py posteriors/default.nc --traces traces/other.nc --prob 0.9
+    python scripts/check_e2e.py posteriors/default.nc --population-models llama-2-7b
+    python scripts/check_e2e.py posteriors/per_exp.nc --new-experiments --csv out.csv
+
+Every request's predicted E2E is the sum of the predicted durations of the steps
+from its QUEUED to its FINISHED step (teacher forcing: batches as observed).
+Prints one table per metric with the blackbox and NNLS baselines. Exit status:
+0 pass, 1 the check fails (coverage of the intervals below a binomial lower
+bound of the nominal rate; see calib/e2e.py), 2 a user error (``error: ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from calib import config
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _probability(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1), got {v}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = _Parser(description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("posterior", help="posterior NetCDF written by scripts/fit.py")
+    p.add_argument("--traces", default=str(config.DEFAULT_TRACES),
+                   help="canonical dataset to replay (default: %(default)s)")
+    p.add_argument("--prob", type=_probability, default=config.INTERVAL_PROB,
+                   help="central interval probability (default %(default)s)")
+    p.add_argument("--draws", type=_positive_int, default=config.E2E_DRAWS,
+                   help="posterior draws, thinned evenly (default %(default)s)")
+    p.add_argument("--no-noise", action="store_true",
+                   help="leave out the Student-t step noise (intervals of mu sums only)")
+    p.add_argument("--new-experiments", action="store_true",
+                   help="per-experiment fits: predict every experiment as a new workload")
+    p.add_argument("--population-models", nargs="*", default=[], metavar="MODEL",
+                   help="predict these models from the population level (held out)")
+    p.add_argument("--no-baselines", action="store_true", help="skip blackbox and NNLS")
+    p.add_argument("--step-gap-us", type=float, default=0.0,
+                   help="host time added to every predicted step, µs (e.g. the exported "
+                        "alpha_coeffs[2]; default 0)")
+    p.add_argument("--queued-step-weight", type=float, default=config.E2E_QUEUED_STEP_WEIGHT,
+                   help="share of the QUEUED step counted in E2E/TTFT (default %(default)s)")
+    p.add_argument("--seed", type=int, default=config.E2E_SEED, help="seed (default %(default)s)")
+    p.add_argument("--csv", default=None, help="also write the table as CSV (with manifest)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    from calib.errors import CalibError
+
+    try:
+        from calib.e2e import format_table, replay
+        from calib.posterior import load_posterior
+        from calib.traces import load_dataset
+
+        idata = load_posterior(args.posterior)
+        ds = load_dataset(args.traces)
+        res = replay(idata, ds, prob=args.prob, draws=args.draws, noise=not args.no_noise,
+                     new_experiments=args.new_experiments,
+                     population_models=args.population_models, seed=args.seed,
+                     baselines=not args.no_baselines, step_gap_us=args.step_gap_us,
+                     queued_step_weight=args.queued_step_weight)
+        if args.csv:
+            import json
+
+            from calib.io import atomic_write_text, file_sha256, manifest
+            from calib.traces import dataset_hash
+
+            m = manifest(kind="e2e-check", seed=args.seed, data_hash=dataset_hash(ds),
+                         diagnostics=res.message, settings=res.settings,
+                         source_posterior_sha256=file_sha256(args.posterior))
+            atomic_write_text(args.csv, f"# manifest: {json.dumps(m, sort_keys=True)}\n"
+                              + res.table.to_csv(index=False))
+    except CalibError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(res))
+    return 0 if res.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""Write a posterior report: PNG plots and a markdown summary.
+
+Examples::
+
+    python scripts/report.py posteriors/default.nc --out reports/default/
+    python scripts/report.py posteriors/default.nc --out reports/x/ --traces traces/x.nc
+    python scripts/report.py posteriors/default.nc --out reports/x/ --no-e2e
+
+Figures: trace and rank plots of the key parameters, a forest plot of per-model
+corrections with the population, a posterior predictive check of step durations
+by batch type, and (with the dataset) observed vs predicted experiment latencies;
+``summary.md`` links them. Headless (Agg). Exit status 0, or 2 with ``error: ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from calib import config
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = _Parser(description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("posterior", help="posterior NetCDF written by scripts/fit.py")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--traces", default=str(config.DEFAULT_TRACES),
+                   help="canonical dataset for the E2E figure (default: %(default)s)")
+    p.add_argument("--no-e2e", action="store_true", help="skip the E2E replay figure")
+    p.add_argument("--draws", type=_positive_int, default=config.E2E_DRAWS,
+                   help="posterior draws for the E2E replay (default %(default)s)")
+    p.add_argument("--seed", type=int, default=config.E2E_SEED, help="seed (default %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ["MPLBACKEND"] = "Agg"
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    from calib.errors import CalibError
+
+    try:
+        from calib.posterior import load_posterior
+        from calib.report import make_report
+
+        idata = load_posterior(args.posterior)
+        ds = None
+        if not args.no_e2e:
+            from calib.traces import load_dataset
+
+            ds = load_dataset(args.traces)
+        paths = make_report(idata, args.out, ds=ds, source_path=args.posterior,
+                            seed=args.seed, draws=args.draws,
+                            command=sys.argv if argv is None else ["report.py", *argv])
+    except CalibError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

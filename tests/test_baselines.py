@@ -1,0 +1,58 @@
+"""Baselines: blackbox least squares and roofline NNLS recover their generating coefficients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_e2e_data import make_replay_dataset
+
+from calib.baselines import (
+    baseline_step_predictions,
+    blackbox_fit,
+    blackbox_predict,
+    nnls_fit,
+    nnls_predict,
+)
+from calib.predict import StepFeatures
+
+
+def test_blackbox_recovers_linear_coefficients():
+    rng = np.random.default_rng(0)
+    pf = rng.integers(0, 2000, 300)
+    dc = rng.integers(0, 128, 300)
+    y = 5000.0 + 12.5 * pf + 30.0 * dc
+    y[::7] = np.nan  # unsampled
+    coef = blackbox_fit(pf, dc, y)
+    np.testing.assert_allclose(coef, [5000.0, 12.5, 30.0], rtol=1e-9)
+    np.testing.assert_allclose(blackbox_predict(coef, [0, 100], [10, 0]), [5300.0, 6250.0])
+    assert np.isnan(blackbox_fit(pf[:2], dc[:2], y[:2])).all()
+
+
+def test_nnls_recovers_non_negative_roofline_coefficients():
+    rng = np.random.default_rng(1)
+    n = 400
+    comps = rng.uniform(0, 5000, (n, 6))
+    comps[:, 5] = 0.0  # tp term absent (TP = 1): its coefficient must stay 0
+    L = np.full(n, 32.0)
+    B = rng.integers(1, 64, n).astype(float)
+    f = StepFeatures(comps, L, B, np.zeros(n))
+    truth = np.array([1.5, 0.8, 2.0, 1.3, 1.1, 0.0, 0.0, 4.0, 300.0])  # L/intercept collinear
+    y = nnls_predict(truth, f)
+    coef = nnls_fit(f, y)
+    assert (coef >= 0).all()
+    np.testing.assert_allclose(coef[:5], truth[:5], rtol=1e-6)
+    np.testing.assert_allclose(coef[7], 4.0, rtol=1e-6)
+    np.testing.assert_allclose(nnls_predict(coef, f), y, rtol=1e-8)
+
+
+def test_baseline_step_predictions_cover_every_step():
+    ds, features, truth = make_replay_dataset(seed=4, steps_per_exp=300, requests_per_exp=10)
+    preds = baseline_step_predictions(ds, features)
+    assert set(preds) == {"blackbox", "nnls"}
+    for v in preds.values():
+        assert v.shape == (ds.sizes["step"],) and np.isfinite(v).all()
+    # both track the true durations within a few percent on average
+    for v in preds.values():
+        assert abs(np.mean(v) / np.mean(truth["true_step_us"]) - 1) < 0.05
+    assert np.mean(np.abs(preds["nnls"] - truth["true_step_us"]) / truth["true_step_us"]) < 0.15
+    pytest.importorskip("scipy")

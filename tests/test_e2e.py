@@ -1,0 +1,201 @@
+"""Teacher-forced replay: windows, weights, intervals, verdict, options, CLI errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_e2e_data import make_replay_dataset, mock_posterior
+
+from calib import config
+from calib.e2e import METRICS, experiment_means, format_table, replay, replay_design
+from calib.errors import CalibError
+from calib.predict import plugin_step_time_us
+
+
+@pytest.fixture(scope="module")
+def data():
+    ds, features, truth = make_replay_dataset(seed=0, steps_per_exp=500, requests_per_exp=40)
+    return ds, features, truth
+
+
+@pytest.fixture(scope="module")
+def idata(data):
+    return mock_posterior(*data)
+
+
+@pytest.mark.parametrize("share", [1.0, 0.5, 0.0])
+def test_weights_reproduce_observed_means_from_true_durations(share):
+    ds, _, truth = make_replay_dataset(seed=7, steps_per_exp=300, requests_per_exp=15,
+                                       queued_fraction=share, gap_us=25.0)
+    design = replay_design(ds, queued_step_weight=share)
+    got = experiment_means(truth["true_step_us"][design.order][None, :] + 25.0, design)[0]
+    np.testing.assert_allclose(got, design.observed_us, rtol=1e-10)
+    assert design.n_requests[0].tolist() == [15, 15, 15, 15]
+
+
+def test_predicted_means_match_brute_force_per_request_sums(data, idata):
+    ds, features, _ = data
+    res = replay(idata, ds, features=features, draws=1, noise=False, baselines=False,
+                 queued_step_weight=1.0)
+    post = idata.posterior.isel(chain=0, draw=0)
+    em = np.repeat(np.arange(2), 2)[np.asarray(ds["step_experiment"].values)]
+    mu = plugin_step_time_us(post["b"].values[em], float(post["per_layer_us"]),
+                             float(post["per_request_us"]), float(post["per_step_us"]),
+                             float(post["alpha"]), features)
+    ids = np.asarray(ds["step_id"].values)
+    step_exp = np.asarray(ds["step_experiment"].values)
+    for e in range(ds.sizes["experiment"]):
+        reqs = np.nonzero(np.asarray(ds["req_experiment"].values) == e)[0]
+        e2e, ttft, itl = [], [], []
+        for r in reqs:
+            q, ft, fin = (int(ds[v].values[r]) for v in
+                          ("req_queued_step", "req_first_token_step", "req_finished_step"))
+            in_e = step_exp == e
+            e2e.append(mu[in_e & (ids >= q) & (ids <= fin)].sum())
+            ttft.append(mu[in_e & (ids >= q) & (ids <= ft)].sum())
+            itl.append((e2e[-1] - ttft[-1]) / (int(ds["req_output_len"].values[r]) - 1))
+        t = res.table
+        for metric, vals in zip(METRICS, (e2e, ttft, itl), strict=True):
+            row = t[(t.metric == metric) & (t.experiment == str(ds["experiment"].values[e]))]
+            assert float(row.predicted_us.iloc[0]) == pytest.approx(np.mean(vals), rel=1e-10)
+
+
+def test_replay_table_verdict_and_baselines(data, idata):
+    ds, features, _ = data
+    res = replay(idata, ds, features=features, draws=200)
+    t = res.table
+    assert len(t) == 3 * ds.sizes["experiment"]
+    for col in ("observed_us", "predicted_us", "lower_us", "upper_us", "error_pct", "bias_us",
+                "inside", "blackbox_us", "blackbox_error_pct", "nnls_us", "nnls_error_pct"):
+        assert col in t
+    assert (t.lower_us <= t.predicted_us).all() and (t.predicted_us <= t.upper_us).all()
+    assert res.passed and res.coverage["e2e"]["inside"] >= 3
+    assert t[t.metric == "e2e"].error_pct.abs().max() < 3.0
+    assert t.blackbox_error_pct.notna().all() and t.nnls_error_pct.notna().all()
+    text = format_table(res)
+    assert "blackbox err%" in text and "nnls err%" in text and text.splitlines()[-1].startswith("PASS")
+
+
+def test_biased_posterior_fails_the_coverage_check(data, idata):
+    ds, features, _ = data
+    biased = idata.copy()
+    biased.posterior["b"] = biased.posterior["b"] * 1.3
+    res = replay(biased, ds, features=features, draws=100, baselines=False)
+    assert not res.passed
+    assert res.coverage["e2e"]["inside"] == 0
+    assert res.message.startswith("FAIL") and "e2e" in res.message
+    assert res.worst[2] > 10.0
+
+
+def test_chunking_does_not_change_results(data, idata, monkeypatch):
+    ds, features, _ = data
+    a = replay(idata, ds, features=features, draws=50, noise=False, baselines=False)
+    monkeypatch.setattr(config, "E2E_CHUNK_ELEMENTS", 3 * ds.sizes["step"])
+    b = replay(idata, ds, features=features, draws=50, noise=False, baselines=False)
+    np.testing.assert_allclose(a.draws_us, b.draws_us, rtol=1e-12)
+
+
+def test_population_and_new_experiment_bases(data):
+    ds, features, truth = data
+    per_exp = mock_posterior(ds, features, truth, hierarchy="per-experiment")
+    fitted = replay(per_exp, ds, features=features, draws=100, baselines=False)
+    assert set(fitted.table.basis) == {"fitted"}
+    new = replay(per_exp, ds, features=features, draws=100, baselines=False,
+                 new_experiments=True)
+    assert set(new.table.basis) == {"new-experiment"}
+    width = lambda r: (r.table.upper_us - r.table.lower_us).mean()  # noqa: E731
+    assert width(new) > width(fitted)
+    pop = replay(per_exp, ds, features=features, draws=100, baselines=False,
+                 population_models=["model-1"])
+    basis = dict(zip(pop.table.experiment, pop.table.basis, strict=False))
+    assert basis["exp-2-model-1"] == "population" and basis["exp-0-model-0"] == "fitted"
+    with pytest.raises(CalibError, match="not in the dataset"):
+        replay(per_exp, ds, features=features, draws=10, population_models=["nope"])
+
+
+def test_bad_probability_is_a_user_error(data, idata):
+    ds, features, _ = data
+    with pytest.raises(CalibError, match="interval probability"):
+        replay(idata, ds, features=features, prob=1.5)
+
+
+def test_check_e2e_cli_user_error(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_e2e_cli", "scripts/check_e2e.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    rc = cli.main([str(tmp_path / "missing.nc"), "--traces", str(tmp_path / "none.nc")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1
+
+
+@pytest.mark.skipif(not config.DEFAULT_TRACES.exists()
+                    or not (config.POSTERIORS_DIR / "default.nc").exists(),
+                    reason="needs the embedded default dataset and posteriors/default.nc")
+def test_check_e2e_on_default_data(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_e2e_cli", "scripts/check_e2e.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    rc = cli.main([str(config.POSTERIORS_DIR / "default.nc"), "--draws", "200"])
+    out = capsys.readouterr().out
+    assert rc in (0, 1)
+    assert "== E2E latency" in out and "blackbox err%" in out and "nnls err%" in out
+    assert out.strip().splitlines()[-1].startswith(("PASS", "FAIL"))
+
+
+def _run_script(script: str, *args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, f"scripts/{script}", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_cli_chain_on_simulated_traces(tmp_path):
+    """simulate -> import -> (mock-sampler posterior) -> check_e2e, export, report CLIs."""
+    import yaml
+
+    from calib.posterior import save_posterior
+    from calib.predict import StepFeatures
+    from calib.roofline import dataset_components
+    from calib.traces import load_dataset
+
+    recipe = yaml.safe_load(config.DEFAULT_RECIPE.read_text(encoding="utf-8"))
+    recipe["models"] = recipe["models"][:1]
+    recipe["workloads"] = {"general": recipe["workloads"]["general"]}
+    recipe["workloads"]["general"]["stages"] = [{"rate": 8, "duration": 8}]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    r = _run_script("simulate.py", "--recipe", str(tmp_path / "recipe.yaml"),
+                    "--out", str(tmp_path / "root"), "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    r = _run_script("import_traces.py", str(tmp_path / "root"), "--out", str(tmp_path / "ds.nc"),
+                    "--workers", "1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    ds = load_dataset(tmp_path / "ds.nc")
+    features = StepFeatures.from_components(dataset_components(ds))
+    truth = {"b": np.array([[1.2, 1.5, 2.0, 1.5, 1.2, 1.0]]), "per_layer_us": 5.0,
+             "per_request_us": 5.0, "per_step_us": 100.0, "alpha": 0.2,
+             "sigma": np.array([0.05]), "nu": 5.0}
+    post = save_posterior(mock_posterior(ds, features, truth, draws=50), tmp_path / "p.nc")
+
+    r = _run_script("check_e2e.py", str(post), "--traces", str(tmp_path / "ds.nc"),
+                    "--draws", "50", "--csv", str(tmp_path / "e2e.csv"))
+    assert r.returncode in (0, 1), r.stderr
+    assert "== E2E latency" in r.stdout and "nnls err%" in r.stdout
+    assert r.stdout.strip().splitlines()[-1].startswith(("PASS", "FAIL"))
+    assert (tmp_path / "e2e.csv").read_text(encoding="utf-8").startswith("# manifest: {")
+
+    r = _run_script("export.py", str(post), "--out", str(tmp_path / "blis"),
+                    "--alpha-coeffs", "15000,800,50")
+    assert r.returncode == 0, r.stderr
+    from blis_rules import load_defaults_text
+
+    load_defaults_text((tmp_path / "blis" / "llama-2-7b.defaults.yaml").read_text("utf-8"))
+
+    r = _run_script("report.py", str(post), "--traces", str(tmp_path / "ds.nc"),
+                    "--out", str(tmp_path / "rep"), "--draws", "50")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "rep" / "e2e.png").stat().st_size > 20_000

@@ -1,0 +1,232 @@
+"""BLIS export: strict loading rules on every file, YAML round trip, contents, CLI."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import yaml
+from blis_rules import BlisRuleError, load_defaults_text, load_export_block
+from test_e2e_data import make_replay_dataset, mock_posterior
+
+from calib.export import BLIS_BLOCK, export_posterior
+from calib.predict import (
+    BLIS_BETA_NAMES,
+    blis_step_time_us,
+    params_from_betas,
+    plugin_step_time_us,
+)
+
+ALPHAS = [15563.2, 777.3, 45.9]
+
+
+def config_default_ready() -> bool:
+    from calib import config
+
+    return config.DEFAULT_TRACES.exists() and (config.POSTERIORS_DIR / "default.nc").exists()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    ds, features, truth = make_replay_dataset(seed=1, steps_per_exp=300, requests_per_exp=20)
+    idata = mock_posterior(ds, features, truth)
+    out = tmp_path_factory.mktemp("export")
+    res = export_posterior(idata, out, alpha_coeffs=ALPHAS)
+    return ds, features, truth, idata, out, res
+
+
+def test_every_export_file_passes_blis_loading_rules(setup):
+    *_, out, res = setup
+    names = sorted(p.name for p in res.paths)
+    assert names == sorted(f"{m}{suffix}" for m in ("model-0", "model-1", "population")
+                           for suffix in (".yaml", ".defaults.yaml"))
+    for p in res.paths:
+        text = p.read_text(encoding="utf-8")
+        alphas, betas = (load_defaults_text(text) if p.name.endswith(".defaults.yaml")
+                         else load_export_block(text))
+        assert alphas == ALPHAS
+        assert len(betas) == len(BLIS_BETA_NAMES) == 10
+        assert all(math.isfinite(b) and b >= 0 for b in betas)
+
+
+def test_defaults_file_has_only_the_blis_block_and_manifest_comments(setup):
+    *_, out, _ = setup
+    text = (out / "model-0.defaults.yaml").read_text(encoding="utf-8")
+    assert list(yaml.safe_load(text)) == [BLIS_BLOCK]
+    assert "# source posterior:" in text and "# diagnostics: pass (mock sampler)" in text
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("trained_physics_coefficients:\n  alpha_coeffs: [1, 2, 3]\n  beta_coeffs: [1, 2, 3, 4, 5, 6]\n",
+     "at least 7"),
+    ("trained_physics_coefficients:\n  alpha_coeffs: [1, 2]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n",
+     "exactly 3"),
+    ("trained_physics_coefficients:\n  alpha_coeffs: [1, 2, -3]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n",
+     "non-negative"),
+    ("trained_physics_coefficients:\n  alpha_coeffs: [1, 2, .nan]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n",
+     "NaN"),
+    ("trained_physics_coefficients:\n  alpha_coeffs: [1, 2, 3]\n  beta_coeffs: [1, 2, 3, .inf, 5, 6, 7]\n",
+     "Inf"),
+    ("trained_physics_coefficients:\n  alpha_coeffs: [1, 2, 3]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n"
+     "manifest: {a: 1}\n", "unknown top-level"),
+    ("trained_physics_coefficients:\n  alpha_coeffs: [1, 2, 3]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n"
+     "  note: x\n", "unknown key"),
+    ("trained_physics_coefficients:\n  alpha_coeffs: [1, 2, 3]\n  alpha_coeffs: [1, 2, 3]\n"
+     "  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n", "duplicate"),
+    ("trained_physics_coefficients:\n  alpha_coeffs: [1, 2, '3']\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n",
+     "not a number"),
+])
+def test_blis_rules_reject_what_blis_rejects(bad, match):
+    with pytest.raises(BlisRuleError, match=match):
+        load_defaults_text(bad)
+
+
+def test_blis_rules_accept_blis_shipped_iter29_block():
+    text = ("version: '1'\ntrained_physics_coefficients:\n"
+            "  alpha_coeffs: [15563.199579, 777.3455, 45.907545]\n"
+            "  beta_coeffs: [0.152128, 0.0, 1.36252915, 0.752037, 32.09546717, 4.41684444, "
+            "126.024825, 481.8613888, 0.0, 1.94710771, 0.752037]\n")
+    alphas, betas = load_defaults_text(text)
+    assert len(alphas) == 3 and len(betas) == 11
+
+
+def test_yaml_round_trip_matches_plugin_prediction_with_alpha_zero(setup):
+    ds, features, truth, idata, out, _ = setup
+    post = idata.posterior
+    for m, model in enumerate(["model-0", "model-1"]):
+        _, betas = load_export_block((out / f"{model}.yaml").read_text(encoding="utf-8"))
+        b_mean = post["b"].values[:, :, m, :].reshape(-1, 6).mean(axis=0)
+        plug = plugin_step_time_us(b_mean, float(post["per_layer_us"].mean()),
+                                   float(post["per_request_us"].mean()),
+                                   float(post["per_step_us"].mean()), 0.0, features)
+        blis = blis_step_time_us(betas, features)
+        np.testing.assert_allclose(blis, plug, rtol=1e-9, atol=0)
+        back = params_from_betas(betas)
+        np.testing.assert_allclose(back["b"], b_mean, rtol=1e-12)
+
+
+def test_export_document_carries_uncertainty_approximation_and_manifest(setup):
+    *_, out, res = setup
+    doc = yaml.safe_load((out / "model-1.yaml").read_text(encoding="utf-8"))
+    assert doc["statistic"] == "posterior mean"
+    unc = doc["uncertainty"]
+    assert unc["interval"] == {"kind": "equal-tailed", "probability": 0.9}
+    for name in BLIS_BETA_NAMES:
+        s = unc["beta_coeffs"][name]
+        assert s["lower"] <= s["median"] <= s["upper"]
+        assert s["sd"] >= 0
+    assert 0.2 < unc["mixing_alpha"]["mean"] < 0.4
+    assert unc["nu"]["mean"] > 2 and unc["sigma"]["mean"] > 0
+    approx = doc["approximation"]
+    assert approx["posterior_mean_alpha"] == pytest.approx(unc["mixing_alpha"]["mean"])
+    rel = approx["blis_vs_fitted_step_time_pct"]
+    assert rel["by_batch_type"]["decode-only"]["max_pct"] == pytest.approx(0.0, abs=1e-9)
+    assert rel["by_batch_type"]["mixed"]["mean_pct"] > 0.1  # BLIS adds alpha·min back
+    assert doc["manifest"]["kind"] == "blis-export"
+    assert doc["source_posterior"]["diagnostics"] == "pass (mock sampler)"
+    assert doc["blis_flags"].startswith("--latency-model trained-physics --alpha-coeffs ")
+    flag_betas = [float(x) for x in doc["blis_flags"].split("--beta-coeffs ")[1].split(",")]
+    assert flag_betas == doc[BLIS_BLOCK]["beta_coeffs"]
+    pop = yaml.safe_load((out / "population.yaml").read_text(encoding="utf-8"))
+    assert pop["model"] == "population"
+    # population point estimate = posterior mean of b_pop
+    assert res.documents["population"][BLIS_BLOCK]["beta_coeffs"][0] == pytest.approx(
+        float(setup[3].posterior["b_pop"].sel(component="pf_compute").mean()))
+
+
+def test_export_needs_one_alpha_source(setup):
+    from calib.errors import CalibError
+
+    idata, out = setup[3], setup[4]
+    with pytest.raises(CalibError, match="exactly one source"):
+        export_posterior(idata, out)
+    with pytest.raises(CalibError, match="3 finite non-negative"):
+        export_posterior(idata, out, alpha_coeffs=[1.0, -2.0, 3.0])
+
+
+def test_export_cli(setup, tmp_path, capsys):
+    import importlib.util
+
+    from calib.posterior import save_posterior
+
+    idata = setup[3]
+    post_path = save_posterior(idata, tmp_path / "mock.nc")
+    spec = importlib.util.spec_from_file_location("export_cli", "scripts/export.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    rc = cli.main([str(post_path), "--out", str(tmp_path / "blis"), "--alpha-coeffs", "1,2,3"])
+    assert rc == 0
+    text = (tmp_path / "blis" / "model-0.defaults.yaml").read_text(encoding="utf-8")
+    assert load_defaults_text(text)[0] == [1.0, 2.0, 3.0]
+    doc = yaml.safe_load((tmp_path / "blis" / "model-0.yaml").read_text(encoding="utf-8"))
+    from calib.io import file_sha256
+
+    assert doc["source_posterior"]["sha256"] == file_sha256(post_path)
+    capsys.readouterr()
+    rc = cli.main([str(tmp_path / "missing.nc"), "--out", str(tmp_path / "x"),
+                   "--alpha-coeffs", "1,2,3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_per_token_cost_is_the_host_gap_per_decode_step():
+    from calib.api_overheads import api_observations, per_token_cost_us
+
+    ds, _, truth = make_replay_dataset(seed=3, steps_per_exp=300, requests_per_exp=20,
+                                       gap_us=40.0)
+    exact = per_token_cost_us(ds, step_us=truth["true_step_us"])
+    assert np.isfinite(exact).all()
+    np.testing.assert_allclose(exact, 40.0, rtol=0, atol=1e-6)
+    rough = per_token_cost_us(ds)  # sampled steps only: unbiased per window, noisy
+    assert np.isfinite(rough).sum() > 0.5 * rough.size
+    obs = api_observations(ds, step_us=truth["true_step_us"])
+    assert set(obs) == {"queue", "depart", "per_token"}
+    assert obs["queue"]["model-0"].size == 40
+
+
+@pytest.mark.slow
+def test_api_overheads_fit_recovers_overheads():
+    from calib import config
+    from calib.api_overheads import fit_api_overheads
+    from calib.predict import noise_mean_factor
+
+    ds, features, truth = make_replay_dataset(seed=2, steps_per_exp=800, requests_per_exp=200,
+                                              gap_us=40.0)
+    em = np.repeat(np.arange(2), 2)[np.asarray(ds["step_experiment"].values)]
+    mu = plugin_step_time_us(truth["b"][em], truth["per_layer_us"], truth["per_request_us"],
+                             truth["per_step_us"], truth["alpha"], features)
+    factor = np.array([noise_mean_factor(s, truth["nu"]) for s in truth["sigma"]])[em]
+    api = fit_api_overheads(ds, step_us=mu * factor,
+                            sampler=config.ApiOverheadSampler(chains=2, warmup=200, draws=200,
+                                                              max_obs=400))
+    for model in api.models:
+        a = api.alphas(model)
+        assert a["mean"][0] == pytest.approx(15000.0, rel=0.02)
+        assert a["mean"][1] == pytest.approx(800.0, rel=0.03)
+        assert a["lower"][2] < 40.0 + 60 and a["upper"][2] > 40.0 - 60
+        assert abs(a["mean"][2] - 40.0) < 60.0
+    pop = api.alphas(None)
+    assert pop["lower"][0] < 15000.0 < pop["upper"][0]
+    assert api.max_rhat < 1.1
+
+
+@pytest.mark.skipif(not config_default_ready(), reason="needs the embedded default dataset "
+                    "and posteriors/default.nc")
+def test_export_default_posterior_with_fitted_alphas(tmp_path):
+    import importlib.util
+
+    from calib import config
+
+    spec = importlib.util.spec_from_file_location("export_cli", "scripts/export.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main([str(config.POSTERIORS_DIR / "default.nc"), "--out", str(tmp_path)]) == 0
+    files = sorted(tmp_path.glob("*.yaml"))
+    assert len(files) >= 4
+    for p in files:
+        text = p.read_text(encoding="utf-8")
+        if p.name.endswith(".defaults.yaml"):
+            load_defaults_text(text)
+        else:
+            load_export_block(text)
