@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Run every calib benchmark in turn; output goes to the terminal and to bench/out/<name>.txt.
+#
+#   bench/run_all.sh            # full runs (long: the fit benchmark at 122,752 steps takes hours on 2 cores)
+#   bench/run_all.sh --quick    # smoke run of each benchmark (minutes)
+#
+# Uses $PYTHON (default /work/venv/bin/python if present, else python). Exit status: the
+# number of benchmarks that failed (a budget benchmark failing its budget counts).
+set -u
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  if [ -x /work/venv/bin/python ]; then PY=/work/venv/bin/python; else PY=python; fi
+fi
+QUICK=""
+if [ "${1:-}" = "--quick" ]; then QUICK="--quick"; fi
+mkdir -p bench/out
+failed=0
+run() {  # name, command...
+  local name="$1"; shift
+  echo "=== $name: $*"
+  "$@" 2>&1 | tee "bench/out/$name.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
+  echo
+}
+run predict  "$PY" bench/bench_predict.py $QUICK
+if [ -n "$QUICK" ]; then
+  run roofline "$PY" bench/bench_roofline.py --steps 20000 --repeats 5
+else
+  run roofline "$PY" bench/bench_roofline.py
+fi
+run import   "$PY" bench/bench_import.py $QUICK
+if [ -f bench/bench_e2e.py ]; then
+  if [ -z "$QUICK" ]; then
+    run e2e  "$PY" bench/bench_e2e.py
+  elif grep -q -- "--quick" bench/bench_e2e.py; then
+    run e2e  "$PY" bench/bench_e2e.py --quick
+  else
+    run e2e  "$PY" bench/bench_e2e.py --steps-per-exp 2000 --repeats 3
+  fi
+else
+  echo "=== e2e: bench/bench_e2e.py not present, skipped"
+fi
+run fit      "$PY" bench/bench_fit.py $QUICK
+echo "benchmarks failed: $failed (outputs in bench/out/)"
+exit "$failed"

@@ -1,0 +1,319 @@
+"""Validation harness (calib/validate.py, scripts/validate.py).
+
+Fast tests use a tiny simulated dataset imported through the real importer and a mock
+sampler (prior draws shaped as chains) for the I/O path. The slow test simulates
+experiments whose step times come from the model family itself (the simulator's
+``step_time=`` hook), imports them and validates with real NUTS fits.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from calib import config
+from calib import validate as V
+from calib.simulate import ExperimentSpec, simulate_experiment, write_experiment
+
+ROOT = Path(__file__).resolve().parent.parent
+SP = dict(num_unique_system_prompts=3, num_users_per_system_prompt=5, system_prompt_len=100,
+          question_len=300, output_len=40)
+MODELS = (("meta-llama/Llama-2-7b-hf", 1), ("mistralai/Mixtral-8x7B-v0.1", 2))
+WORKLOADS = ("general", "codegen")
+
+
+def _simulate(root: Path, *, step_time=None, stages=((8.0, 4.0),), output_len=40,
+              models=MODELS, workloads=WORKLOADS, seed=3, truth_params=None):
+    from calib.traces import import_root
+
+    for i, (model, tp) in enumerate(models):
+        for j, w in enumerate(workloads):
+            spec = ExperimentSpec(model=model, tp=tp, workload=w,
+                                  shared_prefix=dict(SP, output_len=output_len + 20 * j),
+                                  stages=stages, seed_offset=10 * i + j,
+                                  started=f"20261101-{i:02d}{j:02d}00")
+            write_experiment(simulate_experiment(spec, seed=seed, step_time=step_time,
+                                                 truth_params=truth_params), root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return import_root(root, workers=1, progress=False, use_cache=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _simulate(tmp_path_factory.mktemp("val"))
+
+
+# ------------------------------------------------------------------------ splits
+def test_temporal_split_order_and_fractions(tiny):
+    step_part, req_part = V.temporal_split(tiny)
+    assert step_part.shape == (tiny.sizes["step"],)
+    assert req_part.shape == (tiny.sizes["request"],)
+    assert set(np.unique(step_part)) <= {0, 1, 2}  # every step labelled
+    exp = tiny["step_experiment"].values
+    ids = tiny["step_id"].values
+    for e in range(tiny.sizes["experiment"]):
+        sel = exp == e
+        p, i = step_part[sel], ids[sel]
+        assert i[p == 0].max() < i[p == 1].min() <= i[p == 1].max() < i[p == 2].min()
+        frac = np.bincount(p, minlength=3) / p.size
+        assert np.allclose(frac, config.VALIDATE_TEMPORAL, atol=2.0 / p.size)
+    # a request's part holds both its QUEUED and FINISHED steps; straddlers are excluded
+    q, f = tiny["req_queued_step"].values, tiny["req_finished_step"].values
+    r_exp = tiny["req_experiment"].values
+    for r in range(req_part.size):
+        window = (exp == r_exp[r]) & (ids >= q[r]) & (ids <= f[r])
+        labels = set(np.unique(step_part[window]).tolist())
+        if req_part[r] >= 0:  # every step of the window lies in the request's part
+            assert labels <= {int(req_part[r])}
+        else:
+            assert len(labels) > 1 or q[r] < 0
+    assert (req_part == -1).sum() > 0 and (req_part == 2).sum() > 0
+
+
+def test_request_hash_bucket_known_value_and_fractions():
+    import hashlib
+
+    rid = "cmpl-abc"
+    want = int(hashlib.sha256(rid.encode()).hexdigest(), 16) % 100
+    assert V.request_hash_bucket([rid])[0] == want
+    n = 20000
+    b = V.request_hash_bucket([f"cmpl-{i:08x}" for i in range(n)])
+    lo, hi = config.VALIDATE_HASH_SPLIT
+    for frac, got in ((lo / 100, (b < lo).mean()), ((hi - lo) / 100, ((b >= lo) & (b < hi)).mean()),
+                      (1 - hi / 100, (b >= hi).mean())):
+        sd = np.sqrt(frac * (1 - frac) / n)
+        assert abs(got - frac) < 4 * sd, (frac, got)
+
+
+def test_request_hash_split_steps_follow_lead_request(tiny):
+    step_part, req_part = V.request_hash_split(tiny)
+    b = V.request_hash_bucket(tiny["req_id"].values)
+    assert np.array_equal(req_part, np.where(b < 70, 0, np.where(b < 85, 1, 2)))
+    mask = tiny["slot_mask"].values
+    sreq = tiny["slot_request"].values
+    tok = np.where(mask, tiny["slot_new_tokens"].values, -1)
+    for s in range(0, tiny.sizes["step"], 7):
+        if not mask[s].any():
+            assert step_part[s] == -1
+            continue
+        lead = sreq[s, int(np.argmax(tok[s]))]
+        assert step_part[s] == req_part[lead]
+        assert tok[s, int(np.argmax(tok[s]))] == tok[s].max()
+    assert set(np.unique(step_part[mask.any(axis=1)])) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("split,key", [("workload", "exp_workload"), ("model", "exp_model")])
+def test_leave_one_out_partitions_everything(tiny, split, key):
+    folds = V.make_folds(tiny, split)
+    labels = tiny[key].values.astype(str)
+    assert [f.held_out for f in folds] == list(dict.fromkeys(labels.tolist()))
+    test_count_steps = np.zeros(tiny.sizes["step"], int)
+    test_count_req = np.zeros(tiny.sizes["request"], int)
+    exp = tiny["step_experiment"].values
+    for f in folds:
+        assert set(np.unique(f.step_part)) == {0, 2}
+        held = labels == f.held_out
+        assert np.array_equal(f.step_part == 2, held[exp])  # disjoint: test = held-out exps
+        test_count_steps += f.step_part == 2
+        test_count_req += f.request_part == 2
+    assert np.all(test_count_steps == 1) and np.all(test_count_req == 1)
+
+
+def test_unknown_split_is_a_user_error(tiny):
+    from calib.errors import CalibError
+
+    with pytest.raises(CalibError, match="unknown split"):
+        V.make_folds(tiny, "random")
+
+
+# ------------------------------------------------------------------------ metrics
+def test_step_metrics_numbers():
+    obs = np.array([100.0, 200.0, 400.0, 800.0])
+    pred = np.array([110.0, 180.0, 400.0, 880.0])
+    m = V.step_metrics(pred, obs)
+    assert m["n_steps"] == 4
+    assert m["mape_pct"] == pytest.approx((10 + 10 + 0 + 10) / 4)
+    assert m["median_ape_pct"] == pytest.approx(10.0)
+    assert m["mspe_pct"] == pytest.approx((10 - 10 + 0 + 10) / 4)
+    assert m["pearson_r"] == pytest.approx(np.corrcoef(pred, obs)[0, 1])
+    assert np.isnan(V.step_metrics([], [])["mape_pct"])
+
+
+def test_fold_model_data_matches_build_model_data(tiny):
+    """Fold data are laid out exactly as calib.model.build_model_data lays out a dataset."""
+    from calib.model import build_model_data
+    from calib.predict import StepFeatures
+    from calib.roofline import dataset_components
+
+    meta = V._meta(tiny)
+    feats = StepFeatures.from_components(dataset_components(tiny))
+    steps = np.flatnonzero(meta.sampled)
+    mine, my_coords, my_steps = V._fold_model_data(meta, feats, steps[::-1].copy())
+    ref, ref_coords = build_model_data(tiny, steps)
+    assert my_coords == ref_coords
+    assert np.array_equal(my_steps, ref_coords["step"])
+    for name in ("components", "num_layers", "batch_size", "model_idx", "experiment_idx",
+                 "duration_us", "experiment_model", "active", "active_exp"):
+        assert np.allclose(np.asarray(getattr(mine, name), float),
+                           np.asarray(getattr(ref, name), float), rtol=1e-12), name
+    # a held-out model disappears from the coordinates
+    fold = V.make_folds(tiny, "model")[0]
+    data, coords, _ = V._fold_model_data(meta, feats, fold.steps(V.TRAIN, meta.sampled))
+    assert coords["model"] == ["mixtral-8x7b"] and data.n_models == 1
+    assert data.n_experiments == 2
+
+
+# ------------------------------------------------------------------------ I/O path
+def _mock_fit(data, coords, *, hierarchy, priors, settings, step_index, progress, **_):
+    """Mock sampler: prior draws of the real model, shaped (chains, draws)."""
+    import arviz as az
+    import jax
+    from numpyro.infer import Predictive
+
+    from calib.diagnostics import GateResult
+    from calib.fit import FitResult
+    from calib.model import OBS_SITE, SITE_DIMS, get_model
+    from calib.posterior import modeldata_to_constant_data
+
+    n = settings.chains * settings.draws
+    out = Predictive(get_model(hierarchy), num_samples=n)(
+        jax.random.key(settings.seed), data._replace(duration_us=None, log_duration=None),
+        priors)
+    post = {k: np.asarray(v).reshape(settings.chains, settings.draws, *np.shape(v)[1:])
+            for k, v in out.items() if k != OBS_SITE}
+    dims = {k: list(SITE_DIMS[k]) for k in post if k in SITE_DIMS}
+    posterior = az.dict_to_dataset(post, dims=dims,
+                                   coords={k: coords[k] for k in ("model", "component",
+                                                                  "experiment", "active",
+                                                                  "active_exp")})
+    const, obs = modeldata_to_constant_data(data, coords, step_index)  # as calib.fit stores it
+    idata = az.InferenceData(posterior=posterior, constant_data=const, observed_data=obs)
+    return FitResult(idata=idata, gate=GateResult(passed=True, rows=[]), path=None,
+                     sampling_s=0.0)
+
+
+def test_run_validation_tables_and_atomic_files(tiny, tmp_path):
+    from calib.io import file_sha256
+    from calib.priors import load_priors
+
+    settings = V.default_settings(chains=2, warmup=0, draws=25)
+    res = V.run_validation(tiny, ["temporal", "model"], priors=load_priors(), settings=settings,
+                           draws=50, progress=False, fit_fn=_mock_fit)
+    assert list(res.steps.columns) == list(V.STEP_COLUMNS)
+    assert list(res.e2e.columns) == list(V.E2E_COLUMNS)
+    # temporal: val + test, 4 predictors each; model: 2 folds x test x 4 predictors
+    assert len(res.steps) == 2 * 4 + 2 * 4
+    assert set(res.steps.predictor) == set(V.PREDICTORS)
+    assert (res.steps.n_steps > 0).all()
+    cal = res.steps[res.steps.predictor == "calib"]
+    assert cal.coverage_pct.between(0, 100).all()
+    assert res.steps[res.steps.predictor != "calib"].coverage_pct.isna().all()
+    # the held-out model is predicted from the population level
+    lomo = res.e2e[res.e2e.split == "model"]
+    assert len(lomo) and (lomo.basis == "population").all()
+    for f in ("model=llama-2-7b", "model=mixtral-8x7b"):
+        assert set(lomo[lomo.fold == f].model) == {f.split("=")[1]}
+    assert (res.e2e[res.e2e.split == "temporal"].basis == "fitted").all()
+    assert set(res.e2e.metric) == {"e2e", "ttft", "itl"}
+    assert (res.e2e.lower_us <= res.e2e.upper_us).all()
+
+    out = tmp_path / "rep"
+    paths = V.write_reports(res, out, data_hash="x" * 64, command=["validate"])
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["e2e.csv", "manifest.json", "steps.csv", "summary.csv", "validation.md"]
+    assert not list(out.glob(".*.tmp"))
+    back = pd.read_csv(paths["steps"])
+    assert list(back.columns) == list(V.STEP_COLUMNS) and len(back) == len(res.steps)
+    m = json.loads(paths["manifest"].read_text())
+    assert m["kind"] == "validation" and m["data_hash"] == "x" * 64
+    for name in ("steps.csv", "e2e.csv", "summary.csv", "validation.md"):
+        assert m["files"][name] == file_sha256(out / name)
+    md = paths["markdown"].read_text()
+    assert "| split | fold | part |" in md and "Leave-one-model-out" in md
+    # an error while writing leaves the previous file in place (atomic)
+    before = paths["steps"].read_bytes()
+    bad = V.ValidationResult(steps=res.steps, e2e=None, folds=res.folds, settings=res.settings)
+    with pytest.raises(AttributeError):
+        V.write_reports(bad, out)
+    assert paths["steps"].read_bytes() == before
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_script_missing_traces_exits_2(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "validate.py"), "--traces",
+                        str(tmp_path / "nope.nc"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------ slow: truth in family
+TRUE = {"b": {"llama-2-7b": [1.5, 1.3, 2.0, 1.2, 1.2, 1.0],
+              "mixtral-8x7b": [1.3, 1.6, 1.7, 1.5, 1.3, 1.6]},
+        "per_layer_us": 6.0, "per_request_us": 4.0, "per_step_us": 300.0, "alpha": 0.3,
+        "sigma": 0.06, "nu": 8.0}
+
+
+class ModelFamilyStepTime:
+    """Simulator hook: the model's own mean step time times log-Student-t noise."""
+
+    def __init__(self, truth):
+        self.truth = truth
+
+    def __call__(self, batch, arch, hardware, tp, rng):
+        from calib import roofline
+        from calib.predict import StepFeatures, plugin_step_time_us
+
+        W = batch.mask.shape[1]
+        width = 8
+        while width < W:
+            width *= 2
+        pad = [np.pad(np.asarray(a), ((0, 0), (0, width - W)))
+               for a in (batch.new_tokens, batch.progress, batch.prompt_len, batch.phase,
+                         batch.mask)]
+        c = roofline.step_components(roofline.arch_consts(arch, hardware, tp), *pad,
+                                     dtype=np.float64, block_rows=0)
+        feats = StepFeatures(np.stack([np.asarray(getattr(c, k)) for k in config.COMPONENTS],
+                                      axis=1), np.asarray(c.num_layers),
+                             np.asarray(c.batch_size), np.asarray(c.num_moe_layers))
+        key = "mixtral-8x7b" if arch.num_local_experts else "llama-2-7b"
+        t = self.truth
+        mu = plugin_step_time_us(np.asarray(t["b"][key]), t["per_layer_us"], t["per_request_us"],
+                                 t["per_step_us"], t["alpha"], feats)
+        return mu * np.exp(t["sigma"] * rng.standard_t(t["nu"], size=mu.shape))
+
+
+@pytest.mark.slow
+def test_truth_in_family_held_out_e2e_and_coverage(tmp_path):
+    from calib.priors import load_priors
+    from calib.simulate import TruthParams
+
+    # the replay sums step durations back to back: no CPU gap between steps (the default
+    # simulator's ~60 µs inter-step gap would bias observed latencies by ~0.5 %)
+    no_gaps = TruthParams(inter_step_gap_us=0.05, idle_wake_us=0.05)
+    ds = _simulate(tmp_path, step_time=ModelFamilyStepTime(TRUE), stages=((6.0, 30.0),),
+                   output_len=200, workloads=("general", "codegen", "roleplay"),
+                   truth_params=no_gaps)
+    settings = V.default_settings(chains=2, warmup=300, draws=300)
+    res = V.run_validation(ds, ["temporal", "request-hash"], priors=load_priors(),
+                           settings=settings, draws=300, progress=False)
+    # the per-step constants (weight, per-layer, per-step) form a ridge, so short chains may
+    # miss the strict gate; the held-out predictions are what this test judges
+    assert all(f["n_train_steps"] > 1000 for f in res.folds), res.folds
+    e2e = res.e2e[(res.e2e.metric == "e2e") & np.isfinite(res.e2e.observed_us)]
+    assert len(e2e) >= 12
+    assert e2e.error_pct.abs().max() < 3.0, e2e[["fold", "part", "experiment", "error_pct"]]
+    # nominal 90 %: at least 2/3 of the experiment intervals contain the observed mean
+    assert e2e.inside.mean() >= 2 / 3
+    cal = res.steps[res.steps.predictor == "calib"]
+    assert cal.coverage_pct.between(83.0, 96.0).all(), cal
+    assert (cal.mspe_pct.abs() < 3.0).all()
