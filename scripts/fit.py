@@ -1,0 +1,196 @@
+#!/usr/bin/env python
+"""Fit the BLIS step-time model to a canonical step dataset with NUTS.
+
+Examples::
+
+    python scripts/fit.py                                   # default data, per-model
+    python scripts/fit.py --hierarchy pooled --chains 2 --draws 300
+    python scripts/fit.py --prior-only                      # prior predictive check only
+    python scripts/fit.py --backend pymc --chain-method sequential
+
+Prints the diagnostics gate. Exit status: 0 the gate passed (posterior written),
+1 the gate failed (posterior written only with --save-on-fail, verdict "fail"),
+2 a user error (one line ``error: ...`` on stderr, nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+from calib import config
+
+HIERARCHIES = ("pooled", "per-model", "per-experiment")  # calib.model.HIERARCHIES (no JAX import)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints usage + 2 lines)
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _probability(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {v}")
+    return v
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    s = config.SAMPLER
+    p = _Parser(description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--hierarchy", choices=HIERARCHIES, default="per-model",
+                   help="pooling structure of the corrections")
+    p.add_argument("--traces", type=Path, default=config.DEFAULT_TRACES,
+                   help="canonical step dataset (NetCDF from scripts/import_traces.py)")
+    p.add_argument("--priors", type=Path, default=config.DEFAULT_PRIORS, help="prior YAML file")
+    p.add_argument("--out", type=Path, default=None,
+                   help="posterior file (default posteriors/<hierarchy>.nc)")
+    p.add_argument("--backend", choices=("numpyro", "pymc", "nutpie"), default="numpyro")
+    p.add_argument("--chains", type=_positive_int, default=s.chains)
+    p.add_argument("--warmup", type=_nonneg_int, default=s.warmup)
+    p.add_argument("--draws", type=_positive_int, default=s.draws)
+    p.add_argument("--seed", type=_nonneg_int, default=s.seed)
+    p.add_argument("--chain-method", choices=("parallel", "sequential", "vectorized"),
+                   default=s.chain_method)
+    p.add_argument("--target-accept", type=_probability, default=s.target_accept)
+    p.add_argument("--max-tree-depth", type=_positive_int, default=s.max_tree_depth)
+    mass = p.add_mutually_exclusive_group()
+    mass.add_argument("--dense-mass", dest="dense_mass", action="store_true",
+                      default=config.DENSE_MASS, help="full mass matrix")
+    mass.add_argument("--diag-mass", dest="dense_mass", action="store_false",
+                      help="diagonal mass matrix")
+    par = p.add_mutually_exclusive_group()
+    par.add_argument("--centered", dest="centered", action="store_true", default=None,
+                     help="centred log corrections (default: calib.config.MODEL_CENTERED)")
+    par.add_argument("--noncentered", dest="centered", action="store_false")
+    p.add_argument("--log-likelihood", action="store_true",
+                   help="store pointwise log-likelihood (for az.loo; chains x draws x steps)")
+    p.add_argument("--prior-draws", type=_nonneg_int, default=0,
+                   help="store this many prior draws in a `prior` group")
+    p.add_argument("--save-on-fail", action="store_true",
+                   help="write the posterior even when the diagnostics gate fails")
+    p.add_argument("--prior-only", action="store_true",
+                   help="prior predictive check only: plot + table, no sampling")
+    p.add_argument("--prior-check-out", type=Path, default=None,
+                   help="prior check plot (default reports/prior_check/<hierarchy>.png)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="JAX platform")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (faster for small problems)")
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = config.POSTERIORS_DIR / f"{args.hierarchy}.nc"
+    if args.prior_check_out is None:
+        args.prior_check_out = config.REPORTS_DIR / "prior_check" / f"{args.hierarchy}.png"
+    return args
+
+
+def setup_jax(args: argparse.Namespace) -> None:
+    """Platform, host device count and float64, before JAX does any work."""
+    if args.chain_method == "parallel" and args.device == "cpu" and args.backend == "numpyro":
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                       os.environ.get("XLA_FLAGS", "")).strip()
+        os.environ["XLA_FLAGS"] = (
+            f"{flags} --xla_force_host_platform_device_count={args.chains}".strip())
+    import numpyro
+
+    numpyro.set_platform(args.device)
+    if args.chain_method == "parallel" and args.device == "cpu" and args.backend == "numpyro":
+        numpyro.set_host_device_count(args.chains)
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    from calib.errors import CalibError
+
+    if not args.traces.is_file():
+        raise CalibError("dataset file not found", path=args.traces,
+                         fix="pass --traces <dataset.nc> (scripts/import_traces.py makes one)")
+    if not args.priors.is_file():
+        raise CalibError("prior file not found", path=args.priors,
+                         fix="pass --priors <file.yaml> (priors/default.yaml is the default)")
+
+
+def run_prior_only(args: argparse.Namespace) -> int:
+    from calib.fit import prior_check
+    from calib.model import build_model_data
+    from calib.priors import load_priors
+    from calib.traces import load_dataset
+
+    priors = load_priors(args.priors)
+    data, coords = build_model_data(load_dataset(args.traces))
+    table = prior_check(data, coords, hierarchy=args.hierarchy, priors=priors,
+                        seed=args.seed, out_png=args.prior_check_out)
+    print("prior predictive check (step time quantiles, µs):")
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    print(f"wrote {args.prior_check_out}")
+    return 0
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    from calib.diagnostics import format_table
+    from calib.fit import SamplerSettings, fit
+
+    settings = SamplerSettings(chains=args.chains, warmup=args.warmup, draws=args.draws,
+                               seed=args.seed, chain_method=args.chain_method,
+                               target_accept=args.target_accept,
+                               max_tree_depth=args.max_tree_depth, dense_mass=args.dense_mass,
+                               centered=args.centered)
+    result = fit(args.traces, hierarchy=args.hierarchy, priors_path=args.priors,
+                 backend=args.backend, settings=settings, out_path=args.out,
+                 save_on_fail=args.save_on_fail, log_likelihood=args.log_likelihood,
+                 prior_draws=args.prior_draws, progress=args.progress,
+                 command=[Path(sys.argv[0]).name, *sys.argv[1:]])
+    print(f"sampling took {result.sampling_s:.1f} s")
+    print(format_table(result.gate))
+    if result.path is not None:
+        print(f"wrote {result.path}")
+    else:
+        print(f"not written: the diagnostics gate failed (use --save-on-fail to keep {args.out})")
+    return 0 if result.passed else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_jax(args)
+    from calib.errors import CalibError
+
+    try:
+        _check_inputs(args)
+        return run_prior_only(args) if args.prior_only else run_fit(args)
+    except CalibError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
