@@ -341,7 +341,7 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
     az.InferenceData (layout in the module docstring).
     """
     import jax
-    from numpyro.infer import MCMC, NUTS, Predictive
+    from numpyro.infer import MCMC, NUTS, Predictive, init_to_median
 
     _check_model_data(data, coords)
     step_index = _step_index(data, step_index)
@@ -365,8 +365,11 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
             note = (f"parallel asked with {n_dev} device(s) for {chains} chains: "
                     "ran vectorized")
 
+    # Start every chain at the prior median (like PyMC's default initial point): the
+    # model's raw sites live on very different scales, so NumPyro's uniform(-2, 2)
+    # start can land outside the support of the per-step constant (log_c_weight).
     kernel = NUTS(model_fn, target_accept_prob=target_accept, max_tree_depth=max_tree_depth,
-                  dense_mass=dense_mass)
+                  dense_mass=dense_mass, init_strategy=init_to_median(num_samples=15))
     mcmc = MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=chains,
                 chain_method=run_method, progress_bar=progress)
     mcmc.run(key_mcmc, data, priors, extra_fields=NUMPYRO_EXTRA_FIELDS)
@@ -567,7 +570,7 @@ def fit_model_data(data, coords: dict[str, list[str]], *, hierarchy: str = "per-
     backend : "numpyro", "pymc" or "nutpie".
     settings : sampler settings.
     step_index : global step indices of the rows of ``data`` (stored as the ``step`` coord).
-    data_hash : SHA-256 of the dataset file (manifest ``data_hash``).
+    data_hash : content hash of the dataset (``calib.traces.dataset_hash``; manifest ``data_hash``).
     out_path : where to write the posterior (None: do not write).
     save_on_fail : write the file even when the gate fails (the verdict says fail).
     log_likelihood, prior_draws, progress : see :func:`run_nuts`.
@@ -655,26 +658,21 @@ def fit(dataset, *, hierarchy: str = "per-model", priors_path: str | Path | None
     CalibError
         Unreadable dataset or priors, bad settings, no sampled steps.
     """
-    from calib.io import file_sha256
     from calib.model import build_model_data
     from calib.priors import load_priors
+    from calib.traces import dataset_hash, load_dataset
 
     settings.validate()
     priors = load_priors(priors_path)  # fail fast on a bad prior file, before the dataset
-    data_hash = None
-    if isinstance(dataset, str | Path):
-        from calib.traces import load_dataset
-
-        data_hash = file_sha256(dataset) if Path(dataset).is_file() else None
-        ds = load_dataset(dataset)
-    else:
-        ds = dataset
+    ds = load_dataset(dataset, progress=progress) if isinstance(dataset, str | Path) else dataset
+    data_hash = dataset_hash(ds)
     dur = np.asarray(ds["duration_us"].values, dtype=float)
     sampled = np.asarray(ds["sampled"].values, dtype=bool) & np.isfinite(dur) & (dur > 0)
     steps = np.flatnonzero(sampled)
     if steps.size == 0:
         raise CalibError("the dataset has no sampled steps with a positive duration",
-                         path=dataset if data_hash else None, field="duration_us",
+                         path=dataset if isinstance(dataset, str | Path) else None,
+                         field="duration_us",
                          fix="import experiments whose traces carry step.BATCH_SUMMARY durations")
     data, coords = build_model_data(ds, steps=steps)
     return fit_model_data(data, coords, hierarchy=hierarchy, priors=priors, backend=backend,

@@ -132,9 +132,9 @@ def setup_jax(args: argparse.Namespace) -> None:
 def _check_inputs(args: argparse.Namespace) -> None:
     from calib.errors import CalibError
 
-    if not args.traces.is_file():
-        raise CalibError("dataset file not found", path=args.traces,
-                         fix="pass --traces <dataset.nc> (scripts/import_traces.py makes one)")
+    if not (args.traces.is_file() or args.traces.is_dir()):
+        raise CalibError("traces not found", path=args.traces,
+                         fix="pass --traces <dataset.nc> or a folder of experiment directories")
     if not args.priors.is_file():
         raise CalibError("prior file not found", path=args.priors,
                          fix="pass --priors <file.yaml> (priors/default.yaml is the default)")

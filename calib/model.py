@@ -1,0 +1,830 @@
+"""The hierarchical step-time model (NumPyro), one sibling function per hierarchy.
+
+For sampled step ``i`` of LLM ``m`` with roofline terms ``T`` (µs, ``calib.roofline``)::
+
+    prefill = b[m, pf_compute]·T_pf_compute + b[m, pf_kv]·T_pf_kv
+    decode  = b[m, dc_compute]·T_dc_compute + b[m, dc_kv]·T_dc_kv
+    mix     = alpha·max(prefill, decode) + (1 − alpha)·(prefill + decode)
+            = prefill + decode − alpha·min(prefill, decode)
+    mu      = mix + b[m, weight]·T_weight + b[m, tp]·T_tp
+              + per_layer_us·L + per_request_us·B + per_step_us
+    log y   ~ StudentT(nu, log mu, sigma[m])
+
+Hierarchies (sibling functions, as in NumPyro's ``examples/baseball.py``):
+
+``pooled``
+    one set of corrections ``b_pop`` for all models (``b`` repeats it), one noise scale.
+``per_model`` (default, ``"per-model"``)
+    ``log b[m, k] ~ Normal(log b_pop[k], tau[k])`` for *active* pairs only: a component
+    whose basis is identically zero for a model (``tp`` at TP=1) has no sample site;
+    its ``b[m, k]`` equals ``b_pop[k]``.
+``per_experiment`` (``"per-experiment"``)
+    ``per_model`` plus ``log b_exp[e, k] ~ Normal(log b[model(e), k], tau_exp[k])`` for
+    active (experiment, component) pairs; the mean function uses ``b_exp``.
+
+Every hierarchy produces the deterministic sites ``b`` (model, component) and
+``sigma`` (model,), so export and prediction code is hierarchy-agnostic.
+:data:`SITE_DIMS` maps each site to its dimension names.
+
+Parameterisation: all log-normal scalars are sampled standardised (``z_* ~ N(0, 1)``,
+value = exp(log-median + log_sd·z)); the per-model (and per-experiment) log
+corrections are either centred (``log_b_active ~ N(log b_pop, tau)``) or
+non-centred (``z_b ~ N(0, 1)``, ``log b = log b_pop + tau·z_b``), chosen by
+``centered`` (default :data:`calib.config.MODEL_CENTERED`, measured in
+``bench/bench_geometry.py``).
+
+Model functions must be run with concrete data (NumPyro's default
+``jit_model_args=False``): the set of active pairs decides site shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+
+from calib import config
+from calib.config import COMPONENTS
+from calib.errors import CalibError
+from calib.priors import Prior, Priors
+
+Array = Any  # numpy or jax array
+
+#: Hierarchy names accepted at the command line (``--hierarchy``).
+HIERARCHIES = ("pooled", "per-model", "per-experiment")
+#: Name of the observed site (log of the step duration in µs).
+OBS_SITE = "log_duration"
+#: Component indices (columns of ``ModelData.components``).
+PF_C, PF_KV, DC_C, DC_KV, WEIGHT, TP = range(6)
+
+#: Every site of every hierarchy -> its dimension names. Coordinates come from
+#: :func:`build_model_data` (``model``, ``component``, ``experiment``, ``active``,
+#: ``active_exp``, ``step``).
+SITE_DIMS: dict[str, tuple[str, ...]] = {
+    # population (all hierarchies)
+    "z_b_pop": ("component",),
+    "b_pop": ("component",),
+    # per-model partial pooling
+    "tau": ("component",),
+    "z_b": ("active",),
+    "log_b_active": ("active",),
+    "log_c_weight": ("weight_model",),
+    "log_c_weight_jacobian": (),
+    "b": ("model", "component"),
+    # per-experiment nesting
+    "tau_exp": ("component",),
+    "z_b_exp": ("active_exp",),
+    "log_b_exp_active": ("active_exp",),
+    "b_exp": ("experiment", "component"),
+    # shared overheads (µs)
+    "z_per_layer_us": (),
+    "per_layer_us": (),
+    "z_per_request_us": (),
+    "per_request_us": (),
+    "z_per_step_us": (),
+    "per_step_us": (),
+    # batch mixing and noise
+    "alpha": (),
+    "sigma_pooled": (),
+    "sigma": ("model",),
+    "nu": (),
+    OBS_SITE: ("step",),
+}
+
+#: The named (non-raw) parameters users read, in display order.
+PARAMETER_SITES = ("b_pop", "tau", "b", "tau_exp", "b_exp", "per_layer_us",
+                   "per_request_us", "per_step_us", "alpha", "sigma", "nu")
+#: Overhead sites and the ModelData field each multiplies (None: per step).
+OVERHEAD_SITES = (("per_layer_us", "num_layers"), ("per_request_us", "batch_size"),
+                  ("per_step_us", None))
+
+
+class ModelData(NamedTuple):
+    """Everything the model functions read; arrays plus static sizes as Python ints.
+
+    Attributes
+    ----------
+    components : (n, 6) float, µs
+        Roofline terms in ``COMPONENTS`` order.
+    num_layers, batch_size : (n,) float
+        Layers of the model and requests in the batch of each step.
+    model_idx, experiment_idx : (n,) int
+        Index into the ``model`` / ``experiment`` coordinates.
+    duration_us : (n,) float or None
+        Observed step durations (µs); None for prior/posterior prediction.
+    n_models, n_experiments : int
+    experiment_model : (n_experiments,) int
+        Model index of each experiment.
+    active : (n_models, 6) bool
+        Basis of the component is not identically zero in that model's steps.
+    active_exp : (n_experiments, 6) bool
+        Same per experiment (filled by :func:`make_model_data`).
+    log_duration : (n,) float or None
+        Precomputed ``log(duration_us)`` (filled by :func:`make_model_data`).
+    """
+
+    components: Array
+    num_layers: Array
+    batch_size: Array
+    model_idx: Array
+    experiment_idx: Array
+    duration_us: Array | None
+    n_models: int
+    n_experiments: int
+    experiment_model: Array
+    active: Array
+    active_exp: Array | None = None
+    log_duration: Array | None = None
+
+
+# ------------------------------------------------------------------ data building
+def make_model_data(components: Array, num_layers: Array, batch_size: Array,
+                    model_idx: Array, experiment_idx: Array | None = None,
+                    duration_us: Array | None = None, *, n_models: int | None = None,
+                    n_experiments: int | None = None,
+                    experiment_model: Array | None = None) -> ModelData:
+    """Validate arrays and precompute the static parts of :class:`ModelData`.
+
+    ``experiment_idx`` defaults to ``model_idx`` (one experiment per model);
+    ``experiment_model`` is derived from the steps when not given. Arrays are
+    returned as NumPy (float64 / int32); JAX converts them on first use.
+
+    Raises
+    ------
+    CalibError
+        Shapes disagree, a term is negative or non-finite, or a duration is not
+        a finite positive number.
+    """
+    comps = np.asarray(components, dtype=np.float64)
+    if comps.ndim != 2 or comps.shape[1] != len(COMPONENTS):
+        raise CalibError(f"components must have shape (n, {len(COMPONENTS)}), got {comps.shape}",
+                         field="components")
+    n = comps.shape[0]
+    if not np.all(np.isfinite(comps)) or np.any(comps < 0):
+        raise CalibError("roofline components must be finite and >= 0", field="components")
+    L = np.asarray(num_layers, dtype=np.float64).reshape(-1)
+    B = np.asarray(batch_size, dtype=np.float64).reshape(-1)
+    midx = np.asarray(model_idx).astype(np.int32).reshape(-1)
+    eidx = midx.copy() if experiment_idx is None else np.asarray(experiment_idx).astype(np.int32).reshape(-1)
+    for name, arr in (("num_layers", L), ("batch_size", B), ("model_idx", midx),
+                      ("experiment_idx", eidx)):
+        if arr.shape != (n,):
+            raise CalibError(f"{name} must have shape ({n},), got {arr.shape}", field=name)
+    M = int(n_models if n_models is not None else (midx.max() + 1 if n else 1))
+    if n_experiments is None:
+        n_experiments = int(eidx.max() + 1) if n else 1
+    E = int(n_experiments)
+    if n and (midx.min() < 0 or midx.max() >= M or eidx.min() < 0 or eidx.max() >= E):
+        raise CalibError("model_idx / experiment_idx out of range", field="model_idx")
+    if experiment_model is None:
+        em = np.zeros(E, dtype=np.int32)
+        em[eidx] = midx
+    else:
+        em = np.asarray(experiment_model).astype(np.int32).reshape(-1)
+        if em.shape != (E,):
+            raise CalibError(f"experiment_model must have shape ({E},)", field="experiment_model")
+        if n and np.any(em[eidx] != midx):
+            raise CalibError("experiment_model disagrees with model_idx of the steps",
+                             field="experiment_model")
+    nz = comps > 0
+    active = np.zeros((M, len(COMPONENTS)), dtype=bool)
+    np.logical_or.at(active, midx, nz)
+    active_exp = np.zeros((E, len(COMPONENTS)), dtype=bool)
+    np.logical_or.at(active_exp, eidx, nz)
+    dur = log_dur = None
+    if duration_us is not None:
+        dur = np.asarray(duration_us, dtype=np.float64).reshape(-1)
+        if dur.shape != (n,):
+            raise CalibError(f"duration_us must have shape ({n},), got {dur.shape}",
+                             field="duration_us")
+        bad = ~(np.isfinite(dur) & (dur > 0))
+        if bad.any():
+            raise CalibError(f"{int(bad.sum())} step duration(s) are not finite positive µs "
+                             f"(first at row {int(np.argmax(bad))})", field="duration_us",
+                             fix="select sampled steps with a measured duration")
+        log_dur = np.log(dur)
+    return ModelData(comps, L, B, midx, eidx, dur, M, E, em, active, active_exp, log_dur)
+
+
+def build_model_data(ds, steps: np.ndarray | None = None
+                     ) -> tuple[ModelData, dict[str, list]]:
+    """Model data and coordinates from a canonical dataset (``calib.traces.schema``).
+
+    Parameters
+    ----------
+    ds : xr.Dataset
+        Canonical step dataset.
+    steps : array of int, optional
+        Step positions to use; default: sampled steps with a finite duration.
+
+    Returns
+    -------
+    (ModelData, coords)
+        ``coords`` has ``model`` (names from ``exp_model`` in order of first
+        appearance), ``component`` (``COMPONENTS``), ``experiment``, ``active``
+        and ``active_exp`` (``"<name>/<component>"`` labels of the sampled
+        pairs) and ``step`` (the step positions, in the row order of the data:
+        sorted by model, experiment, step).
+    """
+    from calib.roofline import components_matrix, dataset_components
+
+    for v in ("exp_model", "step_experiment", "duration_us", "sampled"):
+        if v not in ds:
+            raise CalibError(f"dataset lacks variable {v!r}", field=v,
+                             fix="import the traces with calib.traces")
+    dur_all = np.asarray(ds["duration_us"].values, dtype=np.float64)
+    if steps is None:
+        steps = np.flatnonzero(np.asarray(ds["sampled"].values, dtype=bool)
+                               & np.isfinite(dur_all) & (dur_all > 0))
+    steps = np.asarray(steps, dtype=np.int64)
+    if steps.ndim != 1:
+        raise CalibError("steps must be a 1-D array of step indices", field="steps")
+    if steps.size == 0:
+        raise CalibError("no sampled steps with a measured duration", field="duration_us",
+                         fix="import traces with step.BATCH_SUMMARY events")
+    exp_model = [str(x) for x in np.asarray(ds["exp_model"].values)]
+    models: list[str] = list(dict.fromkeys(exp_model))
+    experiments = ([str(x) for x in np.asarray(ds["experiment"].values)]
+                   if "experiment" in ds.coords else [str(i) for i in range(len(exp_model))])
+    em = np.array([models.index(m) for m in exp_model], dtype=np.int32)
+    step_exp = np.asarray(ds["step_experiment"].values)
+    if steps.min() < 0 or steps.max() >= step_exp.size:
+        raise CalibError(f"step indices must lie in [0, {step_exp.size})", field="steps")
+    # sort by (model, experiment, step): one contiguous run per experiment -> cheap likelihood
+    steps = steps[np.lexsort((steps, step_exp[steps], em[step_exp[steps]]))]
+    eidx = step_exp[steps].astype(np.int32)
+    comps = dataset_components(ds, steps)
+    data = make_model_data(components_matrix(comps), np.asarray(comps["num_layers"].values),
+                           np.asarray(comps["batch_size"].values), em[eidx], eidx,
+                           dur_all[steps], n_models=len(models),
+                           n_experiments=len(experiments), experiment_model=em)
+    return data, model_coords(data, models, experiments, steps)
+
+
+def model_coords(data: ModelData, models: Sequence[str], experiments: Sequence[str],
+                 steps: Sequence[int] | None = None) -> dict[str, list]:
+    """Coordinates for :data:`SITE_DIMS` (labels of active pairs included)."""
+    am, ak = active_pairs(data)
+    wm = _weight_constant_pairs(data)[0]
+    ae, aek = np.nonzero(np.asarray(data.active_exp))
+    coords: dict[str, list] = {
+        "model": list(models), "component": list(COMPONENTS), "experiment": list(experiments),
+        "active": [f"{models[m]}/{COMPONENTS[k]}" for m, k in zip(am, ak, strict=True)],
+        "active_exp": [f"{experiments[e]}/{COMPONENTS[k]}" for e, k in zip(ae, aek, strict=True)],
+        "weight_model": [models[m] for m in wm],
+    }
+    if steps is not None:
+        coords["step"] = [int(s) for s in steps]
+    return coords
+
+
+# ------------------------------------------------------------------ mean function
+#: More runs of equal index than this and the mean function gathers per step instead.
+MAX_RUNS = 64
+
+
+def _is_concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def _runs(idx: Array) -> list[tuple[int, int, int]] | None:
+    """Static runs ``(start, end, value)`` of equal values in a concrete index array.
+
+    None when ``idx`` is traced or has more than :data:`MAX_RUNS` runs. Data sorted by
+    experiment (as :func:`build_model_data` returns it) has one run per experiment, so
+    the likelihood multiplies contiguous column slices by scalars: no per-step gather
+    and no scatter-add in the gradient.
+    """
+    if not _is_concrete(idx):
+        return None
+    a = np.asarray(idx)
+    if a.size == 0:
+        return []
+    cut = np.flatnonzero(np.diff(a)) + 1
+    if cut.size + 1 > MAX_RUNS:
+        return None
+    starts = np.concatenate([[0], cut])
+    ends = np.concatenate([cut, [a.size]])
+    return [(int(s), int(e), int(a[s])) for s, e in zip(starts, ends, strict=True)]
+
+
+def _per_row(values: Array, idx: Array, runs: list[tuple[int, int, int]] | None) -> Array:
+    """``values[idx]`` for a 1-D table: broadcast per run, else gather."""
+    if runs is None:
+        return jnp.take(values, jnp.asarray(idx), axis=0)
+    if len(runs) == 1:
+        return jnp.broadcast_to(values[runs[0][2]], (runs[0][1],))
+    return jnp.concatenate([jnp.broadcast_to(values[v], (e - s,)) for s, e, v in runs])
+
+
+def _mu(table: Array, idx: Array, data: ModelData, per_layer_us, per_request_us,
+        per_step_us, alpha) -> Array:
+    """Mean step time (µs); ``table`` (rows, 6) are the corrections indexed by ``idx``."""
+    runs = _runs(idx) if _is_concrete(data.components) else None
+    if runs is None:
+        C = jnp.asarray(data.components)
+        terms = C * jnp.take(table, jnp.asarray(idx), axis=0)
+        cols = [terms[:, k] for k in range(len(COMPONENTS))]
+    else:
+        # column-major constant, sliced per run at trace time (contiguous, no gather)
+        CT = np.ascontiguousarray(np.asarray(data.components, dtype=np.float64).T)
+        pieces = [[CT[k, s:e] * table[v, k] for s, e, v in runs]
+                  for k in range(len(COMPONENTS))]
+        cols = [p[0] if len(p) == 1 else jnp.concatenate(p) for p in pieces]
+    prefill = cols[PF_C] + cols[PF_KV]
+    decode = cols[DC_C] + cols[DC_KV]
+    mix = prefill + decode - alpha * jnp.minimum(prefill, decode)
+    return (mix + cols[WEIGHT] + cols[TP]
+            + per_layer_us * jnp.asarray(data.num_layers)
+            + per_request_us * jnp.asarray(data.batch_size) + per_step_us)
+
+
+def step_time_us(params: Mapping[str, Array], data: ModelData) -> Array:
+    """Mean step time ``mu`` (µs) per step for one draw of the parameters.
+
+    Parameters
+    ----------
+    params
+        ``b`` (n_models, 6), ``per_layer_us``, ``per_request_us``, ``per_step_us``,
+        ``alpha``; with ``b_exp`` (n_experiments, 6) present the corrections are
+        taken per experiment (per-experiment hierarchy).
+    data
+        :class:`ModelData` (``duration_us`` unused).
+
+    Returns
+    -------
+    (n,) array, µs. Pure ``jnp``; ``jax.vmap(step_time_us, (0, None))`` maps over draws.
+    """
+    if "b_exp" in params and params["b_exp"] is not None:
+        table, idx = jnp.asarray(params["b_exp"]), data.experiment_idx
+    else:
+        table, idx = jnp.asarray(params["b"]), data.model_idx
+    return _mu(table, idx, data, params["per_layer_us"], params["per_request_us"],
+               params["per_step_us"], params["alpha"])
+
+
+# ------------------------------------------------------------------ likelihood
+class LogStudentT(dist.Distribution):
+    """Student-t on log duration with a per-model scale, evaluated cheaply.
+
+    Same density as ``StudentT(nu, loc, scale[model_idx])`` but ``nu`` stays a
+    scalar (no per-step ``lgamma``) and ``log scale`` is taken per model, not per
+    step: per step only ``log1p`` of the squared standardised residual is computed.
+    """
+
+    arg_constraints = {"loc": dist.constraints.real}
+    support = dist.constraints.real
+    reparametrized_params = ["loc"]
+
+    def __init__(self, nu, loc, sigma, model_idx, runs, *, validate_args=None):
+        self.nu = nu
+        self.loc = loc
+        self.sigma = sigma
+        self._idx = model_idx
+        self._runs = runs
+        super().__init__(batch_shape=jnp.shape(loc), validate_args=validate_args)
+
+    def _rows(self, values):
+        return values if jnp.ndim(values) == 0 else _per_row(values, self._idx, self._runs)
+
+    def sample(self, key, sample_shape=()):
+        t = jax.random.t(key, self.nu, sample_shape + self.batch_shape)
+        return self.loc + self._rows(self.sigma) * t
+
+    def log_prob(self, value):
+        nu = self.nu
+        const = (jax.scipy.special.gammaln(0.5 * (nu + 1.0)) - jax.scipy.special.gammaln(0.5 * nu)
+                 - 0.5 * jnp.log(nu * jnp.pi))
+        r = (value - self.loc) * self._rows(1.0 / self.sigma)
+        return const - self._rows(jnp.log(self.sigma)) - 0.5 * (nu + 1.0) * jnp.log1p(r * r / nu)
+
+
+# ------------------------------------------------------------------ overhead coordinates
+def _softplus_inv(y):
+    """Inverse of softplus, stable for large and small ``y > 0``."""
+    return y + jnp.log(-jnp.expm1(-y))
+
+
+class SoftplusLogNormal(dist.Distribution):
+    """The law of ``z`` when ``unit·softplus(z) ~ LogNormal(loc, scale)``.
+
+    The additive overheads (µs) are sampled in these coordinates: for values above
+    ``unit`` (the prior median) they are *linear* in ``z``, so the ridge
+    ``b_weight·T_weight + per_layer·L + per_step ≈ const`` (collinear per-step
+    constants) is straight instead of exponentially curved as it is in log
+    coordinates. The prior on the overhead itself is exactly the log-normal.
+    """
+
+    arg_constraints = {"loc": dist.constraints.real, "scale": dist.constraints.positive}
+    support = dist.constraints.real
+
+    def __init__(self, loc, scale, unit, *, validate_args=None):
+        self.loc, self.scale, self.unit = loc, scale, unit
+        super().__init__(batch_shape=jnp.shape(loc), validate_args=validate_args)
+
+    def value(self, z):
+        """The overhead (µs) of raw coordinate ``z``."""
+        return self.unit * jax.nn.softplus(z)
+
+    def sample(self, key, sample_shape=()):
+        x = dist.LogNormal(self.loc, self.scale).sample(key, sample_shape + self.batch_shape)
+        return _softplus_inv(x / self.unit)
+
+    def log_prob(self, z):
+        x = self.value(z)
+        return (dist.LogNormal(self.loc, self.scale).log_prob(x) + jnp.log(self.unit)
+                + jax.nn.log_sigmoid(z))
+
+
+# ------------------------------------------------------------------ prior pieces
+def _vector_dist(priors: Sequence[Prior]):
+    """One NumPyro distribution with batch shape (6,) from per-component priors."""
+    fam = {p.family for p in priors}
+    if len(fam) != 1:
+        raise CalibError("per-component priors of one parameter must share a family, got "
+                         f"{sorted(fam)}", fix="use the same family for every component")
+    import math
+
+    f = fam.pop()
+    col = {n: jnp.asarray([p[n] for p in priors]) for n, _ in priors[0].params}
+    if f == "lognormal":
+        return dist.LogNormal(jnp.log(col["median"]), col["log_sd"])
+    if f == "halfnormal":
+        return dist.HalfNormal(col["scale"])
+    if f == "halfcauchy":
+        return dist.HalfCauchy(col["scale"])
+    if f == "exponential":
+        return dist.Exponential(col["rate"])
+    if f == "gamma":
+        return dist.Gamma(col["shape"], col["rate"])
+    if f == "normal":
+        return dist.Normal(col["loc"], col["scale"])
+    raise AssertionError(f"{f} {math.pi}")
+
+
+def _overhead(name: str, prior: Prior) -> Array:
+    """A log-normal overhead (µs) sampled through its raw coordinate ``z_<name>``.
+
+    ``config.OVERHEAD_COORDINATES``: ``"softplus"`` (``name = median·softplus(z)``,
+    see :class:`SoftplusLogNormal`) or ``"log"`` (``name = median·exp(log_sd·z)``,
+    ``z ~ N(0, 1)``).
+    """
+    import math
+
+    med, sd = prior["median"], prior["log_sd"]
+    if config.OVERHEAD_COORDINATES == "softplus":
+        d = SoftplusLogNormal(math.log(med), sd, med)
+        return numpyro.deterministic(name, d.value(numpyro.sample(f"z_{name}", d)))
+    z = numpyro.sample(f"z_{name}", dist.Normal(0.0, 1.0))
+    return numpyro.deterministic(name, jnp.exp(math.log(med) + sd * z))
+
+
+def _population(priors: Priors) -> Array:
+    """Sample ``z_b_pop``; record ``b_pop``; return log b_pop (6,)."""
+    loc, scale = priors.lognormal_loc_scale("b_pop")
+    z = numpyro.sample("z_b_pop", dist.Normal(0.0, 1.0).expand([len(COMPONENTS)]))
+    log_b_pop = jnp.asarray(loc) + jnp.asarray(scale) * z
+    numpyro.deterministic("b_pop", jnp.exp(log_b_pop))
+    return log_b_pop
+
+
+def _static_pairs(mask: Array, what: str) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(mask, jax.core.Tracer):
+        raise CalibError(f"ModelData.{what} must be concrete", field=what,
+                         fix="run the model with jit_model_args=False (NumPyro's default)")
+    return tuple(np.nonzero(np.asarray(mask)))  # type: ignore[return-value]
+
+
+def _nested(name_z: str, name_c: str, parent_log: Array, rows: np.ndarray, cols: np.ndarray,
+            scale: Array, centered: bool) -> Array:
+    """Log values for active pairs around ``parent_log[rows, cols]`` with spread ``scale[cols]``."""
+    loc = parent_log[rows, cols]
+    s = scale[cols]
+    if centered:
+        return numpyro.sample(name_c, dist.Normal(loc, s))
+    z = numpyro.sample(name_z, dist.Normal(0.0, 1.0).expand([rows.size]))
+    return loc + s * z
+
+
+def _weight_constant_pairs(data: ModelData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Models whose weight correction uses the per-step-constant coordinate.
+
+    Returns ``(models, mean T_weight µs, mean layers)`` of models with an active
+    weight basis (empty when ``config.WEIGHT_COORDINATES != "constant"``).
+    """
+    if config.WEIGHT_COORDINATES != "constant":
+        return np.zeros(0, int), np.zeros(0), np.zeros(0)
+    act = np.asarray(data.active)
+    models = np.flatnonzero(act[:, WEIGHT])
+    midx = np.asarray(data.model_idx)
+    C = np.asarray(data.components)
+    L = np.asarray(data.num_layers)
+    tw = np.array([C[midx == m, WEIGHT].mean() for m in models])
+    lm = np.array([L[midx == m].mean() for m in models])
+    return models, tw, lm
+
+
+def active_pairs(data: ModelData) -> tuple[np.ndarray, np.ndarray]:
+    """(model, component) pairs sampled by ``z_b`` / ``log_b_active`` (dim ``active``).
+
+    Active pairs, minus the weight pairs carried by ``log_c_weight`` (see
+    :func:`_per_model_log_b`).
+    """
+    am, ak = _static_pairs(data.active, "active")
+    wm = _weight_constant_pairs(data)[0]
+    keep = ~((ak == WEIGHT) & np.isin(am, wm))
+    return am[keep], ak[keep]
+
+
+def _per_model_log_b(data: ModelData, priors: Priors, centered: bool,
+                     per: Mapping[str, Array]) -> Array:
+    """Per-model log corrections (M, 6); records ``b``.
+
+    Weight (``config.WEIGHT_COORDINATES == "constant"``): within one model
+    ``b_w·T_weight``, ``per_layer_us·L`` and ``per_step_us`` are constant per step, so
+    only their sum ``c_m`` is pinned by the data; in (log b_w, overheads) coordinates
+    the posterior is a thin curved ridge. We sample ``log_c_weight[m] = log c_m``
+    instead (``c_m = b_w[m]·mean T_weight + mean L·per_layer_us + per_step_us``, µs)
+    and derive ``b_w[m] = (c_m − L·per_layer_us − per_step_us) / mean T_weight``. The
+    prior is unchanged: the hierarchical density of log b_w plus the log-Jacobian
+    ``log c_m − log(b_w·T)`` (a factor site ``log_c_weight_jacobian``), minus the
+    base density the raw site is given so that initialisation is sensible.
+    """
+    log_b_pop = _population(priors)
+    tau = numpyro.sample("tau", _vector_dist(priors.component("tau")))
+    full = jnp.broadcast_to(log_b_pop, (data.n_models, len(COMPONENTS)))
+    am, ak = active_pairs(data)
+    if am.size:
+        log_b_act = _nested("z_b", "log_b_active", full, am, ak, tau, centered)
+        full = full.at[am, ak].set(log_b_act)
+    wm, tw, lm = _weight_constant_pairs(data)
+    if wm.size:
+        import math
+
+        med_w = priors["b_pop.weight"]["median"]
+        base_loc = np.log(med_w * tw + lm * priors["per_layer_us"]["median"]
+                          + priors["per_step_us"]["median"])
+        base = dist.Normal(jnp.asarray(base_loc), 1.0)
+        log_c = numpyro.sample("log_c_weight", base)
+        rest = jnp.exp(log_c) - lm * per["per_layer_us"] - per["per_step_us"]
+        ok = rest > 1e-12 * jnp.exp(log_c)
+        rest_s = jnp.where(ok, rest, 1.0)
+        log_bw = jnp.log(rest_s) - np.log(tw)
+        lp = (dist.Normal(log_b_pop[WEIGHT], tau[WEIGHT]).log_prob(log_bw)
+              + log_c - jnp.log(rest_s) - base.log_prob(log_c))
+        numpyro.factor("log_c_weight_jacobian", jnp.sum(jnp.where(ok, lp, -jnp.inf)))
+        full = full.at[wm, WEIGHT].set(jnp.where(ok, log_bw, -math.inf))
+    numpyro.deterministic("b", jnp.exp(full))
+    return full
+
+
+def _overheads(priors: Priors) -> dict[str, Array]:
+    return {site: _overhead(site, priors[site]) for site, _ in OVERHEAD_SITES}
+
+
+def _noise_and_likelihood(data: ModelData, priors: Priors, per: Mapping[str, Array],
+                          table: Array, idx: Array, sigma: Array) -> None:
+    alpha = numpyro.sample("alpha", priors["alpha"].numpyro())
+    nu = numpyro.sample("nu", priors["nu"].numpyro())
+    mu = _mu(table, idx, data, per["per_layer_us"], per["per_request_us"], per["per_step_us"],
+             alpha)
+    if data.duration_us is None:
+        obs = None
+    else:
+        obs = data.log_duration if data.log_duration is not None else jnp.log(data.duration_us)
+    numpyro.sample(OBS_SITE, LogStudentT(nu, jnp.log(mu), sigma, data.model_idx,
+                                         _runs(data.model_idx)), obs=obs)
+
+
+def _sigma_per_model(data: ModelData, priors: Priors) -> Array:
+    return numpyro.sample("sigma", priors["sigma"].numpyro().expand([data.n_models]))
+
+
+# ------------------------------------------------------------------ the models
+def pooled(data: ModelData, priors: Priors, *, centered: bool | None = None) -> None:
+    """One set of corrections and one noise scale for every model.
+
+    ``b`` and ``sigma`` repeat ``b_pop`` and ``sigma_pooled`` across models.
+    ``centered`` is accepted for a uniform signature and ignored.
+    """
+    del centered
+    per = _overheads(priors)
+    log_b_pop = _population(priors)
+    b = numpyro.deterministic("b", jnp.broadcast_to(jnp.exp(log_b_pop),
+                                                    (data.n_models, len(COMPONENTS))))
+    s = numpyro.sample("sigma_pooled", priors["sigma"].numpyro())
+    numpyro.deterministic("sigma", jnp.broadcast_to(s, (data.n_models,)))
+    _noise_and_likelihood(data, priors, per, b, data.model_idx, s)
+
+
+def per_model(data: ModelData, priors: Priors, *, centered: bool | None = None) -> None:
+    """Per-model corrections partially pooled around ``b_pop`` (default hierarchy).
+
+    Active (model, component) pairs get ``log b ~ Normal(log b_pop, tau)``
+    (centred: site ``log_b_active``; non-centred: ``z_b``); inactive pairs equal
+    ``b_pop``. Per-model noise scale ``sigma``.
+    """
+    centered = config.MODEL_CENTERED if centered is None else centered
+    per = _overheads(priors)
+    log_b = _per_model_log_b(data, priors, centered, per)
+    sigma = _sigma_per_model(data, priors)
+    _noise_and_likelihood(data, priors, per, jnp.exp(log_b), data.model_idx, sigma)
+
+
+def per_experiment(data: ModelData, priors: Priors, *, centered: bool | None = None) -> None:
+    """``per_model`` plus workload effects: per-experiment log deviations of ``b``.
+
+    Active (experiment, component) pairs get ``log b_exp ~ Normal(log b[model], tau_exp)``;
+    the mean function uses ``b_exp`` (site (experiment, component)).
+    """
+    centered = config.MODEL_CENTERED if centered is None else centered
+    per = _overheads(priors)
+    log_b = _per_model_log_b(data, priors, centered, per)
+    tau_exp = numpyro.sample("tau_exp", _vector_dist(priors.component("tau_exp")))
+    em = np.asarray(data.experiment_model)
+    full = log_b[em]
+    ae, ak = _static_pairs(data.active_exp, "active_exp")
+    if ae.size:
+        full = full.at[ae, ak].set(_nested("z_b_exp", "log_b_exp_active", full, ae, ak,
+                                           tau_exp, centered))
+    b_exp = numpyro.deterministic("b_exp", jnp.exp(full))
+    sigma = _sigma_per_model(data, priors)
+    _noise_and_likelihood(data, priors, per, b_exp, data.experiment_idx, sigma)
+
+
+_MODELS: dict[str, Callable[..., None]] = {
+    "pooled": pooled, "per-model": per_model, "per-experiment": per_experiment,
+}
+
+
+def get_model(hierarchy: str) -> Callable[..., None]:
+    """The model function of a hierarchy name (``-`` or ``_`` accepted).
+
+    Raises
+    ------
+    CalibError
+        Unknown hierarchy.
+    """
+    key = str(hierarchy).replace("_", "-")
+    if key not in _MODELS:
+        raise CalibError(f"unknown hierarchy {hierarchy!r}", field="--hierarchy",
+                         fix=f"use one of {', '.join(HIERARCHIES)}")
+    return _MODELS[key]
+
+
+def sample_sites(hierarchy: str, centered: bool | None = None) -> tuple[str, ...]:
+    """Names of the latent sample sites a hierarchy can have (before data masking)."""
+    centered = config.MODEL_CENTERED if centered is None else centered
+    key = str(hierarchy).replace("_", "-")
+    get_model(key)
+    base = ["z_b_pop", "z_per_layer_us", "z_per_request_us", "z_per_step_us", "alpha", "nu"]
+    if key == "pooled":
+        return tuple(base + ["sigma_pooled"])
+    base += ["tau", "sigma", "log_b_active" if centered else "z_b"]
+    if config.WEIGHT_COORDINATES == "constant":
+        base += ["log_c_weight"]
+    if key == "per-experiment":
+        base += ["tau_exp", "log_b_exp_active" if centered else "z_b_exp"]
+    return tuple(base)
+
+
+# ------------------------------------------------------------------ simulation helpers
+def _without_obs(data: ModelData) -> ModelData:
+    return data._replace(duration_us=None, log_duration=None)
+
+
+def prior_predictive(hierarchy: str, data: ModelData, priors: Priors, num_samples: int = 500,
+                     seed: int = 0, *, centered: bool | None = None) -> dict[str, np.ndarray]:
+    """Prior draws and the step times they imply.
+
+    Returns
+    -------
+    dict
+        Every site of the model (leading dim ``num_samples``), plus
+        ``mu_us`` (draws, n) = the mean step time and ``duration_us`` (draws, n)
+        = simulated observed step times including the Student-t noise, both µs.
+    """
+    from numpyro.infer import Predictive
+
+    model = get_model(hierarchy)
+    pred = Predictive(model, num_samples=int(num_samples))
+    out = pred(jax.random.key(int(seed)), _without_obs(data), priors, centered=centered)
+    res = {k: np.asarray(v) for k, v in out.items()}
+    params = {k: out[k] for k in ("b", "b_exp", "per_layer_us", "per_request_us",
+                                  "per_step_us", "alpha") if k in out}
+    res["mu_us"] = np.asarray(jax.vmap(step_time_us, (0, None))(params, data))
+    with np.errstate(over="ignore"):  # heavy-tailed prior draws may overflow: inf µs
+        res["duration_us"] = np.exp(res.pop(OBS_SITE))
+    return res
+
+
+def simulate_from_model(hierarchy: str, data: ModelData, *, priors: Priors | None = None,
+                        params: Mapping[str, Array] | None = None, seed: int = 0,
+                        centered: bool | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Simulate step durations (µs) from the model itself.
+
+    With ``params`` (``b``, optional ``b_exp``, the overheads, ``alpha``, ``sigma``
+    (n_models,), ``nu``) those are the truth; otherwise one prior draw (all sites)
+    is the truth. Returns ``(duration_us, truth)``.
+    """
+    key_prior, key_noise = jax.random.split(jax.random.key(int(seed)))
+    if params is None:
+        if priors is None:
+            raise ValueError("give priors or params")
+        from numpyro.infer import Predictive
+
+        draw = Predictive(get_model(hierarchy), num_samples=1)(
+            key_prior, _without_obs(data), priors, centered=centered)
+        truth = {k: np.asarray(v[0]) for k, v in draw.items() if k != OBS_SITE}
+    else:
+        truth = {k: np.asarray(v) for k, v in params.items()}
+    mu = np.asarray(step_time_us(truth, data))
+    sigma = np.asarray(truth["sigma"])[np.asarray(data.model_idx)]
+    t = np.asarray(jax.random.t(key_noise, float(truth["nu"]), (mu.shape[0],)))
+    with np.errstate(over="ignore"):
+        return np.exp(np.log(mu) + sigma * t), truth
+
+
+# ------------------------------------------------------------------ reporting
+def collinearity_report(idata, *, log: bool = True) -> Any:
+    """Posterior correlation of the per-step constants (weight per model, overheads).
+
+    Within one model ``b[m, weight]·T_weight``, ``per_layer_us·L`` and ``per_step_us``
+    are constant per step (collinear); only priors and pooling across models
+    separate them. Large |correlation| says how much.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Correlation matrix (of logs when ``log``) over all chains and draws; rows and
+        columns ``weight[<model>]``, ``per_layer_us``, ``per_request_us``, ``per_step_us``.
+    """
+    import pandas as pd
+
+    post = idata.posterior
+    cols: dict[str, np.ndarray] = {}
+    b = post["b"]
+    comp_dim = b.dims[-1]
+    model_dim = b.dims[-2]
+    bw = b.sel({comp_dim: "weight"}) if comp_dim in b.coords else b.isel({comp_dim: WEIGHT})
+    for i in range(bw.sizes[model_dim]):
+        label = str(bw[model_dim].values[i]) if model_dim in bw.coords else str(i)
+        cols[f"weight[{label}]"] = np.asarray(bw.isel({model_dim: i}).values).reshape(-1)
+    for site in ("per_layer_us", "per_request_us", "per_step_us"):
+        cols[site] = np.asarray(post[site].values).reshape(-1)
+    frame = pd.DataFrame({k: np.log(v) if log else v for k, v in cols.items()})
+    return frame.corr()
+
+
+# ------------------------------------------------------------------ synthetic design
+def synthetic_model_data(n_steps: int = 2000, n_models: int = 2, experiments_per_model: int = 2,
+                         *, seed: int = 0, mixed_fraction: float = 0.3,
+                         tp2_models: Sequence[int] = (1,)) -> ModelData:
+    """A synthetic design (components, layers, batch sizes) of realistic magnitude.
+
+    For tests and ``bench/bench_geometry.py`` only (no durations: simulate them with
+    :func:`simulate_from_model`). Per model: weight 4000-14000 µs per step, prefill
+    compute ~15 µs per token (≈30 ms for a 2048-token chunk), decode KV 0.02-0.16 µs
+    per context token × Σ contexts of up to 128 decodes of length 500-2500, tp only for
+    the models in ``tp2_models`` (TP=2; other models have an all-zero tp basis).
+    ``mixed_fraction`` of steps mix a prefill chunk with decodes (0: no mixed batches).
+    """
+    rng = np.random.default_rng(seed)
+    E = n_models * experiments_per_model
+    em = np.repeat(np.arange(n_models, dtype=np.int32), experiments_per_model)
+    eidx = np.sort(rng.integers(0, E, n_steps)).astype(np.int32)
+    midx = em[eidx]
+    layers = np.array([32, 40, 64, 80, 48, 28, 36, 60])[np.arange(n_models) % 8]
+    w_us = np.linspace(4000.0, 14000.0, n_models) if n_models > 1 else np.array([8000.0])
+    pf_rate = np.linspace(8.0, 15.0, n_models) if n_models > 1 else np.array([12.0])
+    dc_rate = pf_rate * 1.0
+    kv_rate = np.linspace(0.02, 0.16, n_models) if n_models > 1 else np.array([0.08])
+    ctx_lo = rng.uniform(500, 1000, E)
+    ctx_hi = ctx_lo + rng.uniform(500, 1500, E)
+    max_dec = rng.integers(32, 129, E)
+    u = rng.uniform(size=n_steps)
+    mixed = u < mixed_fraction
+    prefill_only = (u >= mixed_fraction) & (u < mixed_fraction + 0.1)
+    has_pf = mixed | prefill_only
+    has_dc = ~prefill_only
+    n_dec = np.where(has_dc, rng.integers(1, max_dec[eidx] + 1), 0)
+    mean_ctx = rng.uniform(ctx_lo[eidx], ctx_hi[eidx])
+    sum_ctx = n_dec * mean_ctx
+    pf_tok = np.where(has_pf, rng.integers(64, 2049, n_steps), 0)
+    pf_prog = np.where(has_pf, rng.integers(0, 4000, n_steps), 0)
+    comps = np.zeros((n_steps, 6))
+    comps[:, PF_C] = pf_tok * pf_rate[midx] * (1.0 + pf_prog / 8000.0)
+    comps[:, PF_KV] = pf_tok * (pf_prog + pf_tok / 2) * kv_rate[midx] * 1e-3
+    comps[:, DC_C] = n_dec * dc_rate[midx]
+    comps[:, DC_KV] = sum_ctx * kv_rate[midx]
+    comps[:, WEIGHT] = w_us[midx]
+    is_tp2 = np.isin(midx, np.asarray(tp2_models, dtype=int))
+    comps[:, TP] = np.where(is_tp2, (pf_tok + n_dec) * 0.5 + 20.0, 0.0)
+    B = (n_dec + has_pf).astype(np.float64)
+    return make_model_data(comps, layers[midx].astype(np.float64), B, midx, eidx,
+                           n_models=n_models, n_experiments=E, experiment_model=em)

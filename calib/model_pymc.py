@@ -1,0 +1,177 @@
+"""The step-time model in PyMC: the cross-check backend (``--backend pymc``).
+
+Same hierarchies, site names, dims and densities as :mod:`calib.model` (NumPyro):
+``z_b_pop``, ``b_pop``, ``tau``, ``z_b``/``log_b_active``, ``b``, ``tau_exp``,
+``z_b_exp``/``log_b_exp_active``, ``b_exp``, ``z_per_*_us`` and ``per_*_us``,
+``alpha``, ``sigma_pooled``/``sigma``, ``nu`` and the observed ``log_duration``.
+Only the sampler differs, so posteriors must agree within Monte-Carlo error
+(``tests/test_pymc_agree.py``). PyMC is imported lazily.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from calib import config
+from calib.config import COMPONENTS
+from calib.model import (
+    OBS_SITE,
+    OVERHEAD_SITES,
+    SITE_DIMS,
+    WEIGHT,
+    ModelData,
+    _weight_constant_pairs,
+    active_pairs,
+    get_model,
+)
+from calib.priors import Prior, Priors
+
+
+def _vector_prior(name: str, priors: Sequence[Prior], dims: str):
+    import pymc as pm
+
+    fam = {p.family for p in priors}
+    if len(fam) != 1:
+        from calib.errors import CalibError
+
+        raise CalibError(f"per-component priors of {name} must share a family",
+                         fix="use the same family for every component")
+    f = fam.pop()
+    col = {n: np.array([p[n] for p in priors]) for n, _ in priors[0].params}
+    if f == "lognormal":
+        return pm.LogNormal(name, mu=np.log(col["median"]), sigma=col["log_sd"], dims=dims)
+    if f == "halfnormal":
+        return pm.HalfNormal(name, sigma=col["scale"], dims=dims)
+    if f == "halfcauchy":
+        return pm.HalfCauchy(name, beta=col["scale"], dims=dims)
+    if f == "exponential":
+        return pm.Exponential(name, lam=col["rate"], dims=dims)
+    if f == "gamma":
+        return pm.Gamma(name, alpha=col["shape"], beta=col["rate"], dims=dims)
+    raise AssertionError(f)
+
+
+def _overhead(name: str, prior: Prior):
+    """Overhead (µs) through the raw coordinate ``z_<name>`` (as calib.model._overhead)."""
+    import pymc as pm
+    import pytensor.tensor as pt
+
+    med, sd = prior["median"], prior["log_sd"]
+    loc = math.log(med)
+    if config.OVERHEAD_COORDINATES == "softplus":
+        def logp(z, loc, sd, unit):
+            x = unit * pt.softplus(z)
+            lx = pt.log(x)
+            return (-0.5 * ((lx - loc) / sd) ** 2 - lx - pt.log(sd) - 0.5 * np.log(2 * np.pi)
+                    + pt.log(unit) + pt.log(pt.sigmoid(z)))
+
+        def random(loc, sd, unit, rng=None, size=None):
+            x = np.exp(rng.normal(loc, sd, size=size)) / unit
+            return x + np.log(-np.expm1(-x))
+
+        z = pm.CustomDist(f"z_{name}", loc, sd, med, logp=logp, random=random)
+        return pm.Deterministic(name, med * pt.softplus(z))
+    z = pm.Normal(f"z_{name}", 0.0, 1.0)
+    return pm.Deterministic(name, pt.exp(loc + sd * z))
+
+
+def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
+                     coords: Mapping[str, Sequence[Any]], *, centered: bool | None = None):
+    """The PyMC model of ``hierarchy`` (``pm.Model``; sample it with ``pm.sample``).
+
+    Parameters
+    ----------
+    hierarchy
+        One of :data:`calib.model.HIERARCHIES`.
+    data
+        :class:`calib.model.ModelData` (``duration_us`` None: no observed site values).
+    priors
+        Validated priors.
+    coords
+        As returned by :func:`calib.model.build_model_data` (``model``,
+        ``component``, ``experiment``, ``active``, ``active_exp``, optional ``step``).
+    centered
+        Centred per-model corrections (default ``calib.config.MODEL_CENTERED``).
+    """
+    import pymc as pm
+    import pytensor.tensor as pt
+
+    get_model(hierarchy)  # validates the name
+    key = str(hierarchy).replace("_", "-")
+    centered = config.MODEL_CENTERED if centered is None else centered
+    coords = {k: list(v) for k, v in coords.items()}
+    C = np.asarray(data.components, dtype=np.float64)
+    midx = np.asarray(data.model_idx)
+    eidx = np.asarray(data.experiment_idx)
+    M = data.n_models
+    with pm.Model(coords=coords) as model:
+        per = {site: _overhead(site, priors[site]) for site, _ in OVERHEAD_SITES}
+        loc, scale = (np.asarray(a) for a in priors.lognormal_loc_scale("b_pop"))
+        z_b_pop = pm.Normal("z_b_pop", 0.0, 1.0, dims="component")
+        log_b_pop = loc + scale * z_b_pop
+        pm.Deterministic("b_pop", pt.exp(log_b_pop), dims="component")
+        if key == "pooled":
+            log_b = pt.broadcast_to(log_b_pop, (M, len(COMPONENTS)))
+            b = pm.Deterministic("b", pt.exp(log_b), dims=("model", "component"))
+            s = priors["sigma"].pymc("sigma_pooled")
+            sigma = pm.Deterministic("sigma", pt.broadcast_to(s, (M,)), dims="model")
+        else:
+            tau = _vector_prior("tau", priors.component("tau"), "component")
+            am, ak = active_pairs(data)
+            log_b = pt.broadcast_to(log_b_pop, (M, len(COMPONENTS)))
+            if am.size:
+                mloc = log_b_pop[ak]
+                if centered:
+                    act = pm.Normal("log_b_active", mloc, tau[ak], dims="active")
+                else:
+                    act = mloc + tau[ak] * pm.Normal("z_b", 0.0, 1.0, dims="active")
+                log_b = pt.set_subtensor(pt.as_tensor(log_b)[am, ak], act)
+            wm, tw, lm = _weight_constant_pairs(data)
+            if wm.size:  # same coordinate as calib.model._per_model_log_b
+                base_loc = np.log(priors["b_pop.weight"]["median"] * tw
+                                  + lm * priors["per_layer_us"]["median"]
+                                  + priors["per_step_us"]["median"])
+                log_c = pm.Normal("log_c_weight", base_loc, 1.0, dims="weight_model")
+                rest = pt.exp(log_c) - lm * per["per_layer_us"] - per["per_step_us"]
+                ok = rest > 1e-12 * pt.exp(log_c)
+                rest_s = pt.switch(ok, rest, 1.0)
+                log_bw = pt.log(rest_s) - np.log(tw)
+                mu_w, tau_w = log_b_pop[WEIGHT], tau[WEIGHT]
+                lp = (-0.5 * ((log_bw - mu_w) / tau_w) ** 2 - pt.log(tau_w)
+                      + log_c - pt.log(rest_s) + 0.5 * ((log_c - base_loc) / 1.0) ** 2)
+                pm.Potential("log_c_weight_jacobian", pt.sum(pt.switch(ok, lp, -np.inf)))
+                log_b = pt.set_subtensor(pt.as_tensor(log_b)[wm, WEIGHT], log_bw)
+            b = pm.Deterministic("b", pt.exp(log_b), dims=("model", "component"))
+            sigma = priors["sigma"].pymc("sigma", dims="model")
+        table, idx = b, midx
+        if key == "per-experiment":
+            tau_exp = _vector_prior("tau_exp", priors.component("tau_exp"), "component")
+            em = np.asarray(data.experiment_model)
+            full = log_b[em]
+            ae, aek = np.nonzero(np.asarray(data.active_exp))
+            if ae.size:
+                eloc = full[ae, aek]
+                if centered:
+                    act = pm.Normal("log_b_exp_active", eloc, tau_exp[aek], dims="active_exp")
+                else:
+                    act = eloc + tau_exp[aek] * pm.Normal("z_b_exp", 0.0, 1.0,
+                                                          dims="active_exp")
+                full = pt.set_subtensor(full[ae, aek], act)
+            table = pm.Deterministic("b_exp", pt.exp(full), dims=("experiment", "component"))
+            idx = eidx
+        alpha = priors["alpha"].pymc("alpha")
+        nu = priors["nu"].pymc("nu")
+        terms = C * table[idx]
+        prefill = terms[:, 0] + terms[:, 1]
+        decode = terms[:, 2] + terms[:, 3]
+        mu = (prefill + decode - alpha * pt.minimum(prefill, decode) + terms[:, 4] + terms[:, 5]
+              + per["per_layer_us"] * np.asarray(data.num_layers)
+              + per["per_request_us"] * np.asarray(data.batch_size) + per["per_step_us"])
+        obs = None if data.duration_us is None else np.log(np.asarray(data.duration_us))
+        kw = {"dims": SITE_DIMS[OBS_SITE]} if "step" in coords else {}
+        pm.StudentT(OBS_SITE, nu=nu, mu=pt.log(mu), sigma=sigma[midx], observed=obs, **kw)
+    return model

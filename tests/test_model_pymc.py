@@ -1,0 +1,56 @@
+"""The PyMC mirror has the same sites and the same joint density as the NumPyro model.
+
+Run: ``/work/venv/bin/pytest -m slow tests/test_model_pymc.py -q``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numpyro import handlers
+from numpyro.infer.util import log_density
+
+from calib.model import (
+    PARAMETER_SITES,
+    get_model,
+    model_coords,
+    simulate_from_model,
+    synthetic_model_data,
+)
+from calib.priors import load_priors
+
+PRIORS = load_priors()
+
+
+@pytest.mark.slow  # PyTensor compiles C code: minutes on a cold cache
+@pytest.mark.parametrize("hierarchy", ["per-model", "per-experiment"])
+def test_pymc_joint_density_equals_numpyro(hierarchy):
+    pytest.importorskip("pymc")
+    from calib.model_pymc import build_pymc_model
+
+    design = synthetic_model_data(200, 2, 2, seed=4, tp2_models=(1,))
+    truth = dict(b=np.full((2, 6), 1.5), per_layer_us=8.0, per_request_us=12.0,
+                 per_step_us=150.0, alpha=0.6, sigma=np.array([0.1, 0.15]), nu=8.0)
+    y, _ = simulate_from_model(hierarchy, design, params=truth, seed=5)
+    data = design._replace(duration_us=y, log_duration=np.log(y))
+    model = get_model(hierarchy)
+    with handlers.seed(rng_seed=2):
+        tr = handlers.trace(model).get_trace(data, PRIORS)
+    latent = {k: np.asarray(s["value"]) for k, s in tr.items()
+              if s["type"] == "sample" and not s["is_observed"]}
+    lp_np = float(log_density(model, (data, PRIORS), {}, latent)[0])
+
+    coords = model_coords(data, ["m0", "m1"], [f"e{i}" for i in range(4)])
+    pmod = build_pymc_model(hierarchy, data, PRIORS, coords)
+    assert {rv.name for rv in pmod.free_RVs} == set(latent)
+    named = {v.name for v in pmod.deterministics} | {rv.name for rv in pmod.free_RVs}
+    assert {n for n in PARAMETER_SITES if n in tr} <= named
+    point = {}
+    for rv in pmod.free_RVs:
+        value = latent[rv.name]
+        tf = pmod.rvs_to_transforms[rv]
+        if tf is not None:
+            value = tf.forward(value, *rv.owner.inputs).eval()
+        point[pmod.rvs_to_values[rv].name] = value
+    lp_pm = float(pmod.compile_logp(jacobian=False)(point))
+    assert lp_pm == pytest.approx(lp_np, rel=1e-9, abs=1e-6)
