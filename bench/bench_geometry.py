@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+",
                    default=["centered:dense", "centered:diag", "noncentered:dense",
                             "noncentered:diag"],
-                   help="PARAM:MASS[:OVERHEAD_COORDS:WEIGHT_COORDS], e.g. "
+                   help="PARAM:MASS[:OVERHEAD_COORDS:PINNED (weight+dc_compute | none)], e.g. "
                         "centered:dense:softplus:constant or noncentered:diag:log:log")
     p.add_argument("--chains", type=int, default=2)
     p.add_argument("--warmup", type=int, default=500)
@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             import calib.config as cfg
 
             cfg.OVERHEAD_COORDINATES = coords_[0] if coords_ else "softplus"
-            cfg.WEIGHT_COORDINATES = coords_[1] if len(coords_) > 1 else "constant"
+            cfg.PINNED_COMPONENTS = (tuple(coords_[1].split("+")) if len(coords_) > 1
+                                     and coords_[1] != "none" else
+                                     () if len(coords_) > 1 else ("weight", "dc_compute"))
             coords = model_coords(data, [f"m{i}" for i in range(M)],
                                   [f"e{i}" for i in range(data.n_experiments)])
             kernel = NUTS(model, dense_mass=(mass == "dense"), target_accept_prob=args.target_accept,

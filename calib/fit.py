@@ -367,7 +367,7 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
 
     # Start every chain at the prior median (like PyMC's default initial point): the
     # model's raw sites live on very different scales, so NumPyro's uniform(-2, 2)
-    # start can land outside the support of the per-step constant (log_c_weight).
+    # start can land outside the support of the pinned constants (calib.model.pinned).
     kernel = NUTS(model_fn, target_accept_prob=target_accept, max_tree_depth=max_tree_depth,
                   dense_mass=dense_mass, init_strategy=init_to_median(num_samples=15))
     mcmc = MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=chains,
@@ -378,8 +378,13 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
     extra = jax.device_get(mcmc.get_extra_fields(group_by_chain=True))
     prior_samples = None
     if prior_draws > 0:
-        prior_samples = jax.device_get(
-            Predictive(model_fn, num_samples=prior_draws)(key_prior, data, priors))
+        # Exact prior draws come from the model without observations (its natural
+        # coordinates); keep the named parameters, whose dims do not depend on that.
+        from calib.model import PARAMETER_SITES
+
+        prior_samples = jax.device_get(Predictive(model_fn, num_samples=prior_draws)(
+            key_prior, data._replace(duration_us=None, log_duration=None), priors))
+        prior_samples = {k: v for k, v in prior_samples.items() if k in PARAMETER_SITES}
     attrs = {"sampler": "numpyro-nuts", "chain_method_run": method}
     if note:
         attrs["sampler_note"] = note

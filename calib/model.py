@@ -73,8 +73,10 @@ SITE_DIMS: dict[str, tuple[str, ...]] = {
     "tau": ("component",),
     "z_b": ("active",),
     "log_b_active": ("active",),
-    "log_c_weight": ("weight_model",),
-    "log_c_weight_jacobian": (),
+    "z_c_weight": ("weight_model",),
+    "c_weight_jacobian": (),
+    "z_c_dc_compute": ("dc_compute_model",),
+    "c_dc_compute_jacobian": (),
     "b": ("model", "component"),
     # per-experiment nesting
     "tau_exp": ("component",),
@@ -270,14 +272,14 @@ def model_coords(data: ModelData, models: Sequence[str], experiments: Sequence[s
                  steps: Sequence[int] | None = None) -> dict[str, list]:
     """Coordinates for :data:`SITE_DIMS` (labels of active pairs included)."""
     am, ak = active_pairs(data)
-    wm = _weight_constant_pairs(data)[0]
     ae, aek = np.nonzero(np.asarray(data.active_exp))
     coords: dict[str, list] = {
         "model": list(models), "component": list(COMPONENTS), "experiment": list(experiments),
         "active": [f"{models[m]}/{COMPONENTS[k]}" for m, k in zip(am, ak, strict=True)],
         "active_exp": [f"{experiments[e]}/{COMPONENTS[k]}" for e, k in zip(ae, aek, strict=True)],
-        "weight_model": [models[m] for m in wm],
     }
+    for k in pinned():
+        coords[f"{COMPONENTS[k]}_model"] = [models[m] for m in _pinned_pairs(data, k)[0]]
     if steps is not None:
         coords["step"] = [int(s) for s in steps]
     return coords
@@ -493,6 +495,17 @@ def _population(priors: Priors) -> Array:
     return log_b_pop
 
 
+def noncentered_columns(cols: np.ndarray) -> np.ndarray:
+    """Mask of pairs (by component column) kept non-centred in centred mode.
+
+    ``config.NONCENTERED_COMPONENTS``: components whose basis is small next to the
+    step time (tp: the all-reduce term), so the data pin each model's correction only
+    weakly and the centred form is a funnel in ``tau``.
+    """
+    ids = [COMPONENTS.index(c) for c in config.NONCENTERED_COMPONENTS]
+    return np.isin(np.asarray(cols), ids)
+
+
 def _static_pairs(mask: Array, what: str) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(mask, jax.core.Tracer):
         raise CalibError(f"ModelData.{what} must be concrete", field=what,
@@ -502,58 +515,116 @@ def _static_pairs(mask: Array, what: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _nested(name_z: str, name_c: str, parent_log: Array, rows: np.ndarray, cols: np.ndarray,
             scale: Array, centered: bool) -> Array:
-    """Log values for active pairs around ``parent_log[rows, cols]`` with spread ``scale[cols]``."""
+    """Log values for active pairs around ``parent_log[rows, cols]`` with spread ``scale[cols]``.
+
+    Centred mode keeps the components of ``config.NONCENTERED_COMPONENTS`` non-centred
+    inside the same site (:func:`noncentered_columns`): their entries of ``name_c`` are
+    the standardised deviations ``z`` (value ``loc + scale·z``).
+    """
     loc = parent_log[rows, cols]
     s = scale[cols]
     if centered:
-        return numpyro.sample(name_c, dist.Normal(loc, s))
+        nc = noncentered_columns(cols)
+        raw = numpyro.sample(name_c, dist.Normal(jnp.where(nc, 0.0, loc), jnp.where(nc, 1.0, s)))
+        return jnp.where(nc, loc + s * raw, raw)
     z = numpyro.sample(name_z, dist.Normal(0.0, 1.0).expand([rows.size]))
     return loc + s * z
 
 
-def _weight_constant_pairs(data: ModelData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Models whose weight correction uses the per-step-constant coordinate.
+def pinned() -> dict[int, str]:
+    """Pinned component index -> its raw site name (``config.PINNED_COMPONENTS``).
 
-    Returns ``(models, mean T_weight µs, mean layers)`` of models with an active
-    weight basis (empty when ``config.WEIGHT_COORDINATES != "constant"``).
+    A pinned component k of model m is sampled as ``log c[m]`` with
+    ``c = b[m, k]·scale[m] + counts[m] · (per_layer_us, per_request_us, per_step_us)``
+    (see :func:`_pinned_pairs`).
     """
-    if config.WEIGHT_COORDINATES != "constant":
-        return np.zeros(0, int), np.zeros(0), np.zeros(0)
+    return {COMPONENTS.index(name): f"z_c_{name}" for name in config.PINNED_COMPONENTS}
+
+
+def _pinned_pairs(data: ModelData, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Models whose component ``k`` is sampled through its pinned constant.
+
+    Returns ``(models, scale, counts)``: models with an active ``k`` basis; ``scale[m]``
+    the mean basis per unit (µs: mean T_weight per step; mean dc_compute per request);
+    ``counts[m]`` (3,) the overhead units in the same unit (weight: mean layers, 0, 1 per
+    step; dc_compute: 0, 1, 0 per request). Empty when ``k`` is not pinned (:func:`pinned`).
+    """
+    if k not in pinned() or (data.duration_us is None and data.log_duration is None):
+        # Without observations (prior draws) the natural coordinates are used: NumPyro's
+        # Predictive ignores factor sites, so only they give exact prior draws.
+        return np.zeros(0, int), np.zeros(0), np.zeros((0, 3))
     act = np.asarray(data.active)
-    models = np.flatnonzero(act[:, WEIGHT])
+    models = np.flatnonzero(act[:, k])
     midx = np.asarray(data.model_idx)
     C = np.asarray(data.components)
     L = np.asarray(data.num_layers)
-    tw = np.array([C[midx == m, WEIGHT].mean() for m in models])
-    lm = np.array([L[midx == m].mean() for m in models])
-    return models, tw, lm
+    B = np.asarray(data.batch_size)
+    scale, counts = [], []
+    for m in models:
+        rows = midx == m
+        if k == WEIGHT:
+            scale.append(C[rows, k].mean())
+            counts.append([L[rows].mean(), 0.0, 1.0])
+        elif k == DC_C:
+            scale.append(C[rows, k].mean() / max(B[rows].mean(), 1e-12))
+            counts.append([0.0, 1.0, 0.0])
+        else:  # pragma: no cover - config names only weight and dc_compute
+            raise CalibError(f"component {COMPONENTS[k]!r} cannot be pinned",
+                             field="PINNED_COMPONENTS", fix="use weight and/or dc_compute")
+    return models, np.asarray(scale, float), np.asarray(counts, float).reshape(-1, 3)
 
 
 def active_pairs(data: ModelData) -> tuple[np.ndarray, np.ndarray]:
     """(model, component) pairs sampled by ``z_b`` / ``log_b_active`` (dim ``active``).
 
-    Active pairs, minus the weight pairs carried by ``log_c_weight`` (see
+    Active pairs, minus the pinned pairs carried by ``z_c_<component>`` (see
     :func:`_per_model_log_b`).
     """
     am, ak = _static_pairs(data.active, "active")
-    wm = _weight_constant_pairs(data)[0]
-    keep = ~((ak == WEIGHT) & np.isin(am, wm))
+    keep = np.ones(am.size, bool)
+    for k in pinned():
+        keep &= ~((ak == k) & np.isin(am, _pinned_pairs(data, k)[0]))
     return am[keep], ak[keep]
+
+
+def _pinned_log_b(k: int, data: ModelData, priors: Priors, log_b_pop: Array, tau: Array,
+                  per: Mapping[str, Array]) -> tuple[np.ndarray, Array]:
+    """Sample ``z_c_<k>`` for the pinned models; return (models, log b[models, k])."""
+    wm, scale, counts = _pinned_pairs(data, k)
+    if not wm.size:
+        return wm, None
+    name = pinned()[k]
+    medians = np.array([priors[site]["median"] for site, _ in OVERHEAD_SITES])
+    base_loc = np.log(priors[f"b_pop.{COMPONENTS[k]}"]["median"] * scale + counts @ medians)
+    z = numpyro.sample(name, dist.Normal(0.0, 1.0).expand([wm.size]))
+    log_c = jnp.asarray(base_loc) + z
+    over = jnp.asarray(counts) @ jnp.stack([per[site] for site, _ in OVERHEAD_SITES])
+    rest = jnp.exp(log_c) - over
+    ok = rest > 1e-12 * jnp.exp(log_c)
+    rest_s = jnp.where(ok, rest, 1.0)
+    log_bk = jnp.log(rest_s) - np.log(scale)
+    # density of log b under the hierarchy, times |d log b / d log c| = c / rest;
+    # the raw site's own N(0, 1) density is removed again (it only shapes the start).
+    lp = (dist.Normal(log_b_pop[k], tau[k]).log_prob(log_bk) + log_c - jnp.log(rest_s)
+          - dist.Normal(0.0, 1.0).log_prob(z))
+    numpyro.factor(f"c_{COMPONENTS[k]}_jacobian", jnp.sum(jnp.where(ok, lp, -jnp.inf)))
+    # Outside the support (c below the overheads) the factor is -inf; keep log b finite
+    # there so nested sites (per-experiment) stay valid distributions.
+    return wm, jnp.where(ok, log_bk, log_b_pop[k])
 
 
 def _per_model_log_b(data: ModelData, priors: Priors, centered: bool,
                      per: Mapping[str, Array]) -> Array:
     """Per-model log corrections (M, 6); records ``b``.
 
-    Weight (``config.WEIGHT_COORDINATES == "constant"``): within one model
-    ``b_w·T_weight``, ``per_layer_us·L`` and ``per_step_us`` are constant per step, so
-    only their sum ``c_m`` is pinned by the data; in (log b_w, overheads) coordinates
-    the posterior is a thin curved ridge. We sample ``log_c_weight[m] = log c_m``
-    instead (``c_m = b_w[m]·mean T_weight + mean L·per_layer_us + per_step_us``, µs)
-    and derive ``b_w[m] = (c_m − L·per_layer_us − per_step_us) / mean T_weight``. The
-    prior is unchanged: the hierarchical density of log b_w plus the log-Jacobian
-    ``log c_m − log(b_w·T)`` (a factor site ``log_c_weight_jacobian``), minus the
-    base density the raw site is given so that initialisation is sensible.
+    Pinned components (``config.PINNED_COMPONENTS``): within one model, ``b_w·T_weight``,
+    ``per_layer_us·L`` and ``per_step_us`` are constant per step, and the decode cost
+    per request ``b_dc·(dc_compute per request)`` and ``per_request_us`` both grow with
+    the decode count, so the data pin only their sums ``c``; in (log b, overheads)
+    coordinates the posterior is a thin curved ridge. We sample ``log c`` (raw site
+    ``z_c_<component>``: ``log c = log c_prior + z``) and derive ``b = (c − overheads) /
+    scale``. The prior is unchanged: the hierarchical density of log b plus the
+    log-Jacobian ``log c − log(c − overheads)`` (factor site ``c_<component>_jacobian``).
     """
     log_b_pop = _population(priors)
     tau = numpyro.sample("tau", _vector_dist(priors.component("tau")))
@@ -562,23 +633,10 @@ def _per_model_log_b(data: ModelData, priors: Priors, centered: bool,
     if am.size:
         log_b_act = _nested("z_b", "log_b_active", full, am, ak, tau, centered)
         full = full.at[am, ak].set(log_b_act)
-    wm, tw, lm = _weight_constant_pairs(data)
-    if wm.size:
-        import math
-
-        med_w = priors["b_pop.weight"]["median"]
-        base_loc = np.log(med_w * tw + lm * priors["per_layer_us"]["median"]
-                          + priors["per_step_us"]["median"])
-        base = dist.Normal(jnp.asarray(base_loc), 1.0)
-        log_c = numpyro.sample("log_c_weight", base)
-        rest = jnp.exp(log_c) - lm * per["per_layer_us"] - per["per_step_us"]
-        ok = rest > 1e-12 * jnp.exp(log_c)
-        rest_s = jnp.where(ok, rest, 1.0)
-        log_bw = jnp.log(rest_s) - np.log(tw)
-        lp = (dist.Normal(log_b_pop[WEIGHT], tau[WEIGHT]).log_prob(log_bw)
-              + log_c - jnp.log(rest_s) - base.log_prob(log_c))
-        numpyro.factor("log_c_weight_jacobian", jnp.sum(jnp.where(ok, lp, -jnp.inf)))
-        full = full.at[wm, WEIGHT].set(jnp.where(ok, log_bw, -math.inf))
+    for k in pinned():
+        wm, log_bk = _pinned_log_b(k, data, priors, log_b_pop, tau, per)
+        if wm.size:
+            full = full.at[wm, k].set(log_bk)
     numpyro.deterministic("b", jnp.exp(full))
     return full
 
@@ -686,8 +744,7 @@ def sample_sites(hierarchy: str, centered: bool | None = None) -> tuple[str, ...
     if key == "pooled":
         return tuple(base + ["sigma_pooled"])
     base += ["tau", "sigma", "log_b_active" if centered else "z_b"]
-    if config.WEIGHT_COORDINATES == "constant":
-        base += ["log_c_weight"]
+    base += list(pinned().values())
     if key == "per-experiment":
         base += ["tau_exp", "log_b_exp_active" if centered else "z_b_exp"]
     return tuple(base)

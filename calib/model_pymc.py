@@ -22,11 +22,12 @@ from calib.model import (
     OBS_SITE,
     OVERHEAD_SITES,
     SITE_DIMS,
-    WEIGHT,
     ModelData,
-    _weight_constant_pairs,
+    _pinned_pairs,
     active_pairs,
     get_model,
+    noncentered_columns,
+    pinned,
 )
 from calib.priors import Prior, Priors
 
@@ -125,26 +126,33 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
             log_b = pt.broadcast_to(log_b_pop, (M, len(COMPONENTS)))
             if am.size:
                 mloc = log_b_pop[ak]
-                if centered:
-                    act = pm.Normal("log_b_active", mloc, tau[ak], dims="active")
+                if centered:  # same mixed form as calib.model._nested
+                    nc = noncentered_columns(ak)
+                    raw = pm.Normal("log_b_active", pt.switch(nc, 0.0, mloc),
+                                    pt.switch(nc, 1.0, tau[ak]), dims="active")
+                    act = pt.switch(nc, mloc + tau[ak] * raw, raw)
                 else:
                     act = mloc + tau[ak] * pm.Normal("z_b", 0.0, 1.0, dims="active")
                 log_b = pt.set_subtensor(pt.as_tensor(log_b)[am, ak], act)
-            wm, tw, lm = _weight_constant_pairs(data)
-            if wm.size:  # same coordinate as calib.model._per_model_log_b
-                base_loc = np.log(priors["b_pop.weight"]["median"] * tw
-                                  + lm * priors["per_layer_us"]["median"]
-                                  + priors["per_step_us"]["median"])
-                log_c = pm.Normal("log_c_weight", base_loc, 1.0, dims="weight_model")
-                rest = pt.exp(log_c) - lm * per["per_layer_us"] - per["per_step_us"]
+            medians = np.array([priors[site]["median"] for site, _ in OVERHEAD_SITES])
+            over_vec = pt.stack([per[site] for site, _ in OVERHEAD_SITES])
+            for k, name in pinned().items():  # same coordinates as calib.model._pinned_log_b
+                wm, scale, counts = _pinned_pairs(data, k)
+                if not wm.size:
+                    continue
+                comp = COMPONENTS[k]
+                base_loc = np.log(priors[f"b_pop.{comp}"]["median"] * scale + counts @ medians)
+                z = pm.Normal(name, 0.0, 1.0, dims=f"{comp}_model")
+                log_c = base_loc + z
+                rest = pt.exp(log_c) - pt.dot(counts, over_vec)
                 ok = rest > 1e-12 * pt.exp(log_c)
                 rest_s = pt.switch(ok, rest, 1.0)
-                log_bw = pt.log(rest_s) - np.log(tw)
-                mu_w, tau_w = log_b_pop[WEIGHT], tau[WEIGHT]
-                lp = (-0.5 * ((log_bw - mu_w) / tau_w) ** 2 - pt.log(tau_w)
-                      + log_c - pt.log(rest_s) + 0.5 * ((log_c - base_loc) / 1.0) ** 2)
-                pm.Potential("log_c_weight_jacobian", pt.sum(pt.switch(ok, lp, -np.inf)))
-                log_b = pt.set_subtensor(pt.as_tensor(log_b)[wm, WEIGHT], log_bw)
+                log_bk = pt.log(rest_s) - np.log(scale)
+                mu_k, tau_k = log_b_pop[k], tau[k]
+                lp = (-0.5 * ((log_bk - mu_k) / tau_k) ** 2 - pt.log(tau_k) - 0.5 * np.log(2 * np.pi)
+                      + log_c - pt.log(rest_s) + 0.5 * z ** 2 + 0.5 * np.log(2 * np.pi))
+                pm.Potential(f"c_{comp}_jacobian", pt.sum(pt.switch(ok, lp, -np.inf)))
+                log_b = pt.set_subtensor(pt.as_tensor(log_b)[wm, k], log_bk)
             b = pm.Deterministic("b", pt.exp(log_b), dims=("model", "component"))
             sigma = priors["sigma"].pymc("sigma", dims="model")
         table, idx = b, midx
@@ -156,7 +164,10 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
             if ae.size:
                 eloc = full[ae, aek]
                 if centered:
-                    act = pm.Normal("log_b_exp_active", eloc, tau_exp[aek], dims="active_exp")
+                    nc = noncentered_columns(aek)
+                    raw = pm.Normal("log_b_exp_active", pt.switch(nc, 0.0, eloc),
+                                    pt.switch(nc, 1.0, tau_exp[aek]), dims="active_exp")
+                    act = pt.switch(nc, eloc + tau_exp[aek] * raw, raw)
                 else:
                     act = eloc + tau_exp[aek] * pm.Normal("z_b_exp", 0.0, 1.0,
                                                           dims="active_exp")

@@ -89,11 +89,11 @@ def test_tp_at_tp1_has_no_sample_site(design, centered):
     assert design.active.tolist() == [[True] * 5 + [False], [True] * 6]
     tr = _trace("per-experiment", design, centered)
     site = "log_b_active" if centered else "z_b"
-    # 12 pairs minus (m0, tp); weight pairs live in log_c_weight (config.WEIGHT_COORDINATES)
-    n_weight = 2 if config.WEIGHT_COORDINATES == "constant" else 0
-    assert tr[site]["value"].shape == (11 - n_weight,)
-    if n_weight:
-        assert tr["log_c_weight"]["value"].shape == (2,)
+    # 12 pairs minus (m0, tp); pinned pairs (config.PINNED_COMPONENTS: weight, dc_compute
+    # of both models) live in z_c_<component>
+    assert tr[site]["value"].shape == (11 - 2 * len(config.PINNED_COMPONENTS),)
+    for name in config.PINNED_COMPONENTS:
+        assert tr[f"z_c_{name}"]["value"].shape == (2,)
     b = np.asarray(tr["b"]["value"])
     b_pop = np.asarray(tr["b_pop"]["value"])
     assert b[0, 5] == pytest.approx(b_pop[5], rel=1e-12)

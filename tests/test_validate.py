@@ -180,7 +180,7 @@ def _mock_fit(data, coords, *, hierarchy, priors, settings, step_index, progress
 
     from calib.diagnostics import GateResult
     from calib.fit import FitResult
-    from calib.model import OBS_SITE, SITE_DIMS, get_model
+    from calib.model import PARAMETER_SITES, SITE_DIMS, get_model
     from calib.posterior import modeldata_to_constant_data
 
     n = settings.chains * settings.draws
@@ -188,7 +188,7 @@ def _mock_fit(data, coords, *, hierarchy, priors, settings, step_index, progress
         jax.random.key(settings.seed), data._replace(duration_us=None, log_duration=None),
         priors)
     post = {k: np.asarray(v).reshape(settings.chains, settings.draws, *np.shape(v)[1:])
-            for k, v in out.items() if k != OBS_SITE}
+            for k, v in out.items() if k in PARAMETER_SITES}  # raw sites depend on pinning
     dims = {k: list(SITE_DIMS[k]) for k in post if k in SITE_DIMS}
     posterior = az.dict_to_dataset(post, dims=dims,
                                    coords={k: coords[k] for k in ("model", "component",
