@@ -18,36 +18,13 @@ bound of the nominal rate; see calib/e2e.py), 2 a user error (``error: ...``).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from calib import config
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _probability(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1), got {v}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return v
+from calib.cli import Parser as _Parser
+from calib.cli import positive_int as _positive_int
+from calib.cli import probability as _probability
+from calib.cli import setup_jax_cpu
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,10 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import jax
-
-    jax.config.update("jax_enable_x64", True)
+    setup_jax_cpu()
     from calib.errors import CalibError
 
     try:

@@ -18,16 +18,12 @@ dataset's journey labels (``--traces``, default the embedded dataset), unless
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from calib import config
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
+from calib.cli import Parser as _Parser
+from calib.cli import probability as _probability
+from calib.cli import setup_jax_cpu
 
 
 def _alphas(text: str) -> list[float]:
@@ -38,16 +34,6 @@ def _alphas(text: str) -> list[float]:
     if len(vals) != 3:
         raise argparse.ArgumentTypeError(f"expected 3 comma-separated numbers, got {len(vals)}")
     return vals
-
-
-def _probability(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1), got {v}")
-    return v
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,10 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import jax
-
-    jax.config.update("jax_enable_x64", True)
+    setup_jax_cpu()
     from calib.errors import CalibError
 
     try:

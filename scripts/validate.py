@@ -29,37 +29,12 @@ import sys
 from pathlib import Path
 
 from calib import config
+from calib.cli import Parser as _Parser
+from calib.cli import int_at_least as _int
+from calib.cli import probability as _probability
 
 SPLITS = ("temporal", "workload", "model", "request-hash")  # calib.validate.SPLITS
 HIERARCHIES = ("pooled", "per-model", "per-experiment")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _int(lo: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
-        return v
-    return parse
-
-
-def _probability(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {v}")
-    return v
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
