@@ -323,9 +323,7 @@ def replay(idata, ds, *, features: StepFeatures | None = None, prob: float = con
                          field="--step-gap-us")
     design = replay_design(ds, queued_step_weight) if design is None else design
     if features is None:
-        from calib.roofline import dataset_components
-
-        features = StepFeatures.from_components(dataset_components(ds))
+        features = StepFeatures.from_dataset(ds)
     feats = features.take(design.order)
     rng = np.random.default_rng(seed)
     params = flat_draws(idata, draws)

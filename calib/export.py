@@ -403,9 +403,8 @@ def plugin_mean_step_us(idata, ds, features: StepFeatures | None = None) -> np.n
     from calib.predict import noise_mean_factor
 
     if features is None:
-        from calib.roofline import dataset_components
 
-        features = StepFeatures.from_components(dataset_components(ds))
+        features = StepFeatures.from_dataset(ds)
     post = flat_draws(idata)
     models = model_coords(idata)["model"]
     exp_model = [str(m) for m in np.asarray(ds["exp_model"].values)]

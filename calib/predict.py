@@ -77,14 +77,22 @@ class StepFeatures(NamedTuple):
     @classmethod
     def from_components(cls, comps) -> StepFeatures:
         """From :func:`calib.roofline.dataset_components` output (an ``xr.Dataset``)."""
-        mat = np.stack([np.asarray(comps[c].values, dtype=np.float64)
-                        for c in config.COMPONENTS], axis=1)
+        from calib.roofline import components_matrix
+
+        mat = components_matrix(comps)
 
         def get(k: str) -> np.ndarray:
             return np.asarray(comps[k].values, dtype=np.float64)
 
         moe = get("num_moe_layers") if "num_moe_layers" in comps else np.zeros(len(mat))
         return cls(mat, get("num_layers"), get("batch_size"), moe)
+
+    @classmethod
+    def from_dataset(cls, ds) -> StepFeatures:
+        """Roofline terms of every step of a canonical dataset."""
+        from calib.roofline import dataset_components
+
+        return cls.from_components(dataset_components(ds))
 
     def take(self, idx) -> StepFeatures:
         """The features of the steps ``idx``."""

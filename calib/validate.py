@@ -602,9 +602,7 @@ def run_validation(ds, splits: Sequence[str] = SPLITS, *, hierarchy: str = "per-
         raise CalibError("the dataset has no sampled steps with a positive duration",
                          field="duration_us", fix="import traces with step.BATCH_SUMMARY events")
     if features is None:
-        from calib.roofline import dataset_components
-
-        features = StepFeatures.from_components(dataset_components(ds))
+        features = StepFeatures.from_dataset(ds)
     folds = [f for s in splits for f in make_folds(ds, s)]
     step_rows, e2e_rows, facts = [], [], []
     bar = tqdm(folds, desc="validate", unit="fold", disable=not progress)
