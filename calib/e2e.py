@@ -53,9 +53,10 @@ import numpy as np
 
 from calib import config
 from calib.errors import CalibError
+from calib.posterior import flat_draws
 from calib.predict import StepFeatures, step_time_draws_us, student_t_log_noise
 
-__all__ = ["METRICS", "E2EResult", "ReplayDesign", "experiment_means", "flat_draws",
+__all__ = ["METRICS", "E2EResult", "ReplayDesign", "experiment_means",
            "format_table", "replay", "replay_design"]
 
 #: Metrics in table order: end-to-end latency, time to first token, decode interval.
@@ -182,29 +183,6 @@ def experiment_means(step_us: np.ndarray, design: ReplayDesign) -> np.ndarray:
         if b > a:
             out[:, :, e] = step_us[:, a:b] @ design.weights[a:b]
     out[:, design.n_requests == 0] = np.nan
-    return out
-
-
-def flat_draws(idata, draws: int | None = None) -> dict[str, np.ndarray]:
-    """Posterior variables without a ``step`` dim, flattened to ``(sample, ...)``.
-
-    ``draws`` thins evenly over chain × draw (default all).
-    """
-    post = idata.posterior
-    total = post.sizes["chain"] * post.sizes["draw"]
-    idx = None
-    if draws is not None:
-        if draws < 1:
-            raise CalibError(f"draws must be at least 1, got {draws}", field="--draws")
-        if draws < total:
-            idx = np.linspace(0, total - 1, draws).round().astype(int)
-    out = {}
-    for name, da in post.data_vars.items():
-        if "step" in da.dims:
-            continue
-        v = np.asarray(da.values, dtype=np.float64)
-        v = v.reshape((total, *v.shape[2:]))
-        out[name] = v if idx is None else v[idx]
     return out
 
 

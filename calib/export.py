@@ -289,9 +289,8 @@ def export_posterior(idata, out_dir: str | Path, *, api=None, alpha_coeffs=None,
     source_path : the posterior file (hashed into the export).
     prob : interval probability of the uncertainty section.
     """
-    from calib.e2e import flat_draws
     from calib.io import file_sha256
-    from calib.posterior import model_coords, posterior_manifest
+    from calib.posterior import flat_draws, model_coords, posterior_manifest
 
     if (api is None) == (alpha_coeffs is None):
         raise CalibError("give exactly one source of alpha coefficients", field="alpha_coeffs",
@@ -398,8 +397,7 @@ def plugin_mean_step_us(idata, ds, features: StepFeatures | None = None) -> np.n
     ``nu``. Used as the execution-time estimate of unsampled steps in the
     per-output-token cost (:func:`calib.api_overheads.per_token_cost_us`).
     """
-    from calib.e2e import flat_draws
-    from calib.posterior import model_coords
+    from calib.posterior import flat_draws, model_coords
     from calib.predict import noise_mean_factor
 
     if features is None:

@@ -116,22 +116,28 @@ def model_coords(idata) -> dict[str, list[str]]:
 
 
 # ------------------------------------------------------------------------ prediction
-def _draw_params(idata, draws: int | None) -> dict[str, np.ndarray]:
+def flat_draws(idata, draws: int | None = None) -> dict[str, np.ndarray]:
+    """Posterior variables without a ``step`` dim, flattened to ``(sample, ...)`` float64.
+
+    ``draws`` thins evenly over chain × draw (default all). Per-step deterministics are
+    outputs, not parameters, and are left out.
+    """
     post = idata.posterior
-    n_total = post.sizes["chain"] * post.sizes["draw"]
-    stacked = {}
-    for name, da in post.data_vars.items():
-        if "step" in da.dims:
-            continue  # per-step deterministics are outputs, not parameters
-        v = np.asarray(da.values)
-        stacked[name] = v.reshape((n_total, *v.shape[2:]))
+    total = post.sizes["chain"] * post.sizes["draw"]
+    idx = None
     if draws is not None:
         if draws < 1:
             raise CalibError(f"draws must be at least 1, got {draws}", field="draws")
-        if draws < n_total:
-            idx = np.linspace(0, n_total - 1, draws).round().astype(int)
-            stacked = {k: v[idx] for k, v in stacked.items()}
-    return stacked
+        if draws < total:
+            idx = np.linspace(0, total - 1, draws).round().astype(int)
+    out = {}
+    for name, da in post.data_vars.items():
+        if "step" in da.dims:
+            continue
+        v = np.asarray(da.values, dtype=np.float64)
+        v = v.reshape((total, *v.shape[2:]))
+        out[name] = v if idx is None else v[idx]
+    return out
 
 
 def predict_step_time_us(idata, draws: int | None = None, *, data=None,
@@ -157,7 +163,7 @@ def predict_step_time_us(idata, draws: int | None = None, *, data=None,
     from calib.model import step_time_us
 
     data = model_data_from_idata(idata) if data is None else data
-    params = _draw_params(idata, draws)
+    params = flat_draws(idata, draws)
     n_draws = next(iter(params.values())).shape[0]
     n_steps = int(np.shape(data.components)[0])
     jdata = jax.tree_util.tree_map(

@@ -181,8 +181,7 @@ def _forest(idata, out: Path, meta: dict, prob: float) -> Path:
 
 
 def _ppc(idata, out: Path, meta: dict, seed: int) -> Path:
-    from calib.e2e import flat_draws
-    from calib.posterior import model_data_from_idata
+    from calib.posterior import flat_draws, model_data_from_idata
     from calib.predict import (
         StepFeatures,
         batch_type,

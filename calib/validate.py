@@ -455,8 +455,9 @@ def evaluate_fold(ds, fold: Fold, *, features: StepFeatures, hierarchy: str = "p
     noise : intervals include the Student-t step noise.
     fit_fn : replaces ``calib.fit.fit_model_data`` (same signature; for I/O tests).
     """
-    from calib.e2e import experiment_means, flat_draws, replay, replay_design
+    from calib.e2e import experiment_means, replay, replay_design
     from calib.fit import fit_model_data
+    from calib.posterior import flat_draws
     from calib.predict import blis_step_time_us
 
     t_wall = time.perf_counter()
