@@ -47,7 +47,9 @@ OVERHEADS = ("per_layer", "per_request", "per_step")
 class SamplerDefaults:
     chains: int = 4
     warmup: int = 500
-    draws: int = 500
+    #: Measured on the default per-model fit: 500 draws left tail ESS 69/chain on
+    #: tau[dc_kv] (0 divergences); 1000 draws gave 149/chain and a green gate.
+    draws: int = 1000
     seed: int = 0
     #: Measured on the default per-model fit: 0.85 gave 88 divergences, 0.95 gave 44 with
     #: bulk ESS 70 -> 108 per chain for ~20 s more sampling.
@@ -150,10 +152,15 @@ OVERHEAD_COORDINATES = "softplus"
 #: Per-model corrections sampled through the quantity the data pin within a model
 #: (per-model / per-experiment), instead of log b directly (calib.model.PINNED):
 #:   "weight"     log of the per-step constant b_w·T_w + L·per_layer + per_step;
+#:   "pf_compute" log of the prefill cost per unit of its basis, b_pf + the shares of
+#:                pf_kv and tp (both multiples of the prefill tokens);
 #:   "dc_compute" log of the decode cost per request b_dc·(dc_compute per request)
-#:                + per_request (both bases grow with the decode count).
-#: Each removes a curved ridge between a model's correction and the shared overheads.
-PINNED_COMPONENTS: tuple[str, ...] = ("weight", "dc_compute")
+#:                + per_request + the share of tp (all grow with the decode count).
+#: Each removes a curved ridge between a model's correction and the shared overheads
+#: or a collinear correction. Measured on the default per-model fit (4 chains x 500):
+#: weight + dc_compute: 44 divergences; + per_request below the smallest decode cost:
+#: 26, all at large tp (the tp/pf_compute ridge); + pf_compute: see BENCHMARKS.md.
+PINNED_COMPONENTS: tuple[str, ...] = ("weight", "pf_compute", "dc_compute")
 #: Dense (full) mass matrix for NUTS (the fit runner's default).
 DENSE_MASS = True
 

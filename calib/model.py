@@ -75,8 +75,11 @@ SITE_DIMS: dict[str, tuple[str, ...]] = {
     "log_b_active": ("active",),
     "z_c_weight": ("weight_model",),
     "c_weight_jacobian": (),
+    "z_c_pf_compute": ("pf_compute_model",),
+    "c_pf_compute_jacobian": (),
     "z_c_dc_compute": ("dc_compute_model",),
     "c_dc_compute_jacobian": (),
+    "per_request_us_jacobian": (),
     "b": ("model", "component"),
     # per-experiment nesting
     "tau_exp": ("component",),
@@ -279,7 +282,7 @@ def model_coords(data: ModelData, models: Sequence[str], experiments: Sequence[s
         "active_exp": [f"{experiments[e]}/{COMPONENTS[k]}" for e, k in zip(ae, aek, strict=True)],
     }
     for k in pinned():
-        coords[f"{COMPONENTS[k]}_model"] = [models[m] for m in _pinned_pairs(data, k)[0]]
+        coords[f"{COMPONENTS[k]}_model"] = [models[m] for m in _pinned_pairs(data, k).models]
     if steps is not None:
         coords["step"] = [int(s) for s in steps]
     return coords
@@ -535,43 +538,89 @@ def pinned() -> dict[int, str]:
     """Pinned component index -> its raw site name (``config.PINNED_COMPONENTS``).
 
     A pinned component k of model m is sampled as ``log c[m]`` with
-    ``c = b[m, k]·scale[m] + counts[m] · (per_layer_us, per_request_us, per_step_us)``
-    (see :func:`_pinned_pairs`).
+    ``c = b[m, k]·scale[m] + counts[m]·(per_layer_us, per_request_us, per_step_us)
+    + Σ_j shares[m, j]·b[m, j]`` (see :func:`_pinned_pairs`).
     """
     return {COMPONENTS.index(name): f"z_c_{name}" for name in config.PINNED_COMPONENTS}
 
 
-def _pinned_pairs(data: ModelData, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+#: Pinnable components, and the non-pinned components whose basis is (nearly) a
+#: multiple of theirs within one model: ``tp`` = k·(prefill + decode tokens) and
+#: ``pf_kv`` = k·prefill tokens, next to the per-token GEMM terms.
+PINNABLE = {WEIGHT: (), PF_C: (PF_KV, TP), DC_C: (TP,)}
+
+
+class Pinned(NamedTuple):
+    """What the data pin for one pinned component (:func:`_pinned_pairs`)."""
+
+    models: np.ndarray  # (p,) model indices
+    scale: np.ndarray   # (p,) basis per unit (µs)
+    counts: np.ndarray  # (p, 3) overhead units per unit (per_layer, per_request, per_step)
+    shares: np.ndarray  # (p, 6) basis of collinear components per unit (µs)
+
+
+def _collinear_shares(C: np.ndarray, k: int) -> np.ndarray:
+    """(6,) multiple of component ``k``'s basis carried by each collinear component.
+
+    Least squares of each ``PINNABLE[k]`` column on the per-token GEMM bases
+    (pf_compute, dc_compute) of one model's steps, clipped at 0; the coefficient
+    on column ``k`` is the share. Any value gives exact densities (the Jacobian
+    does not depend on it); a good one makes the pinned direction the data's.
+    """
+    out = np.zeros(len(COMPONENTS))
+    X = C[:, [PF_C, DC_C]]
+    if not PINNABLE[k] or not np.any(X):
+        return out
+    for j in PINNABLE[k]:
+        if not np.any(C[:, j]):
+            continue
+        coef, *_ = np.linalg.lstsq(X, C[:, j], rcond=None)
+        out[j] = max(float(coef[0 if k == PF_C else 1]), 0.0)
+    return out
+
+
+def _pinned_pairs(data: ModelData, k: int) -> Pinned:
     """Models whose component ``k`` is sampled through its pinned constant.
 
-    Returns ``(models, scale, counts)``: models with an active ``k`` basis; ``scale[m]``
-    the mean basis per unit (µs: mean T_weight per step; mean dc_compute per request);
-    ``counts[m]`` (3,) the overhead units in the same unit (weight: mean layers, 0, 1 per
-    step; dc_compute: 0, 1, 0 per request). Empty when ``k`` is not pinned (:func:`pinned`).
+    Units: weight per step (scale mean T_weight; counts mean layers, 0, 1);
+    dc_compute per request (scale mean dc_compute per request; counts 0, 1, 0);
+    pf_compute per unit of its own basis (scale 1, counts 0). ``shares`` from
+    :func:`_collinear_shares`, in the same unit. Empty when ``k`` is not pinned
+    (:func:`pinned`) or the data carry no observations.
     """
     if k not in pinned() or (data.duration_us is None and data.log_duration is None):
         # Without observations (prior draws) the natural coordinates are used: NumPyro's
         # Predictive ignores factor sites, so only they give exact prior draws.
-        return np.zeros(0, int), np.zeros(0), np.zeros((0, 3))
+        return Pinned(np.zeros(0, int), np.zeros(0), np.zeros((0, 3)),
+                      np.zeros((0, len(COMPONENTS))))
+    if k not in PINNABLE:  # pragma: no cover - config names only pinnable components
+        raise CalibError(f"component {COMPONENTS[k]!r} cannot be pinned",
+                         field="PINNED_COMPONENTS",
+                         fix=f"use {', '.join(COMPONENTS[i] for i in PINNABLE)}")
     act = np.asarray(data.active)
     models = np.flatnonzero(act[:, k])
     midx = np.asarray(data.model_idx)
     C = np.asarray(data.components)
     L = np.asarray(data.num_layers)
     B = np.asarray(data.batch_size)
-    scale, counts = [], []
+    scale, counts, shares = [], [], []
     for m in models:
         rows = midx == m
+        share = _collinear_shares(C[rows], k)
         if k == WEIGHT:
             scale.append(C[rows, k].mean())
             counts.append([L[rows].mean(), 0.0, 1.0])
         elif k == DC_C:
-            scale.append(C[rows, k].mean() / max(B[rows].mean(), 1e-12))
+            per_req = C[rows, k].mean() / max(B[rows].mean(), 1e-12)
+            scale.append(per_req)
             counts.append([0.0, 1.0, 0.0])
-        else:  # pragma: no cover - config names only weight and dc_compute
-            raise CalibError(f"component {COMPONENTS[k]!r} cannot be pinned",
-                             field="PINNED_COMPONENTS", fix="use weight and/or dc_compute")
-    return models, np.asarray(scale, float), np.asarray(counts, float).reshape(-1, 3)
+            share = share * per_req
+        else:
+            scale.append(1.0)
+            counts.append([0.0, 0.0, 0.0])
+        shares.append(share * act[m])
+    return Pinned(models, np.asarray(scale, float), np.asarray(counts, float).reshape(-1, 3),
+                  np.asarray(shares, float).reshape(-1, len(COMPONENTS)))
 
 
 def active_pairs(data: ModelData) -> tuple[np.ndarray, np.ndarray]:
@@ -583,26 +632,43 @@ def active_pairs(data: ModelData) -> tuple[np.ndarray, np.ndarray]:
     am, ak = _static_pairs(data.active, "active")
     keep = np.ones(am.size, bool)
     for k in pinned():
-        keep &= ~((ak == k) & np.isin(am, _pinned_pairs(data, k)[0]))
+        keep &= ~((ak == k) & np.isin(am, _pinned_pairs(data, k).models))
     return am[keep], ak[keep]
 
 
 def _pinned_log_b(k: int, data: ModelData, priors: Priors, log_b_pop: Array, tau: Array,
-                  per: Mapping[str, Array]) -> tuple[np.ndarray, Array]:
-    """Sample ``z_c_<k>`` for the pinned models; return (models, log b[models, k])."""
-    wm, scale, counts = _pinned_pairs(data, k)
+                  log_b: Array, per: dict[str, Array]) -> tuple[np.ndarray, Array]:
+    """Sample ``z_c_<k>`` for the pinned models; return (models, log b[models, k]).
+
+    ``log_b`` (M, 6) holds the log corrections sampled so far (those of the collinear
+    components of :data:`PINNABLE` among them).
+    For ``dc_compute`` the shared ``per_request_us`` is sampled here, below the
+    smallest pinned constant net of its collinear shares (:func:`_per_request_below`),
+    and added to ``per``.
+    """
+    pin = _pinned_pairs(data, k)
+    wm = pin.models
     if not wm.size:
         return wm, None
     name = pinned()[k]
     medians = np.array([priors[site]["median"] for site, _ in OVERHEAD_SITES])
-    base_loc = np.log(priors[f"b_pop.{COMPONENTS[k]}"]["median"] * scale + counts @ medians)
+    b_med = np.array([priors[f"b_pop.{c}"]["median"] for c in COMPONENTS])
+    base_loc = np.log(b_med[k] * pin.scale + pin.counts @ medians + pin.shares @ b_med)
     z = numpyro.sample(name, dist.Normal(0.0, 1.0).expand([wm.size]))
     log_c = jnp.asarray(base_loc) + z
-    over = jnp.asarray(counts) @ jnp.stack([per[site] for site, _ in OVERHEAD_SITES])
-    rest = jnp.exp(log_c) - over
-    ok = rest > 1e-12 * jnp.exp(log_c)
+    c = jnp.exp(log_c)
+    shared = jnp.sum(jnp.asarray(pin.shares) * jnp.exp(log_b[wm]), axis=-1)
+    if k == DC_C:
+        avail = c - shared
+        log_min = jnp.log(jnp.maximum(jnp.min(avail), 1e-300))
+        per["per_request_us"] = _per_request_below(log_min, priors["per_request_us"])
+    # (per_request_us is absent before dc_compute's turn; only dc_compute counts it)
+    over = jnp.asarray(pin.counts) @ jnp.stack([jnp.asarray(per.get(site, 0.0), float)
+                                                for site, _ in OVERHEAD_SITES]) + shared
+    rest = c - over
+    ok = rest > 1e-12 * c
     rest_s = jnp.where(ok, rest, 1.0)
-    log_bk = jnp.log(rest_s) - np.log(scale)
+    log_bk = jnp.log(rest_s) - np.log(pin.scale)
     # density of log b under the hierarchy, times |d log b / d log c| = c / rest;
     # the raw site's own N(0, 1) density is removed again (it only shapes the start).
     lp = (dist.Normal(log_b_pop[k], tau[k]).log_prob(log_bk) + log_c - jnp.log(rest_s)
@@ -613,18 +679,52 @@ def _pinned_log_b(k: int, data: ModelData, priors: Priors, log_b_pop: Array, tau
     return wm, jnp.where(ok, log_bk, log_b_pop[k])
 
 
+#: Base law of the raw site ``z_per_request_us`` in the bounded coordinate (it only
+#: shapes NUTS's start; its density is removed again by the Jacobian factor).
+BOUNDED_BASE_SD = 1.5
+
+
+def _per_request_below(log_c_min: Array, prior: Prior) -> Array:
+    """``per_request_us`` as a fraction of the smallest pinned decode cost per request.
+
+    With ``dc_compute`` pinned, each model's ``b_dc = (c − per_request_us) / scale``
+    needs ``per_request_us < min c``. Sampling ``per_request_us`` linearly puts that
+    boundary inside the sampler's space, where ``log b_dc`` of the cheapest model
+    runs to −∞ in a spike (measured: the divergences of the default fit). Here
+    ``per_request_us = min c · sigmoid(u)`` (raw site ``z_per_request_us = u``): the
+    boundary moves to ``u → ∞``, where ``log b_dc`` of that model falls linearly in
+    ``u``. The prior is unchanged: the log-normal density of ``per_request_us`` plus
+    ``log |d per_request_us / du| = log per_request_us + log sigmoid(−u)`` (factor
+    ``per_request_us_jacobian``); the pinned constants' own Jacobians are in
+    :func:`_pinned_log_b`.
+    """
+    import math
+
+    base = dist.Normal(0.0, BOUNDED_BASE_SD)
+    u = numpyro.sample("z_per_request_us", base)
+    log_r = log_c_min + jax.nn.log_sigmoid(u)
+    lp = (dist.LogNormal(math.log(prior["median"]), prior["log_sd"]).log_prob(jnp.exp(log_r))
+          + log_r + jax.nn.log_sigmoid(-u) - base.log_prob(u))
+    numpyro.factor("per_request_us_jacobian", lp)
+    return numpyro.deterministic("per_request_us", jnp.exp(log_r))
+
+
 def _per_model_log_b(data: ModelData, priors: Priors, centered: bool,
-                     per: Mapping[str, Array]) -> Array:
+                     per: dict[str, Array]) -> Array:
     """Per-model log corrections (M, 6); records ``b``.
 
     Pinned components (``config.PINNED_COMPONENTS``): within one model, ``b_w·T_weight``,
     ``per_layer_us·L`` and ``per_step_us`` are constant per step, and the decode cost
     per request ``b_dc·(dc_compute per request)`` and ``per_request_us`` both grow with
     the decode count, so the data pin only their sums ``c``; in (log b, overheads)
-    coordinates the posterior is a thin curved ridge. We sample ``log c`` (raw site
-    ``z_c_<component>``: ``log c = log c_prior + z``) and derive ``b = (c − overheads) /
-    scale``. The prior is unchanged: the hierarchical density of log b plus the
-    log-Jacobian ``log c − log(c − overheads)`` (factor site ``c_<component>_jacobian``).
+    coordinates the posterior is a thin curved ridge. Likewise the tp basis is a
+    multiple of the tokens in the step and pf_kv of the prefill tokens, so within a
+    model they trade against the per-token GEMM corrections (pf_compute, dc_compute).
+    We sample ``log c`` (raw site ``z_c_<component>``: ``log c = log c_prior + z``),
+    ``c`` including the overheads and the shares of those collinear components
+    (:func:`_pinned_pairs`), and derive ``b = (c − overheads − shares) / scale``. The
+    prior is unchanged: the hierarchical density of log b plus the log-Jacobian
+    ``log c − log(c − overheads − shares)`` (factor site ``c_<component>_jacobian``).
     """
     log_b_pop = _population(priors)
     tau = numpyro.sample("tau", _vector_dist(priors.component("tau")))
@@ -634,15 +734,24 @@ def _per_model_log_b(data: ModelData, priors: Priors, centered: bool,
         log_b_act = _nested("z_b", "log_b_active", full, am, ak, tau, centered)
         full = full.at[am, ak].set(log_b_act)
     for k in pinned():
-        wm, log_bk = _pinned_log_b(k, data, priors, log_b_pop, tau, per)
+        wm, log_bk = _pinned_log_b(k, data, priors, log_b_pop, tau, full, per)
         if wm.size:
             full = full.at[wm, k].set(log_bk)
     numpyro.deterministic("b", jnp.exp(full))
     return full
 
 
-def _overheads(priors: Priors) -> dict[str, Array]:
-    return {site: _overhead(site, priors[site]) for site, _ in OVERHEAD_SITES}
+def _overheads(priors: Priors, data: ModelData | None = None) -> dict[str, Array]:
+    """Sample the shared overheads (µs); ``per_request_us`` is left to
+    :func:`_pinned_log_b` when the data pin ``dc_compute`` (:func:`bounds_per_request`)."""
+    skip = "per_request_us" if data is not None and bounds_per_request(data) else None
+    return {site: _overhead(site, priors[site]) for site, _ in OVERHEAD_SITES if site != skip}
+
+
+def bounds_per_request(data: ModelData) -> bool:
+    """True when ``per_request_us`` is sampled below the pinned decode costs
+    (:func:`_per_request_below`): ``dc_compute`` pinned with observations."""
+    return DC_C in pinned() and bool(_pinned_pairs(data, DC_C).models.size)
 
 
 def _noise_and_likelihood(data: ModelData, priors: Priors, per: Mapping[str, Array],
@@ -688,7 +797,7 @@ def per_model(data: ModelData, priors: Priors, *, centered: bool | None = None) 
     ``b_pop``. Per-model noise scale ``sigma``.
     """
     centered = config.MODEL_CENTERED if centered is None else centered
-    per = _overheads(priors)
+    per = _overheads(priors, data)
     log_b = _per_model_log_b(data, priors, centered, per)
     sigma = _sigma_per_model(data, priors)
     _noise_and_likelihood(data, priors, per, jnp.exp(log_b), data.model_idx, sigma)
@@ -701,7 +810,7 @@ def per_experiment(data: ModelData, priors: Priors, *, centered: bool | None = N
     the mean function uses ``b_exp`` (site (experiment, component)).
     """
     centered = config.MODEL_CENTERED if centered is None else centered
-    per = _overheads(priors)
+    per = _overheads(priors, data)
     log_b = _per_model_log_b(data, priors, centered, per)
     tau_exp = numpyro.sample("tau_exp", _vector_dist(priors.component("tau_exp")))
     em = np.asarray(data.experiment_model)

@@ -19,12 +19,14 @@ import numpy as np
 from calib import config
 from calib.config import COMPONENTS
 from calib.model import (
+    BOUNDED_BASE_SD,
     OBS_SITE,
     OVERHEAD_SITES,
     SITE_DIMS,
     ModelData,
     _pinned_pairs,
     active_pairs,
+    bounds_per_request,
     get_model,
     noncentered_columns,
     pinned,
@@ -80,6 +82,22 @@ def _overhead(name: str, prior: Prior):
     return pm.Deterministic(name, pt.exp(loc + sd * z))
 
 
+def _per_request_below(log_c_min, prior: Prior):
+    """``per_request_us = min c · sigmoid(u)`` with its exact prior (calib.model)."""
+    import pymc as pm
+    import pytensor.tensor as pt
+
+    u = pm.Normal("z_per_request_us", 0.0, BOUNDED_BASE_SD)
+    log_r = log_c_min + pt.log(pt.sigmoid(u))
+    loc, sd = math.log(prior["median"]), prior["log_sd"]
+    lp = (-0.5 * ((log_r - loc) / sd) ** 2 - log_r - math.log(sd) - 0.5 * math.log(2 * math.pi)
+          + log_r + pt.log(pt.sigmoid(-u))
+          + 0.5 * (u / BOUNDED_BASE_SD) ** 2 + math.log(BOUNDED_BASE_SD)
+          + 0.5 * math.log(2 * math.pi))
+    pm.Potential("per_request_us_jacobian", lp)
+    return pm.Deterministic("per_request_us", pt.exp(log_r))
+
+
 def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
                      coords: Mapping[str, Sequence[Any]], *, centered: bool | None = None):
     """The PyMC model of ``hierarchy`` (``pm.Model``; sample it with ``pm.sample``).
@@ -110,7 +128,9 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
     eidx = np.asarray(data.experiment_idx)
     M = data.n_models
     with pm.Model(coords=coords) as model:
-        per = {site: _overhead(site, priors[site]) for site, _ in OVERHEAD_SITES}
+        bounded = key != "pooled" and bounds_per_request(data)
+        per = {site: _overhead(site, priors[site]) for site, _ in OVERHEAD_SITES
+               if not (bounded and site == "per_request_us")}
         loc, scale = (np.asarray(a) for a in priors.lognormal_loc_scale("b_pop"))
         z_b_pop = pm.Normal("z_b_pop", 0.0, 1.0, dims="component")
         log_b_pop = loc + scale * z_b_pop
@@ -135,19 +155,28 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
                     act = mloc + tau[ak] * pm.Normal("z_b", 0.0, 1.0, dims="active")
                 log_b = pt.set_subtensor(pt.as_tensor(log_b)[am, ak], act)
             medians = np.array([priors[site]["median"] for site, _ in OVERHEAD_SITES])
-            over_vec = pt.stack([per[site] for site, _ in OVERHEAD_SITES])
+            b_med = np.array([priors[f"b_pop.{c}"]["median"] for c in COMPONENTS])
             for k, name in pinned().items():  # same coordinates as calib.model._pinned_log_b
-                wm, scale, counts = _pinned_pairs(data, k)
+                pin = _pinned_pairs(data, k)
+                wm = pin.models
                 if not wm.size:
                     continue
                 comp = COMPONENTS[k]
-                base_loc = np.log(priors[f"b_pop.{comp}"]["median"] * scale + counts @ medians)
+                base_loc = np.log(b_med[k] * pin.scale + pin.counts @ medians
+                                  + pin.shares @ b_med)
                 z = pm.Normal(name, 0.0, 1.0, dims=f"{comp}_model")
                 log_c = base_loc + z
-                rest = pt.exp(log_c) - pt.dot(counts, over_vec)
-                ok = rest > 1e-12 * pt.exp(log_c)
+                c = pt.exp(log_c)
+                shared = pt.sum(pin.shares * pt.exp(pt.as_tensor(log_b)[wm]), axis=-1)
+                if comp == "dc_compute" and bounded:  # calib.model._per_request_below
+                    log_min = pt.log(pt.maximum(pt.min(c - shared), 1e-300))
+                    per["per_request_us"] = _per_request_below(log_min, priors["per_request_us"])
+                over_vec = pt.stack([pt.as_tensor(per.get(site, 0.0), dtype="float64")
+                                     for site, _ in OVERHEAD_SITES])
+                rest = c - pt.dot(pin.counts, over_vec) - shared
+                ok = rest > 1e-12 * c
                 rest_s = pt.switch(ok, rest, 1.0)
-                log_bk = pt.log(rest_s) - np.log(scale)
+                log_bk = pt.log(rest_s) - np.log(pin.scale)
                 mu_k, tau_k = log_b_pop[k], tau[k]
                 lp = (-0.5 * ((log_bk - mu_k) / tau_k) ** 2 - pt.log(tau_k) - 0.5 * np.log(2 * np.pi)
                       + log_c - pt.log(rest_s) + 0.5 * z ** 2 + 0.5 * np.log(2 * np.pi))

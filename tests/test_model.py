@@ -273,3 +273,79 @@ def test_build_model_data_from_dataset():
     assert np.all(data.components[:, COMPONENTS.index("weight")] > 0)
     with pytest.raises(CalibError):
         build_model_data(ds, steps=np.array([10**9]))
+
+
+@pytest.mark.parametrize("hierarchy", ["per-model", "per-experiment"])
+def test_pinned_coordinates_carry_the_natural_density(design, hierarchy, monkeypatch):
+    """log p_raw(θ) = log p_natural(T θ) + log |det ∂T/∂θ| at random raw points.
+
+    T maps the sampled coordinates (``z_c_<pinned component>``, the bounded
+    ``z_per_request_us``) to the natural ones (centred log b of those pairs, the
+    softplus coordinate of per_request_us); every other site maps to itself.
+    """
+    from numpyro.infer.util import log_density
+
+    model = get_model(hierarchy)
+    tr = _trace(hierarchy, design, True)
+    raw = {k: v["value"] for k, v in tr.items()
+           if v["type"] == "sample" and not v.get("is_observed", False)}
+    from calib.model import pinned
+
+    pinned_cols = list(pinned())
+    assert len(pinned_cols) >= 2
+    changed = list(pinned().values()) + ["z_per_request_us"]
+    assert all(k in raw for k in changed)
+    monkeypatch.setattr(config, "PINNED_COMPONENTS", ())
+    nat_names = [k for k, v in _trace(hierarchy, design, True).items()
+                 if v["type"] == "sample" and not v.get("is_observed", False)]
+    monkeypatch.undo()
+    # positions of the pinned pairs inside the natural model's ``log_b_active``
+    act = np.asarray(design.active)
+    am, ak = np.nonzero(act)
+    med_r = PRIORS["per_request_us"]["median"]
+
+    def to_natural(flat_changed, rest):
+        p = dict(rest)
+        off = 0
+        for k in changed:
+            n = int(np.size(raw[k]))
+            p[k] = flat_changed[off:off + n].reshape(np.shape(raw[k]))
+            off += n
+        t = handlers.trace(handlers.substitute(model, data=p)).get_trace(
+            design, PRIORS, centered=True)
+        log_b = jnp.log(t["b"]["value"])
+        tail = t["log_b_active"]["value"]
+        full = jnp.zeros(am.size)
+        keep = ~np.isin(ak, pinned_cols)
+        full = full.at[np.flatnonzero(keep)].set(tail)
+        pin = np.flatnonzero(~keep)
+        full = full.at[pin].set(log_b[am[pin], ak[pin]])
+        y = t["per_request_us"]["value"] / med_r
+        z_r = y + jnp.log(-jnp.expm1(-y))  # softplus coordinate of the natural model
+        return full, z_r
+
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        point = {k: np.asarray(v) for k, v in raw.items()}
+        for k in changed:
+            point[k] = point[k] + rng.normal(0.0, 0.2, np.shape(point[k]))
+        flat = jnp.concatenate([jnp.ravel(jnp.asarray(point[k])) for k in changed])
+        rest = {k: v for k, v in point.items() if k not in changed}
+        lp_raw, _ = log_density(model, (design, PRIORS), {"centered": True}, point)
+
+        def out(f, rest=rest):
+            full, z_r = to_natural(f, rest)
+            return jnp.concatenate([full, z_r[None]])
+
+        J = jax.jacfwd(out)(flat)
+        # rows that change: the pinned pairs of log_b_active and z_per_request_us
+        pinned_rows = np.flatnonzero(np.isin(ak, pinned_cols))
+        rows = np.concatenate([pinned_rows, [am.size]])
+        _, logdet = np.linalg.slogdet(np.asarray(J)[rows])
+        full, z_r = to_natural(flat, rest)
+        nat = dict(rest, log_b_active=full, z_per_request_us=z_r)
+        monkeypatch.setattr(config, "PINNED_COMPONENTS", ())
+        assert sorted(nat) == sorted(nat_names)
+        lp_nat, _ = log_density(model, (design, PRIORS), {"centered": True}, nat)
+        monkeypatch.undo()
+        np.testing.assert_allclose(float(lp_raw), float(lp_nat) + logdet, rtol=0, atol=1e-6)
