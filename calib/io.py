@@ -81,6 +81,9 @@ def library_versions() -> dict[str, str]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
+    jax = sys.modules.get("jax")
+    if jax is not None:  # float precision shapes results as much as versions do
+        out["jax_x64"] = str(bool(jax.config.jax_enable_x64))
     return out
 
 

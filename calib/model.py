@@ -663,7 +663,7 @@ def _pinned_log_b(k: int, data: ModelData, priors: Priors, log_b_pop: Array, tau
         log_min = jnp.log(jnp.maximum(jnp.min(avail), 1e-300))
         per["per_request_us"] = _per_request_below(log_min, priors["per_request_us"])
     # (per_request_us is absent before dc_compute's turn; only dc_compute counts it)
-    over = jnp.asarray(pin.counts) @ jnp.stack([jnp.asarray(per.get(site, 0.0), float)
+    over = jnp.asarray(pin.counts) @ jnp.stack([jnp.asarray(per.get(site, 0.0))
                                                 for site, _ in OVERHEAD_SITES]) + shared
     rest = c - over
     ok = rest > 1e-12 * c
