@@ -207,24 +207,9 @@ class ApiOverheadSampler:
 API_SAMPLER = ApiOverheadSampler()
 
 # ------------------------------------------- validation (calib/validate.py, validation helper)
-@dataclass(frozen=True)
-class ValidateSampler:
-    """NUTS settings of each validation fold: smaller than :data:`SAMPLER` (one fit per
-    fold; ``scripts/validate.py`` flags override them)."""
-
-    chains: int = 2
-    warmup: int = 300
-    draws: int = 300
-    seed: int = 0
-    #: Measured on the default per-model fit (4 chains x (500 + 1000), current geometry):
-    #: 0.95 -> 56 leapfrog steps per iteration, 0.85 -> 35, both 0 divergences and a green
-    #: gate (0.85 also at seeds 1 and 2). Before the geometry fixes 0.85 gave 88 divergences.
-    target_accept: float = 0.85
-    max_tree_depth: int = 8
-    chain_method: str = "parallel"
-
-
-VALIDATE_SAMPLER = ValidateSampler()
+#: NUTS settings of each validation fold: smaller than :data:`SAMPLER` (one fit per
+#: fold; ``scripts/validate.py`` flags override them).
+VALIDATE_SAMPLER = SamplerDefaults(chains=2, warmup=300, draws=300)
 #: Temporal split fractions (train, val, test) within each experiment, by step id.
 VALIDATE_TEMPORAL = (0.6, 0.2, 0.2)
 #: Request-hash split: SHA-256(req_id) mod 100 < 70 train, < 85 val, else test.
