@@ -7,17 +7,40 @@ scheduler step id):
 * predicted E2E  = Σ predicted durations of the steps with id in [QUEUED step, FINISHED step];
 * predicted TTFT = Σ over [QUEUED step, FIRST_TOKEN step];
 
-  the QUEUED step itself counts with weight ``E2E_QUEUED_STEP_WEIGHT`` (default 0.5:
-  a request queued while step q runs waits on average for half of it; use 1 to
-  count it fully, 0 when QUEUED is logged between steps), and every step in a
-  window can carry a host gap ``step_gap_us`` (e.g. BLIS's α₂; default 0);
+  the QUEUED step itself counts with the share of it that remains after the QUEUED
+  event (see *Host timing*);
 * predicted decode interval (``itl``) = (E2E − TTFT)/(output − 1), i.e. Σ over
   (FIRST_TOKEN step, FINISHED step] divided by output − 1 (requests with ≥ 2 tokens).
+
+Host timing (:func:`measure_host_timing`). Wall time between two events is the sum
+of the step durations in between *plus the host gaps between steps* (scheduling,
+input processing, output handling: ``step.ts_start_ns`` of step n+1 −
+``step.ts_end_ns`` of step n). FIRST_TOKEN and FINISHED are logged at the end of
+their step, so a window holds one gap before each of its steps except the QUEUED
+step: E2E and TTFT windows of k steps hold k − 1 gaps, a decode window of k steps
+holds k (``ReplayDesign.gap_counts``). By default both quantities are measured from
+the data, never assumed:
+
+* the gap, per experiment, as the mean over pairs of consecutive sampled steps
+  inside request windows (its standard error enters the bands as a per-draw normal
+  perturbation); an experiment with fewer than ``E2E_GAP_MIN_PAIRS`` pairs uses the
+  pooled estimate of the dataset; ``step_gap_us=<number>`` overrides it (e.g.
+  BLIS's α₂ to see what the simulator would predict);
+* the QUEUED step's share, pooled over requests whose QUEUED step is sampled, as
+  the mean of ``(ts_end − QUEUED ts)/(ts_end − ts_start)`` clipped to [0, 1] (0.5 when
+  requests arrive uniformly during steps; 0 or 1 when the engine logs QUEUED between
+  steps); without such requests ``E2E_QUEUED_STEP_WEIGHT``.
 
 Each experiment mean is linear in the step durations, so it is a weighted sum
 ``Σ_s w_s·d_s`` with weights built once from the windows (cumulative counts via
 ``searchsorted``); per posterior draw the whole table is a handful of
 matrix-vector products (draws are processed in chunks to bound memory).
+
+Step-level bias (column ``step_bias_pct``): on the experiment's *sampled* steps,
+``Σ w_s·E[predicted d_s] / Σ w_s·observed d_s − 1`` with each metric's step weights
+``w_s``, i.e. the step model's misfit on exactly the steps that dominate the
+metric. When the E2E error matches it, the E2E miss is a step-time model misfit
+(not a replay artefact); the 10 % step sample makes it a noisy estimate.
 
 Observed values are the journey labels (``req_e2e_us``, ``req_ttft_us``, and
 (E2E − TTFT)/(output − 1)) of the same requests: requests not failed, with
@@ -47,7 +70,7 @@ for the nominal probability). Baselines (:mod:`calib.baselines`) are reported, n
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -56,12 +79,55 @@ from calib.errors import CalibError
 from calib.posterior import flat_draws
 from calib.predict import StepFeatures, step_time_draws_us, student_t_log_noise
 
-__all__ = ["METRICS", "E2EResult", "ReplayDesign", "experiment_means",
-           "format_table", "replay", "replay_design"]
+__all__ = ["METRICS", "E2EResult", "HostTiming", "ReplayDesign", "experiment_means",
+           "format_table", "measure_host_timing", "replay", "replay_design"]
 
 #: Metrics in table order: end-to-end latency, time to first token, decode interval.
 METRICS = ("e2e", "ttft", "itl")
 _COMP = len(config.COMPONENTS)
+
+
+@dataclass(frozen=True)
+class HostTiming:
+    """Host time between steps and the QUEUED step's share, measured from a dataset.
+
+    Attributes
+    ----------
+    gap_us : (E,) mean host gap between consecutive steps per experiment (µs).
+    gap_se_us : (E,) standard error of that mean (µs; 0 when given or absent).
+    gap_pairs : (E,) pairs of consecutive sampled steps inside request windows.
+    gap_source : per experiment "measured", "pooled" (too few pairs: the dataset's
+        pooled estimate), "given" (a number passed by the user) or "none" (no step
+        timestamps: 0).
+    queued_step_weight : share of the QUEUED step counted in E2E and TTFT.
+    queued_n : requests with a sampled QUEUED step behind the measured share.
+    queued_source : "measured", "given" or "default (<why>)".
+    """
+
+    gap_us: np.ndarray
+    gap_se_us: np.ndarray
+    gap_pairs: np.ndarray
+    gap_source: tuple[str, ...]
+    queued_step_weight: float
+    queued_n: int
+    queued_source: str
+
+    def describe(self) -> str:
+        """One line: where the gap and the QUEUED share come from."""
+        src = sorted(set(self.gap_source))
+        if src == ["given"]:
+            gap = f"host gap {float(self.gap_us[0]):.1f} µs per step (given)"
+        elif src == ["none"]:
+            gap = "host gap 0 µs (dataset has no step timestamps)"
+        else:
+            n_pool = sum(s == "pooled" for s in self.gap_source)
+            gap = (f"host gap measured per experiment (mean {np.mean(self.gap_us):.1f} µs, "
+                   f"range {np.min(self.gap_us):.1f}-{np.max(self.gap_us):.1f}; "
+                   f"{int(np.sum(self.gap_pairs))} consecutive sampled step pairs"
+                   + (f"; {n_pool} experiment(s) use the pooled value" if n_pool else "") + ")")
+        q = f"QUEUED step share {self.queued_step_weight:.3f} ({self.queued_source}"
+        q += f", {self.queued_n} requests)" if self.queued_source == "measured" else ")"
+        return f"{gap}; {q}"
 
 
 @dataclass(frozen=True)
@@ -77,6 +143,9 @@ class ReplayDesign:
     observed_us : (3, E) observed experiment means (NaN without valid requests).
     n_requests : (3, E) requests behind each mean.
     experiments, models : names of the dataset experiments and of their models.
+    gap_counts : (3, E) host gaps in each experiment mean (mean over requests of the
+        gaps in the window): the mean's host time is ``gap_us · gap_counts``.
+    timing : the measured :class:`HostTiming` (``queued_step_weight`` is the share used).
     """
 
     order: np.ndarray
@@ -87,6 +156,8 @@ class ReplayDesign:
     n_requests: np.ndarray
     experiments: tuple[str, ...]
     models: tuple[str, ...]
+    gap_counts: np.ndarray
+    timing: HostTiming
 
 
 def _names(ds, dim: str) -> list[str]:
@@ -95,15 +166,102 @@ def _names(ds, dim: str) -> list[str]:
     return [str(i) for i in range(ds.sizes[dim])]
 
 
-def replay_design(ds, queued_step_weight: float = config.E2E_QUEUED_STEP_WEIGHT) -> ReplayDesign:
-    """Weights and observed means of every experiment of a canonical dataset.
+def _share(value, field: str):
+    """``"measured"`` or a number in [0, 1] (a user setting)."""
+    if isinstance(value, str):
+        if value == "measured":
+            return value
+        try:
+            value = float(value)
+        except ValueError:
+            raise CalibError(f"{field} must be 'measured' or a number, got {value!r}",
+                             field=field) from None
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise CalibError(f"queued-step weight must be in [0, 1], got {value}", field=field,
+                         fix="use a share in [0, 1] or 'measured'")
+    return value
 
-    ``queued_step_weight`` is the share of the QUEUED step counted in E2E and TTFT
-    (see :data:`calib.config.E2E_QUEUED_STEP_WEIGHT`).
+
+def _measure(ds, step_exp, step_id, order, pos_q, lo_q, hi_fin, valid, n_exp: int,
+             queued_step_weight) -> HostTiming:
+    """Host gap per experiment and the QUEUED share (see :func:`measure_host_timing`)."""
+    n = order.size
+    has_ts = all(v in ds for v in ("bs_ts_start_ns", "bs_ts_end_ns", "sampled"))
+    gap = np.zeros(n_exp)
+    se = np.zeros(n_exp)
+    pairs = np.zeros(n_exp, np.int64)
+    source = ["none"] * n_exp
+    q_w, q_n, q_src = config.E2E_QUEUED_STEP_WEIGHT, 0, "default (no step timestamps)"
+    if has_ts and n > 1:
+        samp = np.asarray(ds["sampled"].values, bool)[order]
+        t0 = np.asarray(ds["bs_ts_start_ns"].values).astype(np.int64)[order]
+        t1 = np.asarray(ds["bs_ts_end_ns"].values).astype(np.int64)[order]
+        timed = samp & (t0 >= 0) & (t1 >= t0)
+        # boundaries (i, i+1) inside at least one request window [lo, hi): lo <= i < hi - 1
+        cov = np.zeros(n + 1, np.int64)
+        ok = valid & (hi_fin - lo_q >= 2)
+        np.add.at(cov, lo_q[ok], 1)
+        np.add.at(cov, hi_fin[ok] - 1, -1)
+        inside = np.cumsum(cov)[:n - 1] > 0
+        pair = (inside & timed[:-1] & timed[1:] & (step_exp[:-1] == step_exp[1:])
+                & (step_id[1:] == step_id[:-1] + 1))
+        i = np.flatnonzero(pair)
+        g = (t0[i + 1] - t1[i]) / 1e3
+        ge = step_exp[i]
+        pairs = np.bincount(ge, minlength=n_exp)
+        means = []
+        for e in range(n_exp):
+            ge_e = g[ge == e]
+            if ge_e.size >= max(config.E2E_GAP_MIN_PAIRS, 2):
+                gap[e] = ge_e.mean()
+                se[e] = ge_e.std(ddof=1) / np.sqrt(ge_e.size)
+                source[e] = "measured"
+                means.append(gap[e])
+        if g.size >= 2:
+            pooled = g.mean()
+            # an experiment without its own estimate: the pooled mean, uncertain by its
+            # standard error and by the spread between experiments
+            pooled_se = np.sqrt(g.var(ddof=1) / g.size
+                                + (np.var(means, ddof=1) if len(means) >= 2 else 0.0))
+            for e in range(n_exp):
+                if source[e] != "measured":
+                    gap[e], se[e], source[e] = pooled, pooled_se, "pooled"
+        # QUEUED share: requests whose QUEUED step is a sampled, timed step
+        if "req_queued_ts_us" in ds:
+            tq = np.asarray(ds["req_queued_ts_us"].values, np.float64)
+            r = np.flatnonzero(valid & (pos_q >= 0) & np.isfinite(tq))
+            r = r[timed[pos_q[r]] & (t1[pos_q[r]] > t0[pos_q[r]])]
+            if r.size < config.E2E_QUEUED_MIN_REQUESTS:
+                q_src = (f"default ({r.size} requests with a sampled QUEUED step < "
+                         f"{config.E2E_QUEUED_MIN_REQUESTS})")
+            else:
+                end, start = t1[pos_q[r]] / 1e3, t0[pos_q[r]] / 1e3
+                raw = (end - tq[r]) / (end - start)
+                agree = float(np.mean((raw >= -0.5) & (raw <= 1.5)))
+                if agree < config.E2E_QUEUED_CLOCK_AGREE:
+                    q_src = (f"default (QUEUED timestamps fall inside their step for only "
+                             f"{100 * agree:.0f} % of {r.size} requests: clocks disagree?)")
+                else:
+                    q_w, q_n, q_src = float(np.mean(np.clip(raw, 0.0, 1.0))), int(r.size), \
+                        "measured"
+        else:
+            q_src = "default (no QUEUED timestamps)"
+    if queued_step_weight != "measured":
+        q_w, q_n, q_src = float(queued_step_weight), 0, "given"
+    return HostTiming(gap_us=gap, gap_se_us=se, gap_pairs=np.asarray(pairs, np.int64),
+                      gap_source=tuple(source), queued_step_weight=q_w, queued_n=q_n,
+                      queued_source=q_src)
+
+
+def replay_design(ds, queued_step_weight: float | str = "measured") -> ReplayDesign:
+    """Weights, observed means and host timing of every experiment of a canonical dataset.
+
+    ``queued_step_weight`` is the share of the QUEUED step counted in E2E and TTFT:
+    ``"measured"`` (default: from the step and QUEUED timestamps, else
+    :data:`calib.config.E2E_QUEUED_STEP_WEIGHT`) or a number in [0, 1].
     """
-    if not 0.0 <= queued_step_weight <= 1.0:
-        raise CalibError(f"queued-step weight must be in [0, 1], got {queued_step_weight}",
-                         field="--queued-step-weight")
+    queued_step_weight = _share(queued_step_weight, "--queued-step-weight")
     need = ("step_experiment", "step_id", "req_experiment", "req_queued_step",
             "req_first_token_step", "req_finished_step", "req_failed", "req_output_len",
             "req_e2e_us", "req_ttft_us", "exp_model")
@@ -137,6 +295,7 @@ def replay_design(ds, queued_step_weight: float = config.E2E_QUEUED_STEP_WEIGHT)
     lo_q = np.zeros(r_exp.size, np.int64)
     hi_ft = np.zeros(r_exp.size, np.int64)
     hi_fin = np.zeros(r_exp.size, np.int64)
+    pos_q = np.full(r_exp.size, -1, np.int64)  # position of the QUEUED step itself
     for e in range(n_exp):
         r = np.nonzero(r_exp == e)[0]
         if r.size == 0:
@@ -145,9 +304,15 @@ def replay_design(ds, queued_step_weight: float = config.E2E_QUEUED_STEP_WEIGHT)
         lo_q[r] = bounds[e] + np.searchsorted(ids, q[r], side="left")
         hi_ft[r] = bounds[e] + np.searchsorted(ids, ft[r], side="right")
         hi_fin[r] = bounds[e] + np.searchsorted(ids, fin[r], side="right")
+        hit = (lo_q[r] < bounds[e + 1]) & (step_id[np.minimum(lo_q[r], max(n - 1, 0))] == q[r])
+        pos_q[r[hit]] = lo_q[r[hit]]
+    timing = _measure(ds, step_exp, step_id, order, pos_q, lo_q, hi_fin, valid, n_exp,
+                      queued_step_weight)
+    share = timing.queued_step_weight
 
     observed = np.full((3, n_exp), np.nan)
     counts = np.zeros((3, n_exp), np.int64)
+    gap_counts = np.zeros((3, n_exp))
     diff = np.zeros((n + 1, 3))
     for k, (ok, vals, lo, hi, per) in enumerate((
             (valid, e2e, lo_q, hi_fin, np.ones(r_exp.size)),
@@ -160,9 +325,12 @@ def replay_design(ds, queued_step_weight: float = config.E2E_QUEUED_STEP_WEIGHT)
         v = per[ok] / np.maximum(counts[k][r_exp[ok]], 1)
         np.add.at(diff[:, k], lo[ok], v)
         np.add.at(diff[:, k], hi[ok], -v)
-        if k < 2 and queued_step_weight != 1.0:  # E2E, TTFT: part of the QUEUED step
+        # host gaps: one before each window step, except the QUEUED step (E2E, TTFT)
+        n_gaps = np.maximum(hi[ok] - lo[ok] - (1 if k < 2 else 0), 0)
+        gap_counts[k] = np.bincount(r_exp[ok], weights=v * n_gaps, minlength=n_exp)
+        if k < 2 and share != 1.0:  # E2E, TTFT: the part of the QUEUED step left
             first = lo[ok][hi[ok] > lo[ok]]
-            cut = (1.0 - queued_step_weight) * v[hi[ok] > lo[ok]]
+            cut = (1.0 - share) * v[hi[ok] > lo[ok]]
             np.add.at(diff[:, k], first, -cut)
             np.add.at(diff[:, k], first + 1, cut)
     weights = np.cumsum(diff, axis=0)[:n]
@@ -170,7 +338,19 @@ def replay_design(ds, queued_step_weight: float = config.E2E_QUEUED_STEP_WEIGHT)
     return ReplayDesign(order=order, step_exp=step_exp, bounds=bounds, weights=weights,
                         observed_us=observed, n_requests=counts,
                         experiments=tuple(_names(ds, "experiment")),
-                        models=tuple(str(m) for m in np.asarray(ds["exp_model"].values)))
+                        models=tuple(str(m) for m in np.asarray(ds["exp_model"].values)),
+                        gap_counts=gap_counts, timing=timing)
+
+
+def measure_host_timing(ds, queued_step_weight: float | str = "measured") -> HostTiming:
+    """Host gap between steps (per experiment) and the QUEUED step's share, from the data.
+
+    The gap is ``bs_ts_start_ns`` of step n+1 − ``bs_ts_end_ns`` of step n over pairs of
+    consecutive (id n, n + 1) sampled steps that lie inside at least one request window
+    (idle periods between requests are not gaps any request waits for); see the module
+    docstring for the QUEUED share and the fallbacks.
+    """
+    return replay_design(ds, queued_step_weight).timing
 
 
 def experiment_means(step_us: np.ndarray, design: ReplayDesign) -> np.ndarray:
@@ -246,13 +426,18 @@ class E2EResult:
         ``model``, ``basis``, ``n_requests``, ``observed_us``, ``predicted_us`` (mean over
         draws), ``lower_us``/``upper_us`` (equal-tailed ``prob`` interval), ``error_pct``
         ((predicted − observed)/observed·100), ``bias_us`` (predicted − observed),
-        ``inside``, and per baseline ``<name>_us`` and ``<name>_error_pct``.
+        ``inside``, ``gap_us`` (host gap per step used for the experiment),
+        ``step_bias_pct`` (step-level bias on the experiment's sampled steps, weighted
+        as in the metric; see the module docstring) and per baseline ``<name>_us`` and
+        ``<name>_error_pct``.
     coverage : metric -> dict(n, inside, rate, p_low, fails).
     passed : whether every checked metric passes.
     message : one-line verdict.
     worst : (metric, experiment, error_pct) with the largest |error| on E2E.
     draws_us : (draws, 3, E) predicted experiment means per draw.
     prob, noise : settings used.
+    timing : the :class:`HostTiming` used (gap per experiment, QUEUED share).
+    settings : the settings as plain values (for manifests).
     """
 
     table: object
@@ -264,14 +449,15 @@ class E2EResult:
     prob: float
     noise: bool
     settings: dict = field(default_factory=dict)
+    timing: HostTiming | None = None
 
 
 def replay(idata, ds, *, features: StepFeatures | None = None, prob: float = config.INTERVAL_PROB,
            draws: int | None = config.E2E_DRAWS, noise: bool = True,
            new_experiments: bool = False, population_models=(), seed: int = config.E2E_SEED,
            baselines: bool = True, design: ReplayDesign | None = None,
-           step_gap_us: float = 0.0,
-           queued_step_weight: float = config.E2E_QUEUED_STEP_WEIGHT) -> E2EResult:
+           step_gap_us: float | str = "measured",
+           queued_step_weight: float | str = "measured") -> E2EResult:
     """Teacher-forced replay of every experiment of ``ds`` under the posterior ``idata``.
 
     Parameters
@@ -288,18 +474,30 @@ def replay(idata, ds, *, features: StepFeatures | None = None, prob: float = con
     seed : seed of the thinning-independent randomness (effects, noise).
     baselines : also fit and report the blackbox and NNLS baselines.
     design : a precomputed :func:`replay_design` of ``ds``.
-    step_gap_us : host time added to every predicted step (µs; e.g. BLIS's α₂).
-    queued_step_weight : share of the QUEUED step counted (ignored with ``design``).
+    step_gap_us : host time between consecutive steps (µs): ``"measured"`` (default: per
+        experiment from the step timestamps, with its standard error as per-draw
+        uncertainty; see :func:`measure_host_timing`) or a number (e.g. BLIS's α₂).
+    queued_step_weight : share of the QUEUED step counted, ``"measured"`` or a number in
+        [0, 1] (ignored with ``design``, which carries its own).
     """
     import pandas as pd
     from scipy.stats import binom
 
     if not 0.0 < prob < 1.0:
         raise CalibError(f"interval probability must be in (0, 1), got {prob}", field="--prob")
-    if not (np.isfinite(step_gap_us) and step_gap_us >= 0):
-        raise CalibError(f"step gap must be a finite number >= 0 µs, got {step_gap_us}",
-                         field="--step-gap-us")
     design = replay_design(ds, queued_step_weight) if design is None else design
+    E = design.bounds.size - 1
+    timing = design.timing
+    if not (isinstance(step_gap_us, str) and step_gap_us == "measured"):
+        try:
+            gap_value = float(step_gap_us)
+        except (TypeError, ValueError):
+            gap_value = float("nan")
+        if not np.isfinite(gap_value):
+            raise CalibError(f"step gap must be 'measured' or a finite number of µs, got "
+                             f"{step_gap_us!r}", field="--step-gap-us")
+        timing = replace(timing, gap_us=np.full(E, gap_value), gap_se_us=np.zeros(E),
+                         gap_source=("given",) * E)
     if features is None:
         features = StepFeatures.from_dataset(ds)
     feats = features.take(design.order)
@@ -309,8 +507,18 @@ def replay(idata, ds, *, features: StepFeatures | None = None, prob: float = con
                                 population_models=population_models, rng=rng)
     n = design.order.size
     d = params["b"].shape[0]
+    # host gaps: the measured mean per experiment, uncertain by its standard error
+    gap_draws = timing.gap_us[None, :] + timing.gap_se_us[None, :] * rng.standard_normal((d, E))
+    # sampled steps (replay order): the step-level bias of the predictions
+    if "sampled" in ds and "duration_us" in ds:
+        obs_step = np.asarray(ds["duration_us"].values, np.float64)[design.order]
+        sp = np.flatnonzero(np.asarray(ds["sampled"].values, bool)[design.order]
+                            & np.isfinite(obs_step) & (obs_step > 0))
+    else:
+        obs_step, sp = np.zeros(n), np.zeros(0, np.int64)
+    pred_sp = np.zeros(sp.size)
     chunk = max(1, min(d, config.E2E_CHUNK_ELEMENTS // max(n, 1)))
-    pred = np.empty((d, 3, design.bounds.size - 1))
+    pred = np.empty((d, 3, E))
     for a in range(0, d, chunk):
         sl = slice(a, min(d, a + chunk))
         D = step_time_draws_us(groups.b[sl], params["per_layer_us"][sl],
@@ -319,17 +527,24 @@ def replay(idata, ds, *, features: StepFeatures | None = None, prob: float = con
         if noise:
             D *= student_t_log_noise(rng, groups.sigma[sl][:, design.step_exp],
                                      params["nu"][sl], D.shape)
-        if step_gap_us:
-            D += step_gap_us
-        pred[sl] = experiment_means(D, design)
+        pred_sp += D[:, sp].sum(axis=0)
+        pred[sl] = experiment_means(D, design) + gap_draws[sl][:, None, :] * design.gap_counts
+    pred_sp /= d
+    step_bias = np.full((3, E), np.nan)
+    for k in range(3):
+        w = design.weights[sp, k]
+        num = np.bincount(design.step_exp[sp], weights=w * pred_sp, minlength=E)
+        den = np.bincount(design.step_exp[sp], weights=w * obs_step[sp], minlength=E)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step_bias[k] = np.where(den > 0, 100.0 * (num / den - 1.0), np.nan)
 
     base = {}
     if baselines:
         from calib.baselines import baseline_step_predictions
 
         for name, step_us in baseline_step_predictions(ds, features).items():
-            base[name] = experiment_means(step_us[design.order][None, :] + step_gap_us,
-                                          design)[0]
+            base[name] = (experiment_means(step_us[design.order][None, :], design)[0]
+                          + timing.gap_us[None, :] * design.gap_counts)
 
     lo_q, hi_q = (1 - prob) / 2, (1 + prob) / 2
     rows = []
@@ -346,7 +561,8 @@ def replay(idata, ds, *, features: StepFeatures | None = None, prob: float = con
                    "observed_us": obs, "predicted_us": mean, "lower_us": lo, "upper_us": hi,
                    "error_pct": 100.0 * (mean - obs) / obs if finite else np.nan,
                    "bias_us": mean - obs if finite else np.nan,
-                   "inside": bool(finite and lo <= obs <= hi)}
+                   "inside": bool(finite and lo <= obs <= hi),
+                   "gap_us": float(timing.gap_us[e]), "step_bias_pct": float(step_bias[k, e])}
             for bname, vals in base.items():
                 v = float(vals[k, e])
                 row[f"{bname}_us"] = v
@@ -380,19 +596,33 @@ def replay(idata, ds, *, features: StepFeatures | None = None, prob: float = con
         msg += (f"; failing: {', '.join(failed)} (P(Binomial(n, {prob}) <= inside) < "
                 f"{config.E2E_COVERAGE_FAIL_TAIL})")
     return E2EResult(table=table, coverage=coverage, passed=passed, message=msg, worst=worst,
-                     draws_us=pred, prob=prob, noise=noise,
+                     draws_us=pred, prob=prob, noise=noise, timing=timing,
                      settings={"draws": int(d), "noise": noise, "prob": prob, "seed": seed,
-                               "step_gap_us": step_gap_us,
+                               "step_gap_us": (step_gap_us if isinstance(step_gap_us, str)
+                                               else float(step_gap_us)),
+                               "gap_us": [round(float(g), 3) for g in timing.gap_us],
+                               "gap_se_us": [round(float(g), 3) for g in timing.gap_se_us],
+                               "gap_source": list(timing.gap_source),
+                               "queued_step_weight": round(timing.queued_step_weight, 4),
+                               "queued_step_weight_source": timing.queued_source,
                                "new_experiments": new_experiments,
                                "population_models": sorted(population_models or ())})
 
 
 def format_table(result: E2EResult) -> str:
-    """Plain-text per-experiment table (ms), one block per metric, then the verdict."""
+    """Plain-text per-experiment table (ms), one block per metric, then the verdict.
+
+    Besides the interval columns: ``gap µs`` (host gap per step used) and ``step-bias%``
+    (the step model's bias on the experiment's sampled steps, weighted as in the metric:
+    an E2E error close to it is explained by step-time misfit).
+    """
     t = result.table
     lines = []
+    if result.timing is not None:
+        lines += [f"settings: {result.timing.describe()}", ""]
     pct = f"{100 * result.prob:.0f}%"
     bnames = [c[:-3] for c in t.columns if c.endswith("_us") and c[:-3] in ("blackbox", "nnls")]
+    has_extra = "step_bias_pct" in t and "gap_us" in t
     for metric in METRICS:
         sub = t[t.metric == metric]
         label = {"e2e": "E2E latency", "ttft": "time to first token",
@@ -401,6 +631,8 @@ def format_table(result: E2EResult) -> str:
                      f"{'with' if result.noise else 'without'} step noise) ==")
         head = (f"{'experiment':<44} {'basis':<14} {'observed':>10} {'predicted':>10} "
                 f"{'lower':>10} {'upper':>10} {'err%':>7} {'bias':>9} {'in':>3}")
+        if has_extra:
+            head += f" {'gap µs':>7} {'step-bias%':>10}"
         for b in bnames:
             head += f" {b + ' err%':>14}"
         lines.append(head)
@@ -409,15 +641,24 @@ def format_table(result: E2EResult) -> str:
                     f"{r.predicted_us / 1e3:>10.2f} {r.lower_us / 1e3:>10.2f} "
                     f"{r.upper_us / 1e3:>10.2f} {r.error_pct:>+7.1f} {r.bias_us / 1e3:>+9.2f} "
                     f"{'yes' if r.inside else 'NO':>3}")
+            if has_extra:
+                line += f" {r.gap_us:>7.1f} {r.step_bias_pct:>+10.1f}"
             for b in bnames:
                 line += f" {r[b + '_error_pct']:>+14.1f}"
             lines.append(line)
         c = result.coverage[metric]
         mean_abs = sub.error_pct.abs().mean()
-        summary = (f"coverage {c['inside']}/{c['n']}; mean |err| {mean_abs:.1f} %")
+        summary = (f"coverage {c['inside']}/{c['n']}; mean err {sub.error_pct.mean():+.1f} % "
+                   f"(|err| {mean_abs:.1f} %)")
+        if has_extra:
+            summary += f"; mean step-bias {sub.step_bias_pct.mean():+.1f} %"
         for b in bnames:
             summary += f"; {b} mean |err| {sub[b + '_error_pct'].abs().mean():.1f} %"
         lines.append(summary + ("" if c["checked"] else " (reported, not checked)"))
         lines.append("")
+    if has_extra:
+        lines += ["step-bias%: predicted/observed − 1 of the step durations on each experiment's "
+                  "sampled steps, weighted as in the metric (the step model's own misfit; an "
+                  "err% close to it is explained by step-time misfit, not by the replay)", ""]
     lines.append(result.message)
     return "\n".join(lines)

@@ -181,8 +181,12 @@ class ExportResult:
 
 def model_export(post: dict, *, model: str | None, b_draws: np.ndarray, alphas: dict,
                  features: StepFeatures, duration_us: np.ndarray | None, prob: float,
-                 source: dict, export_manifest: dict) -> dict:
-    """The export document of one model (``model=None``: the population set)."""
+                 source: dict, export_manifest: dict, host_gap_us: float | None = None) -> dict:
+    """The export document of one model (``model=None``: the population set).
+
+    ``host_gap_us``: the measured host gap between steps of this model's experiments
+    (:func:`calib.e2e.measure_host_timing`), reported beside α₂ (``alpha_cross_check``).
+    """
     means = {k: float(np.mean(post[k])) for k in
              ("per_layer_us", "per_request_us", "per_step_us", "alpha", "nu")}
     b_mean = b_draws.mean(axis=0)
@@ -212,6 +216,20 @@ def model_export(post: dict, *, model: str | None, b_draws: np.ndarray, alphas: 
         notes.append(f"alpha_coeffs: {alphas['source']}")
     if alphas.get("clipped"):
         notes.append(f"alpha_coeffs clipped at 0 (negative posterior mean): {alphas['clipped']}")
+    cross = None
+    if host_gap_us is not None and np.isfinite(host_gap_us):
+        a2 = float(alpha_coeffs[2])
+        cross = {"per_output_token_us": a2, "measured_host_gap_us": float(host_gap_us),
+                 "rest_us": a2 - float(host_gap_us),
+                 "meaning": "alpha_coeffs[2] is the decode wall time per step not explained by "
+                            "the step-time model; the host gap between steps "
+                            "(step.ts_start_ns − previous step.ts_end_ns, consecutive sampled "
+                            "steps) is the part that is host time; the rest is the step-time "
+                            "model's underprediction of decode steps, which alpha_coeffs[2] "
+                            "carries into BLIS's inter-token latency"}
+        notes.append(f"alpha_coeffs[2] = {a2:.1f} µs per output token vs a measured host gap of "
+                     f"{host_gap_us:.1f} µs between steps: {a2 - host_gap_us:.1f} µs is step-time "
+                     "misfit absorbed by alpha_coeffs[2] (see alpha_cross_check)")
     sigma = post["sigma"] if model is None else post["sigma_model"]
     unc = {
         "interval": {"kind": config.INTERVAL_KIND, "probability": prob},
@@ -237,6 +255,7 @@ def model_export(post: dict, *, model: str | None, b_draws: np.ndarray, alphas: 
         "alpha_meaning": dict(_ALPHA_MEANING),
         "beta_mapping": dict(_MAPPING),
         "notes": notes,
+        **({"alpha_cross_check": cross} if cross is not None else {}),
         "uncertainty": unc,
         "approximation": _approximation(b_mean, means, features, duration_us),
         "source_posterior": source,
@@ -277,7 +296,8 @@ def _fitted_steps(idata):
 
 def export_posterior(idata, out_dir: str | Path, *, api=None, alpha_coeffs=None,
                      source_path: str | Path | None = None, prob: float = config.INTERVAL_PROB,
-                     command: list[str] | None = None) -> ExportResult:
+                     command: list[str] | None = None,
+                     host_gap_us: dict[str, float] | None = None) -> ExportResult:
     """Write the BLIS exports of every model and of the population (see module docstring).
 
     Parameters
@@ -288,6 +308,8 @@ def export_posterior(idata, out_dir: str | Path, *, api=None, alpha_coeffs=None,
         or ``alpha_coeffs`` (3 values, µs) used for every set. One of the two is required.
     source_path : the posterior file (hashed into the export).
     prob : interval probability of the uncertainty section.
+    host_gap_us : measured host gap between steps per model name (and ``None`` for the
+        population), e.g. from :func:`calib.e2e.measure_host_timing`; reported beside α₂.
     """
     from calib.io import file_sha256
     from calib.posterior import flat_draws, model_coords, posterior_manifest
@@ -340,14 +362,16 @@ def export_posterior(idata, out_dir: str | Path, *, api=None, alpha_coeffs=None,
                                   b_draws=post["b"][:, m, :], alphas=alphas_for(name),
                                   features=feats.take(np.nonzero(sel)[0]),
                                   duration_us=None if dur is None else dur[sel], prob=prob,
-                                  source=source, export_manifest=export_manifest)
+                                  source=source, export_manifest=export_manifest,
+                                  host_gap_us=(host_gap_us or {}).get(name))
     tau = post.get("tau", np.zeros((d, len(config.COMPONENTS))))
     z = np.random.default_rng(config.E2E_SEED).standard_normal(tau.shape)
     b_new = post["b_pop"] * np.exp(tau * z)
     pop_doc = model_export({**post, "sigma": post["sigma"].mean(axis=1)}, model=None,
                            b_draws=b_new, alphas=alphas_for(None), features=feats,
                            duration_us=dur, prob=prob, source=source,
-                           export_manifest=export_manifest)
+                           export_manifest=export_manifest,
+                           host_gap_us=(host_gap_us or {}).get(None))
     # the population's point estimate is the posterior mean of b_pop (not of b_new)
     b_pop_mean = post["b_pop"].mean(axis=0)
     means = {k: float(np.mean(post[k])) for k in

@@ -243,12 +243,46 @@ def _ppc(idata, out: Path, meta: dict, seed: int) -> Path:
     return _save(fig, out / "ppc_step_durations.png", meta)
 
 
+def _e2e_error_panel(ax, t, metric: str, name: str) -> None:
+    """Per experiment: the interval as % error vs observed, the step-level bias, baselines."""
+    sub = t[(t.metric == metric) & np.isfinite(t.observed_us)]
+    if sub.empty:
+        ax.set_title(f"{name}: no data")
+        return
+    y = np.arange(len(sub))
+    obs = sub.observed_us.values
+    pct = lambda v: 100.0 * (np.asarray(v, float) - obs) / obs  # noqa: E731
+    lo, mid, hi = pct(sub.lower_us), pct(sub.predicted_us), pct(sub.upper_us)
+    inside = sub.inside.values.astype(bool)
+    ax.axvline(0.0, color="grey", ls="--", lw=1)
+    ax.hlines(y, lo, hi, color=np.where(inside, "C0", "C3"), lw=4, alpha=0.6,
+              label="Bayesian interval (red: misses observed)")
+    ax.plot(mid, y, "|", color="k", ms=10, label="Bayesian predicted mean")
+    if "step_bias_pct" in sub:
+        ax.plot(sub.step_bias_pct.values, y, "D", mfc="none", color="C4", ms=5,
+                label="step-level bias on sampled steps")
+    for j, bname in enumerate(("blackbox", "nnls")):
+        if f"{bname}_error_pct" in sub:
+            ax.plot(sub[f"{bname}_error_pct"].values, y, "x", color=f"C{j + 1}",
+                    label=f"{bname} baseline")
+    ax.set_yticks(y)
+    ax.set_yticklabels([str(e)[16:] if len(str(e)) > 16 and str(e)[:8].isdigit() else str(e)
+                        for e in sub.experiment], fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("error vs observed mean [%]")
+    ax.set_title(f"{name}: error per experiment")
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+
+
 def _e2e_plot(result, out: Path, meta: dict) -> Path:
     plt = _plt()
     t = result.table
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    fig, grid = plt.subplots(2, 3, figsize=(15, 10.5))
+    axes = grid[0]
     names = {"e2e": "E2E latency", "ttft": "time to first token",
              "itl": "decode interval (E2E−TTFT)/(output−1)"}
+    for ax, metric in zip(grid[1], ("e2e", "ttft", "itl"), strict=True):
+        _e2e_error_panel(ax, t, metric, names[metric])
     for ax, metric in zip(axes, ("e2e", "ttft", "itl"), strict=True):
         sub = t[(t.metric == metric) & np.isfinite(t.observed_us)]
         if sub.empty:
@@ -277,7 +311,8 @@ def _e2e_plot(result, out: Path, meta: dict) -> Path:
         ax.set_title(f"{names[metric]}: {c['inside']}/{c['n']} inside")
         ax.legend(fontsize=7)
     fig.suptitle(f"Teacher-forced replay: observed vs predicted per experiment "
-                 f"({100 * result.prob:.0f} % posterior predictive intervals)", y=1.02)
+                 f"({100 * result.prob:.0f} % posterior predictive intervals; bottom: errors "
+                 f"relative to the observed mean)", y=1.01)
     fig.tight_layout()
     return _save(fig, out / "e2e.png", meta)
 
@@ -352,6 +387,7 @@ def make_report(idata, out_dir: str | Path, *, ds=None, features=None, e2e_resul
 
         cols = ["metric", "experiment", "basis", "observed_us", "predicted_us", "lower_us",
                 "upper_us", "error_pct", "bias_us", "inside"]
+        cols += [c for c in ("gap_us", "step_bias_pct") if c in e2e_result.table]
         cols += [c for c in e2e_result.table.columns if c.endswith("_error_pct")
                  and c != "error_pct"]
         md += ["## Teacher-forced E2E check", "", f"**{e2e_result.message}**", "",

@@ -3,14 +3,19 @@
 
 Examples::
 
-    python scripts/check_e2e.py posteriors/default.nc
-    python scripts/check_e2e.py posteriors/default.nc --traces traces/other.nc --prob 0.9
-    python scripts/check_e2e.py posteriors/default.nc --population-models llama-2-7b
-    python scripts/check_e2e.py posteriors/per_exp.nc --new-experiments --csv out.csv
+    python scripts/check_e2e.py posteriors/per-model.nc
+    python scripts/check_e2e.py posteriors/per-model.nc --traces traces/other.nc --prob 0.9
+    python scripts/check_e2e.py posteriors/per-model.nc --population-models llama-2-7b
+    python scripts/check_e2e.py posteriors/per-experiment.nc --new-experiments --csv out.csv
 
 Every request's predicted E2E is the sum of the predicted durations of the steps
 from its QUEUED to its FINISHED step (teacher forcing: batches as observed).
-Prints one table per metric with the blackbox and NNLS baselines. Exit status:
+Wall time also holds the host gaps between steps: by default they are measured
+per experiment from the timestamps of consecutive sampled steps (``--step-gap-us``
+overrides), and so is the share of the QUEUED step a request waits for
+(``--queued-step-weight``); the settings line says which values were used.
+Prints one table per metric with the blackbox and NNLS baselines and, per
+experiment, the step model's bias on its sampled steps (``step-bias%``). Exit status:
 0 pass, 1 the check fails (coverage of the intervals below a binomial lower
 bound of the nominal rate; see calib/e2e.py), 2 a user error (``error: ...``).
 """
@@ -25,6 +30,20 @@ from calib.cli import Parser as _Parser
 from calib.cli import positive_int as _positive_int
 from calib.cli import probability as _probability
 from calib.cli import setup_jax_cpu
+
+
+def _measured_or_float(text: str):
+    """``measured`` or a finite number."""
+    if text == "measured":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'measured' or a number, got {text!r}") \
+            from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,11 +63,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--population-models", nargs="*", default=[], metavar="MODEL",
                    help="predict these models from the population level (held out)")
     p.add_argument("--no-baselines", action="store_true", help="skip blackbox and NNLS")
-    p.add_argument("--step-gap-us", type=float, default=0.0,
-                   help="host time added to every predicted step, µs (e.g. the exported "
-                        "alpha_coeffs[2]; default 0)")
-    p.add_argument("--queued-step-weight", type=float, default=config.E2E_QUEUED_STEP_WEIGHT,
-                   help="share of the QUEUED step counted in E2E/TTFT (default %(default)s)")
+    p.add_argument("--step-gap-us", type=_measured_or_float, default="measured",
+                   help="host time between consecutive steps, µs: 'measured' (default: per "
+                        "experiment from the step timestamps of consecutive sampled steps) "
+                        "or a number (e.g. BLIS's alpha_coeffs[2])")
+    p.add_argument("--queued-step-weight", type=_measured_or_float, default="measured",
+                   help="share of the QUEUED step counted in E2E/TTFT: 'measured' (default: "
+                        "from the QUEUED and step timestamps, else "
+                        f"{config.E2E_QUEUED_STEP_WEIGHT}) or a number in [0, 1]")
     p.add_argument("--seed", type=int, default=config.E2E_SEED, help="seed (default %(default)s)")
     p.add_argument("--csv", default=None, help="also write the table as CSV (with manifest)")
     return p.parse_args(argv)

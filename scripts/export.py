@@ -3,9 +3,9 @@
 
 Examples::
 
-    python scripts/export.py posteriors/default.nc --out blis/
-    python scripts/export.py posteriors/default.nc --out blis/ --traces traces/default.nc
-    python scripts/export.py posteriors/default.nc --out blis/ --alpha-coeffs 15563,777,46
+    python scripts/export.py posteriors/per-model.nc --out blis/
+    python scripts/export.py posteriors/per-model.nc --out blis/ --traces traces/default.nc
+    python scripts/export.py posteriors/per-model.nc --out blis/ --alpha-coeffs 15563,777,46
 
 Writes ``<model>.yaml`` (BLIS block + flags + uncertainty + manifest) and
 ``<model>.defaults.yaml`` (the trained_physics section of a BLIS defaults file, for
@@ -36,6 +36,21 @@ def _alphas(text: str) -> list[float]:
     return vals
 
 
+def _host_gaps(ds) -> dict:
+    """Measured host gap between steps per model (mean over its experiments); None: all."""
+    import numpy as np
+
+    from calib.e2e import measure_host_timing
+
+    t = measure_host_timing(ds)
+    if set(t.gap_source) == {"none"}:
+        return {}
+    models = np.asarray(ds["exp_model"].values).astype(str)
+    out = {str(m): float(t.gap_us[models == m].mean()) for m in np.unique(models)}
+    out[None] = float(t.gap_us.mean())
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = _Parser(description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -62,7 +77,7 @@ def main(argv=None) -> int:
         from calib.posterior import load_posterior
 
         idata = load_posterior(args.posterior)
-        api = None
+        api = gaps = None
         if args.alpha_coeffs is None:
             from calib.api_overheads import fit_api_overheads
             from calib.posterior import posterior_manifest
@@ -75,9 +90,11 @@ def main(argv=None) -> int:
                       "(data_hash differs); the alphas come from it anyway", file=sys.stderr)
             api = fit_api_overheads(ds, step_us=plugin_mean_step_us(idata, ds),
                                     progress_bar=args.progress)
+            gaps = _host_gaps(ds)
         res = export_posterior(idata, args.out, api=api, alpha_coeffs=args.alpha_coeffs,
                                source_path=args.posterior, prob=args.prob,
-                               command=sys.argv if argv is None else ["export.py", *argv])
+                               command=sys.argv if argv is None else ["export.py", *argv],
+                               host_gap_us=gaps)
     except CalibError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -3,9 +3,9 @@
 
 Examples::
 
-    python scripts/report.py posteriors/default.nc --out reports/default/
-    python scripts/report.py posteriors/default.nc --out reports/x/ --traces traces/x.nc
-    python scripts/report.py posteriors/default.nc --out reports/x/ --no-e2e
+    python scripts/report.py posteriors/per-model.nc --out reports/per-model/
+    python scripts/report.py posteriors/per-model.nc --out reports/x/ --traces traces/x.nc
+    python scripts/report.py posteriors/per-model.nc --out reports/x/ --no-e2e
 
 Figures: trace and rank plots of the key parameters, a forest plot of per-model
 corrections with the population, a posterior predictive check of step durations

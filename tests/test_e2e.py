@@ -7,7 +7,14 @@ import pytest
 from test_e2e_data import make_replay_dataset, mock_posterior
 
 from calib import config
-from calib.e2e import METRICS, experiment_means, format_table, replay, replay_design
+from calib.e2e import (
+    METRICS,
+    experiment_means,
+    format_table,
+    measure_host_timing,
+    replay,
+    replay_design,
+)
 from calib.errors import CalibError
 from calib.predict import plugin_step_time_us
 
@@ -24,19 +31,133 @@ def idata(data):
 
 
 @pytest.mark.parametrize("share", [1.0, 0.5, 0.0])
-def test_weights_reproduce_observed_means_from_true_durations(share):
+def test_weights_and_gap_counts_reproduce_observed_means_from_true_durations(share):
     ds, _, truth = make_replay_dataset(seed=7, steps_per_exp=300, requests_per_exp=15,
                                        queued_fraction=share, gap_us=25.0)
     design = replay_design(ds, queued_step_weight=share)
-    got = experiment_means(truth["true_step_us"][design.order][None, :] + 25.0, design)[0]
+    got = (experiment_means(truth["true_step_us"][design.order][None, :], design)[0]
+           + 25.0 * design.gap_counts)
     np.testing.assert_allclose(got, design.observed_us, rtol=1e-10)
     assert design.n_requests[0].tolist() == [15, 15, 15, 15]
+    # leaving the gaps out misses them: E2E windows of k steps hold k - 1 gaps
+    short = experiment_means(truth["true_step_us"][design.order][None, :], design)[0]
+    assert np.all(design.observed_us[0] - short[0] > 25.0 * 5)
+
+
+def test_gap_counts_match_brute_force_window_counts(data):
+    ds, _, _ = data
+    design = replay_design(ds, queued_step_weight=0.5)
+    r_exp = np.asarray(ds["req_experiment"].values)
+    ids = {v: np.asarray(ds[v].values) for v in ("req_queued_step", "req_first_token_step",
+                                                "req_finished_step", "req_output_len")}
+    for e in range(ds.sizes["experiment"]):
+        r = r_exp == e
+        q, ft, fin = ids["req_queued_step"][r], ids["req_first_token_step"][r], \
+            ids["req_finished_step"][r]
+        out = ids["req_output_len"][r]
+        # consecutive step ids: a window [a, b] holds b - a + 1 steps
+        assert design.gap_counts[0, e] == pytest.approx(np.mean(fin - q), rel=1e-12)
+        assert design.gap_counts[1, e] == pytest.approx(np.mean(ft - q), rel=1e-12)
+        assert design.gap_counts[2, e] == pytest.approx(np.mean((fin - ft) / (out - 1)),
+                                                        rel=1e-12)
+
+
+def test_host_timing_is_measured_from_step_and_queued_timestamps():
+    ds, _, truth = make_replay_dataset(seed=3, steps_per_exp=1500, requests_per_exp=300,
+                                       gap_us=60.0, gap_sd_us=15.0, queued_fraction=0.3)
+    t = measure_host_timing(ds)
+    assert set(t.gap_source) == {"measured"} and (t.gap_pairs >= 10).all()
+    # the estimate is the mean over consecutive sampled pairs: within 4 standard errors
+    assert np.all(np.abs(t.gap_us - 60.0) < 4 * t.gap_se_us + 0.01), (t.gap_us, t.gap_se_us)
+    # standard error of a mean of n pairs with sd 15 µs
+    np.testing.assert_allclose(t.gap_se_us, 15.0 / np.sqrt(t.gap_pairs), rtol=0.6)
+    assert t.queued_source == "measured" and t.queued_n >= 20
+    assert t.queued_step_weight == pytest.approx(0.3, abs=1e-6)
+    assert "host gap measured per experiment" in t.describe()
+    # a number overrides the measured share; the design uses it
+    assert replay_design(ds, queued_step_weight=0.8).timing.queued_step_weight == 0.8
+
+
+def test_host_timing_fallbacks():
+    ds, _, _ = make_replay_dataset(seed=3, steps_per_exp=300, requests_per_exp=10, gap_us=40.0)
+    # no step timestamps at all: gap 0, default share
+    bare = ds.drop_vars(["bs_ts_start_ns", "bs_ts_end_ns"])
+    t = measure_host_timing(bare)
+    assert set(t.gap_source) == {"none"} and np.all(t.gap_us == 0.0)
+    assert t.queued_step_weight == config.E2E_QUEUED_STEP_WEIGHT
+    assert t.queued_source.startswith("default")
+    # one experiment without timestamps: it takes the pooled estimate of the others
+    start = ds["bs_ts_start_ns"].values.copy()
+    start[np.asarray(ds["step_experiment"].values) == 0] = -1
+    t = measure_host_timing(ds.assign(bs_ts_start_ns=(("step",), start)))
+    assert t.gap_source[0] == "pooled" and t.gap_pairs[0] == 0
+    assert t.gap_us[0] == pytest.approx(40.0, abs=0.01) and t.gap_se_us[0] >= 0
+    # QUEUED timestamps on another clock: the default share, and why
+    shifted = ds.assign(req_queued_ts_us=ds["req_queued_ts_us"] + 5e6)
+    big, _, _ = make_replay_dataset(seed=3, steps_per_exp=900, requests_per_exp=300)
+    big = big.assign(req_queued_ts_us=big["req_queued_ts_us"] + 5e6)
+    t = measure_host_timing(big)
+    assert t.queued_source.startswith("default (QUEUED timestamps")
+    assert t.queued_step_weight == config.E2E_QUEUED_STEP_WEIGHT
+    assert measure_host_timing(shifted).queued_source.startswith("default (")
+
+
+def test_replay_adds_measured_gaps_and_reports_them():
+    ds, features, truth = make_replay_dataset(seed=8, steps_per_exp=600, requests_per_exp=60,
+                                              gap_us=80.0)
+    idata = mock_posterior(ds, features, truth, jitter=0.0, draws=20)
+    meas = replay(idata, ds, features=features, draws=20, noise=False, baselines=True)
+    none = replay(idata, ds, features=features, draws=20, noise=False, baselines=True,
+                  step_gap_us=0.0)
+    t, t0 = meas.table, none.table
+    design = replay_design(ds)
+    assert np.allclose(t.gap_us, 80.0, atol=0.01) and np.all(t0.gap_us == 0.0)
+    k = np.repeat(np.arange(3), ds.sizes["experiment"])
+    e = np.tile(np.arange(ds.sizes["experiment"]), 3)
+    added = (t.predicted_us - t0.predicted_us).to_numpy()
+    np.testing.assert_allclose(added, 80.0 * design.gap_counts[k, e], rtol=1e-3)
+    np.testing.assert_allclose((t.nnls_us - t0.nnls_us).to_numpy(), added, rtol=1e-3)
+    assert meas.settings["step_gap_us"] == "measured" and none.settings["step_gap_us"] == 0.0
+    assert set(meas.settings["gap_source"]) <= {"measured", "pooled"}  # few pairs: pooled
+    text = format_table(meas)
+    assert text.startswith("settings: host gap measured") and "step-bias%" in text
+    with pytest.raises(CalibError, match="step gap"):
+        replay(idata, ds, features=features, draws=5, step_gap_us=float("nan"))
+    with pytest.raises(CalibError, match="queued-step weight"):
+        replay(idata, ds, features=features, draws=5, queued_step_weight=1.5)
+
+
+def test_step_bias_column_matches_brute_force(data, idata):
+    ds, features, _ = data
+    res = replay(idata, ds, features=features, draws=3, noise=False, baselines=False)
+    design = replay_design(ds)
+    post = idata.posterior.stack(s=("chain", "draw"))
+    idx = np.linspace(0, post.sizes["s"] - 1, 3).round().astype(int)
+    em = np.repeat(np.arange(2), 2)[np.asarray(ds["step_experiment"].values)]
+    mu = np.mean([plugin_step_time_us(post["b"].values[..., i][em],
+                                      float(post["per_layer_us"].values[i]),
+                                      float(post["per_request_us"].values[i]),
+                                      float(post["per_step_us"].values[i]),
+                                      float(post["alpha"].values[i]), features)
+                  for i in idx], axis=0)
+    dur = np.asarray(ds["duration_us"].values)
+    samp = np.asarray(ds["sampled"].values)
+    inv = np.empty_like(design.order)
+    inv[design.order] = np.arange(design.order.size)
+    step_exp = np.asarray(ds["step_experiment"].values)
+    for k, metric in enumerate(METRICS):
+        for e, name in enumerate(design.experiments):
+            s = np.flatnonzero(samp & (step_exp == e))
+            w = design.weights[inv[s], k]
+            want = 100 * (np.sum(w * mu[s]) / np.sum(w * dur[s]) - 1)
+            got = res.table[(res.table.metric == metric) & (res.table.experiment == name)]
+            assert float(got.step_bias_pct.iloc[0]) == pytest.approx(want, rel=1e-9, abs=1e-9)
 
 
 def test_predicted_means_match_brute_force_per_request_sums(data, idata):
     ds, features, _ = data
     res = replay(idata, ds, features=features, draws=1, noise=False, baselines=False,
-                 queued_step_weight=1.0)
+                 queued_step_weight=1.0, step_gap_us=0.0)
     post = idata.posterior.isel(chain=0, draw=0)
     em = np.repeat(np.arange(2), 2)[np.asarray(ds["step_experiment"].values)]
     mu = plugin_step_time_us(post["b"].values[em], float(post["per_layer_us"]),
@@ -130,20 +251,30 @@ def test_check_e2e_cli_user_error(tmp_path, capsys):
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1
 
 
-@pytest.mark.skipif(not config.DEFAULT_TRACES.exists()
-                    or not (config.POSTERIORS_DIR / "default.nc").exists(),
-                    reason="needs the embedded default dataset and posteriors/default.nc")
+DEFAULT_POSTERIOR = config.POSTERIORS_DIR / "per-model.nc"
+DEFAULT_POSTERIOR_REASON = ("needs the embedded default dataset and posteriors/per-model.nc "
+                            "(make it with: python scripts/fit.py --hierarchy per-model)")
+
+
+@pytest.mark.skipif(not config.DEFAULT_TRACES.exists() or not DEFAULT_POSTERIOR.exists(),
+                    reason=DEFAULT_POSTERIOR_REASON)
 def test_check_e2e_on_default_data(capsys):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("check_e2e_cli", "scripts/check_e2e.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    rc = cli.main([str(config.POSTERIORS_DIR / "default.nc"), "--draws", "200"])
+    rc = cli.main([str(DEFAULT_POSTERIOR), "--draws", "200", "--no-noise"])
     out = capsys.readouterr().out
     assert rc in (0, 1)
     assert "== E2E latency" in out and "blackbox err%" in out and "nnls err%" in out
+    assert "step-bias%" in out and out.startswith("settings: host gap measured per experiment")
     assert out.strip().splitlines()[-1].startswith(("PASS", "FAIL"))
+    lines = [ln for ln in out.splitlines() if ln.startswith("2026")][:16]
+    assert len(lines) == 16  # one E2E row per experiment of the default data
+    # the measured host gap is tens of µs on the default data (a real share of step time)
+    gaps = [float(ln.split()[9]) for ln in lines]
+    assert all(20.0 < g < 200.0 for g in gaps), gaps
 
 
 def _run_script(script: str, *args: str):

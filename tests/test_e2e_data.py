@@ -4,7 +4,8 @@
 variable names (only those the replay, baselines and API-overhead code read)
 whose step durations come from the model itself (``calib.model.step_time_us`` plus
 its Student-t noise) for a fixed step composition, and whose journey labels are
-the teacher-forced sums of those durations (plus an optional host gap per step).
+the teacher-forced sums of those durations plus the host gaps between steps, with
+step and QUEUED timestamps consistent with them (as an engine logs them).
 :func:`quick_posterior` fits it with the real sampler (few draws).
 """
 
@@ -31,14 +32,18 @@ def make_replay_dataset(*, seed: int = 0, n_models: int = 2, exps_per_model: int
                         steps_per_exp: int = 600, requests_per_exp: int = 60,
                         sample_rate: float = 0.1, gap_us: float = 0.0, truth=None,
                         api: bool = True, queued_fraction: float | None = None,
-                        noise_seed: int | None = None):
+                        noise_seed: int | None = None, gap_sd_us: float = 0.0):
     """(ds, features, truth): a dataset, the roofline terms of all its steps, the truth.
 
-    Step ids advance by 2 (gaps in the id sequence exercise ``searchsorted``). Each
-    request is queued a uniform fraction into its QUEUED step (``queued_fraction``
-    fixes the remaining share of that step, e.g. 1.0: the whole step counts).
+    Step ids are consecutive from 10. Steps run back to back with a host gap between
+    them (``gap_us``, normal with sd ``gap_sd_us``, at least 0): step s starts
+    ``gap`` after step s − 1 ends (``bs_ts_start_ns``/``bs_ts_end_ns`` of sampled steps,
+    integer ns). Each request is queued a uniform fraction into its QUEUED step
+    (``queued_fraction`` fixes the remaining share of that step, e.g. 1.0: the whole
+    step counts; ``req_queued_ts_us`` is that instant); FIRST_TOKEN and FINISHED
+    happen at the end of their steps. Labels are differences of these instants.
     ``seed`` fixes the composition and request windows; ``noise_seed`` (default ``seed``)
-    the model's step-time draws and the sampled-step mask.
+    the model's step-time draws, the gaps and the sampled-step mask.
     """
     from calib.model import make_model_data, simulate_from_model
 
@@ -50,7 +55,7 @@ def make_replay_dataset(*, seed: int = 0, n_models: int = 2, exps_per_model: int
     exp_model_idx = np.repeat(np.arange(n_models), exps_per_model)
     S = steps_per_exp
     step_exp = np.repeat(np.arange(E), S)
-    step_id = np.tile(np.arange(S) * 2 + 10, E)
+    step_id = np.tile(np.arange(S) + 10, E)
     midx = exp_model_idx[step_exp]
     layers = np.array([32.0, 80.0, 40.0])[midx]
     # composition: decodes in every step, a prefill chunk in ~40 %
@@ -75,8 +80,22 @@ def make_replay_dataset(*, seed: int = 0, n_models: int = 2, exps_per_model: int
     dur, _ = simulate_from_model("per-model", data, params=truth, seed=noise_seed)
     sampled = np.random.default_rng([noise_seed, 1]).uniform(size=dur.size) < sample_rate
 
+    gap = np.full(dur.size, float(gap_us))
+    if gap_sd_us:
+        gap = np.maximum(gap + gap_sd_us * np.random.default_rng([noise_seed, 2]).standard_normal(
+            dur.size), 0.0)
+    # wall clock: each experiment's first step starts at 1e9·(e+1) µs; gap before each step
+    gap_before = gap.copy()
+    gap_before[::S] = 0.0
+    t_start = np.empty(dur.size)
+    t_end = np.empty(dur.size)
+    for e in range(E):
+        sl = slice(e * S, (e + 1) * S)
+        run = np.cumsum(gap_before[sl] + dur[sl])      # end of each step
+        t_end[sl] = 1e9 * (e + 1) + run
+        t_start[sl] = t_end[sl] - dur[sl]
+
     # requests: windows inside each experiment's step range; labels = teacher-forced sums
-    wall = dur + gap_us
     R = requests_per_exp
     req_exp = np.repeat(np.arange(E), R)
     q = np.empty(R * E, np.int64)
@@ -88,14 +107,17 @@ def make_replay_dataset(*, seed: int = 0, n_models: int = 2, exps_per_model: int
         qi = rng.integers(0, S - 260, R)
         fti = qi + rng.integers(0, 40, R)
         q[sl], ft[sl], fin[sl] = qi, fti, fti + out_len[sl] - 1
-    csum = np.concatenate([[0.0], np.cumsum(wall)])
     base = req_exp * S
     share = (rng.uniform(size=R * E) if queued_fraction is None
              else np.full(R * E, float(queued_fraction)))
-    cut = (1.0 - share) * wall[base + q]
-    e2e = csum[base + fin + 1] - csum[base + q] - cut
-    ttft = csum[base + ft + 1] - csum[base + q] - cut
-    ids = lambda pos: pos * 2 + 10  # noqa: E731 - step id of a position
+    # QUEUED: the last `share` of step q remains; labels = sums of durations and gaps
+    wall = dur + gap_before                              # a step and the gap before it
+    csum = np.concatenate([[0.0], np.cumsum(wall)])
+    first = share * dur[base + q]
+    e2e = first + csum[base + fin + 1] - csum[base + q + 1]
+    ttft = first + csum[base + ft + 1] - csum[base + q + 1]
+    queued_ts = t_end[base + q] - share * dur[base + q]
+    ids = lambda pos: pos + 10  # noqa: E731 - step id of a position
     models = [f"model-{m}" for m in range(n_models)]
     experiments = [f"exp-{e}-{models[exp_model_idx[e]]}" for e in range(E)]
     n_req = R * E
@@ -108,6 +130,10 @@ def make_replay_dataset(*, seed: int = 0, n_models: int = 2, exps_per_model: int
             "step_id": (("step",), step_id.astype(np.int64)),
             "duration_us": (("step",), np.where(sampled, dur, np.nan)),
             "sampled": (("step",), sampled),
+            "bs_ts_start_ns": (("step",), np.where(sampled, np.round(t_start * 1e3), -1)
+                               .astype(np.int64)),
+            "bs_ts_end_ns": (("step",), np.where(sampled, np.round(t_end * 1e3), -1)
+                             .astype(np.int64)),
             "prefill_tokens": (("step",), pf_tok.astype(np.int32)),
             "decode_tokens": (("step",), n_dec.astype(np.int32)),
             "num_prefill": (("step",), has_pf.astype(np.int32)),
@@ -122,6 +148,7 @@ def make_replay_dataset(*, seed: int = 0, n_models: int = 2, exps_per_model: int
             "req_output_len": (("request",), out_len.astype(np.int32)),
             "req_e2e_us": (("request",), e2e),
             "req_ttft_us": (("request",), ttft),
+            "req_queued_ts_us": (("request",), queued_ts),
             "req_api_queue_us": (("request",), 15000.0 + 500.0 * t_noise[0] if api
                                  else np.full(n_req, np.nan)),
             "req_api_depart_us": (("request",), 800.0 + 40.0 * t_noise[1] if api
@@ -130,6 +157,7 @@ def make_replay_dataset(*, seed: int = 0, n_models: int = 2, exps_per_model: int
         coords={"experiment": experiments},
     )
     truth["true_step_us"] = dur
+    truth["gap_us"] = gap_before
     return ds, features, truth
 
 

@@ -24,7 +24,7 @@ ALPHAS = [15563.2, 777.3, 45.9]
 def config_default_ready() -> bool:
     from calib import config
 
-    return config.DEFAULT_TRACES.exists() and (config.POSTERIORS_DIR / "default.nc").exists()
+    return config.DEFAULT_TRACES.exists() and (config.POSTERIORS_DIR / "per-model.nc").exists()
 
 
 @pytest.fixture(scope="module")
@@ -211,9 +211,11 @@ def test_api_overheads_fit_recovers_overheads():
     assert api.max_rhat < 1.1
 
 
-@pytest.mark.skipif(not config_default_ready(), reason="needs the embedded default dataset "
-                    "and posteriors/default.nc")
-def test_export_default_posterior_with_fitted_alphas(tmp_path):
+DEFAULT_REASON = ("needs the embedded default dataset and posteriors/per-model.nc (make it "
+                  "with: python scripts/fit.py --hierarchy per-model)")
+
+
+def _export_default(tmp_path, *extra: str) -> list:
     import importlib.util
 
     from calib import config
@@ -221,12 +223,52 @@ def test_export_default_posterior_with_fitted_alphas(tmp_path):
     spec = importlib.util.spec_from_file_location("export_cli", "scripts/export.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    assert cli.main([str(config.POSTERIORS_DIR / "default.nc"), "--out", str(tmp_path)]) == 0
+    assert cli.main([str(config.POSTERIORS_DIR / "per-model.nc"), "--out", str(tmp_path),
+                     *extra]) == 0
     files = sorted(tmp_path.glob("*.yaml"))
-    assert len(files) >= 4
+    assert len(files) == 10  # 4 models + population, block and defaults file each
+    alphas = {}
     for p in files:
         text = p.read_text(encoding="utf-8")
         if p.name.endswith(".defaults.yaml"):
             load_defaults_text(text)
         else:
-            load_export_block(text)
+            alphas[p.stem] = load_export_block(text)[0]
+    return alphas
+
+
+@pytest.mark.skipif(not config_default_ready(), reason=DEFAULT_REASON)
+def test_export_default_posterior_with_given_alphas(tmp_path):
+    alphas = _export_default(tmp_path, "--alpha-coeffs", ",".join(map(str, ALPHAS)))
+    assert set(alphas) == {"llama-2-7b", "llama-2-70b", "codellama-34b", "mixtral-8x7b",
+                           "population"}
+    assert all(a == ALPHAS for a in alphas.values())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not config_default_ready(), reason=DEFAULT_REASON)
+def test_export_default_posterior_with_fitted_alphas(tmp_path):
+    """The full default export: alphas from the API-overhead fit (NUTS; minutes)."""
+    alphas = _export_default(tmp_path)
+    for a in alphas.values():
+        assert all(math.isfinite(x) and x >= 0 for x in a)
+        assert 0 < a[0] < 1e5 and 0 < a[1] < 1e5 and 0 <= a[2] < 1e4
+
+
+def test_alpha_cross_check_reports_the_measured_host_gap(setup, tmp_path):
+    from calib.e2e import measure_host_timing
+
+    ds, features, truth, idata, *_ = setup
+    gaps = {"model-0": 40.0, "model-1": 44.0, None: 42.0}
+    export_posterior(idata, tmp_path, alpha_coeffs=ALPHAS, host_gap_us=gaps)
+    for stem, gap in (("model-0", 40.0), ("model-1", 44.0), ("population", 42.0)):
+        text = (tmp_path / f"{stem}.yaml").read_text(encoding="utf-8")
+        load_export_block(text)
+        doc = yaml.safe_load(text)
+        cross = doc["alpha_cross_check"]
+        assert cross["measured_host_gap_us"] == gap
+        assert cross["rest_us"] == pytest.approx(ALPHAS[2] - gap, rel=1e-12)
+        assert any("measured host gap" in n for n in doc["notes"])
+    # the synthetic data have no host gap: the measurement says so (pooled or measured 0)
+    t = measure_host_timing(ds)
+    assert np.all(np.abs(t.gap_us) < 0.01)

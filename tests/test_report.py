@@ -72,8 +72,9 @@ def test_report_cli_without_e2e(tmp_path):
 
 
 @pytest.mark.skipif(not config.DEFAULT_TRACES.exists()
-                    or not (config.POSTERIORS_DIR / "default.nc").exists(),
-                    reason="needs the embedded default dataset and posteriors/default.nc")
+                    or not (config.POSTERIORS_DIR / "per-model.nc").exists(),
+                    reason="needs the embedded default dataset and posteriors/per-model.nc "
+                           "(make it with: python scripts/fit.py --hierarchy per-model)")
 def test_report_on_default_data(tmp_path):
     import importlib.util
 
@@ -81,7 +82,7 @@ def test_report_on_default_data(tmp_path):
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     out = tmp_path / "default"
-    assert cli.main([str(config.POSTERIORS_DIR / "default.nc"), "--out", str(out),
+    assert cli.main([str(config.POSTERIORS_DIR / "per-model.nc"), "--out", str(out),
                      "--draws", "200"]) == 0
     for name in ("trace.png", "rank.png", "forest.png", "ppc_step_durations.png", "e2e.png",
                  "summary.md"):
