@@ -79,7 +79,9 @@ SITE_DIMS: dict[str, tuple[str, ...]] = {
     "c_pf_compute_jacobian": (),
     "z_c_dc_compute": ("dc_compute_model",),
     "c_dc_compute_jacobian": (),
+    "per_layer_us_jacobian": (),
     "per_request_us_jacobian": (),
+    "per_step_us_jacobian": (),
     "b": ("model", "component"),
     # per-experiment nesting
     "tau_exp": ("component",),
@@ -642,9 +644,9 @@ def _pinned_log_b(k: int, data: ModelData, priors: Priors, log_b_pop: Array, tau
 
     ``log_b`` (M, 6) holds the log corrections sampled so far (those of the collinear
     components of :data:`PINNABLE` among them).
-    For ``dc_compute`` the shared ``per_request_us`` is sampled here, below the
-    smallest pinned constant net of its collinear shares (:func:`_per_request_below`),
-    and added to ``per``.
+    The shared overheads counted by ``k``'s constant (:data:`BOUNDED_OVERHEADS`) are
+    sampled here, each below the smallest constant left after the shares and the
+    overheads before it (:func:`_overhead_below`), and added to ``per``.
     """
     pin = _pinned_pairs(data, k)
     wm = pin.models
@@ -658,14 +660,14 @@ def _pinned_log_b(k: int, data: ModelData, priors: Priors, log_b_pop: Array, tau
     log_c = jnp.asarray(base_loc) + z
     c = jnp.exp(log_c)
     shared = jnp.sum(jnp.asarray(pin.shares) * jnp.exp(log_b[wm]), axis=-1)
-    if k == DC_C:
-        avail = c - shared
-        log_min = jnp.log(jnp.maximum(jnp.min(avail), 1e-300))
-        per["per_request_us"] = _per_request_below(log_min, priors["per_request_us"])
-    # (per_request_us is absent before dc_compute's turn; only dc_compute counts it)
-    over = jnp.asarray(pin.counts) @ jnp.stack([jnp.asarray(per.get(site, 0.0))
-                                                for site, _ in OVERHEAD_SITES]) + shared
-    rest = c - over
+    rest = c - shared
+    for j, (site, _) in enumerate(OVERHEAD_SITES):
+        if not pin.counts[:, j].any():
+            continue
+        if site not in per:  # bounded: below every model's remaining constant
+            log_room = jnp.log(jnp.maximum(rest, 1e-300)) - np.log(pin.counts[:, j])
+            per[site] = _overhead_below(site, jnp.min(log_room), priors[site])
+        rest = rest - pin.counts[:, j] * per[site]
     ok = rest > 1e-12 * c
     rest_s = jnp.where(ok, rest, 1.0)
     log_bk = jnp.log(rest_s) - np.log(pin.scale)
@@ -679,34 +681,39 @@ def _pinned_log_b(k: int, data: ModelData, priors: Priors, log_b_pop: Array, tau
     return wm, jnp.where(ok, log_bk, log_b_pop[k])
 
 
-#: Base law of the raw site ``z_per_request_us`` in the bounded coordinate (it only
-#: shapes NUTS's start; its density is removed again by the Jacobian factor).
+#: Shared overheads sampled below a pinned component's constants (in this order), when
+#: that component is pinned: the per-step constant counts L·per_layer + per_step, the
+#: decode cost per request counts per_request.
+BOUNDED_OVERHEADS = {WEIGHT: ("per_layer_us", "per_step_us"), DC_C: ("per_request_us",)}
+#: Base law of the raw site ``z_<overhead>`` in the bounded coordinate (it only shapes
+#: NUTS's start; its density is removed again by the Jacobian factor).
 BOUNDED_BASE_SD = 1.5
 
 
-def _per_request_below(log_c_min: Array, prior: Prior) -> Array:
-    """``per_request_us`` as a fraction of the smallest pinned decode cost per request.
+def _overhead_below(site: str, log_bound: Array, prior: Prior) -> Array:
+    """A shared overhead (µs) sampled as a fraction of the room the pinned constants leave.
 
-    With ``dc_compute`` pinned, each model's ``b_dc = (c − per_request_us) / scale``
-    needs ``per_request_us < min c``. Sampling ``per_request_us`` linearly puts that
-    boundary inside the sampler's space, where ``log b_dc`` of the cheapest model
-    runs to −∞ in a spike (measured: the divergences of the default fit). Here
-    ``per_request_us = min c · sigmoid(u)`` (raw site ``z_per_request_us = u``): the
-    boundary moves to ``u → ∞``, where ``log b_dc`` of that model falls linearly in
-    ``u``. The prior is unchanged: the log-normal density of ``per_request_us`` plus
-    ``log |d per_request_us / du| = log per_request_us + log sigmoid(−u)`` (factor
-    ``per_request_us_jacobian``); the pinned constants' own Jacobians are in
-    :func:`_pinned_log_b`.
+    A pinned constant ``c[m] = b[m, k]·scale[m] + counts[m]·overheads + shares`` needs
+    every overhead it counts below ``c[m]``: e.g. ``per_request_us < min c`` for the
+    decode cost per request. Sampling the overhead linearly puts that boundary inside
+    the sampler's space, where ``log b`` of the tightest model runs to −∞ in a spike
+    (measured: the divergences of the default fit; stuck chains at the real data size
+    for ``per_step_us``). Here ``overhead = exp(log_bound)·sigmoid(u)`` (raw site
+    ``z_<site> = u``, ``log_bound`` the log of the smallest room per unit): the boundary
+    moves to ``u → ∞``, where ``log b`` of that model falls linearly in ``u``. The prior
+    is unchanged: the log-normal density of the overhead plus
+    ``log |d overhead / du| = log overhead + log sigmoid(−u)`` (factor
+    ``<site>_jacobian``); the pinned constants' own Jacobians are in :func:`_pinned_log_b`.
     """
     import math
 
     base = dist.Normal(0.0, BOUNDED_BASE_SD)
-    u = numpyro.sample("z_per_request_us", base)
-    log_r = log_c_min + jax.nn.log_sigmoid(u)
+    u = numpyro.sample(f"z_{site}", base)
+    log_r = log_bound + jax.nn.log_sigmoid(u)
     lp = (dist.LogNormal(math.log(prior["median"]), prior["log_sd"]).log_prob(jnp.exp(log_r))
           + log_r + jax.nn.log_sigmoid(-u) - base.log_prob(u))
-    numpyro.factor("per_request_us_jacobian", lp)
-    return numpyro.deterministic("per_request_us", jnp.exp(log_r))
+    numpyro.factor(f"{site}_jacobian", lp)
+    return numpyro.deterministic(site, jnp.exp(log_r))
 
 
 def _per_model_log_b(data: ModelData, priors: Priors, centered: bool,
@@ -742,16 +749,18 @@ def _per_model_log_b(data: ModelData, priors: Priors, centered: bool,
 
 
 def _overheads(priors: Priors, data: ModelData | None = None) -> dict[str, Array]:
-    """Sample the shared overheads (µs); ``per_request_us`` is left to
-    :func:`_pinned_log_b` when the data pin ``dc_compute`` (:func:`bounds_per_request`)."""
-    skip = "per_request_us" if data is not None and bounds_per_request(data) else None
-    return {site: _overhead(site, priors[site]) for site, _ in OVERHEAD_SITES if site != skip}
+    """Sample the shared overheads (µs) that are not bounded by pinned constants
+    (:func:`bounded_overheads`: those are sampled in :func:`_pinned_log_b`)."""
+    skip = bounded_overheads(data) if data is not None else ()
+    return {site: _overhead(site, priors[site]) for site, _ in OVERHEAD_SITES
+            if site not in skip}
 
 
-def bounds_per_request(data: ModelData) -> bool:
-    """True when ``per_request_us`` is sampled below the pinned decode costs
-    (:func:`_per_request_below`): ``dc_compute`` pinned with observations."""
-    return DC_C in pinned() and bool(_pinned_pairs(data, DC_C).models.size)
+def bounded_overheads(data: ModelData) -> tuple[str, ...]:
+    """Overheads sampled below the pinned constants (:func:`_overhead_below`): those of
+    :data:`BOUNDED_OVERHEADS` whose component is pinned, with observations."""
+    return tuple(site for k, sites in BOUNDED_OVERHEADS.items()
+                 if k in pinned() and _pinned_pairs(data, k).models.size for site in sites)
 
 
 def _noise_and_likelihood(data: ModelData, priors: Priors, per: Mapping[str, Array],

@@ -26,7 +26,7 @@ from calib.model import (
     ModelData,
     _pinned_pairs,
     active_pairs,
-    bounds_per_request,
+    bounded_overheads,
     get_model,
     noncentered_columns,
     pinned,
@@ -82,20 +82,21 @@ def _overhead(name: str, prior: Prior):
     return pm.Deterministic(name, pt.exp(loc + sd * z))
 
 
-def _per_request_below(log_c_min, prior: Prior):
-    """``per_request_us = min c · sigmoid(u)`` with its exact prior (calib.model)."""
+def _overhead_below(site: str, log_bound, prior: Prior):
+    """``overhead = exp(log_bound) · sigmoid(u)`` with its exact prior
+    (``calib.model._overhead_below``)."""
     import pymc as pm
     import pytensor.tensor as pt
 
-    u = pm.Normal("z_per_request_us", 0.0, BOUNDED_BASE_SD)
-    log_r = log_c_min + pt.log(pt.sigmoid(u))
+    u = pm.Normal(f"z_{site}", 0.0, BOUNDED_BASE_SD)
+    log_r = log_bound + pt.log(pt.sigmoid(u))
     loc, sd = math.log(prior["median"]), prior["log_sd"]
     lp = (-0.5 * ((log_r - loc) / sd) ** 2 - log_r - math.log(sd) - 0.5 * math.log(2 * math.pi)
           + log_r + pt.log(pt.sigmoid(-u))
           + 0.5 * (u / BOUNDED_BASE_SD) ** 2 + math.log(BOUNDED_BASE_SD)
           + 0.5 * math.log(2 * math.pi))
-    pm.Potential("per_request_us_jacobian", lp)
-    return pm.Deterministic("per_request_us", pt.exp(log_r))
+    pm.Potential(f"{site}_jacobian", lp)
+    return pm.Deterministic(site, pt.exp(log_r))
 
 
 def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
@@ -128,9 +129,9 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
     eidx = np.asarray(data.experiment_idx)
     M = data.n_models
     with pm.Model(coords=coords) as model:
-        bounded = key != "pooled" and bounds_per_request(data)
+        bounded = bounded_overheads(data) if key != "pooled" else ()
         per = {site: _overhead(site, priors[site]) for site, _ in OVERHEAD_SITES
-               if not (bounded and site == "per_request_us")}
+               if site not in bounded}
         loc, scale = (np.asarray(a) for a in priors.lognormal_loc_scale("b_pop"))
         z_b_pop = pm.Normal("z_b_pop", 0.0, 1.0, dims="component")
         log_b_pop = loc + scale * z_b_pop
@@ -168,12 +169,14 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
                 log_c = base_loc + z
                 c = pt.exp(log_c)
                 shared = pt.sum(pin.shares * pt.exp(pt.as_tensor(log_b)[wm]), axis=-1)
-                if comp == "dc_compute" and bounded:  # calib.model._per_request_below
-                    log_min = pt.log(pt.maximum(pt.min(c - shared), 1e-300))
-                    per["per_request_us"] = _per_request_below(log_min, priors["per_request_us"])
-                over_vec = pt.stack([pt.as_tensor(per.get(site, 0.0), dtype="float64")
-                                     for site, _ in OVERHEAD_SITES])
-                rest = c - pt.dot(pin.counts, over_vec) - shared
+                rest = c - shared
+                for j, (site, _) in enumerate(OVERHEAD_SITES):  # as calib.model._pinned_log_b
+                    if not pin.counts[:, j].any():
+                        continue
+                    if site not in per:
+                        log_room = pt.log(pt.maximum(rest, 1e-300)) - np.log(pin.counts[:, j])
+                        per[site] = _overhead_below(site, pt.min(log_room), priors[site])
+                    rest = rest - pin.counts[:, j] * per[site]
                 ok = rest > 1e-12 * c
                 rest_s = pt.switch(ok, rest, 1.0)
                 log_bk = pt.log(rest_s) - np.log(pin.scale)

@@ -280,8 +280,9 @@ def test_pinned_coordinates_carry_the_natural_density(design, hierarchy, monkeyp
     """log p_raw(θ) = log p_natural(T θ) + log |det ∂T/∂θ| at random raw points.
 
     T maps the sampled coordinates (``z_c_<pinned component>``, the bounded
-    ``z_per_request_us``) to the natural ones (centred log b of those pairs, the
-    softplus coordinate of per_request_us); every other site maps to itself.
+    ``z_per_layer_us``, ``z_per_step_us``, ``z_per_request_us``) to the natural ones
+    (centred log b of those pairs, the softplus coordinates of the overheads); every
+    other site maps to itself.
     """
     from numpyro.infer.util import log_density
 
@@ -289,11 +290,13 @@ def test_pinned_coordinates_carry_the_natural_density(design, hierarchy, monkeyp
     tr = _trace(hierarchy, design, True)
     raw = {k: v["value"] for k, v in tr.items()
            if v["type"] == "sample" and not v.get("is_observed", False)}
-    from calib.model import pinned
+    from calib.model import bounded_overheads, pinned
 
     pinned_cols = list(pinned())
     assert len(pinned_cols) >= 2
-    changed = list(pinned().values()) + ["z_per_request_us"]
+    bounded = bounded_overheads(design)
+    assert set(bounded) == {"per_layer_us", "per_step_us", "per_request_us"}
+    changed = list(pinned().values()) + [f"z_{site}" for site in bounded]
     assert all(k in raw for k in changed)
     monkeypatch.setattr(config, "PINNED_COMPONENTS", ())
     nat_names = [k for k, v in _trace(hierarchy, design, True).items()
@@ -302,7 +305,6 @@ def test_pinned_coordinates_carry_the_natural_density(design, hierarchy, monkeyp
     # positions of the pinned pairs inside the natural model's ``log_b_active``
     act = np.asarray(design.active)
     am, ak = np.nonzero(act)
-    med_r = PRIORS["per_request_us"]["median"]
 
     def to_natural(flat_changed, rest):
         p = dict(rest)
@@ -320,9 +322,11 @@ def test_pinned_coordinates_carry_the_natural_density(design, hierarchy, monkeyp
         full = full.at[np.flatnonzero(keep)].set(tail)
         pin = np.flatnonzero(~keep)
         full = full.at[pin].set(log_b[am[pin], ak[pin]])
-        y = t["per_request_us"]["value"] / med_r
-        z_r = y + jnp.log(-jnp.expm1(-y))  # softplus coordinate of the natural model
-        return full, z_r
+        z_r = []
+        for site in bounded:  # softplus coordinates of the natural model
+            y = t[site]["value"] / PRIORS[site]["median"]
+            z_r.append(y + jnp.log(-jnp.expm1(-y)))
+        return full, jnp.stack(z_r)
 
     rng = np.random.default_rng(5)
     for _ in range(3):
@@ -335,15 +339,16 @@ def test_pinned_coordinates_carry_the_natural_density(design, hierarchy, monkeyp
 
         def out(f, rest=rest):
             full, z_r = to_natural(f, rest)
-            return jnp.concatenate([full, z_r[None]])
+            return jnp.concatenate([full, z_r])
 
         J = jax.jacfwd(out)(flat)
         # rows that change: the pinned pairs of log_b_active and z_per_request_us
         pinned_rows = np.flatnonzero(np.isin(ak, pinned_cols))
-        rows = np.concatenate([pinned_rows, [am.size]])
+        rows = np.concatenate([pinned_rows, am.size + np.arange(len(bounded))])
         _, logdet = np.linalg.slogdet(np.asarray(J)[rows])
         full, z_r = to_natural(flat, rest)
-        nat = dict(rest, log_b_active=full, z_per_request_us=z_r)
+        nat = dict(rest, log_b_active=full,
+                   **{f"z_{site}": z_r[i] for i, site in enumerate(bounded)})
         monkeypatch.setattr(config, "PINNED_COMPONENTS", ())
         assert sorted(nat) == sorted(nat_names)
         lp_nat, _ = log_density(model, (design, PRIORS), {"centered": True}, nat)
