@@ -230,3 +230,11 @@ E2E_GAP_MIN_PAIRS = 10
 #: and step clocks disagree), E2E_QUEUED_STEP_WEIGHT is used instead.
 E2E_QUEUED_MIN_REQUESTS = 20
 E2E_QUEUED_CLOCK_AGREE = 0.9
+
+# ------------------------------- validation, continued (calib/validate.py, validation helper)
+#: Module contract INV-M-6: |signed MSPE| of held-out step predictions below this (%).
+VALIDATE_MSPE_BOUND_PCT = 5.0
+#: README markers between which ``scripts/results_section.py`` writes the results block.
+RESULTS_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
+#: Heading of the README section created (before "## Testing") when the markers are absent.
+RESULTS_HEADING = "## Results on the embedded data"

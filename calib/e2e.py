@@ -79,8 +79,9 @@ from calib.errors import CalibError
 from calib.posterior import flat_draws
 from calib.predict import StepFeatures, step_time_draws_us, student_t_log_noise
 
-__all__ = ["METRICS", "E2EResult", "HostTiming", "ReplayDesign", "experiment_means",
-           "format_table", "measure_host_timing", "replay", "replay_design"]
+__all__ = ["METRICS", "E2EResult", "HostTiming", "ReplayDesign", "correction_draws",
+           "experiment_means", "format_table", "means_with_host_time", "measure_host_timing",
+           "replay", "replay_design"]
 
 #: Metrics in table order: end-to-end latency, time to first token, decode interval.
 METRICS = ("e2e", "ttft", "itl")
@@ -373,30 +374,42 @@ class _Groups:
     basis: list[str]
 
 
-def _correction_groups(params: dict, idata, design: ReplayDesign, *, new_experiments: bool,
-                       population_models, rng: np.random.Generator) -> _Groups:
-    from calib.posterior import model_coords
+def correction_draws(params: dict, post_models: list[str], post_experiments: list[str],
+                     experiments, models, *, new_experiments: bool = False,
+                     population_models=(), rng: np.random.Generator
+                     ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Per-draw corrections and noise scale of each experiment to predict (``basis`` rules).
 
-    coords = model_coords(idata)
-    models, experiments = coords["model"], coords["experiment"]
+    Parameters
+    ----------
+    params : flat posterior draws (:func:`calib.posterior.flat_draws`).
+    post_models, post_experiments : model and experiment coordinates of the posterior.
+    experiments, models : names of the experiments to predict and of their models.
+    new_experiments : per-experiment fits: predict every experiment as a new workload.
+    population_models : models predicted from the population level even when fitted.
+    rng : source of the new-experiment and population effects (one standard normal
+        (draws, components) block per such experiment, in experiment order).
+
+    Returns
+    -------
+    b : (draws, E, components) corrections; sigma : (draws, E) noise scales;
+    basis : per experiment ``"fitted"``, ``"new-experiment"`` or ``"population"`` (module
+    docstring).
+    """
+    post_models, post_experiments = list(post_models), list(post_experiments)
     d = params["b"].shape[0]
-    E = len(design.experiments)
+    E = len(experiments)
     has_exp = "b_exp" in params
     b = np.empty((d, E, _COMP))
     sigma = np.empty((d, E))
     basis = []
     pop_sigma = params["sigma"].mean(axis=1)
     forced_pop = set(population_models or ())
-    unknown = forced_pop - set(design.models)
-    if unknown:
-        raise CalibError(f"--population-models names model(s) not in the dataset: "
-                         f"{', '.join(sorted(unknown))}", field="--population-models",
-                         fix=f"use model names of the dataset: {', '.join(sorted(set(design.models)))}")
-    for e, (name, model) in enumerate(zip(design.experiments, design.models, strict=True)):
-        if model in models and model not in forced_pop:
-            m = models.index(model)
-            if has_exp and name in experiments and not new_experiments:
-                b[:, e] = params["b_exp"][:, experiments.index(name)]
+    for e, (name, model) in enumerate(zip(experiments, models, strict=True)):
+        if model in post_models and model not in forced_pop:
+            m = post_models.index(model)
+            if has_exp and name in post_experiments and not new_experiments:
+                b[:, e] = params["b_exp"][:, post_experiments.index(name)]
                 basis.append("fitted")
             elif has_exp:
                 tau_exp = params["tau_exp"]
@@ -413,7 +426,38 @@ def _correction_groups(params: dict, idata, design: ReplayDesign, *, new_experim
             b[:, e] = params["b_pop"] * np.exp(tau * z)
             sigma[:, e] = pop_sigma
             basis.append("population")
-    return _Groups(b, sigma, basis)
+    return b, sigma, basis
+
+
+def _correction_groups(params: dict, idata, design: ReplayDesign, *, new_experiments: bool,
+                       population_models, rng: np.random.Generator) -> _Groups:
+    from calib.posterior import model_coords
+
+    coords = model_coords(idata)
+    forced_pop = set(population_models or ())
+    unknown = forced_pop - set(design.models)
+    if unknown:
+        raise CalibError(f"--population-models names model(s) not in the dataset: "
+                         f"{', '.join(sorted(unknown))}", field="--population-models",
+                         fix=f"use model names of the dataset: {', '.join(sorted(set(design.models)))}")
+    return _Groups(*correction_draws(params, coords["model"], coords["experiment"],
+                                     design.experiments, design.models,
+                                     new_experiments=new_experiments,
+                                     population_models=forced_pop, rng=rng))
+
+
+def means_with_host_time(step_us: np.ndarray, design: ReplayDesign,
+                         gap_us: np.ndarray | None = None) -> np.ndarray:
+    """Predicted experiment means ``(draws, 3, E)``: step durations plus host gaps.
+
+    ``step_us`` (draws, n) or (n,) in replay order (:func:`experiment_means`);
+    ``gap_us`` the host gap per experiment, (E,) or per draw (draws, E) (default: the
+    measured ``design.timing.gap_us``), counted ``design.gap_counts`` times in each
+    mean. This is how :func:`replay` predicts every metric, the baselines included.
+    """
+    gap = design.timing.gap_us if gap_us is None else np.asarray(gap_us, np.float64)
+    gap = np.atleast_2d(gap)
+    return experiment_means(step_us, design) + gap[:, None, :] * design.gap_counts
 
 
 @dataclass
@@ -528,7 +572,7 @@ def replay(idata, ds, *, features: StepFeatures | None = None, prob: float = con
             D *= student_t_log_noise(rng, groups.sigma[sl][:, design.step_exp],
                                      params["nu"][sl], D.shape)
         pred_sp += D[:, sp].sum(axis=0)
-        pred[sl] = experiment_means(D, design) + gap_draws[sl][:, None, :] * design.gap_counts
+        pred[sl] = means_with_host_time(D, design, gap_draws[sl])
     pred_sp /= d
     step_bias = np.full((3, E), np.nan)
     for k in range(3):
@@ -543,8 +587,8 @@ def replay(idata, ds, *, features: StepFeatures | None = None, prob: float = con
         from calib.baselines import baseline_step_predictions
 
         for name, step_us in baseline_step_predictions(ds, features).items():
-            base[name] = (experiment_means(step_us[design.order][None, :], design)[0]
-                          + timing.gap_us[None, :] * design.gap_counts)
+            base[name] = means_with_host_time(step_us[design.order], design,
+                                              timing.gap_us)[0]
 
     lo_q, hi_q = (1 - prob) / 2, (1 + prob) / 2
     rows = []

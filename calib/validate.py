@@ -30,10 +30,15 @@ Per fold the model is fitted (:func:`calib.fit.fit_model_data`) on the sampled t
 steps and judged on the sampled held-out steps and requests:
 
 * per step: MAPE, median APE, Pearson r, signed MSPE (mean of 100·(pred − obs)/obs,
-  the bias; contract INV-M-6 asks |MSPE| < 5 %) and the coverage of the
+  the bias; contract INV-M-6 asks |MSPE| < 5 % of the exported plug-in predictor, so
+  :func:`inv_m6_verdict` judges the ``blis`` column) and the coverage of the
   ``prob`` posterior-predictive interval of the step duration;
 * per experiment: E2E, TTFT and decode-interval mean error and interval coverage from
-  the teacher-forced replay (:func:`calib.e2e.replay`, held-out requests only).
+  the teacher-forced replay (:func:`calib.e2e.replay`, held-out requests only), with the
+  host gaps between steps and the QUEUED step's share measured from the timestamps of
+  the held-out part exactly as ``check_e2e`` does (:func:`calib.e2e.measure_host_timing`).
+  The baselines' step predictions go through the same replay weights and host gaps
+  (:func:`calib.e2e.means_with_host_time`), so every predictor gets the same host time.
 
 Predictors (column ``predictor``):
 
@@ -65,9 +70,10 @@ from calib.errors import CalibError
 from calib.predict import StepFeatures
 
 __all__ = ["PARTS", "PREDICTORS", "SPLITS", "Fold", "FoldResult", "ValidationResult",
-           "evaluate_fold", "make_folds", "markdown_report", "request_hash_bucket",
-           "request_hash_split", "run_validation", "step_metrics", "temporal_split",
-           "write_reports"]
+           "evaluate_fold", "inv_m6_line", "inv_m6_verdict", "make_folds", "markdown_report",
+           "replace_results_section", "request_hash_bucket", "request_hash_split",
+           "results_markdown", "run_validation", "step_metrics", "summary_table",
+           "temporal_split", "write_reports", "write_results_section"]
 
 #: Split names accepted by ``--split`` (``all`` runs each).
 SPLITS = ("temporal", "workload", "model", "request-hash")
@@ -303,43 +309,6 @@ def _subsample(steps: np.ndarray, max_steps: int | None, seed: int) -> np.ndarra
 
 
 # ------------------------------------------------------------------------ predictions
-def _corrections(params: dict, post_models: list[str], post_exps: list[str], meta: _Meta,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Per-draw corrections (d, E, 6) and noise scale (d, E) of every dataset experiment.
-
-    Same rules as ``calib.e2e``: fitted experiment (``b_exp``) or model (``b``); a new
-    workload of a fitted model (per-experiment fits) draws ``b·exp(tau_exp·z)``; a model
-    absent from the posterior draws ``b_pop·exp(tau·z)`` with the mean noise scale.
-    """
-    d = params["b"].shape[0]
-    n_comp = len(config.COMPONENTS)
-    E = len(meta.experiments)
-    b = np.empty((d, E, n_comp))
-    sigma = np.empty((d, E))
-    basis = []
-    has_exp = "b_exp" in params
-    for e, (name, model) in enumerate(zip(meta.experiments, meta.exp_model, strict=True)):
-        if model in post_models:
-            m = post_models.index(model)
-            sigma[:, e] = params["sigma"][:, m]
-            if has_exp and name in post_exps:
-                b[:, e] = params["b_exp"][:, post_exps.index(name)]
-                basis.append("fitted")
-            elif has_exp:
-                b[:, e] = params["b"][:, m] * np.exp(
-                    params["tau_exp"] * rng.standard_normal((d, n_comp)))
-                basis.append("new-experiment")
-            else:
-                b[:, e] = params["b"][:, m]
-                basis.append("fitted")
-        else:
-            tau = params.get("tau", np.zeros((d, n_comp)))
-            b[:, e] = params["b_pop"] * np.exp(tau * rng.standard_normal((d, n_comp)))
-            sigma[:, e] = params["sigma"].mean(axis=1)
-            basis.append("population")
-    return b, sigma, basis
-
-
 def _blis_betas(params: dict, post_models: list[str], meta: _Meta) -> list[list[float]]:
     """The exported BLIS betas (posterior means, ``calib.export``) for each experiment."""
     from calib.predict import betas_from_params
@@ -455,7 +424,7 @@ def evaluate_fold(ds, fold: Fold, *, features: StepFeatures, hierarchy: str = "p
     noise : intervals include the Student-t step noise.
     fit_fn : replaces ``calib.fit.fit_model_data`` (same signature; for I/O tests).
     """
-    from calib.e2e import experiment_means, replay, replay_design
+    from calib.e2e import correction_draws, means_with_host_time, replay, replay_design
     from calib.fit import fit_model_data
     from calib.posterior import flat_draws
     from calib.predict import blis_step_time_us
@@ -477,7 +446,8 @@ def evaluate_fold(ds, fold: Fold, *, features: StepFeatures, hierarchy: str = "p
     post_models = list(coords["model"])
     post_exps = list(coords["experiment"])
     rng = np.random.default_rng(seed)
-    b, sigma, basis = _corrections(params, post_models, post_exps, meta, rng)
+    b, sigma, _ = correction_draws(params, post_models, post_exps, meta.experiments,
+                                   meta.exp_model.tolist(), rng=rng)
     betas = _blis_betas(params, post_models, meta)
 
     step_rows, e2e_rows = [], []
@@ -519,11 +489,11 @@ def evaluate_fold(ds, fold: Fold, *, features: StepFeatures, hierarchy: str = "p
         for e in targets:
             pos = np.flatnonzero(meta.step_exp == e)
             step_all["blis"][pos] = blis_step_time_us(betas[e], features.take(pos))
-        base_means = {}
+        base_means = {}  # same replay and host gaps as the model (calib.e2e.replay)
         for name, vals in step_all.items():
             v = vals[design.order]
             v = np.where(np.isfinite(v), v, 0.0)  # steps of other experiments carry no weight
-            base_means[name] = experiment_means(v[None, :], design)[0]
+            base_means[name] = means_with_host_time(v, design, res.timing.gap_us)[0]
         table = res.table
         metric_index = {m: k for k, m in enumerate(("e2e", "ttft", "itl"))}
         exp_index = {n: e for e, n in enumerate(design.experiments)}
@@ -639,6 +609,36 @@ def _fmt(x, spec: str = ".1f") -> str:
         return str(x)
 
 
+def inv_m6_verdict(mspe_pct: float, bound_pct: float = config.VALIDATE_MSPE_BOUND_PCT) -> str:
+    """Contract INV-M-6 on one held-out part: ``"pass"`` when |MSPE| < ``bound_pct``,
+    ``"FAIL"`` otherwise, ``"–"`` without held-out steps."""
+    try:
+        ok = np.isfinite(mspe_pct)
+    except TypeError:
+        return "–"
+    if not ok:
+        return "–"
+    return "pass" if abs(float(mspe_pct)) < bound_pct else "FAIL"
+
+
+def inv_m6_line(summary, bound_pct: float = config.VALIDATE_MSPE_BOUND_PCT) -> str:
+    """One line: INV-M-6 on the exported plug-in predictor (``blis``: the contract is
+    checked on what BLIS runs) per held-out part, and the same count for ``calib``."""
+    out = []
+    for name, label in (("blis", "exported BLIS predictor"), ("calib", "calib posterior mean")):
+        col = f"{name}_mspe_pct"
+        m = summary[np.isfinite(summary[col].astype(float))]
+        if not len(m):
+            out.append(f"{label}: no held-out steps")
+            continue
+        ok = int((m[col].abs() < bound_pct).sum())
+        w = m.loc[m[col].abs().idxmax()]
+        verdict = ("PASS" if ok == len(m) else "FAIL") + ", " if name == "blis" else ""
+        out.append(f"{label}: {verdict}{ok}/{len(m)} held-out parts within the bound, worst "
+                   f"{w[col]:+.2f} % ({w.fold}, {w.part})")
+    return (f"INV-M-6 (|MSPE| < {bound_pct:g} % on held-out steps) — " + "; ".join(out) + ".")
+
+
 def summary_table(result: ValidationResult):
     """One row per (split, fold, part): step and E2E figures of every predictor."""
     import pandas as pd
@@ -657,6 +657,7 @@ def summary_table(result: ValidationResult):
         row["calib_mspe_pct"] = s.loc["calib", "mspe_pct"]
         row["blis_mspe_pct"] = s.loc["blis", "mspe_pct"]
         row["step_coverage_pct"] = s.loc["calib", "coverage_pct"]
+        row["inv_m6"] = inv_m6_verdict(row["blis_mspe_pct"])  # on the exported predictor
         e = ee[(ee.fold == fold) & (ee.part == part)]
         for metric in ("e2e", "ttft", "itl"):
             m = e[e.metric == metric]
@@ -705,6 +706,7 @@ def markdown_report(result: ValidationResult, manifest: dict | None = None) -> s
             f"{_fmt(r.e2e_nnls_mean_abs_err_pct)} | {r.e2e_coverage} | "
             f"{_fmt(r.ttft_mean_abs_err_pct)} | {r.ttft_coverage} | "
             f"{_fmt(r.itl_mean_abs_err_pct)} | {r.itl_coverage} |")
+    lines += ["", inv_m6_line(sm)]
     ee = result.e2e
     lomo = ee[(ee.split == "model") & (ee.metric == "e2e")]
     if len(lomo):
@@ -764,3 +766,145 @@ def write_reports(result: ValidationResult, out_dir, *, data_hash: str | None = 
     atomic_write_text(p, json.dumps(m, indent=2, sort_keys=True, default=str) + "\n")
     paths["manifest"] = p
     return paths
+
+
+# ------------------------------------------------------------------------ README results
+def results_markdown(summary, e2e, manifest: dict, *, source: str, generator: str,
+                     generated_utc: str | None = None) -> str:
+    """Markdown results block from validate's outputs (no hand-typed numbers).
+
+    Parameters
+    ----------
+    summary, e2e : ``summary.csv`` and ``e2e.csv`` of :func:`write_reports` (DataFrames).
+    manifest : ``manifest.json`` of the same run (command, time, git, data hash, settings).
+    source : the folder the tables were read from (as shown to the reader).
+    generator : the command that produced this block.
+    generated_utc : time stamp of this block (default: now).
+    """
+    from datetime import UTC, datetime
+
+    stamp = generated_utc or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    st = manifest.get("settings") or {}
+    smp = st.get("sampler") or {}
+    prob = float(st.get("prob", config.INTERVAL_PROB))
+    pct = f"{100 * prob:.0f} %"
+    folds = manifest.get("folds") or []
+    bad = [str(f.get("fold")) for f in folds if f.get("gate") != "pass"]
+    lines = [
+        f"_Generated by `{generator}` at {stamp} from `{source}`, written by "
+        f"`python scripts/{manifest.get('command', '?')}` at {manifest.get('created_utc')} "
+        f"(calib {manifest.get('calib_version')}, git {str(manifest.get('git_sha'))[:12]}"
+        f"{'-dirty' if str(manifest.get('git_sha')).endswith('-dirty') else ''}, data "
+        f"{str(manifest.get('data_hash'))[:12]}; hierarchy {st.get('hierarchy')}, NUTS "
+        f"{smp.get('chains')} chains × ({smp.get('warmup')} + {smp.get('draws')}), at most "
+        f"{st.get('max_train_steps')} train steps per fold, {st.get('draws')} posterior draws "
+        f"for predictions). Rerun both commands to refresh; do not edit by hand._",
+        "",
+        "Diagnostics gate of the fold fits: "
+        + ("pass in all folds." if not bad else
+           f"not passed in {len(bad)}/{len(folds)} folds ({', '.join(bad)}; reasons in "
+           f"`{source}validation.md`)."),
+        "",
+        "Held-out parts: MAPE and MSPE (signed mean of 100·(pred − obs)/obs) over sampled "
+        f"steps; step cov = share inside the {pct} posterior-predictive interval; E2E/TTFT/ITL "
+        "= mean |error| over experiments of the experiment-mean latency (teacher-forced "
+        f"replay with measured host gaps); E2E cov = experiments inside the {pct} interval. "
+        "calib = posterior mean, blis = exported BLIS betas, blackbox / nnls = baselines "
+        "fitted on the same train steps. INV-M-6 (|MSPE| < "
+        f"{config.VALIDATE_MSPE_BOUND_PCT:g} %) is judged on the exported predictor (blis).",
+        "",
+        "| split | fold | part | steps | MAPE calib | MAPE blis | MAPE blackbox | MAPE nnls | "
+        "MSPE calib | MSPE blis | INV-M-6 | step cov | E2E calib | E2E blis | E2E blackbox | "
+        "E2E nnls | E2E cov | TTFT calib | ITL calib |",
+        "|" + "---|" * 19]
+    for r in summary.itertuples(index=False):
+        lines.append(
+            f"| {r.split} | {r.fold} | {r.part} | {int(r.n_steps)} | {_fmt(r.calib_mape_pct)} | "
+            f"{_fmt(r.blis_mape_pct)} | {_fmt(r.blackbox_mape_pct)} | {_fmt(r.nnls_mape_pct)} | "
+            f"{_fmt(r.calib_mspe_pct, '+.2f')} | {_fmt(r.blis_mspe_pct, '+.2f')} | "
+            f"{inv_m6_verdict(r.blis_mspe_pct)} | "
+            f"{_fmt(r.step_coverage_pct)} | {_fmt(r.e2e_mean_abs_err_pct)} | "
+            f"{_fmt(r.e2e_blis_mean_abs_err_pct)} | {_fmt(r.e2e_blackbox_mean_abs_err_pct)} | "
+            f"{_fmt(r.e2e_nnls_mean_abs_err_pct)} | {r.e2e_coverage} | "
+            f"{_fmt(r.ttft_mean_abs_err_pct)} | {_fmt(r.itl_mean_abs_err_pct)} |")
+    lines += ["", inv_m6_line(summary)]
+    lomo = e2e[(e2e.split == "model") & (e2e.metric == "e2e")
+               & np.isfinite(e2e.observed_us.astype(float))]
+    if len(lomo):
+        lines += ["", f"Leave-one-model-out: each held-out model's mean E2E latency (ms) "
+                      f"predicted from the population level, with its {pct} band.", "",
+                  "| held-out model | experiment | observed | predicted | band | error % | "
+                  "inside | blackbox err % | nnls err % |", "|" + "---|" * 9]
+        for r in lomo.itertuples(index=False):
+            lines.append(
+                f"| {r.model} | {r.experiment} | {r.observed_us / 1e3:.1f} | "
+                f"{r.predicted_us / 1e3:.1f} | [{r.lower_us / 1e3:.1f}, {r.upper_us / 1e3:.1f}] "
+                f"| {_fmt(r.error_pct, '+.1f')} | {'yes' if r.inside else 'no'} | "
+                f"{_fmt(r.blackbox_error_pct, '+.1f')} | {_fmt(r.nnls_error_pct, '+.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def replace_results_section(text: str, block: str,
+                            markers: tuple[str, str] = config.RESULTS_MARKERS,
+                            heading: str = config.RESULTS_HEADING,
+                            before: str = "## Testing") -> str:
+    """``text`` with ``block`` between the results markers (only that span changes).
+
+    Without the markers, a section ``heading`` holding them is inserted just before the
+    line ``before``; a README with neither, or with one marker only or out of order, is a
+    :class:`CalibError`.
+    """
+    start, end = markers
+    i, j = text.find(start), text.find(end)
+    body = f"{start}\n{block.rstrip()}\n{end}"
+    if i < 0 and j < 0:
+        k = text.find(f"\n{before}\n")
+        if k < 0 and not text.startswith(f"{before}\n"):
+            raise CalibError(f"README has neither the results markers nor a '{before}' "
+                             f"heading to place them before", field="README.md",
+                             fix=f"add the lines {start} and {end} where the results go")
+        k = k + 1 if k >= 0 else 0
+        return text[:k] + f"{heading}\n\n{body}\n\n" + text[k:]
+    if i < 0 or j < 0 or j < i or text.count(start) != 1 or text.count(end) != 1:
+        raise CalibError(f"README must hold exactly one {start} followed by one {end}",
+                         field="README.md", fix="repair or remove both markers")
+    return text[:i] + body + text[j + len(end):]
+
+
+def write_results_section(reports_dir, readme, *, generator: str) -> str:
+    """Read ``summary.csv``, ``e2e.csv`` and ``manifest.json`` from ``reports_dir`` and
+    write the results block into ``readme`` (atomically); return the block."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    from calib.io import atomic_write_text
+
+    rep, readme = Path(reports_dir), Path(readme)
+    for name in ("summary.csv", "e2e.csv", "manifest.json"):
+        if not (rep / name).is_file():
+            raise CalibError("validation output not found", path=rep / name,
+                             fix="run python scripts/validate.py --split all first (or pass "
+                                 "--reports <its --out folder>)")
+    if not readme.is_file():
+        raise CalibError("README not found", path=readme, fix="pass --readme <file>")
+    try:
+        m = json.loads((rep / "manifest.json").read_text())
+    except json.JSONDecodeError as err:
+        raise CalibError(f"manifest is not JSON ({err.msg}, line {err.lineno})",
+                         path=rep / "manifest.json", fix="rerun scripts/validate.py") from None
+    summary = pd.read_csv(rep / "summary.csv")
+    e2e = pd.read_csv(rep / "e2e.csv")
+    missing = [c for c in ("split", "fold", "part", "calib_mspe_pct") if c not in summary]
+    if missing:
+        raise CalibError(f"summary.csv lacks column(s) {', '.join(missing)}",
+                         path=rep / "summary.csv", field=missing[0],
+                         fix="rerun scripts/validate.py with this calib version")
+    try:
+        shown = rep.resolve().relative_to(readme.resolve().parent)
+    except ValueError:
+        shown = rep
+    block = results_markdown(summary, e2e, m, source=f"{shown}/", generator=generator)
+    atomic_write_text(readme, replace_results_section(readme.read_text(), block))
+    return block

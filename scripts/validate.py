@@ -92,7 +92,13 @@ def run(args: argparse.Namespace) -> int:
     from calib.priors import load_priors
     from calib.traces import load_dataset
     from calib.traces.dataset import dataset_hash
-    from calib.validate import default_settings, run_validation, summary_table, write_reports
+    from calib.validate import (
+        default_settings,
+        inv_m6_line,
+        run_validation,
+        summary_table,
+        write_reports,
+    )
 
     if not (args.traces.is_file() or args.traces.is_dir()):
         raise CalibError("dataset not found", path=args.traces,
@@ -115,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
             "nnls_mape_pct", "calib_mspe_pct", "step_coverage_pct", "e2e_mean_abs_err_pct",
             "e2e_coverage"]
     print(sm[cols].to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    print(inv_m6_line(sm))
     for f in result.folds:
         if f["gate"] != "pass":
             print(f"warning: fold {f['fold']}: diagnostics gate {f['gate'][:200]}",

@@ -11,6 +11,7 @@ from calib.e2e import (
     METRICS,
     experiment_means,
     format_table,
+    means_with_host_time,
     measure_host_timing,
     replay,
     replay_design,
@@ -42,6 +43,23 @@ def test_weights_and_gap_counts_reproduce_observed_means_from_true_durations(sha
     # leaving the gaps out misses them: E2E windows of k steps hold k - 1 gaps
     short = experiment_means(truth["true_step_us"][design.order][None, :], design)[0]
     assert np.all(design.observed_us[0] - short[0] > 25.0 * 5)
+
+
+def test_means_with_host_time_adds_gaps_per_experiment_and_per_draw():
+    ds, _, truth = make_replay_dataset(seed=7, steps_per_exp=300, requests_per_exp=15,
+                                       queued_fraction=0.5, gap_us=25.0)
+    design = replay_design(ds, queued_step_weight=0.5)
+    step = truth["true_step_us"][design.order]
+    E = design.bounds.size - 1
+    np.testing.assert_allclose(means_with_host_time(step, design, np.full(E, 25.0))[0],
+                               design.observed_us, rtol=1e-10)
+    # default: the measured gap of the design; per-draw gaps broadcast over draws
+    want = experiment_means(step, design)[0] + design.timing.gap_us * design.gap_counts
+    np.testing.assert_allclose(means_with_host_time(step, design)[0], want, rtol=1e-12)
+    two = means_with_host_time(np.stack([step, step]), design, np.array([np.zeros(E),
+                                                                         np.full(E, 25.0)]))
+    np.testing.assert_allclose(two[0], experiment_means(step, design)[0], rtol=1e-12)
+    np.testing.assert_allclose(two[1], design.observed_us, rtol=1e-10)
 
 
 def test_gap_counts_match_brute_force_window_counts(data):

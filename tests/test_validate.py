@@ -247,6 +247,39 @@ def test_run_validation_tables_and_atomic_files(tiny, tmp_path):
     assert not list(out.glob(".*.tmp"))
 
 
+def test_baseline_e2e_uses_the_replay_host_gaps(tiny):
+    """Baselines' E2E means get the same measured host gaps as the model (calib.e2e)."""
+    from calib.e2e import experiment_means, means_with_host_time, replay_design
+    from calib.predict import StepFeatures
+    from calib.priors import load_priors
+
+    fold = V.make_folds(tiny, "temporal")[0]
+    feats = StepFeatures.from_dataset(tiny)
+    r = V.evaluate_fold(tiny, fold, features=feats, priors=load_priors(),
+                        settings=V.default_settings(chains=1, warmup=0, draws=20), draws=20,
+                        fit_fn=_mock_fit)
+    meta = V._meta(tiny)
+    train = fold.steps(V.TRAIN, meta.sampled)
+    rows = pd.DataFrame(r.e2e_rows)
+    for part in (V.VAL, V.TEST):
+        reqs = np.flatnonzero(fold.request_part == part)
+        sub = tiny.isel(request=reqs)
+        design = replay_design(sub)
+        assert design.timing.gap_us.min() > 1.0  # the simulator leaves host gaps
+        targets = np.unique(meta.step_exp)
+        bb = V._baseline_predictions(meta, feats, train, targets)["blackbox"][design.order]
+        with_gap = means_with_host_time(bb, design)[0]
+        without = experiment_means(bb, design)[0]
+        got = rows[rows.part == V.PARTS[part]]
+        for k, metric in enumerate(("e2e", "ttft", "itl")):
+            for row in got[got.metric == metric].itertuples():
+                e = design.experiments.index(row.experiment)
+                want = 100 * (with_gap[k, e] - row.observed_us) / row.observed_us
+                assert row.blackbox_error_pct == pytest.approx(want, rel=1e-9, abs=1e-9)
+                if metric == "e2e":
+                    assert with_gap[k, e] - without[k, e] > 10 * design.timing.gap_us.min()
+
+
 def test_script_missing_traces_exits_2(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "validate.py"), "--traces",
                         str(tmp_path / "nope.nc"), "--out", str(tmp_path / "o")],
@@ -254,6 +287,113 @@ def test_script_missing_traces_exits_2(tmp_path):
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------ README results block
+def _fixture_result():
+    """A hand-made two-fold result (temporal test part, leave-one-model-out) with known numbers."""
+    steps, e2e = [], []
+    for fold, split, part, mspe in (("temporal", "temporal", "test", -1.25),
+                                    ("model=llama-2-7b", "model", "test", 7.5)):
+        for k, name in enumerate(V.PREDICTORS):
+            steps.append({"split": split, "fold": fold, "part": part, "predictor": name,
+                          "n_steps": 120, "mape_pct": 4.0 + k, "median_ape_pct": 3.0,
+                          "pearson_r": 0.99, "mspe_pct": mspe if name == "calib" else 2.0,
+                          "coverage_pct": 88.5 if name == "calib" else np.nan})
+        for metric, obs in (("e2e", 2.0e6), ("ttft", 1.0e5), ("itl", 3.0e4)):
+            e2e.append({"split": split, "fold": fold, "part": part, "experiment": "exp-a",
+                        "model": "llama-2-7b", "workload": "general",
+                        "basis": "population" if split == "model" else "fitted",
+                        "metric": metric, "n_requests": 50, "observed_us": obs,
+                        "predicted_us": obs * 1.024, "lower_us": obs * 0.9,
+                        "upper_us": obs * 1.1, "error_pct": 2.4, "inside": True,
+                        "blis_error_pct": -6.0, "blackbox_error_pct": 11.0,
+                        "nnls_error_pct": -3.5})
+    folds = [{"split": s, "fold": f, "held_out": "", "n_train_steps": 900, "gate": "pass",
+              "sampling_s": 1.0, "wall_s": 2.0} for s, f in (("temporal", "temporal"),
+                                                              ("model", "model=llama-2-7b"))]
+    return V.ValidationResult(
+        steps=pd.DataFrame(steps, columns=list(V.STEP_COLUMNS)),
+        e2e=pd.DataFrame(e2e, columns=list(V.E2E_COLUMNS)), folds=folds,
+        settings={"hierarchy": "per-model", "sampler": {"chains": 2, "warmup": 300,
+                                                         "draws": 300},
+                  "draws": 400, "prob": 0.9, "seed": 0, "max_train_steps": 30000,
+                  "splits": ["temporal", "model"]})
+
+
+README = ("# calib\n\nIntro.\n\n## Validation and benchmarks\n\nText.\n\n"
+          "## Testing\n\n```bash\npytest\n```\n")
+
+
+def test_results_section_from_validate_outputs(tmp_path):
+    from calib.errors import CalibError
+
+    res = _fixture_result()
+    rep = tmp_path / "reports" / "validate"
+    V.write_reports(res, rep, data_hash="ab" * 32, command=["validate.py", "--split", "all"])
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    start, end = config.RESULTS_MARKERS
+    block = V.write_results_section(rep, readme, generator="python scripts/results_section.py")
+    text = readme.read_text()
+    # the section is created just before "## Testing"; everything else is untouched
+    head, tail = text.split(f"{config.RESULTS_HEADING}\n\n{start}\n")
+    assert head == README.split("## Testing")[0]
+    assert tail.split(f"{end}\n\n", 1)[1] == README[README.index("## Testing"):]
+    assert text.count(start) == 1 and text.count(end) == 1
+    # provenance: both commands, the validate run's time and data hash
+    assert "`python scripts/results_section.py`" in block
+    assert "`python scripts/validate.py --split all`" in block
+    created = json.loads((rep / "manifest.json").read_text())["created_utc"]
+    assert created in block and "data abababababab" in block
+    assert "from `reports/validate/`" in block
+    # numbers come from the tables: MAPE calib 4.0 / nnls 7.0, MSPE, step coverage, E2E
+    assert ("| temporal | temporal | test | 120 | 4.0 | 5.0 | 6.0 | 7.0 | -1.25 | +2.00 | pass "
+            "| 88.5 | 2.4 | 6.0 | 11.0 | 3.5 | 1/1 | 2.4 | 2.4 |") in block
+    # INV-M-6 is judged on the exported predictor (blis, MSPE +2.00 in both parts)
+    assert "| model | model=llama-2-7b | test | 120 |" in block and "| +7.50 | +2.00 | pass |" in block
+    assert ("INV-M-6 (|MSPE| < 5 % on held-out steps) — exported BLIS predictor: PASS, 2/2 "
+            "held-out parts within the bound") in block
+    assert "calib posterior mean: 1/2 held-out parts within the bound, worst +7.50 % " \
+           "(model=llama-2-7b, test)" in block
+    # leave-one-model-out: observed, predicted and the population-level band in ms
+    assert "| llama-2-7b | exp-a | 2000.0 | 2048.0 | [1800.0, 2200.0] | +2.4 | yes |" in block
+    assert "pass in all folds" in block
+    res.folds[1]["gate"] = "fail: rhat 1.02"
+    V.write_reports(res, rep, data_hash="ab" * 32, command=["validate.py", "--split", "all"])
+    block = V.write_results_section(rep, readme, generator="python scripts/results_section.py")
+    assert ("not passed in 1/2 folds (model=llama-2-7b; reasons in "
+            "`reports/validate/validation.md`)") in block
+    # a second run replaces only the block
+    readme.write_text(text.replace("Intro.", "Intro, edited by the lead."))
+    V.write_results_section(rep, readme, generator="python scripts/results_section.py")
+    again = readme.read_text()
+    assert again.count(start) == 1 and "Intro, edited by the lead." in again
+    assert again.count(config.RESULTS_HEADING) == 1
+    # broken markers and missing inputs are user errors naming the file
+    readme.write_text(README + end + "\n")
+    with pytest.raises(CalibError, match="exactly one"):
+        V.write_results_section(rep, readme, generator="x")
+    assert readme.read_text() == README + end + "\n"
+    with pytest.raises(CalibError, match="summary.csv"):
+        V.write_results_section(tmp_path / "nope", readme, generator="x")
+
+
+def test_results_section_script_exit_codes(tmp_path):
+    res = _fixture_result()
+    rep = tmp_path / "rep"
+    V.write_reports(res, rep, data_hash="c" * 64, command=["validate.py"])
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    script = str(ROOT / "scripts" / "results_section.py")
+    r = subprocess.run([sys.executable, script, "--reports", str(rep), "--readme", str(readme)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "--reports" in readme.read_text() and config.RESULTS_MARKERS[0] in readme.read_text()
+    r = subprocess.run([sys.executable, script, "--reports", str(tmp_path / "none"),
+                        "--readme", str(readme)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------------ slow: truth in family
@@ -297,12 +437,11 @@ def test_truth_in_family_held_out_e2e_and_coverage(tmp_path):
     from calib.priors import load_priors
     from calib.simulate import TruthParams
 
-    # the replay sums step durations back to back: no CPU gap between steps (the default
-    # simulator's ~60 µs inter-step gap would bias observed latencies by ~0.5 %)
-    no_gaps = TruthParams(inter_step_gap_us=0.05, idle_wake_us=0.05)
+    # the simulator's host gaps between steps (lognormal, mean 60 µs) stay in: the replay
+    # adds the gap measured from the step timestamps (calib.e2e.measure_host_timing)
     ds = _simulate(tmp_path, step_time=ModelFamilyStepTime(TRUE), stages=((6.0, 30.0),),
                    output_len=200, workloads=("general", "codegen", "roleplay"),
-                   truth_params=no_gaps)
+                   truth_params=TruthParams())
     settings = V.default_settings(chains=2, warmup=300, draws=300)
     res = V.run_validation(ds, ["temporal", "request-hash"], priors=load_priors(),
                            settings=settings, draws=300, progress=False)
@@ -310,6 +449,10 @@ def test_truth_in_family_held_out_e2e_and_coverage(tmp_path):
     # miss the strict gate; the held-out predictions are what this test judges
     assert all(f["n_train_steps"] > 1000 for f in res.folds), res.folds
     e2e = res.e2e[(res.e2e.metric == "e2e") & np.isfinite(res.e2e.observed_us)]
+    print("\n" + V.summary_table(res).to_string())
+    print(e2e[["fold", "part", "experiment", "observed_us", "predicted_us", "lower_us",
+               "upper_us", "error_pct", "inside", "blackbox_error_pct",
+               "nnls_error_pct"]].to_string())
     assert len(e2e) >= 12
     assert e2e.error_pct.abs().max() < 3.0, e2e[["fold", "part", "experiment", "error_pct"]]
     # nominal 90 %: at least 2/3 of the experiment intervals contain the observed mean
