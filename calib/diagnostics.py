@@ -224,7 +224,9 @@ def check(idata, max_tree_depth: int, *, thresholds: config.GateThresholds = con
 
     # E-BFMI
     if stats is not None and "energy" in stats:
-        bfmi = np.atleast_1d(np.asarray(quiet(az.bfmi, idata), dtype=float))
+        # float64: a float32 fit's energies (~1e5 at 10^5 steps) lose the variance
+        energy = np.asarray(stats["energy"].values, dtype=np.float64)
+        bfmi = np.atleast_1d(np.asarray(quiet(az.bfmi, energy), dtype=float))
         i = int(np.nanargmin(bfmi)) if np.isfinite(bfmi).any() else 0
         value = float(bfmi[i])
         rows.append(CheckRow("ebfmi", value, thresholds.min_ebfmi, ">=",
