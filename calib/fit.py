@@ -15,7 +15,9 @@ return the same InferenceData layout:
 ``log_likelihood``   (optional) ``duration_us`` (chain, draw, step): pointwise log density
                      of the observed duration in µs (a model observing ``log y`` gets the
                      Jacobian ``−log y`` added so ``az.loo`` compares on the µs scale);
-``prior``            (optional) prior draws of the latent sites (chain of size 1).
+``prior``            (optional) prior draws of the named parameters
+                     (``calib.model.PARAMETER_SITES``, chain of size 1), drawn from the
+                     model without observations (exact: no pinned coordinates).
 
 :func:`fit` ties dataset -> model data -> sampler -> gate -> manifest -> file.
 Library code never changes global JAX state (x64, device count, platform are
@@ -36,7 +38,7 @@ from calib import config
 from calib.errors import CalibError
 
 __all__ = ["BACKENDS", "CHAIN_METHODS", "FitResult", "SamplerSettings", "fit",
-           "fit_model_data", "numpyro_to_idata", "run_nuts", "run_pymc"]
+           "fit_model_data", "numpyro_to_idata", "pymc_prior_draws", "run_nuts", "run_pymc"]
 
 BACKENDS = ("numpyro", "pymc", "nutpie")
 CHAIN_METHODS = ("parallel", "sequential", "vectorized")
@@ -465,7 +467,8 @@ def run_pymc(model_fn, data, priors, *, coords: dict[str, list[str]],
     must use the same site names (``centered``: its parameterisation, default
     ``calib.config.MODEL_CENTERED``). ``chain_method`` "parallel" runs chains in worker
     processes (``cores=min(chains, cpu count)``), "sequential" in this process;
-    "vectorized" is NumPyro-only.
+    "vectorized" is NumPyro-only. ``prior_draws`` come from :func:`pymc_prior_draws`
+    (the model without observations: exact prior draws of the named parameters).
     """
     import pymc as pm
 
@@ -511,8 +514,9 @@ def run_pymc(model_fn, data, priors, *, coords: dict[str, list[str]],
         # PyMC flags its full-mass adaptation as experimental on every call
         warnings.filterwarnings("ignore", message="QuadPotentialFullAdapt is an experimental")
         trace = pm.sample(**kwargs)
-        prior_idata = (pm.sample_prior_predictive(draws=prior_draws, random_seed=seed_prior)
-                       if prior_draws > 0 else None)
+    prior_samples = (pymc_prior_draws(hierarchy, data, priors, coords, prior_draws,
+                                      seed=seed_prior, centered=centered)
+                     if prior_draws > 0 else None)
 
     def to_dataset(group):
         samples = {k: v.values for k, v in group.data_vars.items()}
@@ -536,11 +540,56 @@ def run_pymc(model_fn, data, priors, *, coords: dict[str, list[str]],
         obs_value = np.asarray(trace.observed_data[obs_name].values).reshape(-1)
         log_lik = _log_lik_dataset(ll, _jacobian(obs_value, data.duration_us), step_index, pm)
 
-    prior = to_dataset(prior_idata.prior) if prior_idata is not None else None
+    prior = None
+    if prior_samples is not None:
+        prior = _posterior_dataset({k: v[None] for k, v in prior_samples.items()},
+                                   drop=set(obs_names), site_dims=site_dims, coords=xcoords,
+                                   sizes=sizes, library=pm)
     return _assemble(posterior=posterior, sample_stats=stats, data=data, coords=coords,
                      step_index=step_index, log_lik=log_lik, prior=prior,
                      attrs={"sampler": f"{nuts_sampler}-nuts",
                             "chain_method_run": "sequential" if cores == 1 else "parallel"})
+
+
+def pymc_prior_draws(hierarchy: str, data, priors, coords: dict[str, list], draws: int, *,
+                     seed: int = 0, centered: bool | None = None) -> dict[str, np.ndarray]:
+    """Exact prior draws of the named parameters from the PyMC model.
+
+    The model is built WITHOUT observations, i.e. in its natural coordinates: with
+    observations the pinned corrections and the bounded ``per_request_us``
+    (``calib.model.pinned``) are sampled through raw sites whose prior is completed by
+    ``pm.Potential`` terms, which ``pm.sample_prior_predictive`` ignores (as NumPyro's
+    ``Predictive`` ignores factor sites). Same choice as :func:`run_nuts`.
+
+    Parameters
+    ----------
+    hierarchy, data, priors : the model (``data.duration_us`` is dropped here).
+    coords : ``model`` and ``experiment`` labels (the other coordinates are rebuilt for
+        the observation-free data, whose active pairs include the pinned ones).
+    draws : number of prior draws.
+    seed : ``random_seed`` of ``pm.sample_prior_predictive``.
+    centered : parameterisation (default ``calib.config.MODEL_CENTERED``).
+
+    Returns
+    -------
+    dict
+        :data:`calib.model.PARAMETER_SITES` present in the model -> (draws, ...) arrays;
+        their dims (``model``, ``component``, ``experiment``) do not depend on the
+        coordinates the model was sampled in.
+    """
+    import pymc as pm
+
+    from calib.model import PARAMETER_SITES, model_coords
+    from calib.model_pymc import build_pymc_model
+
+    free = data._replace(duration_us=None, log_duration=None)
+    pcoords = model_coords(free, list(coords["model"]), list(coords["experiment"]))
+    model = build_pymc_model(hierarchy, free, priors, pcoords, centered=centered)
+    names = [n for n in PARAMETER_SITES if n in model.named_vars]
+    with model:
+        idata = pm.sample_prior_predictive(draws=int(draws), var_names=names,
+                                           random_seed=int(seed))
+    return {k: np.asarray(idata.prior[k].values)[0] for k in names}
 
 
 # ------------------------------------------------------------------------------ fit

@@ -1,42 +1,53 @@
 """NumPyro and PyMC backends sample the same posterior (slow).
 
-Run: ``/work/venv/bin/pytest -m slow tests/test_pymc_agree.py -q`` (a few minutes).
+Run: ``/work/venv/bin/pytest -m slow tests/test_pymc_agree.py -q`` (``-s`` prints the
+table of means, MCSEs and z). Measured 2026-11-22 (model of 22:05, overheads bounded
+below the pinned constants): 343 s wall, 324 s CPU, on the 2-core machine at load 1-3
+(warm PyTensor cache; a cold one compiles C code for minutes more); largest z 1.72
+(sigma[m1]), 0 divergent transitions in either backend (with the model of commit
+bc5b8bc: NumPyro 3 / PyMC 1 of 4000, largest z 2.0).
 
-On a small per-model problem (2 models, one at TP=2) both backends sample 4 chains
-× 1000 draws; every named parameter's posterior mean must agree within 3 combined
-Monte-Carlo standard errors (ArviZ ``mcse_mean`` of each backend, added in quadrature).
+On a small per-model problem (400 steps, 2 models, one at TP=2) both fit runners
+(:func:`calib.fit.run_nuts` and :func:`calib.fit.run_pymc`, the project's sampler
+settings (max_tree_depth, dense mass) but target_accept 0.99) sample 4 chains x 1000 draws;
+every named parameter's posterior mean must agree within 3 combined Monte-Carlo
+standard errors (ArviZ ``mcse_mean`` of each backend, added in quadrature), and both
+runs must have converged (R-hat <= 1.01, at most 0.5 % divergent transitions).
 """
 
 from __future__ import annotations
 
 import arviz as az
-import jax
 import numpy as np
+import pandas as pd
 import pytest
-from numpyro.infer import MCMC, NUTS, init_to_median
 
-from calib.model import (
-    SITE_DIMS,
-    get_model,
-    model_coords,
-    simulate_from_model,
-    synthetic_model_data,
-)
+from calib import config
+from calib.fit import run_nuts, run_pymc
+from calib.model import get_model, model_coords, simulate_from_model, synthetic_model_data
 from calib.priors import load_priors
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow,
+              # pip-installed PyTensor warns once per graph that it found no BLAS to link
+              pytest.mark.filterwarnings("ignore:PyTensor could not link to a BLAS")]
 
 PRIORS = load_priors()
 NAMES = ["b_pop", "tau", "b", "per_layer_us", "per_request_us", "per_step_us", "alpha",
          "sigma", "nu"]
+#: Above the project default 0.95, as in tests/test_recovery.py: small problems (wide
+#: posteriors) leave a few divergent transitions at 0.95.
+TARGET_ACCEPT = 0.99
+#: Largest share of divergent transitions per run (as tests/test_recovery.py: 5 per 1000).
+MAX_DIVERGENT_SHARE = 0.005
+SAMPLER = dict(chains=4, warmup=1000, draws=1000, chain_method="sequential",
+               target_accept=TARGET_ACCEPT,
+               max_tree_depth=config.SAMPLER.max_tree_depth, dense_mass=config.DENSE_MASS,
+               progress=False)
 
 
 @pytest.mark.parametrize("hierarchy", ["per-model"])
 def test_pymc_and_numpyro_agree(hierarchy):
-    import pymc as pm
-
-    from calib.model_pymc import build_pymc_model
-
+    pytest.importorskip("pymc")
     design = synthetic_model_data(400, 2, 2, seed=21, tp2_models=(1,))
     truth = dict(b=np.array([[1.8, 1.5, 2.5, 1.6, 1.15, 2.0], [1.6, 1.4, 2.2, 1.9, 1.3, 2.4]]),
                  per_layer_us=8.0, per_request_us=12.0, per_step_us=150.0, alpha=0.6,
@@ -45,22 +56,23 @@ def test_pymc_and_numpyro_agree(hierarchy):
     data = design._replace(duration_us=y, log_duration=np.log(y))
     coords = model_coords(data, ["m0", "m1"], [f"e{i}" for i in range(4)])
 
-    mcmc = MCMC(NUTS(get_model(hierarchy), dense_mass=True, target_accept_prob=0.9,
-                     init_strategy=init_to_median),
-                num_warmup=1000, num_samples=1000, num_chains=4, chain_method="sequential",
-                progress_bar=False)
-    mcmc.run(jax.random.key(0), data, PRIORS)
-    s = mcmc.get_samples(group_by_chain=True)
-    dims = {k: list(SITE_DIMS[k]) for k in NAMES}
-    idata_np = az.from_dict(posterior={k: np.asarray(s[k]) for k in NAMES}, coords=coords,
-                            dims=dims)
-    with build_pymc_model(hierarchy, data, PRIORS, coords):
-        idata_pm = pm.sample(1000, tune=1000, chains=4, cores=1, random_seed=1,
-                             target_accept=0.9, progressbar=False, compute_convergence_checks=False)
-    a = az.summary(idata_np, var_names=NAMES)
-    b = az.summary(idata_pm, var_names=NAMES).loc[a.index]
+    idata_np = run_nuts(get_model(hierarchy), data, PRIORS, coords=coords, seed=0, **SAMPLER)
+    idata_pm = run_pymc(get_model(hierarchy), data, PRIORS, coords=coords, seed=1,
+                        hierarchy=hierarchy, **SAMPLER)
+    for idata in (idata_np, idata_pm):
+        div = idata.sample_stats["diverging"].values
+        print(f"{idata.attrs['sampler']}: {int(div.sum())} divergent of {div.size}")
+        assert div.mean() <= MAX_DIVERGENT_SHARE, idata.attrs["sampler"]
+    # unrounded: ArviZ's default 3 decimals turn a small MCSE into 0 and z into NaN
+    a = az.summary(idata_np, var_names=NAMES, round_to="none")
+    b = az.summary(idata_pm, var_names=NAMES, round_to="none").loc[a.index]
     # the (m0, tp) entry is not a parameter (equals b_pop[tp]) but must agree too
     z = (a["mean"] - b["mean"]).abs() / np.sqrt(a["mcse_mean"] ** 2 + b["mcse_mean"] ** 2)
+    table = pd.DataFrame({"numpyro": a["mean"], "mcse": a["mcse_mean"], "pymc": b["mean"],
+                          "mcse_pymc": b["mcse_mean"], "z": z.round(2)})
+    print(table.to_string())
+    assert z.notna().all() and len(z) == 31, table
     bad = z[z > 3]
     assert bad.empty, f"posterior means disagree:\n{bad}"
-    assert (a["r_hat"] <= 1.01).all() and (b["r_hat"] <= 1.01).all()  # summary rounds to 0.01
+    for summ in (a, b):  # R-hat to 2 decimals, as the gate reports it
+        assert (summ["r_hat"].round(2) <= 1.01).all(), summ["r_hat"]

@@ -1,45 +1,79 @@
 """Parameter recovery on data simulated from the model itself (slow).
 
-Run: ``/work/venv/bin/pytest -m slow tests/test_recovery.py -q`` (a few minutes).
+Run: ``/work/venv/bin/pytest -m slow tests/test_recovery.py -q`` (add ``-s`` for the
+coverage and divergence summary). 7 fits of 3000 steps, 2 chains x (500 warmup + 500
+draws) each, sequential, through :func:`calib.fit.run_nuts` with the project's
+max_tree_depth and dense mass but ``TARGET_ACCEPT`` 0.99 (see there). Measured
+2026-11-22 (model of 22:05, overheads bounded below the pinned constants): 275 s wall
+(269 s CPU) on the 2-core machine at load 3-4. Result: coverage 86/90 (P(X >= 86) = 0.047
+under Binomial(90, 0.9)), 0 divergences in all 7 fits; alpha 0.774 ± 0.017 (truth 0.8)
+with mixed batches, 0.508 ± 0.209 (prior 0.5 ± 0.224) without.
 
-Truth is drawn per seed from a realistic generator (corrections ~1-3, overheads
-around the prior medians, noise 3-15 %), and the 90 % posterior intervals must cover
-it at a rate consistent with 90 % over seeds and parameters (a binomial test that
-fails for a biased or over-/under-confident fit). (Truths drawn from the full prior
-include extreme overheads that dwarf the weight term; see the report's open problems.) Alpha is recovered when
-mixed batches are present and stays at its prior when they are absent.
+Coverage: truth is drawn per seed from a realistic generator (corrections ~1-3,
+overheads around the prior medians, noise 3-15 %), and the 90 % equal-tailed posterior
+intervals of every named parameter with a truth (``b`` of each active (model,
+component) pair, the three overheads, ``alpha``, ``sigma`` per model, ``nu``) must cover
+it at a rate consistent with 90 % over 5 seeds: the count of covered intervals must not
+lie in either binomial tail of probability < 0.001 (Binomial(n, 0.9)), so a biased or
+over-/under-confident fit fails. The binomial treats the 90 intervals as independent;
+within one seed they are not (e.g. ``b[m, weight]``, ``per_layer_us`` and ``per_step_us``
+share one ridge), which widens the true spread of the count, so the bound errs on the
+strict side. Over-coverage is expected for directions the data leave to the prior
+(the generator is narrower than the prior). (Truths drawn from the full prior include
+extreme overheads that dwarf the weight term; the prior-calibration check is
+tests/test_sbc.py.)
+
+Alpha is recovered when mixed batches are present and stays at its prior (Beta(2, 2))
+when they are absent (then it does not enter the likelihood at all).
 """
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
-from numpyro.infer import MCMC, NUTS, init_to_median
 from scipy import stats
 
-from calib.model import get_model, simulate_from_model, synthetic_model_data
+from calib import config
+from calib.fit import run_nuts
+from calib.model import get_model, model_coords, simulate_from_model, synthetic_model_data
 from calib.priors import load_priors
 
 pytestmark = pytest.mark.slow
 
 PRIORS = load_priors()
 SEEDS = (11, 12, 13, 14, 15)
+#: Each binomial tail of the coverage count must have probability above this.
+TAIL = 1e-3
+CHAINS, WARMUP, DRAWS = 2, 500, 500
+#: Above the project default (config.SAMPLER.target_accept = 0.95): on these 3000-step
+#: problems 0.95 left 2-15 divergent transitions per fit with the model of commit bc5b8bc
+#: (seeds 11-15: 4, 3, 14, 2, 3; alpha without mixed batches: 15); 0.99 (step size ~0.08
+#: instead of ~0.2, ~3x the leapfrog steps) left 0, 0, 0, 0, 1 and 3, and 0 everywhere
+#: with the overheads bounded below the pinned constants (working tree, 22:05).
+TARGET_ACCEPT = 0.99
+#: Divergent transitions allowed per fit (of CHAINS x DRAWS = 1000; the limit this test
+#: has always had).
+MAX_DIVERGENCES = 5
 
 
-def _fit(hierarchy, data, seed, draws=500):
-    mcmc = MCMC(NUTS(get_model(hierarchy), dense_mass=True, target_accept_prob=0.9,
-                     init_strategy=init_to_median),
-                num_warmup=500, num_samples=draws, num_chains=2, chain_method="sequential",
-                progress_bar=False)
-    mcmc.run(jax.random.key(seed), data, PRIORS, extra_fields=("diverging",))
-    return mcmc.get_samples(), int(np.sum(mcmc.get_extra_fields()["diverging"]))
+def _fit(hierarchy, data, seed):
+    """Posterior draws (site -> (chains*draws, ...)) and the number of divergences."""
+    coords = model_coords(data, [f"m{m}" for m in range(data.n_models)],
+                          [f"e{e}" for e in range(data.n_experiments)])
+    idata = run_nuts(get_model(hierarchy), data, PRIORS, coords=coords, chains=CHAINS,
+                     warmup=WARMUP, draws=DRAWS, seed=seed, chain_method="sequential",
+                     target_accept=TARGET_ACCEPT,
+                     max_tree_depth=config.SAMPLER.max_tree_depth,
+                     dense_mass=config.DENSE_MASS, progress=False)
+    post = {k: np.asarray(v.values).reshape(-1, *v.shape[2:])
+            for k, v in idata.posterior.data_vars.items()}
+    return post, int(idata.sample_stats["diverging"].sum())
 
 
-def _scalars(values: dict, active: np.ndarray) -> dict[str, float]:
+def _scalars(values: dict, active: np.ndarray) -> dict[str, np.ndarray]:
     out = {}
     for m, k in zip(*np.nonzero(active), strict=True):
-        out[f"b[{m},{k}]"] = values["b"][..., m, k]
+        out[f"b[{m},{config.COMPONENTS[k]}]"] = values["b"][..., m, k]
     for name in ("per_layer_us", "per_request_us", "per_step_us", "alpha", "nu"):
         out[name] = values[name]
     for m in range(active.shape[0]):
@@ -47,33 +81,45 @@ def _scalars(values: dict, active: np.ndarray) -> dict[str, float]:
     return out
 
 
+def _truth(seed):
+    rng = np.random.default_rng(seed)
+    base = np.array([1.8, 1.5, 2.5, 1.6, 1.15, 2.0])
+    return dict(b=base * np.exp(rng.normal(0, 0.25, (2, 6))),
+                per_layer_us=10.0 * np.exp(rng.normal(0, 0.5)),
+                per_request_us=10.0 * np.exp(rng.normal(0, 0.5)),
+                per_step_us=100.0 * np.exp(rng.normal(0, 0.5)),
+                alpha=rng.uniform(0.2, 0.8), sigma=rng.uniform(0.03, 0.15, 2),
+                nu=rng.uniform(4.0, 30.0))
+
+
 def test_interval_coverage_over_seeds():
     covered = total = 0
+    misses, divergences = [], {}
     for seed in SEEDS:
         design = synthetic_model_data(3000, 2, 2, seed=seed, tp2_models=(1,))
-        rng = np.random.default_rng(seed)
-        base = np.array([1.8, 1.5, 2.5, 1.6, 1.15, 2.0])
-        truth = dict(b=base * np.exp(rng.normal(0, 0.25, (2, 6))),
-                     per_layer_us=10.0 * np.exp(rng.normal(0, 0.5)),
-                     per_request_us=10.0 * np.exp(rng.normal(0, 0.5)),
-                     per_step_us=100.0 * np.exp(rng.normal(0, 0.5)),
-                     alpha=rng.uniform(0.2, 0.8), sigma=rng.uniform(0.03, 0.15, 2),
-                     nu=rng.uniform(4.0, 30.0))
-        y, truth = simulate_from_model("per-model", design, params=truth, seed=seed)
-        if not np.all(np.isfinite(y)):
-            continue
+        y, truth = simulate_from_model("per-model", design, params=_truth(seed), seed=seed)
+        assert np.all(np.isfinite(y)) and np.all(y > 0)
         data = design._replace(duration_us=y, log_duration=np.log(y))
-        post, div = _fit("per-model", data, seed)
-        assert div <= 5, f"seed {seed}: {div} divergences"
+        post, divergences[seed] = _fit("per-model", data, seed)
         t = _scalars(truth, design.active)
-        p = _scalars({k: np.asarray(v) for k, v in post.items()}, design.active)
+        p = _scalars(post, design.active)
         for name, draws in p.items():
             lo, hi = np.quantile(draws, [0.05, 0.95])
-            covered += int(lo <= float(t[name]) <= hi)
+            ok = bool(lo <= float(t[name]) <= hi)
+            covered += ok
             total += 1
-    assert total >= 80
-    pval = stats.binomtest(covered, total, 0.9).pvalue
-    assert pval > 1e-3, f"coverage {covered}/{total} = {covered / total:.2f}"
+            if not ok:
+                misses.append(f"seed {seed} {name}: truth {float(t[name]):.4g} "
+                              f"outside [{lo:.4g}, {hi:.4g}]")
+    assert total == 18 * len(SEEDS)
+    binom = stats.binom(total, config.INTERVAL_PROB)
+    low, high = binom.cdf(covered), binom.sf(covered - 1)  # P(X <= covered), P(X >= covered)
+    msg = (f"coverage {covered}/{total} = {covered / total:.3f} (P(X<=k) {low:.2g}, "
+           f"P(X>=k) {high:.2g}); divergences per seed {divergences}; misses: {misses}")
+    print(msg)
+    assert low > TAIL and high > TAIL, msg
+    # divergent transitions mean the sampler may have missed part of the posterior
+    assert max(divergences.values()) <= MAX_DIVERGENCES, msg
 
 
 @pytest.mark.parametrize("mixed_fraction", [0.3, 0.0])
@@ -85,12 +131,14 @@ def test_alpha_needs_mixed_batches(mixed_fraction):
     y, _ = simulate_from_model("per-model", design, params=truth, seed=6)
     post, div = _fit("per-model", design._replace(duration_us=y, log_duration=np.log(y)), 7)
     a = np.asarray(post["alpha"])
-    prior = PRIORS["alpha"]
-    prior_sd = np.sqrt(2 * 2 / (4**2 * 5))  # Beta(2, 2)
-    assert prior.kwargs == {"a": 2.0, "b": 2.0}
+    print(f"mixed {mixed_fraction}: alpha {a.mean():.3f} ± {a.std():.3f}, {div} divergences")
+    assert div <= MAX_DIVERGENCES
+    assert PRIORS["alpha"].kwargs == {"a": 2.0, "b": 2.0}
+    prior_sd = np.sqrt(2 * 2 / (4**2 * 5))  # Beta(2, 2): 0.224
     if mixed_fraction > 0:
         assert abs(a.mean() - 0.8) < max(3 * a.std(), 0.02)
         assert a.std() < 0.1
     else:
+        # alpha does not enter the likelihood: its posterior is its prior (mean 0.5)
         assert abs(a.mean() - 0.5) < 0.05
-        assert a.std() > 0.8 * prior_sd
+        assert 0.8 * prior_sd < a.std() < 1.2 * prior_sd
