@@ -602,6 +602,21 @@ def run_validation(ds, splits: Sequence[str] = SPLITS, *, hierarchy: str = "per-
 
 
 # ------------------------------------------------------------------------ reports
+def _lomo_table(lomo, *, basis: bool) -> list[str]:
+    """Markdown rows of the leave-one-model-out E2E table (ms); ``basis`` adds its column."""
+    head = "| held-out model | experiment |" + (" basis |" if basis else "")
+    rows = [head + " observed | predicted | band | error % | inside | blackbox err % | "
+                   "nnls err % |", "|" + "---|" * (10 if basis else 9)]
+    for r in lomo.itertuples(index=False):
+        rows.append(
+            f"| {r.model} | {r.experiment} |" + (f" {r.basis} |" if basis else "")
+            + f" {r.observed_us / 1e3:.1f} | {r.predicted_us / 1e3:.1f} | "
+            f"[{r.lower_us / 1e3:.1f}, {r.upper_us / 1e3:.1f}] | {_fmt(r.error_pct, '+.1f')} | "
+            f"{'yes' if r.inside else 'no'} | {_fmt(r.blackbox_error_pct, '+.1f')} | "
+            f"{_fmt(r.nnls_error_pct, '+.1f')} |")
+    return rows
+
+
 def _fmt(x, spec: str = ".1f") -> str:
     try:
         return "–" if x is None or not np.isfinite(x) else format(x, spec)
@@ -714,14 +729,7 @@ def markdown_report(result: ValidationResult, manifest: dict | None = None) -> s
                       "level", "",
                   f"Predicted mean and {pct} band (ms) of each held-out experiment's mean E2E "
                   "latency; the model's own coefficients were not fitted.", "",
-                  "| held-out model | experiment | basis | observed | predicted | band | "
-                  "error % | inside | blackbox err % | nnls err % |", "|" + "---|" * 10]
-        for r in lomo.itertuples(index=False):
-            lines.append(
-                f"| {r.model} | {r.experiment} | {r.basis} | {r.observed_us / 1e3:.1f} | "
-                f"{r.predicted_us / 1e3:.1f} | [{r.lower_us / 1e3:.1f}, {r.upper_us / 1e3:.1f}]"
-                f" | {_fmt(r.error_pct, '+.1f')} | {'yes' if r.inside else 'NO'} | "
-                f"{_fmt(r.blackbox_error_pct, '+.1f')} | {_fmt(r.nnls_error_pct, '+.1f')} |")
+                  *_lomo_table(lomo, basis=True)]
     lines += ["", "## Fits", "", "| fold | train steps fitted | sampling s | gate |",
               "|---|---|---|---|"]
     for f in result.folds:
@@ -833,14 +841,7 @@ def results_markdown(summary, e2e, manifest: dict, *, source: str, generator: st
     if len(lomo):
         lines += ["", f"Leave-one-model-out: each held-out model's mean E2E latency (ms) "
                       f"predicted from the population level, with its {pct} band.", "",
-                  "| held-out model | experiment | observed | predicted | band | error % | "
-                  "inside | blackbox err % | nnls err % |", "|" + "---|" * 9]
-        for r in lomo.itertuples(index=False):
-            lines.append(
-                f"| {r.model} | {r.experiment} | {r.observed_us / 1e3:.1f} | "
-                f"{r.predicted_us / 1e3:.1f} | [{r.lower_us / 1e3:.1f}, {r.upper_us / 1e3:.1f}] "
-                f"| {_fmt(r.error_pct, '+.1f')} | {'yes' if r.inside else 'no'} | "
-                f"{_fmt(r.blackbox_error_pct, '+.1f')} | {_fmt(r.nnls_error_pct, '+.1f')} |")
+                  *_lomo_table(lomo, basis=False)]
     return "\n".join(lines) + "\n"
 
 
