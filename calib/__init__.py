@@ -14,8 +14,9 @@ The flow, one module ("room") per stage::
 __version__ = "0.1.0"
 
 #: Bumped whenever the meaning of a posterior file changes (model structure,
-#: parameter names, coordinates). Loading a file of another version is an error.
-MODEL_VERSION = 1
+#: parameter names, coordinates, raw sample sites). Loading a file of another version
+#: is an error. 2: pinned pf_compute and bounded (logit) overheads.
+MODEL_VERSION = 2
 
 #: Bumped whenever the canonical dataset schema changes.
 DATASET_SCHEMA_VERSION = 1
