@@ -19,6 +19,12 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def user_error(err: Exception) -> int:
+    """Print a user error as the one line ``error: ...`` on stderr; return exit status 2."""
+    print("error: " + " ".join(str(err).split()), file=sys.stderr)
+    return 2
+
+
 def int_at_least(lo: int) -> Callable[[str], int]:
     """argparse type: an integer >= ``lo``."""
 

@@ -30,6 +30,7 @@ from calib.cli import Parser as _Parser
 from calib.cli import positive_int as _positive_int
 from calib.cli import probability as _probability
 from calib.cli import setup_jax_cpu
+from calib.cli import user_error as _user_error
 
 
 def _measured_or_float(text: str):
@@ -105,8 +106,7 @@ def main(argv=None) -> int:
             atomic_write_text(args.csv, f"# manifest: {json.dumps(m, sort_keys=True)}\n"
                               + res.table.to_csv(index=False))
     except CalibError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _user_error(err)
     print(format_table(res))
     return 0 if res.passed else 1
 

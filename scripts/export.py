@@ -24,6 +24,7 @@ from calib import config
 from calib.cli import Parser as _Parser
 from calib.cli import probability as _probability
 from calib.cli import setup_jax_cpu
+from calib.cli import user_error as _user_error
 
 
 def _alphas(text: str) -> list[float]:
@@ -96,8 +97,7 @@ def main(argv=None) -> int:
                                command=sys.argv if argv is None else ["export.py", *argv],
                                host_gap_us=gaps)
     except CalibError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _user_error(err)
     for name, flags in res.flags.items():
         print(f"{name}: {flags}")
     print(f"wrote {len(res.paths)} files to {args.out}")

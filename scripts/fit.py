@@ -26,6 +26,7 @@ from calib.cli import Parser as _Parser
 from calib.cli import nonneg_int as _nonneg_int
 from calib.cli import positive_int as _positive_int
 from calib.cli import probability as _probability
+from calib.cli import user_error as _user_error
 
 HIERARCHIES = ("pooled", "per-model", "per-experiment")  # calib.model.HIERARCHIES (no JAX import)
 
@@ -158,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_inputs(args)
         return run_prior_only(args) if args.prior_only else run_fit(args)
     except CalibError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return _user_error(err)
 
 
 if __name__ == "__main__":

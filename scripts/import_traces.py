@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from calib.cli import user_error as _user_error  # noqa: E402
 from calib.errors import CalibError  # noqa: E402
 
 
@@ -78,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                          cache_dir=args.cache_dir, use_cache=not args.no_cache)
         save_dataset(ds, args.out)
     except CalibError as exc:
-        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
-        return 2
+        return _user_error(exc)
     print(_summary(ds, args.out, time.time() - t0))
     return 0
 

@@ -23,6 +23,7 @@ from calib import config
 from calib.cli import Parser as _Parser
 from calib.cli import positive_int as _positive_int
 from calib.cli import setup_jax_cpu
+from calib.cli import user_error as _user_error
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,8 +60,7 @@ def main(argv=None) -> int:
                             seed=args.seed, draws=args.draws,
                             command=sys.argv if argv is None else ["report.py", *argv])
     except CalibError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _user_error(err)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

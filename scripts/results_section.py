@@ -22,6 +22,7 @@ from pathlib import Path
 
 from calib import config
 from calib.cli import Parser as _Parser
+from calib.cli import user_error as _user_error
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         block = write_results_section(args.reports, args.readme, generator=cmd)
     except CalibError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return _user_error(err)
     if args.show:
         print(block)
     print(f"wrote the results section of {args.readme}")

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from calib.cli import user_error as _user_error
 from calib.config import DEFAULT_RECIPE
 from calib.errors import CalibError
 
@@ -51,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                                     progress=progress)
         wall = time.perf_counter() - t0
     except CalibError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _user_error(exc)
     tot = merge_stats(stats)
     size = sum(f.stat().st_size for p in paths for f in Path(p).rglob("*") if f.is_file())
     print(f"experiments      {tot['experiments']}")

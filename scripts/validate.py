@@ -32,6 +32,7 @@ from calib import config
 from calib.cli import Parser as _Parser
 from calib.cli import int_at_least as _int
 from calib.cli import probability as _probability
+from calib.cli import user_error as _user_error
 
 SPLITS = ("temporal", "workload", "model", "request-hash")  # calib.validate.SPLITS
 HIERARCHIES = ("pooled", "per-model", "per-experiment")
@@ -139,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except CalibError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return _user_error(err)
 
 
 if __name__ == "__main__":

@@ -122,3 +122,15 @@ def test_prior_only(tmp_path, dataset):
     assert proc.returncode == 0, proc.stderr
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "prior" in proc.stdout and "observed" in proc.stdout and "q50_us" in proc.stdout
+
+
+def test_user_error_is_one_line_exit_2(capsys):
+    from calib.cli import user_error
+    from calib.errors import CalibError
+
+    err = CalibError("bad value\n  in two lines", field="--x", fix="pass a good one")
+    assert user_error(err) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    lines = out.err.splitlines()
+    assert lines == ["error: field '--x': bad value in two lines (fix: pass a good one)"]
