@@ -665,7 +665,8 @@ def _pinned_log_b(k: int, data: ModelData, priors: Priors, log_b_pop: Array, tau
         if not pin.counts[:, j].any():
             continue
         if site not in per:  # bounded: below every model's remaining constant
-            log_room = jnp.log(jnp.maximum(rest, 1e-300)) - np.log(pin.counts[:, j])
+            tiny = jnp.finfo(jnp.result_type(rest)).tiny  # 1e-300 is 0 in float32
+            log_room = jnp.log(jnp.maximum(rest, tiny)) - np.log(pin.counts[:, j])
             per[site] = _overhead_below(site, jnp.min(log_room), priors[site])
         rest = rest - pin.counts[:, j] * per[site]
     ok = rest > 1e-12 * c
