@@ -57,9 +57,29 @@ class SamplerDefaults:
     target_accept: float = 0.85
     max_tree_depth: int = 8
     chain_method: str = "parallel"
+    #: Where chains start (``--init``): "laplace" (draws from the normal approximation
+    #: at the posterior mode, whose covariance also seeds the mass matrix;
+    #: calib.start) or "median" (the prior median, NumPyro's init_to_median).
+    init: str = "laplace"
 
 
 SAMPLER = SamplerDefaults()
+#: Start strategies accepted by ``--init``.
+INIT_METHODS = ("laplace", "median")
+
+
+@dataclass(frozen=True)
+class StartDefaults:
+    """The Laplace start (calib.start.laplace_start)."""
+
+    #: L-BFGS iteration cap (the real-size mode takes ~300-700 iterations, ~1-9 s).
+    max_iter: int = 2000
+    #: Hessian eigenvalues are floored here (unconstrained units): a flat or non-convex
+    #: direction gets a standard deviation of at most 1/sqrt(floor) = 10.
+    eigen_floor: float = 1e-2
+
+
+START = StartDefaults()
 #: JAX float precision of ``scripts/fit.py`` (``--precision``). See BENCHMARKS.md.
 FIT_PRECISION = "float64"
 

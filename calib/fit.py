@@ -62,6 +62,8 @@ class SamplerSettings:
     dense_mass: bool = config.DENSE_MASS
     #: Parameterisation of the hierarchical corrections (None: ``config.MODEL_CENTERED``).
     centered: bool | None = None
+    #: Where chains start (``config.INIT_METHODS``; NumPyro only).
+    init: str = config.SAMPLER.init
 
     def validate(self) -> None:
         """Raise :class:`CalibError` for values no sampler accepts."""
@@ -75,6 +77,9 @@ class SamplerSettings:
         if not 0.0 < self.target_accept < 1.0:
             raise CalibError(f"must be in (0, 1), got {self.target_accept}",
                              field="target_accept", fix="pass e.g. --target-accept 0.85")
+        if self.init not in config.INIT_METHODS:
+            raise CalibError(f"unknown start {self.init!r}", field="init",
+                             fix=f"use one of {list(config.INIT_METHODS)}")
         if self.chain_method not in CHAIN_METHODS:
             raise CalibError(f"unknown chain method {self.chain_method!r}",
                              field="chain_method", fix=f"use one of {list(CHAIN_METHODS)}")
@@ -315,7 +320,7 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
              chain_method: str = config.SAMPLER.chain_method,
              target_accept: float = config.SAMPLER.target_accept,
              max_tree_depth: int = config.SAMPLER.max_tree_depth,
-             dense_mass: bool = config.DENSE_MASS,
+             dense_mass: bool = config.DENSE_MASS, init: str = config.SAMPLER.init,
              progress: bool = True, log_likelihood: bool = False, prior_draws: int = 0,
              step_index: np.ndarray | None = None, site_dims: dict | None = None):
     """Sample ``model_fn(data, priors)`` with NumPyro NUTS.
@@ -332,6 +337,9 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
         ``key_mcmc`` and ``key_prior``. ``chain_method="parallel"`` needs
         ``jax.local_device_count() >= chains`` (the script sets the host device count);
         with fewer devices it runs ``vectorized`` and says so in ``attrs``.
+    init : "laplace" (chains start at draws from the normal approximation at the
+        posterior mode, which also seeds the mass matrix: :mod:`calib.start`; its report
+        is the ``start`` attr) or "median" (every chain at the prior median).
     progress : NumPyro's progress bar (slower for small models: one dispatch per iteration).
     log_likelihood : add the ``log_likelihood`` group (memory: chains x draws x steps).
     prior_draws : add a ``prior`` group with this many prior draws (0: none).
@@ -367,14 +375,22 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
             note = (f"parallel asked with {n_dev} device(s) for {chains} chains: "
                     "ran vectorized")
 
-    # Start every chain at the prior median (like PyMC's default initial point): the
-    # model's raw sites live on very different scales, so NumPyro's uniform(-2, 2)
-    # start can land outside the support of the pinned constants (calib.model.pinned).
+    # NumPyro's uniform(-2, 2) start can land outside the support of the pinned constants
+    # (calib.model.pinned): start at the Laplace approximation, or at the prior median
+    # (like PyMC's default initial point).
+    start = None
+    if init == "laplace":
+        from calib.start import laplace_start
+
+        start = laplace_start(model_fn, data, priors, chains=chains, seed=seed,
+                              dense_mass=dense_mass)
     kernel = NUTS(model_fn, target_accept_prob=target_accept, max_tree_depth=max_tree_depth,
-                  dense_mass=dense_mass, init_strategy=init_to_median(num_samples=15))
+                  dense_mass=dense_mass, init_strategy=init_to_median(num_samples=15),
+                  inverse_mass_matrix=None if start is None else start.inverse_mass_matrix)
     mcmc = MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=chains,
                 chain_method=run_method, progress_bar=progress)
-    mcmc.run(key_mcmc, data, priors, extra_fields=NUMPYRO_EXTRA_FIELDS)
+    mcmc.run(key_mcmc, data, priors, extra_fields=NUMPYRO_EXTRA_FIELDS,
+             init_params=None if start is None else start.init_params)
 
     samples = jax.device_get(mcmc.get_samples(group_by_chain=True))
     extra = jax.device_get(mcmc.get_extra_fields(group_by_chain=True))
@@ -388,6 +404,10 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
             key_prior, data._replace(duration_us=None, log_duration=None), priors))
         prior_samples = {k: v for k, v in prior_samples.items() if k in PARAMETER_SITES}
     attrs = {"sampler": "numpyro-nuts", "chain_method_run": method}
+    if start is not None:
+        import json
+
+        attrs["start"] = json.dumps(start.report)
     if note:
         attrs["sampler_note"] = note
     return numpyro_to_idata(samples, extra, model_fn, data, priors, coords=coords,
@@ -657,7 +677,7 @@ def fit_model_data(data, coords: dict[str, list[str]], *, hierarchy: str = "per-
                   log_likelihood=log_likelihood, prior_draws=prior_draws, step_index=step_index)
     t0 = time.perf_counter()
     if backend == "numpyro":
-        idata = run_nuts(model_fn, data, priors, **common)
+        idata = run_nuts(model_fn, data, priors, init=settings.init, **common)
     else:
         idata = run_pymc(model_fn, data, priors, hierarchy=hierarchy, nuts_sampler=backend,
                          centered=settings.centered, **common)

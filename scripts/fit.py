@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=s.chain_method)
     p.add_argument("--target-accept", type=_probability, default=s.target_accept)
     p.add_argument("--max-tree-depth", type=_positive_int, default=s.max_tree_depth)
+    p.add_argument("--init", choices=config.INIT_METHODS, default=s.init,
+                   help="where chains start: laplace (draws around the posterior mode, which "
+                        "also seeds the mass matrix) or median (the prior median)")
     mass = p.add_mutually_exclusive_group()
     mass.add_argument("--dense-mass", dest="dense_mass", action="store_true",
                       default=config.DENSE_MASS, help="full mass matrix")
@@ -135,7 +138,7 @@ def run_fit(args: argparse.Namespace) -> int:
                                seed=args.seed, chain_method=args.chain_method,
                                target_accept=args.target_accept,
                                max_tree_depth=args.max_tree_depth, dense_mass=args.dense_mass,
-                               centered=args.centered)
+                               centered=args.centered, init=args.init)
     result = fit(args.traces, hierarchy=args.hierarchy, priors_path=args.priors,
                  backend=args.backend, settings=settings, out_path=args.out,
                  save_on_fail=args.save_on_fail, log_likelihood=args.log_likelihood,
