@@ -51,10 +51,11 @@ class SamplerDefaults:
     #: tau[dc_kv] (0 divergences); 1000 draws gave 149/chain and a green gate.
     draws: int = 1000
     seed: int = 0
-    #: Measured on the default per-model fit (4 chains x (500 + 1000), current geometry):
-    #: 0.95 -> 56 leapfrog steps per iteration, 0.85 -> 35, both 0 divergences and a green
-    #: gate (0.85 also at seeds 1 and 2). Before the geometry fixes 0.85 gave 88 divergences.
-    target_accept: float = 0.85
+    #: Measured on the default per-model fit (4 chains x (500 + 1000)): with NumPyro's own
+    #: adaptation 0.95 -> 56 leapfrog steps per iteration, 0.85 -> 35 (0 divergences);
+    #: with the pooled mass matrix (ADAPTATION) steps are ~2x longer and 0.85 gave
+    #: 3 divergences, 0.9 none with 16-30 leapfrog steps per iteration.
+    target_accept: float = 0.9
     max_tree_depth: int = 8
     chain_method: str = "parallel"
     #: Where chains start (``--init``): "laplace" (draws from the normal approximation
@@ -80,6 +81,26 @@ class StartDefaults:
 
 
 START = StartDefaults()
+
+
+@dataclass(frozen=True)
+class AdaptationDefaults:
+    """Two-phase warmup (calib.fit.run_nuts, calib.start.pooled_covariance).
+
+    With ``chains > 1`` and ``warmup >= min_warmup``: NumPyro's own (per-chain)
+    adaptation for ``warmup - step_size_warmup`` iterations; then the dense mass matrix
+    is estimated from the last ``pooled_fraction`` of those draws of all chains together
+    and fixed, and the last ``step_size_warmup`` iterations adapt only the step size.
+    Otherwise NumPyro's adaptation runs alone. Measured (BENCHMARKS.md): at the real
+    data size ~23 instead of ~190 leapfrog steps per iteration after warmup.
+    """
+
+    step_size_warmup: int = 150
+    pooled_fraction: float = 0.5
+    min_warmup: int = 300
+
+
+ADAPTATION = AdaptationDefaults()
 #: JAX float precision of ``scripts/fit.py`` (``--precision``). See BENCHMARKS.md.
 FIT_PRECISION = "float64"
 

@@ -351,6 +351,7 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
     az.InferenceData (layout in the module docstring).
     """
     import jax
+    import jax.numpy as jnp
     from numpyro.infer import MCMC, NUTS, Predictive, init_to_median
 
     _check_model_data(data, coords)
@@ -384,13 +385,44 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
 
         start = laplace_start(model_fn, data, priors, chains=chains, seed=seed,
                               dense_mass=dense_mass)
-    kernel = NUTS(model_fn, target_accept_prob=target_accept, max_tree_depth=max_tree_depth,
-                  dense_mass=dense_mass, init_strategy=init_to_median(num_samples=15),
-                  inverse_mass_matrix=None if start is None else start.inverse_mass_matrix)
+    def nuts(inverse_mass_matrix, adapt_mass_matrix=True):
+        return NUTS(model_fn, target_accept_prob=target_accept, max_tree_depth=max_tree_depth,
+                    dense_mass=dense_mass, init_strategy=init_to_median(num_samples=15),
+                    inverse_mass_matrix=inverse_mass_matrix,
+                    adapt_mass_matrix=adapt_mass_matrix)
+
+    imm = None if start is None else start.inverse_mass_matrix
+    init_params = None if start is None else start.init_params
+    adapt = config.ADAPTATION
+    pooled = None
+    if chains > 1 and warmup >= adapt.min_warmup:
+        # Two-phase warmup (calib.start.pooled_covariance): NumPyro's own adaptation, then
+        # the dense mass matrix from the last draws of all chains together, fixed, with
+        # only the step size adapted in the last step_size_warmup iterations.
+        from numpyro.handlers import seed, trace
+
+        from calib.start import pooled_covariance
+
+        latent = [k for k, site in trace(seed(model_fn, 0)).get_trace(data, priors).items()
+                  if site["type"] == "sample" and not site["is_observed"]]
+        first = warmup - adapt.step_size_warmup
+        key_first, key_mcmc = jax.random.split(key_mcmc)
+        pilot = MCMC(nuts(imm), num_warmup=first, num_samples=1, num_chains=chains,
+                     chain_method=run_method, progress_bar=progress)
+        pilot.warmup(key_first, data, priors, extra_fields=tuple(f"z.{k}" for k in latent),
+                     collect_warmup=True, init_params=init_params)
+        extra_z = jax.device_get(pilot.get_extra_fields(group_by_chain=True))
+        keep = max(int(first * adapt.pooled_fraction), 1)
+        z = {k: extra_z[f"z.{k}"][:, -keep:] for k in latent}
+        cov, pooled = pooled_covariance(z, dense_mass)
+        imm = {tuple(sorted(z)): jnp.asarray(cov, dtype=jnp.result_type(float))}
+        init_params = jax.tree.map(lambda v: v[:, -1], z)
+        warmup = adapt.step_size_warmup
+    kernel = nuts(imm, adapt_mass_matrix=pooled is None)
     mcmc = MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=chains,
                 chain_method=run_method, progress_bar=progress)
     mcmc.run(key_mcmc, data, priors, extra_fields=NUMPYRO_EXTRA_FIELDS,
-             init_params=None if start is None else start.init_params)
+             init_params=init_params)
 
     samples = jax.device_get(mcmc.get_samples(group_by_chain=True))
     extra = jax.device_get(mcmc.get_extra_fields(group_by_chain=True))
@@ -404,10 +436,14 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
             key_prior, data._replace(duration_us=None, log_duration=None), priors))
         prior_samples = {k: v for k, v in prior_samples.items() if k in PARAMETER_SITES}
     attrs = {"sampler": "numpyro-nuts", "chain_method_run": method}
-    if start is not None:
+    if start is not None or pooled is not None:
         import json
 
-        attrs["start"] = json.dumps(start.report)
+        if start is not None:
+            attrs["start"] = json.dumps(start.report)
+        if pooled is not None:
+            attrs["adaptation"] = json.dumps({"method": "pooled", "first_phase": first,
+                                              **pooled})
     if note:
         attrs["sampler_note"] = note
     return numpyro_to_idata(samples, extra, model_fn, data, priors, coords=coords,
@@ -749,6 +785,7 @@ def fit(dataset, *, hierarchy: str = "per-model", priors_path: str | Path | None
                          field="duration_us",
                          fix="import experiments whose traces carry step.BATCH_SUMMARY durations")
     data, coords = build_model_data(ds, steps=steps)
+    del ds, dur, sampled  # the sampler needs only the model data (a real-size dataset is GBs)
     return fit_model_data(data, coords, hierarchy=hierarchy, priors=priors, backend=backend,
                           settings=settings, step_index=steps, data_hash=data_hash,
                           out_path=out_path, save_on_fail=save_on_fail,

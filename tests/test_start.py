@@ -68,3 +68,43 @@ def test_starts_of_the_step_model_lie_in_its_support():
     for c in range(2):
         z = {k: v[c] for k, v in start.init_params.items()}
         assert np.isfinite(float(info.potential_fn(z)))
+
+
+def test_pooled_covariance_centres_each_chain_and_shrinks_toward_the_diagonal():
+    from calib.start import pooled_covariance
+
+    rng = np.random.default_rng(0)
+    true = np.array([[1.0, 0.8, 0.0], [0.8, 1.0, 0.0], [0.0, 0.0, 4.0]])
+    chol = np.linalg.cholesky(true)
+    x = rng.standard_normal((4, 5000, 3)) @ chol.T
+    x += np.array([0.0, 10.0, -10.0, 5.0])[:, None, None]  # chains that disagree in mean
+    z = {"b": x[..., 1:], "a": x[..., :1]}  # flattening order: sites sorted by name
+    cov, rep = pooled_covariance(z)
+    assert rep == {"pooled_draws": 20000, "parameters": 3, "shrinkage": round(3 / 20003, 4)}
+    np.testing.assert_allclose(cov, true, atol=0.08)
+    diag, _ = pooled_covariance(z, dense=False)
+    np.testing.assert_allclose(diag, np.diag(true), atol=0.15)
+    # few draws: the off-diagonal is pulled toward 0 by d / (n + d)
+    small, rep = pooled_covariance({"a": x[:2, :3, :1], "b": x[:2, :3, 1:]})
+    assert rep["shrinkage"] == round(3 / 9, 4)
+    raw = np.concatenate([x[:2, :3] - x[:2, :3].mean(1, keepdims=True)]).reshape(6, 3)
+    s = raw.T @ raw / 4
+    np.testing.assert_allclose(small[0, 1], (1 - 3 / 9) * s[0, 1])
+
+
+def test_two_phase_warmup_records_the_pooled_adaptation(monkeypatch):
+    import json
+
+    from calib import config
+    from calib.fit import run_nuts
+
+    small = config.AdaptationDefaults(step_size_warmup=10, pooled_fraction=0.5, min_warmup=30)
+    monkeypatch.setattr(config, "ADAPTATION", small)
+    data, coords, step_index, _ = cached_data()
+    idata = run_nuts(get_model("per-model"), data, priors(), coords=coords, chains=2,
+                     warmup=40, draws=20, progress=False, step_index=step_index,
+                     chain_method="vectorized", init="median")
+    rep = json.loads(idata.attrs["adaptation"])
+    assert rep["method"] == "pooled" and rep["first_phase"] == 30
+    assert rep["pooled_draws"] == 2 * 15 and rep["parameters"] > 10
+    assert idata.posterior.sizes["draw"] == 20 and idata.posterior.sizes["chain"] == 2
