@@ -27,6 +27,7 @@ the script's job, before JAX is imported).
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -385,6 +386,7 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
 
         start = laplace_start(model_fn, data, priors, chains=chains, seed=seed,
                               dense_mass=dense_mass)
+
     def nuts(inverse_mass_matrix, adapt_mass_matrix=True):
         return NUTS(model_fn, target_accept_prob=target_accept, max_tree_depth=max_tree_depth,
                     dense_mass=dense_mass, init_strategy=init_to_median(num_samples=15),
@@ -399,11 +401,12 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
         # Two-phase warmup (calib.start.pooled_covariance): NumPyro's own adaptation, then
         # the dense mass matrix from the last draws of all chains together, fixed, with
         # only the step size adapted in the last step_size_warmup iterations.
-        from numpyro.handlers import seed, trace
+        from numpyro import handlers
 
         from calib.start import pooled_covariance
 
-        latent = [k for k, site in trace(seed(model_fn, 0)).get_trace(data, priors).items()
+        model_trace = handlers.trace(handlers.seed(model_fn, 0)).get_trace(data, priors)
+        latent = [k for k, site in model_trace.items()
                   if site["type"] == "sample" and not site["is_observed"]]
         first = warmup - adapt.step_size_warmup
         key_first, key_mcmc = jax.random.split(key_mcmc)
@@ -436,14 +439,10 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
             key_prior, data._replace(duration_us=None, log_duration=None), priors))
         prior_samples = {k: v for k, v in prior_samples.items() if k in PARAMETER_SITES}
     attrs = {"sampler": "numpyro-nuts", "chain_method_run": method}
-    if start is not None or pooled is not None:
-        import json
-
-        if start is not None:
-            attrs["start"] = json.dumps(start.report)
-        if pooled is not None:
-            attrs["adaptation"] = json.dumps({"method": "pooled", "first_phase": first,
-                                              **pooled})
+    if start is not None:
+        attrs["start"] = json.dumps(start.report)
+    if pooled is not None:
+        attrs["adaptation"] = json.dumps({"method": "pooled", "first_phase": first, **pooled})
     if note:
         attrs["sampler_note"] = note
     return numpyro_to_idata(samples, extra, model_fn, data, priors, coords=coords,

@@ -98,7 +98,6 @@ def laplace_start(model_fn, data, priors, *, chains: int, seed: int, dense_mass:
         return info.potential_fn(unravel(flat))
 
     value_and_grad = jax.jit(jax.value_and_grad(potential))
-    potential_jit = jax.jit(potential)
 
     def fun(x):
         v, g = value_and_grad(jnp.asarray(x, dtype))
@@ -121,7 +120,7 @@ def laplace_start(model_fn, data, priors, *, chains: int, seed: int, dense_mass:
     starts = mode + eps @ chol.T
     for c in range(chains):
         for _ in range(30):
-            if np.isfinite(float(potential_jit(jnp.asarray(starts[c], dtype)))):
+            if np.isfinite(fun(starts[c])[0]):  # fun: inf outside the support
                 break
             starts[c] = mode + 0.5 * (starts[c] - mode)
         else:
