@@ -98,6 +98,8 @@ def test_settings_validation():
         SamplerSettings(chain_method="magic").validate()
     with pytest.raises(CalibError, match="chains"):
         SamplerSettings(chains=0).validate()
+    with pytest.raises(CalibError, match="init.*laplace"):
+        SamplerSettings(init="prior").validate()
 
 
 @pytest.mark.parametrize("kw, match", [
