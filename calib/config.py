@@ -51,16 +51,17 @@ class SamplerDefaults:
     #: tau[dc_kv] (0 divergences); 1000 draws gave 149/chain and a green gate.
     draws: int = 1000
     seed: int = 0
-    #: Measured on the default per-model fit (4 chains x (500 + 1000)): with NumPyro's own
-    #: adaptation 0.95 -> 56 leapfrog steps per iteration, 0.85 -> 35 (0 divergences);
-    #: with the pooled mass matrix (ADAPTATION) steps are ~2x longer and 0.85 gave
-    #: 3 divergences, 0.9 none with 16-30 leapfrog steps per iteration.
-    target_accept: float = 0.9
+    #: Measured with whitened coordinates, the pilot warmup and b_pop of the pinned
+    #: components relative to their models' mean (BENCHMARKS.md): on the default data
+    #: 0.9 -> step size ~0.3, 15 leapfrog steps per iteration, 2 divergences in 4,000 draws
+    #: (at the ends of the tau posteriors); 0.95 -> none. At the real size 0.95 is green.
+    target_accept: float = 0.95
     max_tree_depth: int = 8
     chain_method: str = "parallel"
-    #: Where chains start (``--init``): "laplace" (draws from the normal approximation
-    #: at the posterior mode, whose covariance also seeds the mass matrix;
-    #: calib.start) or "median" (the prior median, NumPyro's init_to_median).
+    #: Where chains start and the coordinates NUTS samples (``--init``): "laplace"
+    #: (coordinates whitened by the normal approximation at the posterior mode, chains
+    #: at draws from it; calib.start) or "median" (the prior median, NumPyro's
+    #: init_to_median, unwhitened).
     init: str = "laplace"
 
 
@@ -76,8 +77,11 @@ class StartDefaults:
     #: L-BFGS iteration cap (the real-size mode takes ~300-700 iterations, ~1-9 s).
     max_iter: int = 2000
     #: Hessian eigenvalues are floored here (unconstrained units): a flat or non-convex
-    #: direction gets a standard deviation of at most 1/sqrt(floor) = 10.
-    eigen_floor: float = 1e-2
+    #: direction gets a standard deviation of at most 1/sqrt(floor) = 1, the prior's scale
+    #: in this model's unconstrained coordinates (standardised raw sites, log spreads).
+    #: With 1e-2 (sd 10) a chain could start deep in a funnel's neck: 255 leapfrog steps
+    #: of size 1e-3 for the first adaptation window at the real data size.
+    eigen_floor: float = 1.0
 
 
 START = StartDefaults()
@@ -85,22 +89,24 @@ START = StartDefaults()
 
 @dataclass(frozen=True)
 class AdaptationDefaults:
-    """Two-phase warmup (calib.fit.run_nuts, calib.start.pooled_covariance).
+    """Pilot warmup (calib.fit.run_nuts).
 
-    With ``chains > 1`` and ``warmup >= min_warmup``: NumPyro's own (per-chain)
-    adaptation for ``warmup - step_size_warmup`` iterations; then the dense mass matrix
-    is estimated from the last ``pooled_fraction`` of those draws of all chains together
-    and fixed, and the last ``step_size_warmup`` iterations adapt only the step size.
-    Otherwise NumPyro's adaptation runs alone. Measured (BENCHMARKS.md): at the real
-    data size ~23 instead of ~190 leapfrog steps per iteration after warmup.
+    With ``chains > 1`` and ``warmup >= min_warmup``: one pilot chain runs NumPyro's full
+    warmup (step size and dense mass matrix, ``warmup`` iterations); every chain then
+    samples with the pilot's mass matrix from its own start after ``step_size_warmup``
+    iterations that adapt only the step size. Otherwise every chain runs NumPyro's
+    adaptation alone. Measured at the real data size (BENCHMARKS.md): NumPyro's early
+    adaptation windows (25-100 draws for ~45 parameters) saturate the tree depth and
+    were ~2/3 of each chain's time.
     """
 
     step_size_warmup: int = 150
-    pooled_fraction: float = 0.5
     min_warmup: int = 300
 
 
 ADAPTATION = AdaptationDefaults()
+
+
 #: JAX float precision of ``scripts/fit.py`` (``--precision``). See BENCHMARKS.md.
 FIT_PRECISION = "float64"
 

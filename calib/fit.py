@@ -338,9 +338,13 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
         ``key_mcmc`` and ``key_prior``. ``chain_method="parallel"`` needs
         ``jax.local_device_count() >= chains`` (the script sets the host device count);
         with fewer devices it runs ``vectorized`` and says so in ``attrs``.
-    init : "laplace" (chains start at draws from the normal approximation at the
-        posterior mode, which also seeds the mass matrix: :mod:`calib.start`; its report
-        is the ``start`` attr) or "median" (every chain at the prior median).
+    init : "laplace" (NUTS samples coordinates whitened by the normal approximation at
+        the posterior mode and chains start at draws from it: :mod:`calib.start`) or
+        "median" (every chain at the prior median, unwhitened). The report is the
+        ``start`` attr. With ``chains > 1`` and ``warmup >= config.ADAPTATION.min_warmup``
+        one pilot chain runs the ``warmup`` iterations of NumPyro's adaptation and every
+        chain samples with its mass matrix after a step-size-only warmup (the
+        ``adaptation`` attr); otherwise each chain adapts on its own.
     progress : NumPyro's progress bar (slower for small models: one dispatch per iteration).
     log_likelihood : add the ``log_likelihood`` group (memory: chains x draws x steps).
     prior_draws : add a ``prior`` group with this many prior draws (0: none).
@@ -352,8 +356,7 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
     az.InferenceData (layout in the module docstring).
     """
     import jax
-    import jax.numpy as jnp
-    from numpyro.infer import MCMC, NUTS, Predictive, init_to_median
+    from numpyro.infer import MCMC, NUTS, Predictive
 
     _check_model_data(data, coords)
     step_index = _step_index(data, step_index)
@@ -377,55 +380,44 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
             note = (f"parallel asked with {n_dev} device(s) for {chains} chains: "
                     "ran vectorized")
 
-    # NumPyro's uniform(-2, 2) start can land outside the support of the pinned constants
-    # (calib.model.pinned): start at the Laplace approximation, or at the prior median
-    # (like PyMC's default initial point).
-    start = None
-    if init == "laplace":
-        from calib.start import laplace_start
+    # Whitened coordinates and dispersed starts (calib.start): NumPyro's uniform(-2, 2)
+    # start can land outside the support of the pinned constants, and its mass-matrix
+    # regularisation swamps the directions the data pin at large N.
+    from calib.start import laplace_start, median_start
 
-        start = laplace_start(model_fn, data, priors, chains=chains, seed=seed,
-                              dense_mass=dense_mass)
+    make_start = laplace_start if init == "laplace" else median_start
+    start = make_start(model_fn, data, priors, chains=chains, seed=seed,
+                       dense_mass=dense_mass)
 
-    def nuts(inverse_mass_matrix, adapt_mass_matrix=True):
-        return NUTS(model_fn, target_accept_prob=target_accept, max_tree_depth=max_tree_depth,
-                    dense_mass=dense_mass, init_strategy=init_to_median(num_samples=15),
-                    inverse_mass_matrix=inverse_mass_matrix,
-                    adapt_mass_matrix=adapt_mass_matrix)
+    def sampler(n_chains, n_warmup, inverse_mass_matrix=None, step_size=1.0):
+        kernel = NUTS(potential_fn=start.potential_fn, target_accept_prob=target_accept,
+                      max_tree_depth=max_tree_depth, dense_mass=dense_mass,
+                      inverse_mass_matrix=inverse_mass_matrix, step_size=step_size,
+                      adapt_mass_matrix=inverse_mass_matrix is None)
+        return MCMC(kernel, num_warmup=n_warmup, num_samples=draws, num_chains=n_chains,
+                    chain_method=run_method if n_chains > 1 else "sequential",
+                    progress_bar=progress, postprocess_fn=start.postprocess_fn)
 
-    imm = None if start is None else start.inverse_mass_matrix
-    init_params = None if start is None else start.init_params
     adapt = config.ADAPTATION
-    pooled = None
+    adaptation = None
     if chains > 1 and warmup >= adapt.min_warmup:
-        # Two-phase warmup (calib.start.pooled_covariance): NumPyro's own adaptation, then
-        # the dense mass matrix from the last draws of all chains together, fixed, with
-        # only the step size adapted in the last step_size_warmup iterations.
-        from numpyro import handlers
-
-        from calib.start import pooled_covariance
-
-        model_trace = handlers.trace(handlers.seed(model_fn, 0)).get_trace(data, priors)
-        latent = [k for k, site in model_trace.items()
-                  if site["type"] == "sample" and not site["is_observed"]]
-        first = warmup - adapt.step_size_warmup
-        key_first, key_mcmc = jax.random.split(key_mcmc)
-        pilot = MCMC(nuts(imm), num_warmup=first, num_samples=1, num_chains=chains,
-                     chain_method=run_method, progress_bar=progress)
-        pilot.warmup(key_first, data, priors, extra_fields=tuple(f"z.{k}" for k in latent),
-                     collect_warmup=True, init_params=init_params)
-        extra_z = jax.device_get(pilot.get_extra_fields(group_by_chain=True))
-        keep = max(int(first * adapt.pooled_fraction), 1)
-        z = {k: extra_z[f"z.{k}"][:, -keep:] for k in latent}
-        cov, pooled = pooled_covariance(z, dense_mass)
-        imm = {tuple(sorted(z)): jnp.asarray(cov, dtype=jnp.result_type(float))}
-        init_params = jax.tree.map(lambda v: v[:, -1], z)
-        warmup = adapt.step_size_warmup
-    kernel = nuts(imm, adapt_mass_matrix=pooled is None)
-    mcmc = MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=chains,
-                chain_method=run_method, progress_bar=progress)
-    mcmc.run(key_mcmc, data, priors, extra_fields=NUMPYRO_EXTRA_FIELDS,
-             init_params=init_params)
+        # Pilot warmup (config.ADAPTATION): one chain runs NumPyro's full adaptation; every
+        # chain then samples with its mass matrix, from its own start, after a short
+        # step-size-only warmup. The expensive early windows are paid once, not per chain.
+        key_pilot, key_mcmc = jax.random.split(key_mcmc)
+        pilot = sampler(1, warmup)
+        t_pilot = time.perf_counter()
+        pilot.warmup(key_pilot, init_params=jax.tree.map(lambda v: v[0], start.init_params))
+        tuned = pilot.post_warmup_state.adapt_state
+        adaptation = {"method": "pilot chain", "pilot_warmup": warmup,
+                      "pilot_seconds": round(time.perf_counter() - t_pilot, 3),
+                      "pilot_step_size": float(tuned.step_size),
+                      "step_size_warmup": adapt.step_size_warmup}
+        mcmc = sampler(chains, adapt.step_size_warmup, tuned.inverse_mass_matrix,
+                       float(tuned.step_size))
+    else:
+        mcmc = sampler(chains, warmup)
+    mcmc.run(key_mcmc, extra_fields=NUMPYRO_EXTRA_FIELDS, init_params=start.init_params)
 
     samples = jax.device_get(mcmc.get_samples(group_by_chain=True))
     extra = jax.device_get(mcmc.get_extra_fields(group_by_chain=True))
@@ -438,11 +430,10 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
         prior_samples = jax.device_get(Predictive(model_fn, num_samples=prior_draws)(
             key_prior, data._replace(duration_us=None, log_duration=None), priors))
         prior_samples = {k: v for k, v in prior_samples.items() if k in PARAMETER_SITES}
-    attrs = {"sampler": "numpyro-nuts", "chain_method_run": method}
-    if start is not None:
-        attrs["start"] = json.dumps(start.report)
-    if pooled is not None:
-        attrs["adaptation"] = json.dumps({"method": "pooled", "first_phase": first, **pooled})
+    attrs = {"sampler": "numpyro-nuts", "chain_method_run": method,
+             "start": json.dumps(start.report)}
+    if adaptation is not None:
+        attrs["adaptation"] = json.dumps(adaptation)
     if note:
         attrs["sampler_note"] = note
     return numpyro_to_idata(samples, extra, model_fn, data, priors, coords=coords,

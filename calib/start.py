@@ -1,54 +1,79 @@
-"""Where NUTS starts: the posterior mode and the Laplace covariance around it.
+"""Where NUTS starts, and the whitened coordinates it samples in.
 
 At the real data size (10⁵ steps) the posterior is thousands of times narrower than
-the prior in the directions the data pin. Started at the prior median, NUTS spends
-its first adaptation window far out in the tails, where the gradient is huge and the
-step size collapses; from some keys warmup then saturates the tree depth for hundreds
-of iterations and never recovers (measured: R-hat 1.84 after 2 × (300 + 300)).
+the prior in the directions the data pin: the pinned per-step constants have posterior
+standard deviations of ~4·10⁻⁴ in NumPyro's unconstrained space, the overheads and the
+spreads across models ~1. Two things go wrong when NUTS samples those coordinates
+directly:
 
-:func:`laplace_start` instead
+* Started at the prior median, NUTS spends its first adaptation window far out in the
+  tails, where the step size collapses; from some keys warmup then saturates the tree
+  depth and never recovers (measured: R-hat 1.84 after 2 × (300 + 300)).
+* NumPyro (like Stan) regularises each mass-matrix estimate toward ``1e-3·I`` in
+  absolute units (``n/(n+5)·Σ + 1e-3·5/(n+5)·I``). For a direction with variance 2·10⁻⁷
+  that adds ~50 times the variance, so the mass matrix is wrong exactly where the
+  posterior is narrowest and the step size shrinks to fit it (measured: step size
+  0.027 and ~195 leapfrog steps per iteration, whatever else was changed in the model).
 
-1. maximises the log density in NumPyro's unconstrained space (L-BFGS, ~1 s at the
-   real size: a few hundred gradients);
-2. takes the Hessian there and turns it into a covariance (eigenvalues floored, so
-   flat or non-convex directions get a unit-scale width instead of an infinite one);
-3. starts each chain at an independent draw from that normal approximation (in the
-   support: a draw with a non-finite density is pulled halfway back to the mode until
-   it is finite), so chains start dispersed on the posterior's own scale and R-hat
-   stays a meaningful check;
-4. hands the covariance to NUTS as its initial (dense or diagonal) inverse mass
-   matrix, which warmup then re-estimates from the chain as usual.
+:func:`laplace_start` therefore
 
-Like Stan's Pathfinder initialisation, this only changes where sampling begins; the
-posterior is the model's. The optimiser's outcome is reported in :class:`Start`.
+1. maximises the log density in NumPyro's unconstrained space ``x`` (L-BFGS, a few
+   hundred gradients);
+2. takes the Hessian there and turns it into a covariance ``Σ`` (eigenvalues floored,
+   so flat or non-convex directions get a unit-scale width instead of an infinite one);
+3. hands NUTS the potential in whitened coordinates ``y`` with ``x = mode + L·y``
+   (``L`` the Cholesky factor of ``Σ``; a constant Jacobian, so the posterior is the
+   model's), where every direction has a scale of about one and NumPyro's adaptation
+   works as designed (measured at the real size: step size 0.19, 37 leapfrog steps per
+   iteration);
+4. starts each chain at an independent draw from ``N(0, I)`` in ``y`` (in the support:
+   a draw with a non-finite density is pulled halfway back to the mode until it is
+   finite), so chains start dispersed on the posterior's own scale and R-hat stays a
+   meaningful check.
+
+:func:`median_start` is the plain alternative (``--init median``): the prior median
+(NumPyro's ``init_to_median``), unwhitened. Like Stan's Pathfinder initialisation, the
+start changes only where and in which coordinates sampling runs; draws are mapped back
+by :attr:`Start.postprocess_fn` and the posterior is the model's.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from calib import config
 
-__all__ = ["Start", "laplace_start", "pooled_covariance"]
+__all__ = ["Start", "laplace_start", "median_start"]
 
 
 class Start(NamedTuple):
-    """Initial state for NUTS (:func:`laplace_start`).
+    """The coordinates NUTS samples in and where each chain starts (:func:`laplace_start`).
+
+    NUTS samples a flat vector ``y`` (``d`` entries); NumPyro's unconstrained parameters
+    are ``x = shift + chol @ y`` (flattened by ``jax.flatten_util.ravel_pytree``, sites
+    sorted by name).
 
     Attributes
     ----------
-    init_params : dict site -> (chains, ...) unconstrained starting values
-        (``MCMC.run(init_params=...)``; no chain dim when ``chains == 1``).
-    inverse_mass_matrix : dict ``{tuple(sites): matrix}`` for ``NUTS(inverse_mass_matrix=)``.
-    report : JSON-ready summary (optimiser iterations, converged, log density at the
-        mode, seconds, smallest Hessian eigenvalue, floored eigenvalues).
+    init_params : (chains, d) starting values of ``y`` (``(d,)`` when ``chains == 1``),
+        for ``MCMC.run(init_params=...)``.
+    potential_fn : ``y -> −log density`` (``NUTS(potential_fn=...)``).
+    postprocess_fn : ``y -> {site: constrained value}`` with the deterministic sites
+        (``MCMC(postprocess_fn=...)``).
+    shift, chol : the affine map (numpy, float64).
+    report : JSON-ready summary (method; for the Laplace start optimiser iterations,
+        convergence, log density at the mode, seconds, Hessian eigenvalues).
     """
 
-    init_params: dict[str, Any]
-    inverse_mass_matrix: dict[tuple[str, ...], Any]
+    init_params: Any
+    potential_fn: Callable[[Any], Any]
+    postprocess_fn: Callable[[Any], dict[str, Any]]
+    shift: np.ndarray
+    chol: np.ndarray
     report: dict[str, Any]
 
 
@@ -63,16 +88,47 @@ def _covariance(hessian: np.ndarray, floor: float) -> tuple[np.ndarray, dict[str
                             "floored_eigenvalues": int(np.sum(w < floor))}
 
 
+def _model_info(model_fn, data, priors, key):
+    """NumPyro's potential and postprocessing for ``model_fn(data, priors)``, flattened."""
+    from jax.flatten_util import ravel_pytree
+    from numpyro.infer import init_to_median
+    from numpyro.infer.util import initialize_model
+
+    info = initialize_model(key, model_fn, model_args=(data, priors),
+                            init_strategy=init_to_median(num_samples=15))
+    z = info.param_info.z
+    flat, unravel = ravel_pytree(z if np.ndim(key) == 0 else
+                                 {k: v[0] for k, v in z.items()})
+    return info, flat, unravel
+
+
+def _whitened(info, unravel, shift: np.ndarray, chol: np.ndarray, dtype):
+    """(potential_fn, postprocess_fn) of ``y`` with ``x = shift + chol @ y``."""
+    import jax.numpy as jnp
+
+    s = jnp.asarray(shift, dtype)
+    L = jnp.asarray(chol, dtype)
+
+    def potential_fn(y):
+        return info.potential_fn(unravel(s + L @ y))
+
+    def postprocess_fn(y):
+        return info.postprocess_fn(unravel(s + L @ y))
+
+    return potential_fn, postprocess_fn
+
+
 def laplace_start(model_fn, data, priors, *, chains: int, seed: int, dense_mass: bool = True,
                   settings: config.StartDefaults = config.START) -> Start:
-    """Start NUTS at draws from the Laplace approximation of ``model_fn(data, priors)``.
+    """Whitened coordinates and starts from the Laplace approximation of ``model_fn``.
 
     Parameters
     ----------
-    model_fn, data, priors : the NumPyro model and its arguments (as for NUTS).
+    model_fn, data, priors : the NumPyro model and its arguments.
     chains : number of chains (one start each).
     seed : seeds the starting draws (independent of the sampler's key).
-    dense_mass : return a dense inverse mass matrix (else its diagonal).
+    dense_mass : whiten with the Cholesky factor of the Laplace covariance (else with the
+        square root of its diagonal only: no cross-parameter preconditioning).
     settings : optimiser limits and the eigenvalue floor (``config.START``).
 
     Returns
@@ -82,16 +138,10 @@ def laplace_start(model_fn, data, priors, *, chains: int, seed: int, dense_mass:
     import jax
     import jax.numpy as jnp
     import scipy.optimize
-    from jax.flatten_util import ravel_pytree
-    from numpyro.infer import init_to_median
-    from numpyro.infer.util import initialize_model
 
     t0 = time.perf_counter()
     key_init, key_draw = jax.random.split(jax.random.key(seed))
-    info = initialize_model(key_init, model_fn, model_args=(data, priors),
-                            init_strategy=init_to_median(num_samples=15))
-    z0 = info.param_info.z
-    flat0, unravel = ravel_pytree(z0)
+    info, flat0, unravel = _model_info(model_fn, data, priors, key_init)
     dtype = flat0.dtype
 
     def potential(flat):
@@ -113,59 +163,48 @@ def laplace_start(model_fn, data, priors, *, chains: int, seed: int, dense_mass:
     mode = res.x if ok and res.fun <= fun(x0)[0] else x0
     hess = np.asarray(jax.jit(jax.hessian(potential))(jnp.asarray(mode, dtype)), np.float64)
     cov, eig = _covariance(hess, settings.eigen_floor)
+    if dense_mass:
+        chol = np.linalg.cholesky(cov + 1e-12 * np.trace(cov) / len(cov) * np.eye(len(cov)))
+    else:
+        chol = np.diag(np.sqrt(np.diag(cov)))
 
-    # dispersed starts: one draw each from N(mode, cov), pulled back into the support
-    chol = np.linalg.cholesky(cov + 1e-12 * np.eye(cov.shape[0]))
-    eps = np.asarray(jax.random.normal(key_draw, (chains, mode.size)), np.float64)
-    starts = mode + eps @ chol.T
+    # dispersed starts: one draw each from N(0, I) in y, pulled back into the support
+    starts = np.asarray(jax.random.normal(key_draw, (chains, mode.size)), np.float64)
     for c in range(chains):
         for _ in range(30):
-            if np.isfinite(fun(starts[c])[0]):  # fun: inf outside the support
+            if np.isfinite(fun(mode + chol @ starts[c])[0]):  # fun: inf outside the support
                 break
-            starts[c] = mode + 0.5 * (starts[c] - mode)
+            starts[c] *= 0.5
         else:
-            starts[c] = mode
-    init = jax.vmap(unravel)(jnp.asarray(starts, dtype))
-    if chains == 1:
-        init = jax.tree.map(lambda v: v[0], init)
-    mass = jnp.asarray(cov if dense_mass else np.diag(cov), dtype)
+            starts[c] = 0.0
+    potential_fn, postprocess_fn = _whitened(info, unravel, mode, chol, dtype)
+    init = jnp.asarray(starts[0] if chains == 1 else starts, dtype)
     report = {"method": "laplace", "iterations": int(res.nit), "evaluations": int(res.nfev),
               "converged": bool(res.success), "message": str(res.message),
               "log_density_at_mode": -float(res.fun) if ok else None,
+              "whitening": "dense" if dense_mass else "diagonal",
               "seconds": round(time.perf_counter() - t0, 3), **eig}
-    return Start(init, {tuple(sorted(z0)): mass}, report)
+    return Start(init, potential_fn, postprocess_fn, mode, chol, report)
 
 
-def pooled_covariance(z: dict[str, Any], dense: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
-    """Mass matrix from the warmup draws of all chains (second phase of the warmup).
+def median_start(model_fn, data, priors, *, chains: int, seed: int,
+                 dense_mass: bool = True) -> Start:
+    """Every chain at its own estimate of the prior median (NumPyro's ``init_to_median``
+    of 15 draws), in NumPyro's unconstrained coordinates (no whitening).
 
-    NumPyro adapts each chain's dense mass matrix from that chain's last warmup window
-    alone: at most a few hundred autocorrelated draws for ~45 parameters, whose covariance
-    estimate is so noisy that NUTS then needs tiny steps (measured at the real data size:
-    step size 0.027 and ~190 leapfrog steps per iteration with NumPyro's own estimate;
-    0.21 and 20 with the covariance of 300 posterior draws). Here the draws of every
-    chain are pooled (each centred on its own mean, so chains that disagree do not
-    inflate it) and the sample covariance is shrunk toward its diagonal with weight
-    ``d / (n + d)`` (``d`` parameters, ``n`` pooled draws).
-
-    Parameters
-    ----------
-    z : site -> (chains, draws, ...) unconstrained draws (NumPyro's ``z`` extra field).
-    dense : return the full matrix (else its diagonal).
-
-    Returns
-    -------
-    (matrix, report) with the matrix in NumPyro's flattening order (sites sorted by name).
+    Parameters as for :func:`laplace_start` (``dense_mass`` is accepted and unused).
     """
-    names = sorted(z)
-    chains, draws = np.shape(z[names[0]])[:2]
-    flat = np.concatenate([np.asarray(z[k], np.float64).reshape(chains, draws, -1)
-                           for k in names], axis=-1)
-    centred = flat - flat.mean(axis=1, keepdims=True)
-    x = centred.reshape(chains * draws, -1)
-    n, d = x.shape
-    cov = x.T @ x / max(n - chains, 1)
-    shrink = d / (n + d)
-    cov = (1.0 - shrink) * cov + shrink * np.diag(np.diag(cov))
-    report = {"pooled_draws": int(n), "parameters": int(d), "shrinkage": round(shrink, 4)}
-    return (cov if dense else np.diag(cov)), report
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    del dense_mass
+    keys = jax.random.split(jax.random.key(seed), chains)
+    info, flat0, unravel = _model_info(model_fn, data, priors, keys)
+    starts = jax.vmap(lambda z: ravel_pytree(z)[0])(info.param_info.z)
+    d = flat0.size
+    potential_fn, postprocess_fn = _whitened(info, unravel, np.zeros(d), np.eye(d),
+                                             flat0.dtype)
+    init = jnp.asarray(starts[0] if chains == 1 else starts, flat0.dtype)
+    return Start(init, potential_fn, postprocess_fn, np.zeros(d), np.eye(d),
+                 {"method": "median"})

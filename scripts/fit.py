@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-accept", type=_probability, default=s.target_accept)
     p.add_argument("--max-tree-depth", type=_positive_int, default=s.max_tree_depth)
     p.add_argument("--init", choices=config.INIT_METHODS, default=s.init,
-                   help="where chains start: laplace (draws around the posterior mode, which "
-                        "also seeds the mass matrix) or median (the prior median)")
+                   help="where chains start: laplace (draws around the posterior mode, in "
+                        "coordinates whitened by its covariance) or median (the prior median)")
     mass = p.add_mutually_exclusive_group()
     mass.add_argument("--dense-mass", dest="dense_mass", action="store_true",
                       default=config.DENSE_MASS, help="full mass matrix")

@@ -9,7 +9,7 @@ import numpyro.distributions as dist
 from test_fit_support import cached_data, priors
 
 from calib.model import get_model
-from calib.start import _covariance, laplace_start
+from calib.start import _covariance, laplace_start, median_start
 
 # conjugate normal model: mu ~ N(m0, s0), y_i ~ N(mu, s); log_s ~ N(0, 1) is independent
 M0, S0, S = 1.0, 10.0, 0.5
@@ -23,26 +23,52 @@ def _toy(data, priors_):
     numpyro.sample("y", dist.Normal(mu, S), obs=jnp.asarray(data))
 
 
-def test_mode_and_covariance_match_the_conjugate_posterior():
+def _x(start, y):
+    """NumPyro's unconstrained parameters at whitened ``y``."""
+    return start.shift + np.asarray(y, np.float64) @ start.chol.T
+
+
+def test_whitening_and_starts_match_the_conjugate_posterior():
     post_var = 1.0 / (1.0 / S0**2 + Y.size / S**2)
     post_mean = post_var * (M0 / S0**2 + Y.sum() / S**2)
     start = laplace_start(_toy, Y, None, chains=3, seed=0)
-    (names, cov), = start.inverse_mass_matrix.items()
-    assert names == ("log_s", "mu")
-    np.testing.assert_allclose(np.asarray(cov), np.diag([1.0, post_var]), rtol=1e-6, atol=1e-9)
-    assert start.report["converged"]
-    mu0 = np.asarray(start.init_params["mu"])
-    assert mu0.shape == (3,)
+    # flattening order: sites sorted by name (log_s, mu); x = mode + chol @ y
+    np.testing.assert_allclose(start.shift, [0.0, post_mean], atol=1e-6)
+    np.testing.assert_allclose(start.chol @ start.chol.T, np.diag([1.0, post_var]),
+                               rtol=1e-6, atol=1e-9)
+    assert start.report["converged"] and start.report["whitening"] == "dense"
+    y0 = np.asarray(start.init_params)
+    assert y0.shape == (3, 2)
     # starts are draws around the mode on the posterior's own scale: dispersed, not equal
-    z = (mu0 - post_mean) / np.sqrt(post_var)
+    z = (_x(start, y0)[:, 1] - post_mean) / np.sqrt(post_var)
     assert np.all(np.abs(z) < 4) and np.ptp(z) > 0.1
+    # the whitened potential is the model's, up to a constant, at the mapped point
+    y = jnp.asarray([0.3, -1.2])
+    mu = post_mean - 1.2 * np.sqrt(post_var)
+    exact = (0.5 * 0.3**2 + 0.5 * ((mu - M0) / S0) ** 2
+             + 0.5 * np.sum(((Y - mu) / S) ** 2))
+    ref = float(start.potential_fn(jnp.zeros(2))) - (0.5 * ((post_mean - M0) / S0) ** 2
+                                                    + 0.5 * np.sum(((Y - post_mean) / S) ** 2))
+    np.testing.assert_allclose(float(start.potential_fn(y)) - ref, exact, rtol=1e-9)
+    out = start.postprocess_fn(y)
+    np.testing.assert_allclose([float(out["log_s"]), float(out["mu"])], [0.3, mu], rtol=1e-9)
 
 
-def test_single_chain_has_no_chain_dim_and_diagonal_mass():
+def test_single_chain_has_no_chain_dim_and_diagonal_whitening():
     start = laplace_start(_toy, Y, None, chains=1, seed=1, dense_mass=False)
-    assert np.shape(start.init_params["mu"]) == ()
-    (_, diag), = start.inverse_mass_matrix.items()
-    assert np.shape(diag) == (2,)
+    assert np.shape(start.init_params) == (2,)
+    np.testing.assert_array_equal(start.chol, np.diag(np.diag(start.chol)))
+    assert start.report["whitening"] == "diagonal"
+
+
+def test_median_start_is_unwhitened_and_per_chain():
+    start = median_start(_toy, Y, None, chains=2, seed=0)
+    np.testing.assert_array_equal(start.chol, np.eye(2))
+    y0 = np.asarray(start.init_params)
+    assert y0.shape == (2, 2) and start.report == {"method": "median"}
+    # init_to_median of 15 prior draws: near the prior medians (0, M0), one per chain
+    assert np.all(np.abs(y0[:, 0]) < 1.0) and np.all(np.abs(y0[:, 1] - M0) < 0.6 * S0)
+    assert not np.array_equal(y0[0], y0[1])
 
 
 def test_floored_eigenvalues_bound_the_width():
@@ -55,56 +81,34 @@ def test_floored_eigenvalues_bound_the_width():
 
 
 def test_starts_of_the_step_model_lie_in_its_support():
-    import jax
-    from numpyro.infer import init_to_median
-    from numpyro.infer.util import initialize_model
-
     data, _, _, _ = cached_data()
     model = get_model("per-model")
     start = laplace_start(model, data, priors(), chains=2, seed=0)
     assert start.report["iterations"] > 0 and np.isfinite(start.report["log_density_at_mode"])
-    info = initialize_model(jax.random.key(0), model, model_args=(data, priors()),
-                            init_strategy=init_to_median())
     for c in range(2):
-        z = {k: v[c] for k, v in start.init_params.items()}
-        assert np.isfinite(float(info.potential_fn(z)))
+        assert np.isfinite(float(start.potential_fn(start.init_params[c])))
+    out = start.postprocess_fn(start.init_params[0])
+    assert {"b", "b_pop", "tau", "alpha"} <= set(out)
+    assert np.all(np.asarray(out["b"]) > 0) and 0 < float(out["alpha"]) < 1
 
 
-def test_pooled_covariance_centres_each_chain_and_shrinks_toward_the_diagonal():
-    from calib.start import pooled_covariance
-
-    rng = np.random.default_rng(0)
-    true = np.array([[1.0, 0.8, 0.0], [0.8, 1.0, 0.0], [0.0, 0.0, 4.0]])
-    chol = np.linalg.cholesky(true)
-    x = rng.standard_normal((4, 5000, 3)) @ chol.T
-    x += np.array([0.0, 10.0, -10.0, 5.0])[:, None, None]  # chains that disagree in mean
-    z = {"b": x[..., 1:], "a": x[..., :1]}  # flattening order: sites sorted by name
-    cov, rep = pooled_covariance(z)
-    assert rep == {"pooled_draws": 20000, "parameters": 3, "shrinkage": round(3 / 20003, 4)}
-    np.testing.assert_allclose(cov, true, atol=0.08)
-    diag, _ = pooled_covariance(z, dense=False)
-    np.testing.assert_allclose(diag, np.diag(true), atol=0.15)
-    # few draws: the off-diagonal is pulled toward 0 by d / (n + d)
-    small, rep = pooled_covariance({"a": x[:2, :3, :1], "b": x[:2, :3, 1:]})
-    assert rep["shrinkage"] == round(3 / 9, 4)
-    raw = np.concatenate([x[:2, :3] - x[:2, :3].mean(1, keepdims=True)]).reshape(6, 3)
-    s = raw.T @ raw / 4
-    np.testing.assert_allclose(small[0, 1], (1 - 3 / 9) * s[0, 1])
-
-
-def test_two_phase_warmup_records_the_pooled_adaptation(monkeypatch):
+def test_pilot_warmup_records_the_adaptation(monkeypatch):
     import json
 
     from calib import config
     from calib.fit import run_nuts
 
-    small = config.AdaptationDefaults(step_size_warmup=10, pooled_fraction=0.5, min_warmup=30)
+    small = config.AdaptationDefaults(step_size_warmup=10, min_warmup=30)
     monkeypatch.setattr(config, "ADAPTATION", small)
     data, coords, step_index, _ = cached_data()
     idata = run_nuts(get_model("per-model"), data, priors(), coords=coords, chains=2,
                      warmup=40, draws=20, progress=False, step_index=step_index,
-                     chain_method="vectorized", init="median")
+                     chain_method="vectorized")
     rep = json.loads(idata.attrs["adaptation"])
-    assert rep["method"] == "pooled" and rep["first_phase"] == 30
-    assert rep["pooled_draws"] == 2 * 15 and rep["parameters"] > 10
+    assert rep["method"] == "pilot chain" and rep["pilot_warmup"] == 40
+    assert rep["step_size_warmup"] == 10 and rep["pilot_step_size"] > 0
+    assert json.loads(idata.attrs["start"])["method"] == "laplace"
     assert idata.posterior.sizes["draw"] == 20 and idata.posterior.sizes["chain"] == 2
+    # chains start apart (dispersed starts), so their first draws differ
+    alpha = idata.posterior["alpha"].values
+    assert np.all(np.isfinite(alpha)) and alpha[0, 0] != alpha[1, 0]
