@@ -15,8 +15,9 @@ __version__ = "0.1.0"
 
 #: Bumped whenever the meaning of a posterior file changes (model structure,
 #: parameter names, coordinates, raw sample sites). Loading a file of another version
-#: is an error. 2: pinned pf_compute and bounded (logit) overheads.
-MODEL_VERSION = 2
+#: is an error. 2: pinned pf_compute and bounded (logit) overheads. 3: ``z_b_pop`` of a
+#: pinned component is its offset from the models' mean (calib.model._pinned_population).
+MODEL_VERSION = 3
 
 #: Bumped whenever the canonical dataset schema changes.
 DATASET_SCHEMA_VERSION = 1

@@ -135,8 +135,8 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
         loc, scale = (np.asarray(a) for a in priors.lognormal_loc_scale("b_pop"))
         z_b_pop = pm.Normal("z_b_pop", 0.0, 1.0, dims="component")
         log_b_pop = loc + scale * z_b_pop
-        pm.Deterministic("b_pop", pt.exp(log_b_pop), dims="component")
         if key == "pooled":
+            pm.Deterministic("b_pop", pt.exp(log_b_pop), dims="component")
             log_b = pt.broadcast_to(log_b_pop, (M, len(COMPONENTS)))
             b = pm.Deterministic("b", pt.exp(log_b), dims=("model", "component"))
             s = priors["sigma"].pymc("sigma_pooled")
@@ -180,11 +180,20 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
                 ok = rest > 1e-12 * c
                 rest_s = pt.switch(ok, rest, 1.0)
                 log_bk = pt.log(rest_s) - np.log(pin.scale)
-                mu_k, tau_k = log_b_pop[k], tau[k]
-                lp = (-0.5 * ((log_bk - mu_k) / tau_k) ** 2 - pt.log(tau_k) - 0.5 * np.log(2 * np.pi)
-                      + log_c - pt.log(rest_s) + 0.5 * z ** 2 + 0.5 * np.log(2 * np.pi))
+                lp = log_c - pt.log(rest_s) + 0.5 * z ** 2 + 0.5 * np.log(2 * np.pi)
                 pm.Potential(f"c_{comp}_jacobian", pt.sum(pt.switch(ok, lp, -np.inf)))
+                # as calib.model._pinned_population: b_pop relative to the models' mean
+                tau_k, z_k, n = tau[k], z_b_pop[k], wm.size
+                pop_k = pt.mean(log_bk) + tau_k / np.sqrt(n) * z_k
+                lp_pop = (pt.sum(-0.5 * ((log_bk - pop_k) / tau_k) ** 2 - pt.log(tau_k))
+                          - 0.5 * ((pop_k - loc[k]) / scale[k]) ** 2 - np.log(scale[k])
+                          + pt.log(tau_k) - 0.5 * np.log(n) + 0.5 * z_k ** 2
+                          - 0.5 * n * np.log(2 * np.pi))
+                pm.Potential(f"b_pop_{comp}_jacobian", lp_pop)
+                log_b_pop = pt.set_subtensor(pt.as_tensor(log_b_pop)[k], pop_k)
+                log_b = pt.set_subtensor(pt.as_tensor(log_b)[:, k], pop_k)
                 log_b = pt.set_subtensor(pt.as_tensor(log_b)[wm, k], log_bk)
+            pm.Deterministic("b_pop", pt.exp(log_b_pop), dims="component")
             b = pm.Deterministic("b", pt.exp(log_b), dims=("model", "component"))
             sigma = priors["sigma"].pymc("sigma", dims="model")
         table, idx = b, midx

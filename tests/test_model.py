@@ -280,9 +280,10 @@ def test_pinned_coordinates_carry_the_natural_density(design, hierarchy, monkeyp
     """log p_raw(θ) = log p_natural(T θ) + log |det ∂T/∂θ| at random raw points.
 
     T maps the sampled coordinates (``z_c_<pinned component>``, the bounded
-    ``z_per_layer_us``, ``z_per_step_us``, ``z_per_request_us``) to the natural ones
-    (centred log b of those pairs, the softplus coordinates of the overheads); every
-    other site maps to itself.
+    ``z_per_layer_us``, ``z_per_step_us``, ``z_per_request_us``, ``z_b_pop`` with the
+    pinned components' entries relative to their models' mean) to the natural ones
+    (centred log b of those pairs, the softplus coordinates of the overheads, the prior's
+    standardised log b_pop); every other site maps to itself.
     """
     from numpyro.infer.util import log_density
 
@@ -296,7 +297,7 @@ def test_pinned_coordinates_carry_the_natural_density(design, hierarchy, monkeyp
     assert len(pinned_cols) >= 2
     bounded = bounded_overheads(design)
     assert set(bounded) == {"per_layer_us", "per_step_us", "per_request_us"}
-    changed = list(pinned().values()) + [f"z_{site}" for site in bounded]
+    changed = list(pinned().values()) + [f"z_{site}" for site in bounded] + ["z_b_pop"]
     assert all(k in raw for k in changed)
     monkeypatch.setattr(config, "PINNED_COMPONENTS", ())
     nat_names = [k for k, v in _trace(hierarchy, design, True).items()
@@ -326,7 +327,9 @@ def test_pinned_coordinates_carry_the_natural_density(design, hierarchy, monkeyp
         for site in bounded:  # softplus coordinates of the natural model
             y = t[site]["value"] / PRIORS[site]["median"]
             z_r.append(y + jnp.log(-jnp.expm1(-y)))
-        return full, jnp.stack(z_r)
+        loc, scale = PRIORS.lognormal_loc_scale("b_pop")  # natural z_b_pop
+        z_pop = (jnp.log(t["b_pop"]["value"]) - jnp.asarray(loc)) / jnp.asarray(scale)
+        return full, jnp.concatenate([jnp.stack(z_r), z_pop])
 
     rng = np.random.default_rng(5)
     for _ in range(3):
@@ -342,12 +345,13 @@ def test_pinned_coordinates_carry_the_natural_density(design, hierarchy, monkeyp
             return jnp.concatenate([full, z_r])
 
         J = jax.jacfwd(out)(flat)
-        # rows that change: the pinned pairs of log_b_active and z_per_request_us
+        # rows that change: the pinned pairs of log_b_active, the bounded overheads'
+        # coordinates and z_b_pop (re-centred for the pinned components)
         pinned_rows = np.flatnonzero(np.isin(ak, pinned_cols))
-        rows = np.concatenate([pinned_rows, am.size + np.arange(len(bounded))])
+        rows = np.concatenate([pinned_rows, am.size + np.arange(len(bounded) + 6)])
         _, logdet = np.linalg.slogdet(np.asarray(J)[rows])
         full, z_r = to_natural(flat, rest)
-        nat = dict(rest, log_b_active=full,
+        nat = dict(rest, log_b_active=full, z_b_pop=z_r[len(bounded):],
                    **{f"z_{site}": z_r[i] for i, site in enumerate(bounded)})
         monkeypatch.setattr(config, "PINNED_COMPONENTS", ())
         assert sorted(nat) == sorted(nat_names)
