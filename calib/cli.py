@@ -7,8 +7,14 @@ Every script reports a bad flag the way it reports any user error: one line
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from collections.abc import Callable
+
+#: ``--device`` choices of the sampling scripts -> JAX platform names
+#: (``numpyro.set_platform`` accepts "cuda", not "gpu").
+DEVICES = {"cpu": "cpu", "gpu": "cuda"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -59,11 +65,42 @@ def setup_jax_cpu() -> None:
     """Configure JAX before its first import in a script: CPU platform, float64.
 
     Library code never changes global JAX state; the doors in ``scripts/`` call this
-    (``scripts/fit.py`` does its own, richer set-up: host devices per chain).
+    (``scripts/fit.py`` and ``scripts/validate.py`` call :func:`setup_jax`).
     """
-    import os
-
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
     jax.config.update("jax_enable_x64", True)
+
+
+def setup_jax(*, device: str, chain_method: str, chains: int, x64: bool) -> None:
+    """Configure JAX before it does any work in a sampling script.
+
+    ``device`` is a key of :data:`DEVICES` ("gpu" is JAX's "cuda" platform). With
+    ``chain_method="parallel"`` on the CPU, one XLA host device per chain.
+    """
+    parallel_cpu = chain_method == "parallel" and device == "cpu"
+    if parallel_cpu:
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                       os.environ.get("XLA_FLAGS", "")).strip()
+        os.environ["XLA_FLAGS"] = (
+            f"{flags} --xla_force_host_platform_device_count={chains}".strip())
+    import numpyro
+
+    numpyro.set_platform(DEVICES[device])
+    if parallel_cpu:
+        numpyro.set_host_device_count(chains)
+    import jax
+
+    jax.config.update("jax_enable_x64", x64)
+    if device != "cpu":
+        try:
+            jax.devices()
+        except Exception as err:  # JAX raises RuntimeError or AssertionError here
+            from calib.errors import CalibError
+
+            detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise CalibError(f"JAX finds no {DEVICES[device]} device here ({detail})",
+                             field="--device",
+                             fix="use --device cpu, or install JAX with CUDA support "
+                                 "(pip install 'jax[cuda13]')") from None

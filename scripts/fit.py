@@ -16,12 +16,10 @@ Prints the diagnostics gate. Exit status: 0 the gate passed (posterior written),
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
 from pathlib import Path
 
-from calib import config
+from calib import cli, config
 from calib.cli import Parser as _Parser
 from calib.cli import nonneg_int as _nonneg_int
 from calib.cli import positive_int as _positive_int
@@ -73,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="prior predictive check only: plot + table, no sampling")
     p.add_argument("--prior-check-out", type=Path, default=None,
                    help="prior check plot (default reports/prior_check/<hierarchy>.png)")
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="JAX platform")
+    p.add_argument("--device", choices=tuple(cli.DEVICES), default="cpu",
+                   help="JAX platform (gpu: CUDA)")
     p.add_argument("--precision", choices=("float32", "float64"), default=config.FIT_PRECISION,
                    help="JAX float precision of the sampler (float32 is faster on CPUs)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
@@ -88,19 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def setup_jax(args: argparse.Namespace) -> None:
     """Platform, host device count and precision, before JAX does any work."""
-    if args.chain_method == "parallel" and args.device == "cpu" and args.backend == "numpyro":
-        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                       os.environ.get("XLA_FLAGS", "")).strip()
-        os.environ["XLA_FLAGS"] = (
-            f"{flags} --xla_force_host_platform_device_count={args.chains}".strip())
-    import numpyro
-
-    numpyro.set_platform(args.device)
-    if args.chain_method == "parallel" and args.device == "cpu" and args.backend == "numpyro":
-        numpyro.set_host_device_count(args.chains)
-    import jax
-
-    jax.config.update("jax_enable_x64", args.precision == "float64")
+    cli.setup_jax(device=args.device,
+                  chain_method=args.chain_method if args.backend == "numpyro" else "sequential",
+                  chains=args.chains, x64=args.precision == "float64")
 
 
 def _check_inputs(args: argparse.Namespace) -> None:
@@ -155,10 +144,10 @@ def run_fit(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_jax(args)
     from calib.errors import CalibError
 
     try:
+        setup_jax(args)
         _check_inputs(args)
         return run_prior_only(args) if args.prior_only else run_fit(args)
     except CalibError as err:

@@ -15,7 +15,7 @@ See calib/validate.py for the exact rules. Writes into --out (atomically): valid
 verdicts, file hashes).
 
 Sampler defaults are smaller than scripts/fit.py's (one fit per fold):
-calib.config.VALIDATE_SAMPLER (2 chains, 300 warmup, 300 draws), and at most
+calib.config.VALIDATE_SAMPLER (4 chains, 500 warmup, 500 draws), and at most
 --max-train-steps sampled steps are fitted per fold (seeded random subset).
 Exit status: 0 done, 2 a user error (one line ``error: ...`` on stderr).
 """
@@ -23,12 +23,10 @@ Exit status: 0 done, 2 a user error (one line ``error: ...`` on stderr).
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
 from pathlib import Path
 
-from calib import config
+from calib import cli, config
 from calib.cli import Parser as _Parser
 from calib.cli import int_at_least as _int
 from calib.cli import probability as _probability
@@ -65,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="central interval probability")
     p.add_argument("--max-train-steps", type=_int(0), default=config.VALIDATE_MAX_TRAIN_STEPS,
                    help="sampled train steps fitted per fold at most (0: all)")
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="JAX platform")
+    p.add_argument("--device", choices=tuple(cli.DEVICES), default="cpu",
+                   help="JAX platform (gpu: CUDA)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
     return p.parse_args(argv)
@@ -73,19 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def setup_jax(args: argparse.Namespace) -> None:
     """Platform, host device count and float64, before JAX does any work."""
-    if args.chain_method == "parallel" and args.device == "cpu":
-        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                       os.environ.get("XLA_FLAGS", "")).strip()
-        os.environ["XLA_FLAGS"] = (
-            f"{flags} --xla_force_host_platform_device_count={args.chains}".strip())
-    import numpyro
-
-    numpyro.set_platform(args.device)
-    if args.chain_method == "parallel" and args.device == "cpu":
-        numpyro.set_host_device_count(args.chains)
-    import jax
-
-    jax.config.update("jax_enable_x64", True)
+    cli.setup_jax(device=args.device, chain_method=args.chain_method, chains=args.chains,
+                  x64=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,10 +122,10 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_jax(args)
     from calib.errors import CalibError
 
     try:
+        setup_jax(args)
         return run(args)
     except CalibError as err:
         return _user_error(err)

@@ -62,6 +62,15 @@ def test_bad_flag(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_gpu_without_a_gpu_is_a_user_error(tmp_path):
+    # --device gpu reaches NumPyro as the "cuda" platform (NumPyro rejects "gpu"); where
+    # JAX has no CUDA backend (here JAX_PLATFORMS=cpu) the user gets one line, not a
+    # traceback from JAX's backend initialisation.
+    proc = run("--device", "gpu", "--prior-only", "--out", tmp_path / "x.nc")
+    assert_user_error(proc, "--device", "cuda", "--device cpu")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_traces(tmp_path):
     proc = run("--traces", tmp_path / "nope.nc", "--out", tmp_path / "x.nc")
     assert_user_error(proc, "nope.nc", "not found")
