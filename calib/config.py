@@ -79,8 +79,9 @@ class StartDefaults:
     #: Hessian eigenvalues are floored here (unconstrained units): a flat or non-convex
     #: direction gets a standard deviation of at most 1/sqrt(floor) = 1, the prior's scale
     #: in this model's unconstrained coordinates (standardised raw sites, log spreads).
-    #: With 1e-2 (sd 10) a chain could start deep in a funnel's neck: 255 leapfrog steps
-    #: of size 1e-3 for the first adaptation window at the real data size.
+    #: Seen at the real data size with 1e-2 (sd 10): a chain's first adaptation window ran
+    #: 255 leapfrog steps of size 1.6e-3; with 1 the first window's steps were ~5e-2
+    #: (BENCHMARKS.md; the start is not the only cost of early warmup).
     eigen_floor: float = 1.0
 
 

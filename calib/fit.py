@@ -407,7 +407,7 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
         key_pilot, key_mcmc = jax.random.split(key_mcmc)
         pilot = sampler(1, warmup)
         t_pilot = time.perf_counter()
-        pilot.warmup(key_pilot, init_params=jax.tree.map(lambda v: v[0], start.init_params))
+        pilot.warmup(key_pilot, init_params=start.init_params[0])
         tuned = pilot.post_warmup_state.adapt_state
         adaptation = {"method": "pilot chain", "pilot_warmup": warmup,
                       "pilot_seconds": round(time.perf_counter() - t_pilot, 3),
