@@ -169,7 +169,7 @@ def laplace_start(model_fn, data, priors, *, chains: int, seed: int, dense_mass:
         chol = np.diag(np.sqrt(np.diag(cov)))
 
     # dispersed starts: one draw each from N(0, I) in y, pulled back into the support
-    starts = np.asarray(jax.random.normal(key_draw, (chains, mode.size)), np.float64)
+    starts = np.array(jax.random.normal(key_draw, (chains, mode.size)), np.float64)  # writable
     for c in range(chains):
         for _ in range(30):
             if np.isfinite(fun(mode + chol @ starts[c])[0]):  # fun: inf outside the support

@@ -80,6 +80,20 @@ def test_floored_eigenvalues_bound_the_width():
     np.testing.assert_array_equal(cov, np.eye(2))
 
 
+def _boxed(data, priors_):
+    """N(0, 1) restricted to |mu| < 0.05: N(0, I) draws around the mode lie outside."""
+    del data, priors_
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    numpyro.factor("box", jnp.where(jnp.abs(mu) < 0.05, 0.0, -jnp.inf))
+
+
+def test_starts_outside_the_support_are_pulled_back_toward_the_mode():
+    start = laplace_start(_boxed, None, None, chains=4, seed=0)
+    x = _x(start, np.asarray(start.init_params))[:, 0]
+    assert np.all(np.abs(x) < 0.05) and np.ptp(x) > 0
+    assert all(np.isfinite(float(start.potential_fn(y))) for y in start.init_params)
+
+
 def test_starts_of_the_step_model_lie_in_its_support():
     data, _, _, _ = cached_data()
     model = get_model("per-model")
