@@ -16,8 +16,9 @@ __version__ = "0.1.0"
 #: Bumped whenever the meaning of a posterior file changes (model structure,
 #: parameter names, coordinates, raw sample sites). Loading a file of another version
 #: is an error. 2: pinned pf_compute and bounded (logit) overheads. 3: ``z_b_pop`` of a
-#: pinned component is its offset from the models' mean (calib.model._pinned_population).
-MODEL_VERSION = 3
+#: pinned component is its offset from the models' mean (calib.model._recentred_population).
+#: 4: the same for centred, non-pinned components (``config.RECENTRED_POPULATION``).
+MODEL_VERSION = 4
 
 #: Bumped whenever the canonical dataset schema changes.
 DATASET_SCHEMA_VERSION = 1

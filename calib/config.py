@@ -54,8 +54,12 @@ class SamplerDefaults:
     #: Measured with whitened coordinates, the pilot warmup and b_pop of the pinned
     #: components relative to their models' mean (BENCHMARKS.md): on the default data
     #: 0.9 -> step size ~0.3, 15 leapfrog steps per iteration, 2 divergences in 4,000 draws
-    #: (at the ends of the tau posteriors); 0.95 -> none. At the real size 0.95 is green.
-    target_accept: float = 0.95
+    #: (at the ends of the tau posteriors); 0.95 -> none at seed 0, but 2 at seed 1.
+    #: With every centred b_pop re-centred (RECENTRED_POPULATION), one run of 4 x 4,000
+    #: draws (seed 3): 0.95 -> 4 divergences in 16,000 (tails of tau[dc_compute],
+    #: tau[pf_kv], nu, b[mixtral, pf_kv]: a gate of 4,000 draws passes about 1 time in 3);
+    #: 0.98 -> none, 18 % more time. In float32 see FLOAT32_TARGET_ACCEPT.
+    target_accept: float = 0.98
     max_tree_depth: int = 8
     chain_method: str = "parallel"
     #: Where chains start and the coordinates NUTS samples (``--init``): "laplace"
@@ -110,6 +114,12 @@ ADAPTATION = AdaptationDefaults()
 
 #: JAX float precision of ``scripts/fit.py`` (``--precision``). See BENCHMARKS.md.
 FIT_PRECISION = "float64"
+#: Default target acceptance of ``scripts/fit.py --precision float32``. The float32
+#: round-off of the potential at ~10^5 steps (sd ≈ 0.1-0.2 in the log density,
+#: BENCHMARKS.md) is a floor under the energy error of every trajectory, so a target
+#: near 1 drives the step size toward 0: at the real size 0.98 had not finished after
+#: 10 min (0.95: 4 min 15 s).
+FLOAT32_TARGET_ACCEPT = 0.95
 
 
 # -------------------------------------------------------------- diagnostics gate
@@ -212,6 +222,15 @@ OVERHEAD_COORDINATES = "softplus"
 #: weight + dc_compute: 44 divergences; + per_request below the smallest decode cost:
 #: 26, all at large tp (the tp/pf_compute ridge); + pf_compute: see BENCHMARKS.md.
 PINNED_COMPONENTS: tuple[str, ...] = ("weight", "pf_compute", "dc_compute")
+#: Population mean of each centred, non-pinned component (not in NONCENTERED_COMPONENTS)
+#: sampled relative to its models' mean, as the pinned components' always are:
+#: ``log b_pop[k] = mean_m log b[m, k] + tau[k]/sqrt(M)·z`` (calib.model._recentred_population).
+#: When the data pin every model's log b, ``log b_pop`` is otherwise confined to
+#: ``mean ± tau/sqrt(M)``: a funnel in tau. Measured: pinned weight on the default fit
+#: (sd of log b_pop[weight] 0.036 -> 0.15 across tau[weight], divergences at its narrow
+#: end); centred dc_kv in the leave-mixtral-out fold (3 models: sd 0.017 -> 0.17 across
+#: tau[dc_kv], 35 divergences, all at its 0-1st percentile). False: prior coordinates.
+RECENTRED_POPULATION = True
 #: Dense (full) mass matrix for NUTS (the fit runner's default).
 DENSE_MASS = True
 

@@ -31,7 +31,10 @@ value = exp(log-median + log_sd·z)); the per-model (and per-experiment) log
 corrections are either centred (``log_b_active ~ N(log b_pop, tau)``) or
 non-centred (``z_b ~ N(0, 1)``, ``log b = log b_pop + tau·z_b``), chosen by
 ``centered`` (default :data:`calib.config.MODEL_CENTERED`, measured in
-``bench/bench_geometry.py``).
+``bench/bench_geometry.py``). With observations, the population mean of a centred
+component is sampled relative to its models' mean (:func:`_recentred_population`),
+and the pinned components go through the quantities the data pin (:func:`pinned`);
+both carry exact Jacobians, so the posterior is the one written above.
 
 Model functions must be run with concrete data (NumPyro's default
 ``jit_model_args=False``): the set of active pairs decides site shapes.
@@ -80,9 +83,7 @@ SITE_DIMS: dict[str, tuple[str, ...]] = {
     "c_pf_compute_jacobian": (),
     "z_c_dc_compute": ("dc_compute_model",),
     "c_dc_compute_jacobian": (),
-    "b_pop_weight_jacobian": (),
-    "b_pop_pf_compute_jacobian": (),
-    "b_pop_dc_compute_jacobian": (),
+    **{f"b_pop_{c}_jacobian": () for c in COMPONENTS},
     "per_layer_us_jacobian": (),
     "per_request_us_jacobian": (),
     "per_step_us_jacobian": (),
@@ -581,6 +582,13 @@ def _collinear_shares(C: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+def _observed(data: ModelData) -> bool:
+    """Whether ``data`` carries observations. Without them (prior draws) the natural
+    coordinates are used: NumPyro's Predictive ignores factor sites, so only they give
+    exact prior draws."""
+    return data.duration_us is not None or data.log_duration is not None
+
+
 def _pinned_pairs(data: ModelData, k: int) -> Pinned:
     """Models whose component ``k`` is sampled through its pinned constant.
 
@@ -590,9 +598,7 @@ def _pinned_pairs(data: ModelData, k: int) -> Pinned:
     :func:`_collinear_shares`, in the same unit. Empty when ``k`` is not pinned
     (:func:`pinned`) or the data carry no observations.
     """
-    if k not in pinned() or (data.duration_us is None and data.log_duration is None):
-        # Without observations (prior draws) the natural coordinates are used: NumPyro's
-        # Predictive ignores factor sites, so only they give exact prior draws.
+    if k not in pinned() or not _observed(data):
         return Pinned(np.zeros(0, int), np.zeros(0), np.zeros((0, 3)),
                       np.zeros((0, len(COMPONENTS))))
     if k not in PINNABLE:  # pragma: no cover - config names only pinnable components
@@ -643,7 +649,7 @@ def _pinned_log_b(k: int, data: ModelData, priors: Priors, log_b: Array,
     """Sample ``z_c_<k>`` for the pinned models; return (models, log b[models, k]).
 
     Records the Jacobian factor of ``log c -> log b`` (``c_<k>_jacobian``); the
-    hierarchical density of log b is added by :func:`_pinned_population`.
+    hierarchical density of log b is added by :func:`_recentred_population`.
 
     ``log_b`` (M, 6) holds the log corrections sampled so far (those of the collinear
     components of :data:`PINNABLE` among them).
@@ -684,26 +690,43 @@ def _pinned_log_b(k: int, data: ModelData, priors: Priors, log_b: Array,
     return wm, jnp.where(ok, log_bk, 0.0)
 
 
-def _pinned_population(k: int, log_bk: Array, z_k: Array, tau_k: Array,
-                       priors: Priors) -> Array:
-    """log b_pop[k] of a pinned component, sampled relative to its models' mean.
+def recentred_columns(data: ModelData, cols: np.ndarray, centered: bool) -> np.ndarray:
+    """Mask of active pairs (by component column) whose component's population mean is
+    sampled relative to its models' mean (:func:`_recentred_population`).
 
-    The data pin each model's log b[m, k] (through ``c``), so with a small spread
-    ``tau[k]`` the population mean is confined to ``mean_m log b[m, k] ± tau[k]/√M``:
-    sampled as ``loc + scale·z`` it forms a funnel with ``tau[k]`` (measured: the sd of
+    ``config.RECENTRED_POPULATION``, centred mode, not in ``config.NONCENTERED_COMPONENTS``,
+    with observations (prior draws use the prior's coordinates: see :func:`_observed`).
+    Pinned pairs are not among the active pairs (:func:`active_pairs`); their components
+    are always re-centred.
+    """
+    cols = np.asarray(cols)
+    if not (config.RECENTRED_POPULATION and centered and _observed(data)):
+        return np.zeros(cols.shape, bool)
+    return ~noncentered_columns(cols)
+
+
+def _recentred_population(k: int, log_bk: Array, z_k: Array, tau_k: Array,
+                          priors: Priors, base_lp: Array | float = 0.0) -> Array:
+    """log b_pop[k], sampled relative to its models' mean.
+
+    The data pin each model's log b[m, k], so with a small spread ``tau[k]`` the
+    population mean is confined to ``mean_m log b[m, k] ± tau[k]/√M``: sampled as
+    ``loc + scale·z`` it forms a funnel with ``tau[k]`` (measured: the sd of
     log b_pop[weight] grows from 0.036 to 0.15 across the posterior of tau[weight], and
-    the divergences of the default fit sat at its narrow end). Here
-    ``log b_pop[k] = mean_m log b[m, k] + tau[k]/√M · z_k`` (``z_k`` = ``z_b_pop[k]``),
-    which is N(0, 1)-shaped at every ``tau``. Factor ``b_pop_<k>_jacobian``: the
-    hierarchical density of the M values, the prior of log b_pop[k] and
-    ``log(tau[k]/√M)``, minus the site's own N(0, 1) density.
+    the divergences of the default fit sat at its narrow end; likewise dc_kv with three
+    models). Here ``log b_pop[k] = mean_m log b[m, k] + tau[k]/√M · z_k``
+    (``z_k`` = ``z_b_pop[k]``), which is N(0, 1)-shaped at every ``tau``. Factor
+    ``b_pop_<k>_jacobian``: the hierarchical density of the M values, the prior of
+    log b_pop[k] and ``log(tau[k]/√M)``, minus the site's own N(0, 1) density and
+    ``base_lp`` (the log density of the raw law the M values were sampled from, if any).
     """
     M = log_bk.shape[0]
     log_b_pop_k = jnp.mean(log_bk) + tau_k / math.sqrt(M) * z_k
     loc, scale = (np.asarray(a)[k] for a in priors.lognormal_loc_scale("b_pop"))
     lp = (jnp.sum(dist.Normal(log_b_pop_k, tau_k).log_prob(log_bk))
           + dist.Normal(float(loc), float(scale)).log_prob(log_b_pop_k)
-          + jnp.log(tau_k) - 0.5 * math.log(M) - dist.Normal(0.0, 1.0).log_prob(z_k))
+          + jnp.log(tau_k) - 0.5 * math.log(M) - dist.Normal(0.0, 1.0).log_prob(z_k)
+          - base_lp)
     numpyro.factor(f"b_pop_{COMPONENTS[k]}_jacobian", lp)
     return log_b_pop_k
 
@@ -761,16 +784,29 @@ def _per_model_log_b(data: ModelData, priors: Priors, centered: bool,
     z_pop, log_b_pop = _population(priors)
     tau = numpyro.sample("tau", _vector_dist(priors.component("tau")))
     full = jnp.broadcast_to(log_b_pop, (data.n_models, len(COMPONENTS)))
+    recentred = []  # (component, models, log b[models, k], log density of their raw law)
     am, ak = active_pairs(data)
     if am.size:
-        log_b_act = _nested("z_b", "log_b_active", full, am, ak, tau, centered)
+        # re-centred components: their centred entries are sampled from the prior's law
+        # of log b_pop (base, removed again), then b_pop relative to their mean
+        rc = np.isin(np.arange(len(COMPONENTS)), ak[recentred_columns(data, ak, centered)])
+        loc, scale = (jnp.asarray(a) for a in priors.lognormal_loc_scale("b_pop"))
+        parent = jnp.broadcast_to(jnp.where(rc, loc, log_b_pop), full.shape)
+        log_b_act = _nested("z_b", "log_b_active", parent, am, ak, jnp.where(rc, scale, tau),
+                            centered)
         full = full.at[am, ak].set(log_b_act)
+        for k in np.flatnonzero(rc):
+            sel = ak == k
+            base = jnp.sum(dist.Normal(loc[k], scale[k]).log_prob(log_b_act[sel]))
+            recentred.append((k, am[sel], log_b_act[sel], base))
     for k in pinned():
         wm, log_bk = _pinned_log_b(k, data, priors, full, per)
         if wm.size:
-            pop_k = _pinned_population(k, log_bk, z_pop[k], tau[k], priors)
-            log_b_pop = log_b_pop.at[k].set(pop_k)
-            full = full.at[:, k].set(pop_k).at[wm, k].set(log_bk)
+            recentred.append((k, wm, log_bk, 0.0))
+    for k, models, log_bk, base in recentred:
+        pop_k = _recentred_population(k, log_bk, z_pop[k], tau[k], priors, base)
+        log_b_pop = log_b_pop.at[k].set(pop_k)
+        full = full.at[:, k].set(pop_k).at[models, k].set(log_bk)
     numpyro.deterministic("b_pop", jnp.exp(log_b_pop))
     numpyro.deterministic("b", jnp.exp(full))
     return full

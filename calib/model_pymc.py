@@ -30,6 +30,7 @@ from calib.model import (
     get_model,
     noncentered_columns,
     pinned,
+    recentred_columns,
 )
 from calib.priors import Prior, Priors
 
@@ -99,6 +100,13 @@ def _overhead_below(site: str, log_bound, prior: Prior):
     return pm.Deterministic(site, pt.exp(log_r))
 
 
+def _normal_logp(x, mu, sd):
+    """Log density of N(mu, sd) at x (pytensor expressions or numbers)."""
+    import pytensor.tensor as pt
+
+    return -0.5 * ((x - mu) / sd) ** 2 - pt.log(sd) - 0.5 * math.log(2 * math.pi)
+
+
 def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
                      coords: Mapping[str, Sequence[Any]], *, centered: bool | None = None):
     """The PyMC model of ``hierarchy`` (``pm.Model``; sample it with ``pm.sample``).
@@ -145,16 +153,23 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
             tau = _vector_prior("tau", priors.component("tau"), "component")
             am, ak = active_pairs(data)
             log_b = pt.broadcast_to(log_b_pop, (M, len(COMPONENTS)))
+            recentred = []  # as calib.model._per_model_log_b
             if am.size:
-                mloc = log_b_pop[ak]
+                rc = recentred_columns(data, ak, centered)
+                mloc = pt.switch(rc, loc[ak], log_b_pop[ak])
+                spread = pt.switch(rc, scale[ak], tau[ak])
                 if centered:  # same mixed form as calib.model._nested
                     nc = noncentered_columns(ak)
                     raw = pm.Normal("log_b_active", pt.switch(nc, 0.0, mloc),
-                                    pt.switch(nc, 1.0, tau[ak]), dims="active")
-                    act = pt.switch(nc, mloc + tau[ak] * raw, raw)
+                                    pt.switch(nc, 1.0, spread), dims="active")
+                    act = pt.switch(nc, mloc + spread * raw, raw)
                 else:
-                    act = mloc + tau[ak] * pm.Normal("z_b", 0.0, 1.0, dims="active")
+                    act = mloc + spread * pm.Normal("z_b", 0.0, 1.0, dims="active")
                 log_b = pt.set_subtensor(pt.as_tensor(log_b)[am, ak], act)
+                for k in np.unique(ak[rc]):
+                    sel = np.flatnonzero(ak == k)
+                    base = pt.sum(_normal_logp(act[sel], loc[k], scale[k]))
+                    recentred.append((k, am[sel], act[sel], base))
             medians = np.array([priors[site]["median"] for site, _ in OVERHEAD_SITES])
             b_med = np.array([priors[f"b_pop.{c}"]["median"] for c in COMPONENTS])
             for k, name in pinned().items():  # same coordinates as calib.model._pinned_log_b
@@ -182,17 +197,19 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
                 log_bk = pt.log(rest_s) - np.log(pin.scale)
                 lp = log_c - pt.log(rest_s) + 0.5 * z ** 2 + 0.5 * np.log(2 * np.pi)
                 pm.Potential(f"c_{comp}_jacobian", pt.sum(pt.switch(ok, lp, -np.inf)))
-                # as calib.model._pinned_population: b_pop relative to the models' mean
-                tau_k, z_k, n = tau[k], z_b_pop[k], wm.size
+                recentred.append((k, wm, log_bk, 0.0))
+            for k, models, log_bk, base in recentred:
+                # as calib.model._recentred_population: b_pop relative to the models' mean
+                tau_k, z_k, n = tau[k], z_b_pop[k], models.size
                 pop_k = pt.mean(log_bk) + tau_k / np.sqrt(n) * z_k
-                lp_pop = (pt.sum(-0.5 * ((log_bk - pop_k) / tau_k) ** 2 - pt.log(tau_k))
-                          - 0.5 * ((pop_k - loc[k]) / scale[k]) ** 2 - np.log(scale[k])
-                          + pt.log(tau_k) - 0.5 * np.log(n) + 0.5 * z_k ** 2
-                          - 0.5 * n * np.log(2 * np.pi))
-                pm.Potential(f"b_pop_{comp}_jacobian", lp_pop)
+                lp_pop = (pt.sum(_normal_logp(log_bk, pop_k, tau_k))
+                          + _normal_logp(pop_k, loc[k], scale[k])
+                          + pt.log(tau_k) - 0.5 * np.log(n) - _normal_logp(z_k, 0.0, 1.0)
+                          - base)
+                pm.Potential(f"b_pop_{COMPONENTS[k]}_jacobian", lp_pop)
                 log_b_pop = pt.set_subtensor(pt.as_tensor(log_b_pop)[k], pop_k)
                 log_b = pt.set_subtensor(pt.as_tensor(log_b)[:, k], pop_k)
-                log_b = pt.set_subtensor(pt.as_tensor(log_b)[wm, k], log_bk)
+                log_b = pt.set_subtensor(pt.as_tensor(log_b)[models, k], log_bk)
             pm.Deterministic("b_pop", pt.exp(log_b_pop), dims="component")
             b = pm.Deterministic("b", pt.exp(log_b), dims=("model", "component"))
             sigma = priors["sigma"].pymc("sigma", dims="model")

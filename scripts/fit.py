@@ -47,7 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=_nonneg_int, default=s.seed)
     p.add_argument("--chain-method", choices=("parallel", "sequential", "vectorized"),
                    default=s.chain_method)
-    p.add_argument("--target-accept", type=_probability, default=s.target_accept)
+    p.add_argument("--target-accept", type=_probability, default=None,
+                   help=f"NUTS target acceptance (default {s.target_accept}; "
+                        f"{config.FLOAT32_TARGET_ACCEPT} with --precision float32)")
     p.add_argument("--max-tree-depth", type=_positive_int, default=s.max_tree_depth)
     p.add_argument("--init", choices=config.INIT_METHODS, default=s.init,
                    help="where chains start: laplace (draws around the posterior mode, in "
@@ -119,13 +121,22 @@ def run_prior_only(args: argparse.Namespace) -> int:
     return 0
 
 
+def _target_accept(args: argparse.Namespace) -> float:
+    """``--target-accept``, else the default of the chosen precision."""
+    if args.target_accept is not None:
+        return args.target_accept
+    if args.precision == "float32":
+        return config.FLOAT32_TARGET_ACCEPT
+    return config.SAMPLER.target_accept
+
+
 def run_fit(args: argparse.Namespace) -> int:
     from calib.diagnostics import format_table
     from calib.fit import SamplerSettings, fit
 
     settings = SamplerSettings(chains=args.chains, warmup=args.warmup, draws=args.draws,
                                seed=args.seed, chain_method=args.chain_method,
-                               target_accept=args.target_accept,
+                               target_accept=_target_accept(args),
                                max_tree_depth=args.max_tree_depth, dense_mass=args.dense_mass,
                                centered=args.centered, init=args.init)
     result = fit(args.traces, hierarchy=args.hierarchy, priors_path=args.priors,

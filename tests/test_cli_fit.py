@@ -143,3 +143,18 @@ def test_user_error_is_one_line_exit_2(capsys):
     assert out.out == ""
     lines = out.err.splitlines()
     assert lines == ["error: field '--x': bad value in two lines (fix: pass a good one)"]
+
+
+def test_target_accept_default_follows_the_precision():
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fit_cli", SCRIPT)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    ns = argparse.Namespace
+    assert cli._target_accept(ns(target_accept=None, precision="float64")) == \
+        config.SAMPLER.target_accept
+    assert cli._target_accept(ns(target_accept=None, precision="float32")) == \
+        config.FLOAT32_TARGET_ACCEPT < config.SAMPLER.target_accept
+    assert cli._target_accept(ns(target_accept=0.9, precision="float32")) == 0.9

@@ -281,9 +281,10 @@ def test_pinned_coordinates_carry_the_natural_density(design, hierarchy, monkeyp
 
     T maps the sampled coordinates (``z_c_<pinned component>``, the bounded
     ``z_per_layer_us``, ``z_per_step_us``, ``z_per_request_us``, ``z_b_pop`` with the
-    pinned components' entries relative to their models' mean) to the natural ones
-    (centred log b of those pairs, the softplus coordinates of the overheads, the prior's
-    standardised log b_pop); every other site maps to itself.
+    pinned and other centred components' entries relative to their models' mean) to the
+    natural ones (centred log b of those pairs, the softplus coordinates of the overheads,
+    the prior's standardised log b_pop); every other site maps to itself (the centred
+    entries of ``log_b_active`` are log b in both).
     """
     from numpyro.infer.util import log_density
 
@@ -300,6 +301,7 @@ def test_pinned_coordinates_carry_the_natural_density(design, hierarchy, monkeyp
     changed = list(pinned().values()) + [f"z_{site}" for site in bounded] + ["z_b_pop"]
     assert all(k in raw for k in changed)
     monkeypatch.setattr(config, "PINNED_COMPONENTS", ())
+    monkeypatch.setattr(config, "RECENTRED_POPULATION", False)
     nat_names = [k for k, v in _trace(hierarchy, design, True).items()
                  if v["type"] == "sample" and not v.get("is_observed", False)]
     monkeypatch.undo()
@@ -354,6 +356,7 @@ def test_pinned_coordinates_carry_the_natural_density(design, hierarchy, monkeyp
         nat = dict(rest, log_b_active=full, z_b_pop=z_r[len(bounded):],
                    **{f"z_{site}": z_r[i] for i, site in enumerate(bounded)})
         monkeypatch.setattr(config, "PINNED_COMPONENTS", ())
+        monkeypatch.setattr(config, "RECENTRED_POPULATION", False)
         assert sorted(nat) == sorted(nat_names)
         lp_nat, _ = log_density(model, (design, PRIORS), {"centered": True}, nat)
         monkeypatch.undo()
