@@ -42,7 +42,8 @@ steps and judged on the sampled held-out steps and requests:
 
 Predictors (column ``predictor``):
 
-``calib``     posterior mean over draws of the model's median step time ``mu``;
+``calib``     posterior median over draws of the model's median step time ``mu`` (the point of
+              :mod:`calib.e2e`: the centre of the equal-tailed interval);
 ``blis``      the exported BLIS block (``calib.export``: posterior-mean betas, prefill and
               decode added, i.e. alpha dropped) through ``calib.predict.blis_step_time_us``;
 ``blackbox``  BLIS's 3-coefficient blackbox (:mod:`calib.baselines`), OLS on the train
@@ -327,12 +328,13 @@ def _blis_betas(params: dict, post_models: list[str], meta: _Meta) -> list[list[
 def _calib_step_predictions(params: dict, b: np.ndarray, sigma: np.ndarray, feats: StepFeatures,
                             steps: np.ndarray, meta: _Meta, prob: float,
                             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Posterior-mean ``mu`` (µs) and inside-interval flags of the given steps."""
+    """Posterior-median ``mu`` (µs; the point, as in :mod:`calib.e2e`) and
+    inside-interval flags of the given steps."""
     from calib.predict import step_time_draws_us, student_t_log_noise
 
     d = b.shape[0]
     chunk = max(1, config.E2E_CHUNK_ELEMENTS // max(d, 1))
-    mean = np.empty(steps.size)
+    point = np.empty(steps.size)
     inside = np.zeros(steps.size, bool)
     lo_q, hi_q = (1 - prob) / 2, (1 + prob) / 2
     for a in range(0, steps.size, chunk):
@@ -340,13 +342,13 @@ def _calib_step_predictions(params: dict, b: np.ndarray, sigma: np.ndarray, feat
         group = meta.step_exp[idx]
         D = step_time_draws_us(b, params["per_layer_us"], params["per_request_us"],
                                params["per_step_us"], params["alpha"], feats.take(idx), group)
-        mean[a:a + idx.size] = D.mean(axis=0)
+        point[a:a + idx.size] = np.median(D, axis=0)
         with np.errstate(divide="ignore", invalid="ignore"):  # t_nu draws may be ±inf (clipped)
             Y = D * student_t_log_noise(rng, sigma[:, group], params["nu"], D.shape)
         lo, hi = np.nanquantile(Y, [lo_q, hi_q], axis=0)
         obs = meta.duration_us[idx]
         inside[a:a + idx.size] = (lo <= obs) & (obs <= hi)
-    return mean, inside
+    return point, inside
 
 
 def _baseline_predictions(meta: _Meta, feats: StepFeatures, train: np.ndarray,
@@ -461,12 +463,12 @@ def evaluate_fold(ds, fold: Fold, *, features: StepFeatures, hierarchy: str = "p
         base = _baseline_predictions(meta, features, train, targets)
         # per-step
         obs = meta.duration_us[held]
-        mean, inside = _calib_step_predictions(params, b, sigma, features, held, meta, prob, rng)
+        point, inside = _calib_step_predictions(params, b, sigma, features, held, meta, prob, rng)
         blis = np.empty(held.size)
         for e in np.unique(meta.step_exp[held]):
             sel = meta.step_exp[held] == e
             blis[sel] = blis_step_time_us(betas[e], features.take(held[sel]))
-        preds = {"calib": mean, "blis": blis, "blackbox": base["blackbox"][held],
+        preds = {"calib": point, "blis": blis, "blackbox": base["blackbox"][held],
                  "nnls": base["nnls"][held]}
         for name in PREDICTORS:
             row = {"split": fold.split, "fold": fold.name, "part": PARTS[part],
@@ -640,7 +642,7 @@ def inv_m6_line(summary, bound_pct: float = config.VALIDATE_MSPE_BOUND_PCT) -> s
     """One line: INV-M-6 on the exported plug-in predictor (``blis``: the contract is
     checked on what BLIS runs) per held-out part, and the same count for ``calib``."""
     out = []
-    for name, label in (("blis", "exported BLIS predictor"), ("calib", "calib posterior mean")):
+    for name, label in (("blis", "exported BLIS predictor"), ("calib", "calib posterior median")):
         col = f"{name}_mspe_pct"
         m = summary[np.isfinite(summary[col].astype(float))]
         if not len(m):
@@ -703,7 +705,7 @@ def markdown_report(result: ValidationResult, manifest: dict | None = None) -> s
               f"INV-M-6 wants |MSPE| < 5 %); step cov = share of steps inside the {pct} "
               "posterior-predictive interval; E2E/TTFT/ITL = mean |error| over experiments of "
               f"the experiment-mean latency (teacher-forced), cov = experiments inside the {pct} "
-              "interval. calib = posterior-mean prediction, blis = exported BLIS betas "
+              "interval. calib = posterior-median prediction, blis = exported BLIS betas "
               "(plug-in, alpha dropped).", "",
               "| split | fold | part | steps | MAPE calib | MAPE blis | MAPE blackbox | "
               "MAPE nnls | medAPE calib | r calib | MSPE calib | MSPE blis | step cov | "
@@ -817,7 +819,7 @@ def results_markdown(summary, e2e, manifest: dict, *, source: str, generator: st
         f"steps; step cov = share inside the {pct} posterior-predictive interval; E2E/TTFT/ITL "
         "= mean |error| over experiments of the experiment-mean latency (teacher-forced "
         f"replay with measured host gaps); E2E cov = experiments inside the {pct} interval. "
-        "calib = posterior mean, blis = exported BLIS betas, blackbox / nnls = baselines "
+        "calib = posterior median, blis = exported BLIS betas, blackbox / nnls = baselines "
         "fitted on the same train steps. INV-M-6 (|MSPE| < "
         f"{config.VALIDATE_MSPE_BOUND_PCT:g} %) is judged on the exported predictor (blis).",
         "",

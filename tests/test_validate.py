@@ -354,7 +354,7 @@ def test_results_section_from_validate_outputs(tmp_path):
     assert "| model | model=llama-2-7b | test | 120 |" in block and "| +7.50 | +2.00 | pass |" in block
     assert ("INV-M-6 (|MSPE| < 5 % on held-out steps) — exported BLIS predictor: PASS, 2/2 "
             "held-out parts within the bound") in block
-    assert "calib posterior mean: 1/2 held-out parts within the bound, worst +7.50 % " \
+    assert "calib posterior median: 1/2 held-out parts within the bound, worst +7.50 % " \
            "(model=llama-2-7b, test)" in block
     # leave-one-model-out: observed, predicted and the population-level band in ms
     assert "| llama-2-7b | exp-a | 2000.0 | 2048.0 | [1800.0, 2200.0] | +2.4 | yes |" in block
