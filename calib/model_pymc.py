@@ -83,6 +83,13 @@ def _overhead(name: str, prior: Prior):
     return pm.Deterministic(name, pt.exp(loc + sd * z))
 
 
+def _normal_logp(x, mu, sd):
+    """Log density of N(mu, sd) at x (pytensor expressions or numbers)."""
+    import pytensor.tensor as pt
+
+    return -0.5 * ((x - mu) / sd) ** 2 - pt.log(sd) - 0.5 * math.log(2 * math.pi)
+
+
 def _overhead_below(site: str, log_bound, prior: Prior):
     """``overhead = exp(log_bound) · sigmoid(u)`` with its exact prior
     (``calib.model._overhead_below``)."""
@@ -92,19 +99,12 @@ def _overhead_below(site: str, log_bound, prior: Prior):
     u = pm.Normal(f"z_{site}", 0.0, BOUNDED_BASE_SD)
     log_r = log_bound + pt.log(pt.sigmoid(u))
     loc, sd = math.log(prior["median"]), prior["log_sd"]
-    lp = (-0.5 * ((log_r - loc) / sd) ** 2 - log_r - math.log(sd) - 0.5 * math.log(2 * math.pi)
-          + log_r + pt.log(pt.sigmoid(-u))
-          + 0.5 * (u / BOUNDED_BASE_SD) ** 2 + math.log(BOUNDED_BASE_SD)
-          + 0.5 * math.log(2 * math.pi))
+    # log-normal density of r (normal in log r, minus log r) + log |dr/du| (log r + log
+    # sigmoid(-u)), minus the raw site's own density
+    lp = ((_normal_logp(log_r, loc, sd) - log_r) + log_r + pt.log(pt.sigmoid(-u))
+          - _normal_logp(u, 0.0, BOUNDED_BASE_SD))
     pm.Potential(f"{site}_jacobian", lp)
     return pm.Deterministic(site, pt.exp(log_r))
-
-
-def _normal_logp(x, mu, sd):
-    """Log density of N(mu, sd) at x (pytensor expressions or numbers)."""
-    import pytensor.tensor as pt
-
-    return -0.5 * ((x - mu) / sd) ** 2 - pt.log(sd) - 0.5 * math.log(2 * math.pi)
 
 
 def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
@@ -195,7 +195,7 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
                 ok = rest > 1e-12 * c
                 rest_s = pt.switch(ok, rest, 1.0)
                 log_bk = pt.log(rest_s) - np.log(pin.scale)
-                lp = log_c - pt.log(rest_s) + 0.5 * z ** 2 + 0.5 * np.log(2 * np.pi)
+                lp = log_c - pt.log(rest_s) - _normal_logp(z, 0.0, 1.0)
                 pm.Potential(f"c_{comp}_jacobian", pt.sum(pt.switch(ok, lp, -np.inf)))
                 recentred.append((k, wm, log_bk, 0.0))
             for k, models, log_bk, base in recentred:
