@@ -208,6 +208,14 @@ def test_replay_table_verdict_and_baselines(data, idata):
                 "inside", "blackbox_us", "blackbox_error_pct", "nnls_us", "nnls_error_pct"):
         assert col in t
     assert (t.lower_us <= t.predicted_us).all() and (t.predicted_us <= t.upper_us).all()
+    # the point is the median over draws, the centre of the equal-tailed band
+    for k, metric in enumerate(METRICS):
+        for e, name in enumerate(ds["experiment"].values):
+            row = t[(t.metric == metric) & (t.experiment == str(name))]
+            col = res.draws_us[:, k, e]
+            assert float(row.predicted_us.iloc[0]) == pytest.approx(np.median(col), rel=1e-12)
+            assert float(row.lower_us.iloc[0]) == pytest.approx(np.quantile(col, (1 - config.INTERVAL_PROB) / 2),
+                                                                rel=1e-12)
     assert res.passed and res.coverage["e2e"]["inside"] >= 3
     assert t[t.metric == "e2e"].error_pct.abs().max() < 3.0
     assert t.blackbox_error_pct.notna().all() and t.nnls_error_pct.notna().all()

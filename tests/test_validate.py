@@ -460,3 +460,28 @@ def test_truth_in_family_held_out_e2e_and_coverage(tmp_path):
     cal = res.steps[res.steps.predictor == "calib"]
     assert cal.coverage_pct.between(83.0, 96.0).all(), cal
     assert (cal.mspe_pct.abs() < 3.0).all()
+
+
+def test_calib_step_point_is_the_median_over_draws(tiny):
+    """The ``calib`` step prediction is the median over posterior draws of ``mu`` (as
+    calib.e2e's point), not the mean: a right-skewed spread of corrections (as for an
+    unseen model) pulls the mean above it."""
+    from calib.predict import StepFeatures, step_time_draws_us
+    from calib.validate import _calib_step_predictions, _meta
+
+    meta = _meta(tiny)
+    feats = StepFeatures.from_dataset(tiny)
+    steps = np.flatnonzero(meta.sampled)[:200]
+    rng = np.random.default_rng(0)
+    d, E = 400, len(meta.experiments)
+    b = np.exp(rng.normal(0.3, 0.4, (d, E, 6)))  # log-normal: mean well above median
+    params = {"per_layer_us": np.full(d, 5.0), "per_request_us": np.full(d, 3.0),
+              "per_step_us": np.full(d, 200.0), "alpha": np.full(d, 0.5),
+              "nu": np.full(d, 8.0)}
+    point, inside = _calib_step_predictions(params, b, np.full((d, E), 0.05), feats, steps,
+                                            meta, 0.9, rng)
+    D = step_time_draws_us(b, params["per_layer_us"], params["per_request_us"],
+                           params["per_step_us"], params["alpha"], feats.take(steps),
+                           meta.step_exp[steps])
+    np.testing.assert_allclose(point, np.median(D, axis=0), rtol=1e-12)
+    assert np.all(D.mean(axis=0) > 1.02 * point) and inside.dtype == bool
