@@ -690,6 +690,46 @@ def summary_table(result: ValidationResult):
     return pd.DataFrame(rows)
 
 
+# Cells of the summary tables, by column header (rows of :func:`summary_table`).
+_SUMMARY_CELLS = {
+    "split": lambda r: str(r.split),
+    "fold": lambda r: str(r.fold),
+    "part": lambda r: str(r.part),
+    "steps": lambda r: str(int(r.n_steps)),
+    **{f"MAPE {p}": (lambda r, p=p: _fmt(getattr(r, f"{p}_mape_pct"))) for p in PREDICTORS},
+    "medAPE calib": lambda r: _fmt(r.calib_median_ape_pct),
+    "r calib": lambda r: _fmt(r.calib_r, ".3f"),
+    "MSPE calib": lambda r: _fmt(r.calib_mspe_pct, "+.2f"),
+    "MSPE blis": lambda r: _fmt(r.blis_mspe_pct, "+.2f"),
+    "INV-M-6": lambda r: inv_m6_verdict(r.blis_mspe_pct),
+    "step cov": lambda r: _fmt(r.step_coverage_pct),
+    "E2E calib": lambda r: _fmt(r.e2e_mean_abs_err_pct),
+    **{f"E2E {p}": (lambda r, p=p: _fmt(getattr(r, f"e2e_{p}_mean_abs_err_pct")))
+       for p in PREDICTORS[1:]},
+    "E2E cov": lambda r: str(r.e2e_coverage),
+    "TTFT calib": lambda r: _fmt(r.ttft_mean_abs_err_pct),
+    "TTFT cov": lambda r: str(r.ttft_coverage),
+    "ITL calib": lambda r: _fmt(r.itl_mean_abs_err_pct),
+    "ITL cov": lambda r: str(r.itl_coverage),
+}
+# validation.md shows every column; the README's results block a shorter set.
+REPORT_COLUMNS = ("split", "fold", "part", "steps", *(f"MAPE {p}" for p in PREDICTORS),
+                  "medAPE calib", "r calib", "MSPE calib", "MSPE blis", "step cov",
+                  *(f"E2E {p}" for p in PREDICTORS), "E2E cov", "TTFT calib", "TTFT cov",
+                  "ITL calib", "ITL cov")
+README_COLUMNS = ("split", "fold", "part", "steps", *(f"MAPE {p}" for p in PREDICTORS),
+                  "MSPE calib", "MSPE blis", "INV-M-6", "step cov",
+                  *(f"E2E {p}" for p in PREDICTORS), "E2E cov", "TTFT calib", "ITL calib")
+
+
+def _summary_markdown(summary, columns: Sequence[str]) -> list[str]:
+    """Markdown rows of ``summary`` (:func:`summary_table`) with the named columns."""
+    rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    rows += ["| " + " | ".join(_SUMMARY_CELLS[c](r) for c in columns) + " |"
+             for r in summary.itertuples(index=False)]
+    return rows
+
+
 def markdown_report(result: ValidationResult, manifest: dict | None = None) -> str:
     """Markdown: summary per fold and part, E2E per experiment, leave-one-model-out bands."""
     sm = summary_table(result)
@@ -707,22 +747,7 @@ def markdown_report(result: ValidationResult, manifest: dict | None = None) -> s
               f"the experiment-mean latency (teacher-forced), cov = experiments inside the {pct} "
               "interval. calib = posterior-median prediction, blis = exported BLIS betas "
               "(plug-in, alpha dropped).", "",
-              "| split | fold | part | steps | MAPE calib | MAPE blis | MAPE blackbox | "
-              "MAPE nnls | medAPE calib | r calib | MSPE calib | MSPE blis | step cov | "
-              "E2E calib | E2E blis | E2E blackbox | E2E nnls | E2E cov | TTFT calib | "
-              "TTFT cov | ITL calib | ITL cov |",
-              "|" + "---|" * 22]
-    for r in sm.itertuples(index=False):
-        lines.append(
-            f"| {r.split} | {r.fold} | {r.part} | {r.n_steps} | {_fmt(r.calib_mape_pct)} | "
-            f"{_fmt(r.blis_mape_pct)} | {_fmt(r.blackbox_mape_pct)} | {_fmt(r.nnls_mape_pct)} | "
-            f"{_fmt(r.calib_median_ape_pct)} | {_fmt(r.calib_r, '.3f')} | "
-            f"{_fmt(r.calib_mspe_pct, '+.2f')} | {_fmt(r.blis_mspe_pct, '+.2f')} | "
-            f"{_fmt(r.step_coverage_pct)} | {_fmt(r.e2e_mean_abs_err_pct)} | "
-            f"{_fmt(r.e2e_blis_mean_abs_err_pct)} | {_fmt(r.e2e_blackbox_mean_abs_err_pct)} | "
-            f"{_fmt(r.e2e_nnls_mean_abs_err_pct)} | {r.e2e_coverage} | "
-            f"{_fmt(r.ttft_mean_abs_err_pct)} | {r.ttft_coverage} | "
-            f"{_fmt(r.itl_mean_abs_err_pct)} | {r.itl_coverage} |")
+              *_summary_markdown(sm, REPORT_COLUMNS)]
     lines += ["", inv_m6_line(sm)]
     ee = result.e2e
     lomo = ee[(ee.split == "model") & (ee.metric == "e2e")]
@@ -823,20 +848,7 @@ def results_markdown(summary, e2e, manifest: dict, *, source: str, generator: st
         "fitted on the same train steps. INV-M-6 (|MSPE| < "
         f"{config.VALIDATE_MSPE_BOUND_PCT:g} %) is judged on the exported predictor (blis).",
         "",
-        "| split | fold | part | steps | MAPE calib | MAPE blis | MAPE blackbox | MAPE nnls | "
-        "MSPE calib | MSPE blis | INV-M-6 | step cov | E2E calib | E2E blis | E2E blackbox | "
-        "E2E nnls | E2E cov | TTFT calib | ITL calib |",
-        "|" + "---|" * 19]
-    for r in summary.itertuples(index=False):
-        lines.append(
-            f"| {r.split} | {r.fold} | {r.part} | {int(r.n_steps)} | {_fmt(r.calib_mape_pct)} | "
-            f"{_fmt(r.blis_mape_pct)} | {_fmt(r.blackbox_mape_pct)} | {_fmt(r.nnls_mape_pct)} | "
-            f"{_fmt(r.calib_mspe_pct, '+.2f')} | {_fmt(r.blis_mspe_pct, '+.2f')} | "
-            f"{inv_m6_verdict(r.blis_mspe_pct)} | "
-            f"{_fmt(r.step_coverage_pct)} | {_fmt(r.e2e_mean_abs_err_pct)} | "
-            f"{_fmt(r.e2e_blis_mean_abs_err_pct)} | {_fmt(r.e2e_blackbox_mean_abs_err_pct)} | "
-            f"{_fmt(r.e2e_nnls_mean_abs_err_pct)} | {r.e2e_coverage} | "
-            f"{_fmt(r.ttft_mean_abs_err_pct)} | {_fmt(r.itl_mean_abs_err_pct)} |")
+        *_summary_markdown(summary, README_COLUMNS)]
     lines += ["", inv_m6_line(summary)]
     lomo = e2e[(e2e.split == "model") & (e2e.metric == "e2e")
                & np.isfinite(e2e.observed_us.astype(float))]
