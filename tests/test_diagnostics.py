@@ -73,10 +73,18 @@ def test_low_ebfmi_fails():
 
 
 def test_saturated_tree_depth_fails():
+    res = check(make_idata(saturated=40), MAX_DEPTH)
+    r = rows(res)["tree_depth"]
+    assert not r.ok and r.value == pytest.approx(40 / 1600) and r.worst == "chain 1"
+    assert check(make_idata(depth=MAX_DEPTH - 1), MAX_DEPTH).passed
+
+
+def test_a_few_saturated_draws_pass():
+    """Up to 1 % of draws at the maximum depth is an efficiency cost, not a failure."""
     res = check(make_idata(saturated=4), MAX_DEPTH)
     r = rows(res)["tree_depth"]
-    assert not r.ok and r.value == pytest.approx(4 / 1600) and r.worst == "chain 1"
-    assert check(make_idata(depth=MAX_DEPTH - 1), MAX_DEPTH).passed
+    assert r.ok and res.passed and r.value == pytest.approx(4 / 1600)
+    assert not check(make_idata(saturated=17), MAX_DEPTH).passed  # 17 / 1600 > 1 %
 
 
 def test_rhat_fails_and_names_worst_parameter():
