@@ -39,7 +39,8 @@ from calib import config
 from calib.errors import CalibError
 
 __all__ = ["BACKENDS", "CHAIN_METHODS", "FitResult", "SamplerSettings", "fit",
-           "fit_model_data", "numpyro_to_idata", "pymc_prior_draws", "run_nuts", "run_pymc"]
+           "fit_model_data", "numpyro_to_idata", "pymc_prior_draws",
+           "release_compiled_near_map_limit", "run_nuts", "run_pymc"]
 
 BACKENDS = ("numpyro", "pymc", "nutpie")
 CHAIN_METHODS = ("parallel", "sequential", "vectorized")
@@ -275,6 +276,33 @@ def _log_likelihood_numpyro(model_fn, flat_samples: dict, data, priors, obs_name
             for k, v in parts.items()}
 
 
+def release_compiled_near_map_limit(fraction: float = config.MAP_COUNT_CLEAR_FRACTION) -> bool:
+    """Clear JAX's caches when this process holds over ``fraction`` of Linux's
+    ``vm.max_map_count`` memory mappings; return whether it did.
+
+    Compiled XLA programs stay mapped while JAX's caches hold them (about 3,000 mappings
+    per NumPyro fit, ``calib.config.MAP_COUNT_CLEAR_FRACTION``), and a process that
+    reaches the limit is aborted inside the compiler. Only caches are dropped (later
+    calls compile again); elsewhere than Linux, or without ``/proc``, nothing happens.
+    """
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps") as f:
+            held = sum(1 for _ in f)
+    except (OSError, ValueError):
+        return False
+    if held <= fraction * limit:
+        return False
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+    return True
+
+
 def _pmap_of_vmap(n_devices: int):
     """NumPyro ``chain_method`` callable: chains split over ``n_devices`` (pmap), the
     chains of one device vectorised (vmap). For more chains than host devices."""
@@ -360,6 +388,7 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
 
     _check_model_data(data, coords)
     step_index = _step_index(data, step_index)
+    release_compiled_near_map_limit()
 
     key = jax.random.key(seed)
     key_mcmc, key_prior = jax.random.split(key)

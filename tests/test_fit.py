@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import arviz as az
 import numpy as np
@@ -19,7 +20,13 @@ from test_fit_support import (
 
 from calib import config
 from calib.errors import CalibError
-from calib.fit import SamplerSettings, _jacobian, _site_dims, fit_model_data
+from calib.fit import (
+    SamplerSettings,
+    _jacobian,
+    _site_dims,
+    fit_model_data,
+    release_compiled_near_map_limit,
+)
 from calib.posterior import load_posterior, predict_step_time_us
 
 
@@ -89,6 +96,21 @@ def test_pooled_and_single_model_dims():
     assert idata.posterior["b_pop"].dims == ("chain", "draw", "component")
     np.testing.assert_array_equal(idata.posterior["b"].values[..., 0, :],
                                   idata.posterior["b"].values[..., 1, :])
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_compiled_programs_released_only_near_the_map_limit():
+    """JAX's caches (which keep compiled code mapped) are cleared only above the share."""
+    import jax
+    import jax.numpy as jnp
+
+    f = jax.jit(lambda x: x * 2.0)
+    f(jnp.ones(3))
+    assert f._cache_size() == 1
+    assert release_compiled_near_map_limit(1.0) is False  # a live process is below it
+    assert f._cache_size() == 1
+    assert release_compiled_near_map_limit(0.0) is True
+    assert f._cache_size() == 0
 
 
 def test_settings_validation():
