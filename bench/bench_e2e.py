@@ -17,6 +17,7 @@ Target: ≤ 30 s.
     python bench/bench_e2e.py                       # synthetic, ~7,500 steps per experiment
     python bench/bench_e2e.py --posterior posteriors/per-model.nc
     python bench/bench_e2e.py --steps-per-exp 20000 --repeats 3
+    python bench/bench_e2e.py --quick               # smoke run: 2,000 steps per experiment
 """
 
 from __future__ import annotations
@@ -79,7 +80,10 @@ def main(argv=None) -> int:
     p.add_argument("--requests-per-exp", type=int, default=400)
     p.add_argument("--draws", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="smoke run: --steps-per-exp 2000")
     args = p.parse_args(argv)
+    if args.quick:
+        args.steps_per_exp = 2000
     header("bench_e2e: teacher-forced E2E check (calib.e2e.replay)")
     t0 = time.perf_counter()
     ds, features, idata = _real(args) if args.posterior else _synthetic(args)

@@ -12,12 +12,15 @@ when installed (skipped with a note otherwise). Wall time = the sampler call,
 compilation included (``FitResult.sampling_s``); min ESS = smallest bulk ESS
 (ArviZ, rank-normalised) over every element of the named parameters
 (``calib.model.PARAMETER_SITES``); ESS/s = min ESS / wall time. Ratios NumPyro/PyMC are
-from this run. Medians over ``--repeats`` runs (different seeds).
+from this run. Medians over ``--repeats`` runs (different seeds). ``--pymc-cap SECONDS``
+stops a PyMC/nutpie cell that has not finished by then (SIGALRM in the sampling loop; the
+worker processes are terminated) and reports it as "> SECONDS": the ratio is then a bound.
 
 Run from the repository root::
 
     python bench/bench_fit.py [--steps 5000 20000 122752] [--samplers parallel vectorized
-        sequential pymc nutpie] [--chains 2] [--warmup 500] [--draws 500] [--repeats 1]
+        sequential pymc nutpie] [--chains 2] [--warmup 300] [--draws 300] [--repeats 1]
+        [--pymc-cap 2700]
     python bench/bench_fit.py --quick        # smoke run: 2,000 steps, 150 + 150 draws
 
 Prints a table and markdown lines for BENCHMARKS.md; ``--out FILE`` also writes JSON.
@@ -26,9 +29,11 @@ Prints a table and markdown lines for BENCHMARKS.md; ``--out FILE`` also writes 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import signal
 import statistics
 import sys
 from pathlib import Path
@@ -40,16 +45,46 @@ TRUTH_B = [[1.5, 1.3, 2.0, 1.2, 1.2, 1.0], [1.3, 1.6, 1.7, 1.5, 1.3, 1.6],
            [1.1, 1.4, 1.9, 1.3, 1.1, 1.2], [1.7, 1.2, 2.2, 1.1, 1.4, 1.4]]
 
 
+class CellTimeout(Exception):
+    """A capped cell ran past its time limit."""
+
+
+@contextlib.contextmanager
+def time_cap(seconds: float | None):
+    """Raise :class:`CellTimeout` in this (main) thread after ``seconds`` (None: no cap).
+
+    Python delivers the alarm between bytecodes, so it stops PyMC's sampling loop (which
+    waits on its worker processes in Python) promptly, but not one long XLA call.
+    """
+    if not seconds:
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise CellTimeout
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, nargs="+", default=[5000, 20000, 122752])
     p.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
     p.add_argument("--hierarchy", default="per-model")
     p.add_argument("--chains", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=500)
-    p.add_argument("--draws", type=int, default=500)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--draws", type=int, default=300)
     p.add_argument("--repeats", type=int, default=1, help="runs per cell (median reported)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pymc-cap", type=float, default=2700.0, metavar="SECONDS",
+                   help="stop a PyMC/nutpie cell after this long and report it as a bound "
+                        "(0: no cap; PyMC's 122,752-step cell takes over an hour on 2 cores)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: --steps 2000 --warmup 150 --draws 150")
     p.add_argument("--out", default=None, help="also write the results as JSON")
@@ -97,15 +132,20 @@ def main(argv: list[str] | None = None) -> int:
         for sampler in args.samplers:
             backend = sampler if sampler in ("pymc", "nutpie") else "numpyro"
             method = sampler if backend == "numpyro" else "parallel"
-            walls, esss, divs, verdicts, note = [], [], [], [], ""
+            cap = args.pymc_cap if backend != "numpyro" else None
+            walls, esss, divs, verdicts, note, capped = [], [], [], [], "", None
             for r in range(args.repeats):
                 settings = SamplerSettings(chains=args.chains, warmup=args.warmup,
                                            draws=args.draws, seed=args.seed + r,
                                            chain_method=method)
                 try:
-                    fit = fit_model_data(data, coords, hierarchy=args.hierarchy, priors=priors,
-                                         backend=backend, settings=settings, progress=False,
-                                         step_index=np.arange(n))
+                    with time_cap(cap):
+                        fit = fit_model_data(data, coords, hierarchy=args.hierarchy,
+                                             priors=priors, backend=backend, settings=settings,
+                                             progress=False, step_index=np.arange(n))
+                except CellTimeout:
+                    capped, note = cap, f"not finished in {cap:.0f} s (capped)"
+                    break
                 except Exception as exc:  # noqa: BLE001 (report and go on: a missing backend)
                     note = f"unavailable: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
                     break
@@ -119,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 esss.append(float(vals.min()))
                 divs.append(int(np.asarray(fit.idata.sample_stats["diverging"]).sum()))
                 verdicts.append(fit.gate.verdict.split(":")[0])
-            row = {"steps": n, "sampler": sampler, "backend": backend, "note": note}
+            row = {"steps": n, "sampler": sampler, "backend": backend, "note": note,
+                   "capped_s": capped}
             if walls:
                 wall = statistics.median(walls)
                 ess_min = statistics.median(esss)
@@ -142,7 +183,12 @@ def main(argv: list[str] | None = None) -> int:
             if r["steps"] != n or r["backend"] != "numpyro" or "wall_s" not in r:
                 continue
             if ref is None:
-                print(f"N={n}: {r['sampler']}: no PyMC result to compare")
+                capped = next((c["capped_s"] for c in results if c["steps"] == n
+                               and c["sampler"] == "pymc" and c["capped_s"]), None)
+                print(f"N={n}: {r['sampler']}: " + (
+                    f"numpyro-{r['sampler']} / pymc: wall < {r['wall_s'] / capped:.2f}x "
+                    f"(PyMC not finished in {capped:.0f} s)" if capped
+                    else "no PyMC result to compare"))
                 continue
             print(f"N={n}: numpyro-{r['sampler']} / pymc: wall {r['wall_s'] / ref['wall_s']:.2f}x, "
                   f"ESS/s {r['ess_per_s'] / ref['ess_per_s']:.2f}x")
@@ -158,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['steps']:,} | {label} | {args.chains} x ({args.warmup} + {args.draws}) | "
                   f"{r['wall_s']:.1f} | {r['min_ess']:.0f} | {r['ess_per_s']:.2f} | "
                   f"{r['divergences']} | {m} | {info['date']} |")
+        elif r["capped_s"]:
+            print(f"| {r['steps']:,} | {label} | {args.chains} x ({args.warmup} + {args.draws}) | "
+                  f"> {r['capped_s']:.0f} (capped) | - | - | - | {m} | {info['date']} |")
         else:
             print(f"| {r['steps']:,} | {label} | - | - | - | - | - | {r['note']} | "
                   f"{info['date']} |")

@@ -12,7 +12,8 @@ Run::
     /work/venv/bin/python bench/bench_geometry.py --steps 20000 122752 \\
         --warmup 500 --draws 500 [--variants centered:dense noncentered:diag ...]
 
-Results are printed as a table and, with ``--out``, written as JSON.
+Results are printed as a table and, with ``--out``, written as JSON. ``--quick``: a
+smoke run (2,000 steps, 150 + 150 draws, the first two variants).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+",
                    default=["centered:dense", "centered:diag", "noncentered:dense",
                             "noncentered:diag"],
-                   help="PARAM:MASS[:OVERHEAD_COORDS:PINNED (weight+dc_compute | none)], e.g. "
-                        "centered:dense:softplus:constant or noncentered:diag:log:log")
+                   help="PARAM:MASS[:OVERHEAD_COORDS[:PINNED]] (PINNED: components joined "
+                        "by '+', or 'none'; defaults: calib.config), e.g. "
+                        "centered:dense:softplus:weight+dc_compute or noncentered:diag:log:none")
     p.add_argument("--chains", type=int, default=2)
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--draws", type=int, default=500)
@@ -43,7 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--priors", default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: --steps 2000 --warmup 150 --draws 150, two variants")
     args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup, args.draws = [2000], 150, 150
+        args.variants = args.variants[:2]
 
     # JAX set-up before any JAX import (library code never does this)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -57,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from numpyro.infer import MCMC, NUTS, init_to_median
 
+    import calib.config as cfg
     from calib.model import (
         PARAMETER_SITES,
         SITE_DIMS,
@@ -68,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from calib.priors import load_priors
 
+    default_overheads, default_pinned = cfg.OVERHEAD_COORDINATES, cfg.PINNED_COMPONENTS
     priors = load_priors(args.priors)
     rows = []
     for n in args.steps:
@@ -88,12 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         for variant in args.variants:
             param, mass, *coords_ = variant.split(":")
             centered = param == "centered"
-            import calib.config as cfg
-
-            cfg.OVERHEAD_COORDINATES = coords_[0] if coords_ else "softplus"
-            cfg.PINNED_COMPONENTS = (tuple(coords_[1].split("+")) if len(coords_) > 1
-                                     and coords_[1] != "none" else
-                                     () if len(coords_) > 1 else ("weight", "dc_compute"))
+            # variants override the model's coordinate choices (config defaults otherwise)
+            cfg.OVERHEAD_COORDINATES = coords_[0] if coords_ else default_overheads
+            cfg.PINNED_COMPONENTS = (default_pinned if len(coords_) < 2 else ()
+                                     if coords_[1] == "none" else tuple(coords_[1].split("+")))
             coords = model_coords(data, [f"m{i}" for i in range(M)],
                                   [f"e{i}" for i in range(data.n_experiments)])
             kernel = NUTS(model, dense_mass=(mass == "dense"), target_accept_prob=args.target_accept,

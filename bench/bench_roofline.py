@@ -3,6 +3,7 @@
 Run from the repository root::
 
     python bench/bench_roofline.py [--steps N] [--slots S] [--repeats R]
+    python bench/bench_roofline.py --quick     # smoke run: 20,000 steps, 5 repeats
 
 Enables x64 before importing JAX (float64 is what the fit uses) and times both
 float64 and float32 (``dtype=`` argument). Prints machine info, compile time,
@@ -99,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--model", default="llama-2-70b")
     ap.add_argument("--tp", type=int, default=4)
+    ap.add_argument("--quick", action="store_true", help="smoke run: --steps 20000 --repeats 5")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeats = 20_000, 5
     if args.repeats < 5:
         ap.error("--repeats must be at least 5")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run every calib benchmark in turn; output goes to the terminal and to bench/out/<name>.txt.
 #
-#   bench/run_all.sh            # full runs (long: the fit benchmark at 122,752 steps takes hours on 2 cores)
+#   bench/run_all.sh            # full runs (about 1.5 h on 2 cores: the fit benchmark caps PyMC at 45 min a cell)
 #   bench/run_all.sh --quick    # smoke run of each benchmark (minutes)
 #
 # Uses $PYTHON (default /work/venv/bin/python if present, else python). Exit status: the
@@ -24,23 +24,9 @@ run() {  # name, command...
   echo
 }
 run predict  "$PY" bench/bench_predict.py $QUICK
-if [ -n "$QUICK" ]; then
-  run roofline "$PY" bench/bench_roofline.py --steps 20000 --repeats 5
-else
-  run roofline "$PY" bench/bench_roofline.py
-fi
+run roofline "$PY" bench/bench_roofline.py $QUICK
 run import   "$PY" bench/bench_import.py $QUICK
-if [ -f bench/bench_e2e.py ]; then
-  if [ -z "$QUICK" ]; then
-    run e2e  "$PY" bench/bench_e2e.py
-  elif grep -q -- "--quick" bench/bench_e2e.py; then
-    run e2e  "$PY" bench/bench_e2e.py --quick
-  else
-    run e2e  "$PY" bench/bench_e2e.py --steps-per-exp 2000 --repeats 3
-  fi
-else
-  echo "=== e2e: bench/bench_e2e.py not present, skipped"
-fi
+run e2e      "$PY" bench/bench_e2e.py $QUICK
 run fit      "$PY" bench/bench_fit.py $QUICK
 echo "benchmarks failed: $failed (outputs in bench/out/)"
 exit "$failed"
