@@ -1,18 +1,20 @@
 """NumPyro and PyMC backends sample the same posterior (slow).
 
-Run: ``/work/venv/bin/pytest -m slow tests/test_pymc_agree.py -q`` (``-s`` prints the
-table of means, MCSEs and z). Measured 2026-11-22 (model of 22:05, overheads bounded
-below the pinned constants): 343 s wall, 324 s CPU, on the 2-core machine at load 1-3
-(warm PyTensor cache; a cold one compiles C code for minutes more); largest z 1.72
-(sigma[m1]), 0 divergent transitions in either backend (with the model of commit
-bc5b8bc: NumPyro 3 / PyMC 1 of 4000, largest z 2.0).
+Run: ``python -m pytest -m slow tests/test_pymc_agree.py -q`` (``-s`` prints the table
+of log-scale means, MCSEs and z). A cold PyTensor cache compiles C code for minutes more.
 
 On a small per-model problem (400 steps, 2 models, one at TP=2) both fit runners
 (:func:`calib.fit.run_nuts` and :func:`calib.fit.run_pymc`, the project's sampler
 settings (max_tree_depth, dense mass) but target_accept 0.99) sample 4 chains x 1000 draws;
-every named parameter's posterior mean must agree within 3 combined Monte-Carlo
-standard errors (ArviZ ``mcse_mean`` of each backend, added in quadrature), and both
-runs must have converged (R-hat <= 1.01, at most 0.5 % divergent transitions).
+the posterior mean of the log of every named parameter (all are positive) must agree
+within 3 combined Monte-Carlo standard errors (ArviZ ``mcse_mean`` of each backend, added
+in quadrature), and both runs must have converged (R-hat <= 1.01, at most 0.5 % divergent
+transitions). Means on the log scale, because some marginals here are wide and skewed
+(b_pop[pf_kv]: 90 % interval 0.29-5.5, prior-dominated): the natural-scale mean is then
+carried by the upper tail, its sampling distribution is skewed, and a 3-MCSE rule fails
+far more often than its nominal rate. Measured 2026-11-23 with this test's seeds: z 3.05
+for b_pop[pf_kv] on the natural scale (the test failed), 0.93 on the log scale (passes,
+4 min 6 s with a warm PyTensor cache); with seeds 2 and 3, 1.57 and 1.28.
 """
 
 from __future__ import annotations
@@ -63,9 +65,10 @@ def test_pymc_and_numpyro_agree(hierarchy):
         div = idata.sample_stats["diverging"].values
         print(f"{idata.attrs['sampler']}: {int(div.sum())} divergent of {div.size}")
         assert div.mean() <= MAX_DIVERGENT_SHARE, idata.attrs["sampler"]
-    # unrounded: ArviZ's default 3 decimals turn a small MCSE into 0 and z into NaN
-    a = az.summary(idata_np, var_names=NAMES, round_to="none")
-    b = az.summary(idata_pm, var_names=NAMES, round_to="none").loc[a.index]
+    # log scale (see the module docstring); unrounded: ArviZ's default 3 decimals turn a
+    # small MCSE into 0 and z into NaN
+    a = az.summary(np.log(idata_np.posterior[NAMES]), round_to="none")
+    b = az.summary(np.log(idata_pm.posterior[NAMES]), round_to="none").loc[a.index]
     # the (m0, tp) entry is not a parameter (equals b_pop[tp]) but must agree too
     z = (a["mean"] - b["mean"]).abs() / np.sqrt(a["mcse_mean"] ** 2 + b["mcse_mean"] ** 2)
     table = pd.DataFrame({"numpyro": a["mean"], "mcse": a["mcse_mean"], "pymc": b["mean"],
