@@ -344,13 +344,8 @@ def _log_lik_dataset(values: np.ndarray, jac: np.ndarray | None, step_index, lib
 
 # ------------------------------------------------------------------------- samplers
 def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
-             chains: int = config.SAMPLER.chains, warmup: int = config.SAMPLER.warmup,
-             draws: int = config.SAMPLER.draws, seed: int = config.SAMPLER.seed,
-             chain_method: str = config.SAMPLER.chain_method,
-             target_accept: float = config.SAMPLER.target_accept,
-             max_tree_depth: int = config.SAMPLER.max_tree_depth,
-             dense_mass: bool = config.DENSE_MASS, init: str = config.SAMPLER.init,
-             progress: bool = True, log_likelihood: bool = False, prior_draws: int = 0,
+             settings: SamplerSettings = SamplerSettings(), progress: bool = True,
+             log_likelihood: bool = False, prior_draws: int = 0,
              step_index: np.ndarray | None = None, site_dims: dict | None = None):
     """Sample ``model_fn(data, priors)`` with NumPyro NUTS.
 
@@ -361,18 +356,19 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
     data : calib.model.ModelData with ``duration_us``.
     priors : calib.priors.Priors
     coords : ``model``, ``component``, ``experiment`` labels.
-    chains, warmup, draws, seed, chain_method, target_accept, max_tree_depth, dense_mass :
-        sampler settings. ``seed`` becomes ``jax.random.key(seed)``, split into
-        ``key_mcmc`` and ``key_prior``. ``chain_method="parallel"`` needs
-        ``jax.local_device_count() >= chains`` (the script sets the host device count);
-        with fewer devices it runs ``vectorized`` and says so in ``attrs``.
-    init : "laplace" (NUTS samples coordinates whitened by the normal approximation at
-        the posterior mode and chains start at draws from it: :mod:`calib.start`) or
-        "median" (every chain at the prior median, unwhitened). The report is the
-        ``start`` attr. With ``chains > 1`` and ``warmup >= config.ADAPTATION.min_warmup``
-        one pilot chain runs the ``warmup`` iterations of NumPyro's adaptation and every
-        chain samples with its mass matrix after a step-size-only warmup (the
-        ``adaptation`` attr); otherwise each chain adapts on its own.
+    settings : :class:`SamplerSettings` (``centered`` is the caller's: it is bound into
+        ``model_fn``). ``seed`` becomes ``jax.random.key(seed)``, split into independent
+        keys for the starts, the sampler and the prior draws.
+        ``chain_method="parallel"`` needs ``jax.local_device_count() >= chains`` (the
+        script sets the host device count); with fewer devices it runs ``vectorized``
+        and says so in ``attrs``. ``init`` "laplace": NUTS samples coordinates whitened
+        by the normal approximation at the posterior mode and chains start at draws from
+        it (:mod:`calib.start`); "median": every chain at the prior median, unwhitened.
+        The report is the ``start`` attr. With ``chains > 1`` and
+        ``warmup >= config.ADAPTATION.min_warmup`` one pilot chain runs the ``warmup``
+        iterations of NumPyro's adaptation and every chain samples with its mass matrix
+        after a step-size-only warmup (the ``adaptation`` attr); otherwise each chain
+        adapts on its own.
     progress : NumPyro's progress bar (slower for small models: one dispatch per iteration).
     log_likelihood : add the ``log_likelihood`` group (memory: chains x draws x steps).
     prior_draws : add a ``prior`` group with this many prior draws (0: none).
@@ -386,14 +382,15 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
     import jax
     from numpyro.infer import MCMC, NUTS, Predictive
 
+    settings.validate()
     _check_model_data(data, coords)
     step_index = _step_index(data, step_index)
     release_compiled_near_map_limit()
+    chains, draws = settings.chains, settings.draws
 
-    key = jax.random.key(seed)
-    key_mcmc, key_prior = jax.random.split(key)
+    key_start, key_mcmc, key_prior = jax.random.split(jax.random.key(settings.seed), 3)
 
-    method = chain_method
+    method = settings.chain_method
     run_method: object = method
     note = ""
     n_dev = jax.local_device_count()
@@ -414,13 +411,14 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
     # regularisation swamps the directions the data pin at large N.
     from calib.start import laplace_start, median_start
 
-    make_start = laplace_start if init == "laplace" else median_start
-    start = make_start(model_fn, data, priors, chains=chains, seed=seed,
-                       dense_mass=dense_mass)
+    make_start = laplace_start if settings.init == "laplace" else median_start
+    start = make_start(model_fn, data, priors, chains=chains, key=key_start,
+                       dense_mass=settings.dense_mass)
 
     def sampler(n_chains, n_warmup, inverse_mass_matrix=None, step_size=1.0):
-        kernel = NUTS(potential_fn=start.potential_fn, target_accept_prob=target_accept,
-                      max_tree_depth=max_tree_depth, dense_mass=dense_mass,
+        kernel = NUTS(potential_fn=start.potential_fn,
+                      target_accept_prob=settings.target_accept,
+                      max_tree_depth=settings.max_tree_depth, dense_mass=settings.dense_mass,
                       inverse_mass_matrix=inverse_mass_matrix, step_size=step_size,
                       adapt_mass_matrix=inverse_mass_matrix is None)
         return MCMC(kernel, num_warmup=n_warmup, num_samples=draws, num_chains=n_chains,
@@ -429,6 +427,7 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
 
     adapt = config.ADAPTATION
     adaptation = None
+    warmup = settings.warmup
     if chains > 1 and warmup >= adapt.min_warmup:
         # Pilot warmup (config.ADAPTATION): one chain runs NumPyro's full adaptation; every
         # chain then samples with its mass matrix, from its own start, after a short
@@ -466,7 +465,7 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
     if note:
         attrs["sampler_note"] = note
     return numpyro_to_idata(samples, extra, model_fn, data, priors, coords=coords,
-                            max_tree_depth=max_tree_depth, step_index=step_index,
+                            max_tree_depth=settings.max_tree_depth, step_index=step_index,
                             log_likelihood=log_likelihood, prior_samples=prior_samples,
                             site_dims=site_dims, attrs=attrs)
 
@@ -525,25 +524,20 @@ def numpyro_to_idata(samples: dict, extra_fields: dict, model_fn, data, priors, 
 
 
 def run_pymc(model_fn, data, priors, *, coords: dict[str, list[str]],
-             chains: int = config.SAMPLER.chains, warmup: int = config.SAMPLER.warmup,
-             draws: int = config.SAMPLER.draws, seed: int = config.SAMPLER.seed,
-             chain_method: str = config.SAMPLER.chain_method,
-             target_accept: float = config.SAMPLER.target_accept,
-             max_tree_depth: int = config.SAMPLER.max_tree_depth,
-             dense_mass: bool = config.DENSE_MASS,
-             progress: bool = True, log_likelihood: bool = False, prior_draws: int = 0,
+             settings: SamplerSettings = SamplerSettings(), progress: bool = True,
+             log_likelihood: bool = False, prior_draws: int = 0,
              step_index: np.ndarray | None = None, site_dims: dict | None = None,
-             hierarchy: str = "per-model", nuts_sampler: str = "pymc",
-             centered: bool | None = None):
+             hierarchy: str = "per-model", nuts_sampler: str = "pymc"):
     """Same as :func:`run_nuts` with PyMC's NUTS (``nuts_sampler="pymc"``) or nutpie.
 
     ``model_fn`` is unused except for documentation symmetry: the PyMC model comes
     from ``calib.model_pymc.build_pymc_model(hierarchy, data, priors, coords)`` and
-    must use the same site names (``centered``: its parameterisation, default
-    ``calib.config.MODEL_CENTERED``). ``chain_method`` "parallel" runs chains in worker
-    processes (``cores=min(chains, cpu count)``), "sequential" in this process;
-    "vectorized" is NumPyro-only. ``prior_draws`` come from :func:`pymc_prior_draws`
-    (the model without observations: exact prior draws of the named parameters).
+    must use the same site names (``settings.centered``: its parameterisation, default
+    ``calib.config.MODEL_CENTERED``; ``settings.init`` is NumPyro-only). ``chain_method``
+    "parallel" runs chains in worker processes (``cores=min(chains, cpu count)``),
+    "sequential" in this process; "vectorized" is NumPyro-only. ``prior_draws`` come
+    from :func:`pymc_prior_draws` (the model without observations: exact prior draws
+    of the named parameters).
     """
     import pymc as pm
 
@@ -554,7 +548,8 @@ def run_pymc(model_fn, data, priors, *, coords: dict[str, list[str]],
             raise CalibError("backend nutpie needs the nutpie package, which is not installed",
                              field="backend",
                              fix="pip install nutpie, or use --backend numpyro / pymc") from None
-    if chain_method == "vectorized":
+    settings.validate()
+    if settings.chain_method == "vectorized":
         raise CalibError("chain method 'vectorized' exists only for the numpyro backend",
                          field="chain_method", fix="use --chain-method parallel or sequential")
     from calib.model_pymc import build_pymc_model
@@ -567,20 +562,24 @@ def run_pymc(model_fn, data, priors, *, coords: dict[str, list[str]],
     sizes = _sizes(coords, n_steps)
     xcoords = _coords_for(coords, step_index)
     seed_mcmc, seed_prior = (int(s.generate_state(1)[0])
-                             for s in np.random.SeedSequence(seed).spawn(2))
+                             for s in np.random.SeedSequence(settings.seed).spawn(2))
+    centered, chains = settings.centered, settings.chains
+    max_tree_depth, dense_mass = settings.max_tree_depth, settings.dense_mass
 
     model = build_pymc_model(hierarchy, data, priors, {**coords, "step": list(step_index)},
                              centered=centered)
     obs_names = [rv.name for rv in model.observed_RVs]
-    cores = 1 if chain_method == "sequential" else min(chains, os.cpu_count() or 1)
-    kwargs = dict(draws=draws, tune=warmup, chains=chains, cores=cores, random_seed=seed_mcmc,
-                  progressbar=progress, nuts_sampler=nuts_sampler, compute_convergence_checks=False,
+    cores = 1 if settings.chain_method == "sequential" else min(chains, os.cpu_count() or 1)
+    kwargs = dict(draws=settings.draws, tune=settings.warmup, chains=chains, cores=cores,
+                  random_seed=seed_mcmc, progressbar=progress, nuts_sampler=nuts_sampler,
+                  compute_convergence_checks=False,
                   idata_kwargs={"log_likelihood": bool(log_likelihood)})
     if nuts_sampler == "pymc":
         kwargs.update(init="jitter+adapt_full" if dense_mass else "jitter+adapt_diag",
-                      nuts={"target_accept": target_accept, "max_treedepth": max_tree_depth})
+                      nuts={"target_accept": settings.target_accept,
+                            "max_treedepth": max_tree_depth})
     else:
-        kwargs.update(target_accept=target_accept,
+        kwargs.update(target_accept=settings.target_accept,
                       nuts_sampler_kwargs={"maxdepth": max_tree_depth,
                                            "use_grad_based_mass_matrix": not dense_mass})
     import warnings
@@ -725,17 +724,14 @@ def fit_model_data(data, coords: dict[str, list[str]], *, hierarchy: str = "per-
     model_fn = get_model(hierarchy)
     if settings.centered is not None:
         model_fn = functools.partial(model_fn, centered=settings.centered)
-    common = dict(coords=coords, chains=settings.chains, warmup=settings.warmup,
-                  draws=settings.draws, seed=settings.seed, chain_method=settings.chain_method,
-                  target_accept=settings.target_accept, max_tree_depth=settings.max_tree_depth,
-                  dense_mass=settings.dense_mass, progress=progress,
+    common = dict(coords=coords, settings=settings, progress=progress,
                   log_likelihood=log_likelihood, prior_draws=prior_draws, step_index=step_index)
     t0 = time.perf_counter()
     if backend == "numpyro":
-        idata = run_nuts(model_fn, data, priors, init=settings.init, **common)
+        idata = run_nuts(model_fn, data, priors, **common)
     else:
         idata = run_pymc(model_fn, data, priors, hierarchy=hierarchy, nuts_sampler=backend,
-                         centered=settings.centered, **common)
+                         **common)
     sampling_s = time.perf_counter() - t0
 
     gate = diagnostics.check(idata, settings.max_tree_depth)

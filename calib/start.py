@@ -118,7 +118,7 @@ def _whitened(info, unravel, shift: np.ndarray, chol: np.ndarray, dtype):
     return potential_fn, postprocess_fn
 
 
-def laplace_start(model_fn, data, priors, *, chains: int, seed: int, dense_mass: bool = True,
+def laplace_start(model_fn, data, priors, *, chains: int, key, dense_mass: bool = True,
                   settings: config.StartDefaults = config.START) -> Start:
     """Whitened coordinates and starts from the Laplace approximation of ``model_fn``.
 
@@ -126,7 +126,8 @@ def laplace_start(model_fn, data, priors, *, chains: int, seed: int, dense_mass:
     ----------
     model_fn, data, priors : the NumPyro model and its arguments.
     chains : number of chains (one start each).
-    seed : seeds the starting draws (independent of the sampler's key).
+    key : JAX PRNG key of the starting draws (``calib.fit.run_nuts`` splits it from the
+        run's seed, apart from the sampler's and the prior draws' keys).
     dense_mass : whiten with the Cholesky factor of the Laplace covariance (else with the
         square root of its diagonal only: no cross-parameter preconditioning).
     settings : optimiser limits and the eigenvalue floor (``config.START``).
@@ -140,7 +141,7 @@ def laplace_start(model_fn, data, priors, *, chains: int, seed: int, dense_mass:
     import scipy.optimize
 
     t0 = time.perf_counter()
-    key_init, key_draw = jax.random.split(jax.random.key(seed))
+    key_init, key_draw = jax.random.split(key)
     info, flat0, unravel = _model_info(model_fn, data, priors, key_init)
     dtype = flat0.dtype
 
@@ -187,7 +188,7 @@ def laplace_start(model_fn, data, priors, *, chains: int, seed: int, dense_mass:
     return Start(init, potential_fn, postprocess_fn, mode, chol, report)
 
 
-def median_start(model_fn, data, priors, *, chains: int, seed: int,
+def median_start(model_fn, data, priors, *, chains: int, key,
                  dense_mass: bool = True) -> Start:
     """Every chain at its own estimate of the prior median (NumPyro's ``init_to_median``
     of 15 draws), in NumPyro's unconstrained coordinates (no whitening).
@@ -199,7 +200,7 @@ def median_start(model_fn, data, priors, *, chains: int, seed: int,
     from jax.flatten_util import ravel_pytree
 
     del dense_mass
-    keys = jax.random.split(jax.random.key(seed), chains)
+    keys = jax.random.split(key, chains)
     info, flat0, unravel = _model_info(model_fn, data, priors, keys)
     starts = jax.vmap(lambda z: ravel_pytree(z)[0])(info.param_info.z)
     d = flat0.size

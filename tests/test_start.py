@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -31,7 +32,7 @@ def _x(start, y):
 def test_whitening_and_starts_match_the_conjugate_posterior():
     post_var = 1.0 / (1.0 / S0**2 + Y.size / S**2)
     post_mean = post_var * (M0 / S0**2 + Y.sum() / S**2)
-    start = laplace_start(_toy, Y, None, chains=3, seed=0)
+    start = laplace_start(_toy, Y, None, chains=3, key=jax.random.key(0))
     # flattening order: sites sorted by name (log_s, mu); x = mode + chol @ y
     np.testing.assert_allclose(start.shift, [0.0, post_mean], atol=1e-6)
     np.testing.assert_allclose(start.chol @ start.chol.T, np.diag([1.0, post_var]),
@@ -55,14 +56,14 @@ def test_whitening_and_starts_match_the_conjugate_posterior():
 
 
 def test_single_chain_has_no_chain_dim_and_diagonal_whitening():
-    start = laplace_start(_toy, Y, None, chains=1, seed=1, dense_mass=False)
+    start = laplace_start(_toy, Y, None, chains=1, key=jax.random.key(1), dense_mass=False)
     assert np.shape(start.init_params) == (2,)
     np.testing.assert_array_equal(start.chol, np.diag(np.diag(start.chol)))
     assert start.report["whitening"] == "diagonal"
 
 
 def test_median_start_is_unwhitened_and_per_chain():
-    start = median_start(_toy, Y, None, chains=2, seed=0)
+    start = median_start(_toy, Y, None, chains=2, key=jax.random.key(0))
     np.testing.assert_array_equal(start.chol, np.eye(2))
     y0 = np.asarray(start.init_params)
     assert y0.shape == (2, 2) and start.report == {"method": "median"}
@@ -88,7 +89,7 @@ def _boxed(data, priors_):
 
 
 def test_starts_outside_the_support_are_pulled_back_toward_the_mode():
-    start = laplace_start(_boxed, None, None, chains=4, seed=0)
+    start = laplace_start(_boxed, None, None, chains=4, key=jax.random.key(0))
     x = _x(start, np.asarray(start.init_params))[:, 0]
     assert np.all(np.abs(x) < 0.05) and np.ptp(x) > 0
     assert all(np.isfinite(float(start.potential_fn(y))) for y in start.init_params)
@@ -97,7 +98,7 @@ def test_starts_outside_the_support_are_pulled_back_toward_the_mode():
 def test_starts_of_the_step_model_lie_in_its_support():
     data, _, _, _ = cached_data()
     model = get_model("per-model")
-    start = laplace_start(model, data, priors(), chains=2, seed=0)
+    start = laplace_start(model, data, priors(), chains=2, key=jax.random.key(0))
     assert start.report["iterations"] > 0 and np.isfinite(start.report["log_density_at_mode"])
     for c in range(2):
         assert np.isfinite(float(start.potential_fn(start.init_params[c])))
@@ -110,14 +111,14 @@ def test_pilot_warmup_records_the_adaptation(monkeypatch):
     import json
 
     from calib import config
-    from calib.fit import run_nuts
+    from calib.fit import SamplerSettings, run_nuts
 
     small = config.AdaptationDefaults(step_size_warmup=10, min_warmup=30)
     monkeypatch.setattr(config, "ADAPTATION", small)
     data, coords, step_index, _ = cached_data()
-    idata = run_nuts(get_model("per-model"), data, priors(), coords=coords, chains=2,
-                     warmup=40, draws=20, progress=False, step_index=step_index,
-                     chain_method="vectorized")
+    settings = SamplerSettings(chains=2, warmup=40, draws=20, chain_method="vectorized")
+    idata = run_nuts(get_model("per-model"), data, priors(), coords=coords,
+                     settings=settings, progress=False, step_index=step_index)
     rep = json.loads(idata.attrs["adaptation"])
     assert rep["method"] == "pilot chain" and rep["pilot_warmup"] == 40
     assert rep["step_size_warmup"] == 10 and rep["pilot_step_size"] > 0
