@@ -120,6 +120,10 @@ ADAPTATION = AdaptationDefaults()
 #: clears JAX's caches first when the process holds more than this fraction of the limit.
 MAP_COUNT_CLEAR_FRACTION = 0.5
 
+#: multiprocessing start method of PyMC's parallel chains (``calib.fit.run_pymc``):
+#: not "fork", which copies JAX's runtime threads (and their locks) into each chain.
+PYMC_MP_CONTEXT = "forkserver"
+
 #: JAX float precision of ``scripts/fit.py`` (``--precision``). See BENCHMARKS.md.
 FIT_PRECISION = "float64"
 #: Default target acceptance of ``scripts/fit.py --precision float32``. The float32

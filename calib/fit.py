@@ -578,6 +578,12 @@ def run_pymc(model_fn, data, priors, *, coords: dict[str, list[str]],
         kwargs.update(init="jitter+adapt_full" if dense_mass else "jitter+adapt_diag",
                       nuts={"target_accept": settings.target_accept,
                             "max_treedepth": max_tree_depth})
+        if cores > 1:
+            # PyMC forks its chain processes on Linux; this process has usually started
+            # JAX's runtime (the roofline components), whose threads make a fork liable
+            # to deadlock (pymc-devs/pymc#7668). A fork server starts chains from a
+            # clean single-threaded process.
+            kwargs["mp_ctx"] = config.PYMC_MP_CONTEXT
     else:
         kwargs.update(target_accept=settings.target_accept,
                       nuts_sampler_kwargs={"maxdepth": max_tree_depth,

@@ -211,11 +211,14 @@ def test_tiny_real_nuts_run(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:PyTensor could not link to a BLAS")
+@pytest.mark.filterwarnings("error:os.fork\\(\\) was called")
 def test_pymc_backend_same_layout(tmp_path):
-    """PyMC's NUTS gives the same InferenceData layout as the NumPyro runner."""
+    """PyMC's NUTS gives the same InferenceData layout as the NumPyro runner; its chains
+    run in worker processes started by a fork server (config.PYMC_MP_CONTEXT), not
+    forked from this process, whose JAX runtime is up."""
     pytest.importorskip("calib.model_pymc")
     data, coords, step_index, _ = synthetic_model_data(80, seed=6)
-    settings = SamplerSettings(chains=2, warmup=30, draws=30, chain_method="sequential",
+    settings = SamplerSettings(chains=2, warmup=30, draws=30, chain_method="parallel",
                                max_tree_depth=4, seed=2)
     res = fit_model_data(data, coords, priors=priors(), backend="pymc", settings=settings,
                          step_index=step_index, log_likelihood=True, progress=False,
@@ -234,4 +237,5 @@ def test_pymc_backend_same_layout(tmp_path):
     assert not any(name.startswith("z_") for name in idata.prior.data_vars)
     np.testing.assert_array_equal(idata.constant_data["step"].values, step_index)
     assert json.loads(idata.attrs["manifest"])["backend"] == "pymc"
+    assert idata.attrs["chain_method_run"] == "parallel"
     assert predict_step_time_us(idata).shape == (60, 80)
