@@ -9,7 +9,7 @@ parameters, min bulk ESS per second of wall time and divergences.
 
 Run::
 
-    /work/venv/bin/python bench/bench_geometry.py --steps 20000 122752 \\
+    python bench/bench_geometry.py --steps 20000 122752 \\
         --warmup 500 --draws 500 [--variants centered:dense noncentered:diag ...]
 
 Results are printed as a table and, with ``--out``, written as JSON. ``--quick``: a

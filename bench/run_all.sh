@@ -4,14 +4,11 @@
 #   bench/run_all.sh            # full runs (about 1.5 h on 2 cores: the fit benchmark caps PyMC at 45 min a cell)
 #   bench/run_all.sh --quick    # smoke run of each benchmark (minutes)
 #
-# Uses $PYTHON (default /work/venv/bin/python if present, else python). Exit status: the
+# Uses $PYTHON (default: python, the active environment's). Exit status: the
 # number of benchmarks that failed (a budget benchmark failing its budget counts).
 set -u
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-}"
-if [ -z "$PY" ]; then
-  if [ -x /work/venv/bin/python ]; then PY=/work/venv/bin/python; else PY=python; fi
-fi
+PY="${PYTHON:-python}"
 QUICK=""
 if [ "${1:-}" = "--quick" ]; then QUICK="--quick"; fi
 mkdir -p bench/out

@@ -1,6 +1,6 @@
 """The PyMC mirror has the same sites and the same joint density as the NumPyro model.
 
-Run: ``/work/venv/bin/pytest -m slow tests/test_model_pymc.py -q``.
+Run: ``python -m pytest -m slow tests/test_model_pymc.py -q``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Simulation-based calibration of the pooled model (slow).
 
-Run: ``/work/venv/bin/pytest -m slow tests/test_sbc.py -q``. Measured 2026-11-22: passed,
+Run: ``python -m pytest -m slow tests/test_sbc.py -q``. Measured 2026-11-22: passed,
 522 s of CPU (one core), 12.5 min wall on a 2-core machine at load 4-7; expect ~9 min on
 an idle one.
 
