@@ -37,8 +37,8 @@ pytestmark = [pytest.mark.slow,
 PRIORS = load_priors()
 NAMES = ["b_pop", "tau", "b", "per_layer_us", "per_request_us", "per_step_us", "alpha",
          "sigma", "nu"]
-#: Above the project default (config.SAMPLER.target_accept), as in tests/test_recovery.py:
-#: small problems (wide posteriors) leave a few divergent transitions at 0.95.
+#: As in tests/test_recovery.py (now also the project default): small problems (wide
+#: posteriors) leave a few divergent transitions at 0.95.
 TARGET_ACCEPT = 0.99
 #: Largest share of divergent transitions per run (as tests/test_recovery.py: 5 per 1000).
 MAX_DIVERGENT_SHARE = 0.005

@@ -1,6 +1,6 @@
 """Parameter recovery on data simulated from the model itself (slow).
 
-Run: ``/work/venv/bin/pytest -m slow tests/test_recovery.py -q`` (add ``-s`` for the
+Run: ``python -m pytest -m slow tests/test_recovery.py -q`` (add ``-s`` for the
 coverage and divergence summary). 7 fits of 3000 steps, 2 chains x (500 warmup + 500
 draws) each, sequential, through :func:`calib.fit.run_nuts` with the project's
 max_tree_depth and dense mass but ``TARGET_ACCEPT`` 0.99 (see there). Measured
@@ -45,8 +45,8 @@ SEEDS = (11, 12, 13, 14, 15)
 #: Each binomial tail of the coverage count must have probability above this.
 TAIL = 1e-3
 CHAINS, WARMUP, DRAWS = 2, 500, 500
-#: Above the project default (config.SAMPLER.target_accept, 0.95 when this was measured):
-#: on these 3000-step problems 0.95 left 2-15 divergent transitions per fit with the model of commit bc5b8bc
+#: Chosen when the project default (config.SAMPLER.target_accept) was 0.95; now equal: on
+#: these 3000-step problems 0.95 left 2-15 divergent transitions per fit with the model of commit bc5b8bc
 #: (seeds 11-15: 4, 3, 14, 2, 3; alpha without mixed batches: 15); 0.99 (step size ~0.08
 #: instead of ~0.2, ~3x the leapfrog steps) left 0, 0, 0, 0, 1 and 3, and 0 everywhere
 #: with the overheads bounded below the pinned constants (working tree, 22:05).
