@@ -253,6 +253,9 @@ def fit_api_overheads(ds, *, step_us: np.ndarray | None = None,
     q_idx = jnp.asarray(np.concatenate(q_idx))
     m_idx = jnp.asarray(np.concatenate(m_idx))
     y = jnp.asarray(np.concatenate(ys))
+    from calib.fit import release_compiled_near_map_limit
+
+    release_compiled_near_map_limit()  # as run_nuts: compiled programs pile up per process
     kernel = NUTS(_model, target_accept_prob=sampler.target_accept)
     mcmc = MCMC(kernel, num_warmup=sampler.warmup, num_samples=sampler.draws,
                 num_chains=sampler.chains, chain_method="sequential",

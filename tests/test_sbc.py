@@ -21,6 +21,7 @@ from numpyro import handlers
 from numpyro.infer import MCMC, NUTS, Predictive, init_to_median
 from scipy import stats
 
+from calib.fit import release_compiled_near_map_limit
 from calib.model import OBS_SITE, pooled, synthetic_model_data
 from calib.priors import load_priors
 
@@ -42,6 +43,9 @@ def _get(values, name):
 
 
 def test_sbc_ranks_are_uniform():
+    # this test drives NumPyro's MCMC itself: it releases compiled programs as
+    # calib.fit.run_nuts does, or a one-process slow suite reaches vm.max_map_count (seen:
+    # 36,000 mappings when this test began, +~1,000 per replication, abort at ~65,000)
     design = synthetic_model_data(300, 1, 2, seed=0, tp2_models=())
 
     def conditioned(log_y):
@@ -56,6 +60,7 @@ def test_sbc_ranks_are_uniform():
     ranks = {k: [] for k in PARAMS}
     divergent = 0
     for r in range(N_REPS):
+        release_compiled_near_map_limit()  # each run here leaves ~1,000 mappings behind
         log_y = np.asarray(prior[OBS_SITE][r])
         mcmc.run(jax.random.key(100 + r), log_y, extra_fields=("diverging",))
         divergent += int(np.sum(mcmc.get_extra_fields()["diverging"]))
