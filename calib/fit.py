@@ -721,7 +721,6 @@ def fit_model_data(data, coords: dict[str, list[str]], *, hierarchy: str = "per-
     if backend not in BACKENDS:
         raise CalibError(f"unknown backend {backend!r}", field="backend",
                          fix=f"use one of {list(BACKENDS)}")
-    settings.validate()
     if prior_draws < 0:
         raise CalibError(f"must be >= 0, got {prior_draws}", field="prior_draws")
     if priors is None:

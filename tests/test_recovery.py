@@ -45,11 +45,12 @@ SEEDS = (11, 12, 13, 14, 15)
 #: Each binomial tail of the coverage count must have probability above this.
 TAIL = 1e-3
 CHAINS, WARMUP, DRAWS = 2, 500, 500
-#: Chosen when the project default (config.SAMPLER.target_accept) was 0.95; now equal: on
-#: these 3000-step problems 0.95 left 2-15 divergent transitions per fit with the model of commit bc5b8bc
-#: (seeds 11-15: 4, 3, 14, 2, 3; alpha without mixed batches: 15); 0.99 (step size ~0.08
-#: instead of ~0.2, ~3x the leapfrog steps) left 0, 0, 0, 0, 1 and 3, and 0 everywhere
-#: with the overheads bounded below the pinned constants (working tree, 22:05).
+#: Chosen when the project default (config.SAMPLER.target_accept) was 0.95; now equal.
+#: On these 3000-step problems 0.95 left 2-15 divergent transitions per fit with the
+#: model of commit bc5b8bc (seeds 11-15: 4, 3, 14, 2, 3; alpha without mixed batches:
+#: 15); 0.99 (step size ~0.08 instead of ~0.2, ~3x the leapfrog steps) left 0, 0, 0, 0,
+#: 1 and 3, and 0 everywhere with the overheads bounded below the pinned constants
+#: (working tree, 22:05).
 TARGET_ACCEPT = 0.99
 #: Divergent transitions allowed per fit (of CHAINS x DRAWS = 1000; the limit this test
 #: has always had).
