@@ -36,10 +36,8 @@ IMPORT_WORKERS: int | None = None
 # ---------------------------------------------------------------------- roofline
 #: Bytes per KV-cache / activation element (bf16/fp16).
 KV_BYTES = 2
-#: Component order of the roofline matrix (the model's correction factors).
-COMPONENTS = ("pf_compute", "pf_kv", "dc_compute", "dc_kv", "weight", "tp")
-#: Overheads fitted in µs per unit count.
-OVERHEADS = ("per_layer", "per_request", "per_step")
+#: Component order of the roofline matrix (defined in :mod:`calib.vocab`).
+from calib.vocab import COMPONENTS  # noqa: E402,F401  (re-exported)
 
 
 # ------------------------------------------------------------------------ sampler

@@ -286,10 +286,7 @@ def _fitted_steps(idata):
     from calib.posterior import model_data_from_idata
 
     data = model_data_from_idata(idata)
-    feats = StepFeatures(np.asarray(data.components, np.float64),
-                         np.asarray(data.num_layers, np.float64),
-                         np.asarray(data.batch_size, np.float64),
-                         np.zeros(np.shape(data.components)[0]))
+    feats = StepFeatures.from_model_data(data)
     dur = None if data.duration_us is None else np.asarray(data.duration_us, np.float64)
     return feats, np.asarray(data.model_idx), dur
 

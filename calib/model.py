@@ -52,19 +52,25 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
-from calib import config
-from calib.config import COMPONENTS
+from calib import config, steptime
 from calib.errors import CalibError
 from calib.priors import Prior, Priors
+from calib.vocab import (
+    COMPONENTS,
+    DC_C,
+    DC_KV,
+    HIERARCHIES,
+    OVERHEAD_SITES,
+    PF_C,
+    PF_KV,
+    TP,
+    WEIGHT,
+)
 
 Array = Any  # numpy or jax array
 
-#: Hierarchy names accepted at the command line (``--hierarchy``).
-HIERARCHIES = ("pooled", "per-model", "per-experiment")
 #: Name of the observed site (log of the step duration in µs).
 OBS_SITE = "log_duration"
-#: Component indices (columns of ``ModelData.components``).
-PF_C, PF_KV, DC_C, DC_KV, WEIGHT, TP = range(6)
 
 #: Every site of every hierarchy -> its dimension names. Coordinates come from
 #: :func:`build_model_data` (``model``, ``component``, ``experiment``, ``active``,
@@ -111,9 +117,6 @@ SITE_DIMS: dict[str, tuple[str, ...]] = {
 #: The named (non-raw) parameters users read, in display order.
 PARAMETER_SITES = ("b_pop", "tau", "b", "tau_exp", "b_exp", "per_layer_us",
                    "per_request_us", "per_step_us", "alpha", "sigma", "nu")
-#: Overhead sites and the ModelData field each multiplies (None: per step).
-OVERHEAD_SITES = (("per_layer_us", "num_layers"), ("per_request_us", "batch_size"),
-                  ("per_step_us", None))
 
 
 class ModelData(NamedTuple):
@@ -219,6 +222,10 @@ def make_model_data(components: Array, num_layers: Array, batch_size: Array,
             raise CalibError(f"{int(bad.sum())} step duration(s) are not finite positive µs "
                              f"(first at row {int(np.argmax(bad))})", field="duration_us",
                              fix="select sampled steps with a measured duration")
+        if np.any(B <= 0):
+            raise CalibError(f"{int((B <= 0).sum())} observed step(s) have an empty batch "
+                             "(their mean step time is 0)", field="batch_size",
+                             fix="fit only steps that scheduled at least one request")
         log_dur = np.log(dur)
     return ModelData(comps, L, B, midx, eidx, dur, M, E, em, active, active_exp, log_dur)
 
@@ -348,12 +355,9 @@ def _mu(table: Array, idx: Array, data: ModelData, per_layer_us, per_request_us,
         pieces = [[CT[k, s:e] * table[v, k] for s, e, v in runs]
                   for k in range(len(COMPONENTS))]
         cols = [p[0] if len(p) == 1 else jnp.concatenate(p) for p in pieces]
-    prefill = cols[PF_C] + cols[PF_KV]
-    decode = cols[DC_C] + cols[DC_KV]
-    mix = prefill + decode - alpha * jnp.minimum(prefill, decode)
-    return (mix + cols[WEIGHT] + cols[TP]
-            + per_layer_us * jnp.asarray(data.num_layers)
-            + per_request_us * jnp.asarray(data.batch_size) + per_step_us)
+    return steptime.step_time_us(jnp, cols, jnp.asarray(data.num_layers),
+                                 jnp.asarray(data.batch_size), per_layer_us, per_request_us,
+                                 per_step_us, alpha)
 
 
 def step_time_us(params: Mapping[str, Array], data: ModelData) -> Array:

@@ -16,12 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from calib import config
-from calib.config import COMPONENTS
+from calib import config, steptime
 from calib.model import (
     BOUNDED_BASE_SD,
     OBS_SITE,
-    OVERHEAD_SITES,
     SITE_DIMS,
     ModelData,
     _pinned_pairs,
@@ -33,6 +31,7 @@ from calib.model import (
     recentred_columns,
 )
 from calib.priors import Prior, Priors
+from calib.vocab import COMPONENTS, OVERHEAD_SITES
 
 
 def _vector_prior(name: str, priors: Sequence[Prior], dims: str):
@@ -235,11 +234,10 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
         alpha = priors["alpha"].pymc("alpha")
         nu = priors["nu"].pymc("nu")
         terms = C * table[idx]
-        prefill = terms[:, 0] + terms[:, 1]
-        decode = terms[:, 2] + terms[:, 3]
-        mu = (prefill + decode - alpha * pt.minimum(prefill, decode) + terms[:, 4] + terms[:, 5]
-              + per["per_layer_us"] * np.asarray(data.num_layers)
-              + per["per_request_us"] * np.asarray(data.batch_size) + per["per_step_us"])
+        mu = steptime.step_time_us(pt, [terms[:, k] for k in range(len(COMPONENTS))],
+                                   np.asarray(data.num_layers), np.asarray(data.batch_size),
+                                   per["per_layer_us"], per["per_request_us"],
+                                   per["per_step_us"], alpha)
         obs = None if data.duration_us is None else np.log(np.asarray(data.duration_us))
         kw = {"dims": SITE_DIMS[OBS_SITE]} if "step" in coords else {}
         pm.StudentT(OBS_SITE, nu=nu, mu=pt.log(mu), sigma=sigma[midx], observed=obs, **kw)

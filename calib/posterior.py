@@ -140,8 +140,7 @@ def flat_draws(idata, draws: int | None = None) -> dict[str, np.ndarray]:
     return out
 
 
-def predict_step_time_us(idata, draws: int | None = None, *, data=None,
-                         max_elements: int = 2**24) -> np.ndarray:
+def predict_step_time_us(idata, draws: int | None = None, *, data=None) -> np.ndarray:
     """Per-draw mean step time (µs) of every step, re-computed from a posterior.
 
     Parameters
@@ -150,31 +149,22 @@ def predict_step_time_us(idata, draws: int | None = None, *, data=None,
     draws : number of posterior draws to use, thinned evenly over chain x draw
         (default: all).
     data : ModelData to predict for (default: the file's own ``constant_data``).
-    max_elements : draws x steps evaluated per batch (bounds memory).
 
     Returns
     -------
-    np.ndarray of shape (draw, step): ``calib.model.step_time_us`` of each draw —
-    the model's mean step time ``mu`` (not a noisy draw of y).
+    np.ndarray of shape (draw, step): the model's mean step time ``mu`` of each draw
+    (:func:`calib.predict.step_time_draws_us`), not a noisy draw of y.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from calib.model import step_time_us
+    from calib.predict import StepFeatures, step_time_draws_us
 
     data = model_data_from_idata(idata) if data is None else data
-    params = flat_draws(idata, draws)
-    n_draws = next(iter(params.values())).shape[0]
-    n_steps = int(np.shape(data.components)[0])
-    jdata = jax.tree_util.tree_map(
-        lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, data)
-    batch = max(1, min(n_draws, max_elements // max(n_steps, 1)))
-    fn = jax.jit(jax.vmap(lambda p: step_time_us(p, jdata)))
-    out = []
-    for start in range(0, n_draws, batch):
-        chunk = {k: jnp.asarray(v[start:start + batch]) for k, v in params.items()}
-        out.append(np.asarray(fn(chunk)))
-    return np.concatenate(out, axis=0)
+    p = flat_draws(idata, draws)
+    if "b_exp" in p:
+        b, group = p["b_exp"], np.asarray(data.experiment_idx)
+    else:
+        b, group = p["b"], np.asarray(data.model_idx)
+    return step_time_draws_us(b, p["per_layer_us"], p["per_request_us"], p["per_step_us"],
+                              p["alpha"], StepFeatures.from_model_data(data), group)
 
 
 # ------------------------------------------------------------------------ save / load

@@ -3,16 +3,11 @@
 Pure functions over arrays (numpy, float64). Three ways to predict a step's
 duration from its roofline terms (:class:`StepFeatures`, µs and counts):
 
-* :func:`plugin_step_time_us` — the fitted model at one parameter set (e.g. the
-  posterior means: a *plug-in* prediction, which is not the posterior-mean
-  prediction because the model is non-linear in ``alpha``)::
-
-      pf  = b_pf_compute·T_pf_compute + b_pf_kv·T_pf_kv
-      dc  = b_dc_compute·T_dc_compute + b_dc_kv·T_dc_kv
-      mu  = pf + dc − alpha·min(pf, dc) + b_weight·T_weight + b_tp·T_tp
-            + per_layer_us·L + per_request_us·B + per_step_us
-
-  ``mu`` is the *median* step time of the model (``log y ~ StudentT(nu, log mu, sigma)``).
+* :func:`plugin_step_time_us` — the fitted model's mean function
+  (:func:`calib.steptime.step_time_us`) at one parameter set (e.g. the posterior means:
+  a *plug-in* prediction, which is not the posterior-mean prediction because the model
+  is non-linear in ``alpha``). ``mu`` is the *median* step time of the model
+  (``log y ~ StudentT(nu, log mu, sigma)``).
 * :func:`blis_step_time_us` — BLIS's trained-physics ``StepTime`` formula from
   exported ``beta_coeffs`` (BLIS order, :data:`BLIS_BETA_NAMES`). It adds prefill and
   decode terms (no ``alpha``), so with ``alpha = 0`` it equals the plug-in prediction.
@@ -32,7 +27,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from calib import config
+from calib import config, steptime
+from calib.vocab import COMPONENTS, DC_C, DC_KV, PF_C, PF_KV
 
 __all__ = [
     "ALPHA_NAMES",
@@ -57,7 +53,6 @@ BLIS_EP_NAME = "ep"
 #: BLIS ``alpha_coeffs`` order (µs): ARRIVED→QUEUED, FINISHED→DEPARTED, per output token.
 ALPHA_NAMES = ("queueing_us", "post_decode_us", "per_output_token_us")
 
-_IDX = {c: i for i, c in enumerate(config.COMPONENTS)}
 
 
 class StepFeatures(NamedTuple):
@@ -65,7 +60,7 @@ class StepFeatures(NamedTuple):
 
     Attributes
     ----------
-    components : (n, 6) float, µs, columns in :data:`calib.config.COMPONENTS` order.
+    components : (n, 6) float, µs, columns in :data:`calib.COMPONENTS` order.
     num_layers, batch_size, num_moe_layers : (n,) float counts (0 for an empty step).
     """
 
@@ -88,6 +83,13 @@ class StepFeatures(NamedTuple):
         return cls(mat, get("num_layers"), get("batch_size"), moe)
 
     @classmethod
+    def from_model_data(cls, data) -> StepFeatures:
+        """The steps of a :class:`calib.model.ModelData` (no MoE layer counts)."""
+        comps = np.asarray(data.components, np.float64)
+        return cls(comps, np.asarray(data.num_layers, np.float64),
+                   np.asarray(data.batch_size, np.float64), np.zeros(len(comps)))
+
+    @classmethod
     def from_dataset(cls, ds) -> StepFeatures:
         """Roofline terms of every step of a canonical dataset."""
         from calib.roofline import dataset_components
@@ -105,18 +107,15 @@ class StepFeatures(NamedTuple):
 def batch_type(components) -> np.ndarray:
     """"prefill-only", "decode-only" or "mixed" per step, from its (n, 6) roofline terms."""
     c = np.asarray(components, np.float64)
-    pf = (c[:, _IDX["pf_compute"]] + c[:, _IDX["pf_kv"]]) > 0
-    dc = (c[:, _IDX["dc_compute"]] + c[:, _IDX["dc_kv"]]) > 0
+    pf = (c[:, PF_C] + c[:, PF_KV]) > 0
+    dc = (c[:, DC_C] + c[:, DC_KV]) > 0
     return np.where(pf & dc, "mixed", np.where(pf, "prefill-only", "decode-only"))
-
-
-def _col(features: StepFeatures, name: str) -> np.ndarray:
-    return np.asarray(features.components, dtype=np.float64)[:, _IDX[name]]
 
 
 def plugin_step_time_us(b, per_layer_us: float, per_request_us: float, per_step_us: float,
                         alpha: float, features: StepFeatures) -> np.ndarray:
-    """Model step time (µs, the median under the model) at one parameter set.
+    """Model step time (µs, the median under the model) at one parameter set
+    (:func:`calib.steptime.step_time_us`).
 
     Parameters
     ----------
@@ -130,15 +129,10 @@ def plugin_step_time_us(b, per_layer_us: float, per_request_us: float, per_step_
     -------
     (n,) float64 µs.
     """
-    b = np.asarray(b, dtype=np.float64)
-    c = np.asarray(features.components, dtype=np.float64)
-    bc = c * b  # broadcasts (6,) or (n, 6)
-    pf = bc[:, _IDX["pf_compute"]] + bc[:, _IDX["pf_kv"]]
-    dc = bc[:, _IDX["dc_compute"]] + bc[:, _IDX["dc_kv"]]
-    return (pf + dc - alpha * np.minimum(pf, dc) + bc[:, _IDX["weight"]] + bc[:, _IDX["tp"]]
-            + per_layer_us * np.asarray(features.num_layers, np.float64)
-            + per_request_us * np.asarray(features.batch_size, np.float64)
-            + per_step_us * (np.asarray(features.batch_size) > 0))
+    bc = np.asarray(features.components, dtype=np.float64) * np.asarray(b, dtype=np.float64)
+    return steptime.step_time_us(np, bc.T, np.asarray(features.num_layers, np.float64),
+                                 np.asarray(features.batch_size, np.float64), per_layer_us,
+                                 per_request_us, per_step_us, alpha)
 
 
 def betas_from_params(b: Sequence[float], per_layer_us: float, per_request_us: float,
@@ -150,7 +144,7 @@ def betas_from_params(b: Sequence[float], per_layer_us: float, per_request_us: f
     BLIS defaults it to β₄ (the TP correction); it matters only for MoE under DP > 1.
     """
     b = [float(x) for x in b]
-    named = dict(zip(config.COMPONENTS, b, strict=True))
+    named = dict(zip(COMPONENTS, b, strict=True))
     vals = {**named, "per_layer_us": float(per_layer_us), "per_request_us": float(per_request_us),
             "per_step_us": float(per_step_us), "per_moe_layer_us": 0.0}
     return [vals[k] for k in BLIS_BETA_NAMES]
@@ -162,7 +156,7 @@ def params_from_betas(betas: Sequence[float]) -> dict:
     if len(betas) < 10:
         raise ValueError(f"need at least 10 betas (prefill and decode split), got {len(betas)}")
     named = dict(zip(BLIS_BETA_NAMES, betas[:10], strict=True))
-    return {"b": np.array([named[c] for c in config.COMPONENTS]),
+    return {"b": np.array([named[c] for c in COMPONENTS]),
             "per_layer_us": named["per_layer_us"], "per_request_us": named["per_request_us"],
             "per_step_us": named["per_step_us"], "per_moe_layer_us": named["per_moe_layer_us"],
             "alpha": 0.0}
@@ -175,8 +169,8 @@ def blis_step_time_us(beta_coeffs: Sequence[float], features: StepFeatures, *,
     Follows BLIS's rules: with fewer than 9 betas the prefill term is
     ``β₁·max(T_pf_compute, T_pf_kv)`` (else ``β₁·T_pf_compute + β₉·T_pf_kv``); with fewer
     than 10 the decode term is ``β₂·max(...)``; β₈ multiplies the MoE layer count only
-    for interleaved MoE architectures; the per-step term β₇ is charged to every
-    non-empty batch. The MoE dispatch term (11th beta, DP > 1) is not modelled (DP = 1).
+    for interleaved MoE architectures; an empty batch costs 0 (BLIS: its 1 µs floor),
+    as in :func:`calib.steptime.step_time_us`, which evaluates the sum. The MoE dispatch term (11th beta, DP > 1) is not modelled (DP = 1).
 
     Parameters
     ----------
@@ -190,22 +184,20 @@ def blis_step_time_us(beta_coeffs: Sequence[float], features: StepFeatures, *,
     if given.ndim != 1 or not 7 <= given.size <= 11:
         raise ValueError(f"BLIS takes 7 to 11 beta coefficients, got shape {given.shape}")
     beta[:given.size] = given
-    t = {c: _col(features, c) for c in config.COMPONENTS}
-    if given.size >= 9:
-        pf = beta[0] * t["pf_compute"] + beta[8] * t["pf_kv"]
-    else:
-        pf = beta[0] * np.maximum(t["pf_compute"], t["pf_kv"])
-    if given.size >= 10:
-        dc = beta[1] * t["dc_compute"] + beta[9] * t["dc_kv"]
-    else:
-        dc = beta[1] * np.maximum(t["dc_compute"], t["dc_kv"])
-    nonempty = np.asarray(features.batch_size) > 0
-    out = (pf + dc + beta[2] * t["weight"] + beta[3] * t["tp"]
-           + beta[4] * np.asarray(features.num_layers, np.float64)
-           + beta[5] * np.asarray(features.batch_size, np.float64)
-           + beta[6] * nonempty
-           + (beta[7] * np.asarray(features.num_moe_layers, np.float64) if interleaved_moe
-              else 0.0))
+    C = np.asarray(features.components, dtype=np.float64)
+    named = dict(zip(BLIS_BETA_NAMES, beta[:10], strict=True))
+    terms = C * np.array([named[c] for c in COMPONENTS])
+    if given.size < 9:  # β₁·max(T_pf_compute, T_pf_kv)
+        terms[:, PF_C] = beta[0] * np.maximum(C[:, PF_C], C[:, PF_KV])
+        terms[:, PF_KV] = 0.0
+    if given.size < 10:  # β₂·max(T_dc_compute, T_dc_kv)
+        terms[:, DC_C] = beta[1] * np.maximum(C[:, DC_C], C[:, DC_KV])
+        terms[:, DC_KV] = 0.0
+    per_step = beta[6] + (beta[7] * np.asarray(features.num_moe_layers, np.float64)
+                          if interleaved_moe else 0.0)
+    out = steptime.step_time_us(np, terms.T, np.asarray(features.num_layers, np.float64),
+                                np.asarray(features.batch_size, np.float64), beta[4], beta[5],
+                                per_step, 0.0)
     if integer:
         return np.maximum(1, np.trunc(out)).astype(np.int64)
     return out
@@ -225,45 +217,24 @@ def step_time_draws_us(b: np.ndarray, per_layer_us: np.ndarray, per_request_us: 
     group : (n,) int index into G: the correction set each step uses.
 
     Returns a ``(draws, n)`` view of a steps-major array (contiguous per group of
-    steps); the min term is evaluated on mixed batches only (it is 0 elsewhere).
+    steps); :func:`calib.steptime.step_time_us` on outer products ``T_k ⊗ b_k``.
     """
     b = np.asarray(b, dtype=np.float64)
     group = np.asarray(group)
-    n = len(features)
-    d = b.shape[0]
     comps = np.asarray(features.components, dtype=np.float64)
-    B = np.asarray(features.batch_size, np.float64)
-    # steps x terms: 6 components, L, B, 1 (non-empty); coefficients per draw likewise
-    X = np.column_stack([comps, np.asarray(features.num_layers, np.float64), B,
-                         (B > 0).astype(np.float64)])
-    over = np.stack([np.asarray(per_layer_us, np.float64), np.asarray(per_request_us, np.float64),
-                     np.asarray(per_step_us, np.float64)], axis=1)          # (d, 3)
-    pf_i = [_IDX["pf_compute"], _IDX["pf_kv"]]
-    dc_i = [_IDX["dc_compute"], _IDX["dc_kv"]]
-    mixed = (comps[:, pf_i].sum(axis=1) > 0) & (comps[:, dc_i].sum(axis=1) > 0)
-    alpha = np.asarray(alpha, np.float64)[None, :]
-    out = np.empty((n, d))  # steps x draws: a group's rows are one contiguous block
+    L = np.asarray(features.num_layers, np.float64)[:, None]
+    B = np.asarray(features.batch_size, np.float64)[:, None]
+    per_layer_us, per_request_us, per_step_us, alpha = (
+        np.asarray(v, np.float64)[None, :] for v in (per_layer_us, per_request_us, per_step_us,
+                                                     alpha))
+    out = np.empty((len(features), b.shape[0]))  # steps x draws: contiguous per group
     for g in np.unique(group):
         sel = np.nonzero(group == g)[0]
         if sel.size and sel[-1] - sel[0] + 1 == sel.size:
             sel = slice(int(sel[0]), int(sel[-1]) + 1)
-        bg = b[:, g, :]                                                     # (d, 6)
-        coef = np.concatenate([bg, over], axis=1)                           # (d, 9)
-        block = out[sel]
-        if isinstance(sel, slice):
-            np.matmul(X[sel], coef.T, out=block)                            # linear part
-        else:
-            block = X[sel] @ coef.T
-        mix = np.nonzero(mixed[sel])[0]
-        if mix.size:                                                        # − alpha·min(pf, dc)
-            cm = comps[sel][mix]
-            pf = cm[:, pf_i] @ bg[:, pf_i].T
-            dc = cm[:, dc_i] @ bg[:, dc_i].T
-            np.minimum(pf, dc, out=pf)
-            pf *= alpha
-            block[mix] -= pf
-        if not isinstance(sel, slice):
-            out[sel] = block
+        terms = [comps[sel, k, None] * b[None, :, g, k] for k in range(len(COMPONENTS))]
+        out[sel] = steptime.step_time_us(np, terms, L[sel], B[sel], per_layer_us,
+                                         per_request_us, per_step_us, alpha)
     return out.T
 
 

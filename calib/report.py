@@ -181,29 +181,17 @@ def _forest(idata, out: Path, meta: dict, prob: float) -> Path:
 
 
 def _ppc(idata, out: Path, meta: dict, seed: int) -> Path:
-    from calib.posterior import flat_draws, model_data_from_idata
-    from calib.predict import (
-        StepFeatures,
-        batch_type,
-        step_time_draws_us,
-        student_t_log_noise,
-    )
+    from calib.posterior import flat_draws, model_data_from_idata, predict_step_time_us
+    from calib.predict import batch_type, student_t_log_noise
 
     plt = _plt()
     data = model_data_from_idata(idata)
     comps = np.asarray(data.components, np.float64)
-    feats = StepFeatures(comps, np.asarray(data.num_layers, np.float64),
-                         np.asarray(data.batch_size, np.float64), np.zeros(len(comps)))
     midx = np.asarray(data.model_idx)
     y = np.asarray(data.duration_us, np.float64)
     p = flat_draws(idata, config.REPORT_PPC_DRAWS)
     rng = np.random.default_rng(seed)
-    if "b_exp" in p:
-        b, group = p["b_exp"], np.asarray(data.experiment_idx)
-    else:
-        b, group = p["b"], midx
-    mu = step_time_draws_us(b, p["per_layer_us"], p["per_request_us"], p["per_step_us"],
-                            p["alpha"], feats, group)
+    mu = predict_step_time_us(idata, config.REPORT_PPC_DRAWS, data=data)
     yrep = mu * student_t_log_noise(rng, p["sigma"][:, midx], p["nu"], mu.shape)
     kinds = batch_type(comps)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
