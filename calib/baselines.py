@@ -19,6 +19,7 @@ import numpy as np
 from scipy.optimize import nnls
 
 from calib.predict import StepFeatures
+from calib.vocab import fittable
 
 __all__ = ["BASELINES", "baseline_step_predictions", "blackbox_fit", "blackbox_predict",
            "nnls_fit", "nnls_predict"]
@@ -83,8 +84,7 @@ def baseline_step_predictions(ds, features: StepFeatures) -> dict[str, np.ndarra
     Fits use the sampled steps (finite ``duration_us``).
     """
     step_exp = np.asarray(ds["step_experiment"].values)
-    dur = np.where(np.asarray(ds["sampled"].values, bool),
-                   np.asarray(ds["duration_us"].values, np.float64), np.nan)
+    dur = np.where(fittable(ds), np.asarray(ds["duration_us"].values, np.float64), np.nan)
     pf = np.asarray(ds["prefill_tokens"].values, np.float64)
     dc = np.asarray(ds["decode_tokens"].values, np.float64)
     exp_model = np.asarray(ds["exp_model"].values).astype(str)

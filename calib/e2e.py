@@ -86,6 +86,7 @@ from calib import config
 from calib.errors import CalibError
 from calib.posterior import flat_draws
 from calib.predict import StepFeatures, step_time_draws_us, student_t_log_noise
+from calib.vocab import fittable
 
 __all__ = ["METRICS", "E2EResult", "HostTiming", "ReplayDesign", "correction_draws",
            "experiment_means", "format_table", "means_with_host_time", "measure_host_timing",
@@ -565,8 +566,7 @@ def replay(idata, ds, *, features: StepFeatures | None = None, prob: float = con
     # sampled steps (replay order): the step-level bias of the predictions
     if "sampled" in ds and "duration_us" in ds:
         obs_step = np.asarray(ds["duration_us"].values, np.float64)[design.order]
-        sp = np.flatnonzero(np.asarray(ds["sampled"].values, bool)[design.order]
-                            & np.isfinite(obs_step) & (obs_step > 0))
+        sp = np.flatnonzero(fittable(ds)[design.order])
     else:
         obs_step, sp = np.zeros(n), np.zeros(0, np.int64)
     pred_sp = np.zeros(sp.size)

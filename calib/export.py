@@ -44,9 +44,10 @@ workload effects) is exported. Components inactive for a model (e.g. ``tp`` at
 TP = 1) carry the population value.
 
 Alpha coefficients (µs): α₀ queueing (ARRIVED→QUEUED), α₁ post-decode fixed
-overhead (FINISHED→DEPARTED), α₂ per output token; posterior means of the
-API-overhead fit (:mod:`calib.api_overheads`), clipped at 0, or values given
-explicitly.
+overhead (FINISHED→DEPARTED), α₂ per output token; the API-overhead estimate the fit
+stored in the posterior (:mod:`calib.overheads`: means with bootstrap intervals,
+pooled across the models of the server as far as the data allow), clipped at 0, or
+values given explicitly. The export runs no inference and reads no other data.
 """
 
 from __future__ import annotations
@@ -58,9 +59,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from calib import config
+from calib import config, overheads
 from calib.errors import CalibError
 from calib.io import atomic_write_text, manifest
+from calib.posterior import plugin_means
 from calib.predict import (
     ALPHA_NAMES,
     BLIS_BETA_NAMES,
@@ -72,7 +74,7 @@ from calib.predict import (
 )
 
 __all__ = ["BLIS_BLOCK", "ExportResult", "blis_flags", "export_posterior", "model_export",
-           "plugin_mean_step_us", "population_name"]
+           "population_name"]
 
 #: The top-level key of BLIS's defaults file that holds the coefficients.
 BLIS_BLOCK = "trained_physics_coefficients"
@@ -181,14 +183,9 @@ class ExportResult:
 
 def model_export(post: dict, *, model: str | None, b_draws: np.ndarray, alphas: dict,
                  features: StepFeatures, duration_us: np.ndarray | None, prob: float,
-                 source: dict, export_manifest: dict, host_gap_us: float | None = None) -> dict:
-    """The export document of one model (``model=None``: the population set).
-
-    ``host_gap_us``: the measured host gap between steps of this model's experiments
-    (:func:`calib.e2e.measure_host_timing`), reported beside α₂ (``alpha_cross_check``).
-    """
-    means = {k: float(np.mean(post[k])) for k in
-             ("per_layer_us", "per_request_us", "per_step_us", "alpha", "nu")}
+                 source: dict, export_manifest: dict) -> dict:
+    """The export document of one model (``model=None``: the population set)."""
+    means = plugin_means(post)
     b_mean = b_draws.mean(axis=0)
     betas = betas_from_params(b_mean, means["per_layer_us"], means["per_request_us"],
                               means["per_step_us"])
@@ -215,29 +212,15 @@ def model_export(post: dict, *, model: str | None, b_draws: np.ndarray, alphas: 
     if alphas.get("source"):
         notes.append(f"alpha_coeffs: {alphas['source']}")
     if alphas.get("clipped"):
-        notes.append(f"alpha_coeffs clipped at 0 (negative posterior mean): {alphas['clipped']}")
-    cross = None
-    if host_gap_us is not None and np.isfinite(host_gap_us):
-        a2 = float(alpha_coeffs[2])
-        cross = {"per_output_token_us": a2, "measured_host_gap_us": float(host_gap_us),
-                 "rest_us": a2 - float(host_gap_us),
-                 "meaning": "alpha_coeffs[2] is the decode wall time per step not explained by "
-                            "the step-time model; the host gap between steps "
-                            "(step.ts_start_ns − previous step.ts_end_ns, consecutive sampled "
-                            "steps) is the part that is host time; the rest is the step-time "
-                            "model's underprediction of decode steps, which alpha_coeffs[2] "
-                            "carries into BLIS's inter-token latency"}
-        notes.append(f"alpha_coeffs[2] = {a2:.1f} µs per output token vs a measured host gap of "
-                     f"{host_gap_us:.1f} µs between steps: {a2 - host_gap_us:.1f} µs is step-time "
-                     "misfit absorbed by alpha_coeffs[2] (see alpha_cross_check)")
+        notes.append(f"alpha_coeffs clipped at 0 (negative estimate): {alphas['clipped']}")
     sigma = post["sigma"] if model is None else post["sigma_model"]
     unc = {
         "interval": {"kind": config.INTERVAL_KIND, "probability": prob},
         "beta_coeffs": {k: _summary(v, prob) for k, v in beta_draws.items()},
-        "alpha_coeffs": ({n: {"mean": alphas["mean"][i], "median": alphas["median"][i],
-                              "sd": alphas["sd"][i], "lower": alphas["lower"][i],
-                              "upper": alphas["upper"][i]} for i, n in enumerate(ALPHA_NAMES)}
-                         if "median" in alphas else "given explicitly (no uncertainty)"),
+        "alpha_coeffs": ({n: {"estimate": alphas["raw_mean"][i], "sd": alphas["sd"][i],
+                              "lower": alphas["lower"][i], "upper": alphas["upper"][i]}
+                          for i, n in enumerate(ALPHA_NAMES)}
+                         if "sd" in alphas else "given explicitly (no uncertainty)"),
         "mixing_alpha": {**_summary(post["alpha"], prob),
                          "meaning": "mu = prefill + decode − alpha·min(prefill, decode) + ..."},
         "sigma": {**_summary(sigma, prob),
@@ -255,7 +238,6 @@ def model_export(post: dict, *, model: str | None, b_draws: np.ndarray, alphas: 
         "alpha_meaning": dict(_ALPHA_MEANING),
         "beta_mapping": dict(_MAPPING),
         "notes": notes,
-        **({"alpha_cross_check": cross} if cross is not None else {}),
         "uncertainty": unc,
         "approximation": _approximation(b_mean, means, features, duration_us),
         "source_posterior": source,
@@ -291,31 +273,35 @@ def _fitted_steps(idata):
     return feats, np.asarray(data.model_idx), dur
 
 
-def export_posterior(idata, out_dir: str | Path, *, api=None, alpha_coeffs=None,
+def export_posterior(idata, out_dir: str | Path, *, alpha_coeffs=None,
                      source_path: str | Path | None = None, prob: float = config.INTERVAL_PROB,
-                     command: list[str] | None = None,
-                     host_gap_us: dict[str, float] | None = None) -> ExportResult:
+                     command: list[str] | None = None) -> ExportResult:
     """Write the BLIS exports of every model and of the population (see module docstring).
+
+    A pure function of the posterior: no inference, no other data.
 
     Parameters
     ----------
     idata : posterior (``calib.posterior.load_posterior``).
     out_dir : output directory (created).
-    api : :class:`calib.api_overheads.ApiFit` giving the alpha coefficients per model;
-        or ``alpha_coeffs`` (3 values, µs) used for every set. One of the two is required.
+    alpha_coeffs : 3 values (µs) used for every set instead of the posterior's own
+        API-overhead estimate (:func:`calib.posterior.api_overheads`).
     source_path : the posterior file (hashed into the export).
-    prob : interval probability of the uncertainty section.
-    host_gap_us : measured host gap between steps per model name (and ``None`` for the
-        population), e.g. from :func:`calib.e2e.measure_host_timing`; reported beside α₂.
+    prob : interval probability of the uncertainty section (the alphas keep the
+        interval they were estimated with, stated in their source note).
     """
     from calib.io import file_sha256
-    from calib.posterior import flat_draws, model_coords, posterior_manifest
+    from calib.posterior import api_overheads, flat_draws, model_coords, posterior_manifest
 
-    if (api is None) == (alpha_coeffs is None):
-        raise CalibError("give exactly one source of alpha coefficients", field="alpha_coeffs",
-                         fix="fit them from the dataset's journey labels (--traces) or pass "
-                             "--alpha-coeffs a,b,c")
-    if alpha_coeffs is not None:
+    api = None
+    if alpha_coeffs is None:
+        api = api_overheads(idata)
+        if api is None:
+            raise CalibError("the posterior carries no API-overhead estimate (fitted without "
+                             "the dataset's request labels)", field="api_overheads",
+                             fix="re-fit with scripts/fit.py on the dataset, or give "
+                                 "--alpha-coeffs a,b,c")
+    else:
         alpha_coeffs = [float(a) for a in alpha_coeffs]
         if len(alpha_coeffs) != 3 or not all(np.isfinite(a) and a >= 0 for a in alpha_coeffs):
             raise CalibError(f"need 3 finite non-negative values (µs), got {alpha_coeffs}",
@@ -343,12 +329,12 @@ def export_posterior(idata, out_dir: str | Path, *, api=None, alpha_coeffs=None,
     def alphas_for(model):
         if alpha_coeffs is not None:
             return {"mean": alpha_coeffs, "source": "given explicitly"}
-        if model is not None and model not in api.models:
-            model = None
-        a = api.alphas(model)
-        a["source"] = ("posterior means of the API-overhead fit (calib.api_overheads; "
-                       f"max R-hat {api.max_rhat:.3f})"
-                       + ("" if model is not None else ", population level"))
+        a = overheads.alphas(api, model)
+        pooled = [q for q, h in api["heterogeneity"].items() if h["pooled"]]
+        a["source"] = (f"the posterior's API-overhead estimate ({api['method']}; "
+                       f"{api['prob']:g} intervals from {api['replicates']} replicates) for "
+                       f"{a['set']!r}; pooled across the models of the server: "
+                       f"{', '.join(pooled) or 'none'}")
         return a
 
     docs: dict[str, dict] = {}
@@ -359,20 +345,17 @@ def export_posterior(idata, out_dir: str | Path, *, api=None, alpha_coeffs=None,
                                   b_draws=post["b"][:, m, :], alphas=alphas_for(name),
                                   features=feats.take(np.nonzero(sel)[0]),
                                   duration_us=None if dur is None else dur[sel], prob=prob,
-                                  source=source, export_manifest=export_manifest,
-                                  host_gap_us=(host_gap_us or {}).get(name))
+                                  source=source, export_manifest=export_manifest)
     tau = post.get("tau", np.zeros((d, len(config.COMPONENTS))))
     z = np.random.default_rng(config.E2E_SEED).standard_normal(tau.shape)
     b_new = post["b_pop"] * np.exp(tau * z)
     pop_doc = model_export({**post, "sigma": post["sigma"].mean(axis=1)}, model=None,
                            b_draws=b_new, alphas=alphas_for(None), features=feats,
                            duration_us=dur, prob=prob, source=source,
-                           export_manifest=export_manifest,
-                           host_gap_us=(host_gap_us or {}).get(None))
+                           export_manifest=export_manifest)
     # the population's point estimate is the posterior mean of b_pop (not of b_new)
     b_pop_mean = post["b_pop"].mean(axis=0)
-    means = {k: float(np.mean(post[k])) for k in
-             ("per_layer_us", "per_request_us", "per_step_us", "alpha")}
+    means = plugin_means(post)
     pop_betas = betas_from_params(b_pop_mean, means["per_layer_us"], means["per_request_us"],
                                   means["per_step_us"])
     pop_doc[BLIS_BLOCK]["beta_coeffs"] = pop_betas
@@ -407,39 +390,3 @@ def _jsonable(x):
 def _safe_stem(name: str) -> str:
     keep = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
     return keep.strip(".") or "model"
-
-
-def plugin_mean_step_us(idata, ds, features: StepFeatures | None = None) -> np.ndarray:
-    """Plug-in *mean* step time (µs) of every step of ``ds`` (dataset order).
-
-    The posterior-mean parameters of the step's model (the population ``b_pop`` for a
-    model not in the posterior) give the median ``mu``; it is scaled by the model's
-    noise mean factor ``E[exp(sigma·t_nu)]`` at the posterior means of ``sigma`` and
-    ``nu``. Used as the execution-time estimate of unsampled steps in the
-    per-output-token cost (:func:`calib.api_overheads.per_token_cost_us`).
-    """
-    from calib.posterior import flat_draws, model_coords
-    from calib.predict import noise_mean_factor
-
-    if features is None:
-
-        features = StepFeatures.from_dataset(ds)
-    post = flat_draws(idata)
-    models = model_coords(idata)["model"]
-    exp_model = [str(m) for m in np.asarray(ds["exp_model"].values)]
-    step_exp = np.asarray(ds["step_experiment"].values)
-    means = {k: float(np.mean(post[k])) for k in
-             ("per_layer_us", "per_request_us", "per_step_us", "alpha", "nu")}
-    sigma = post["sigma"].mean(axis=0)
-    out = np.empty(len(features))
-    for e, model in enumerate(exp_model):
-        sel = np.nonzero(step_exp == e)[0]
-        if model in models:
-            m = models.index(model)
-            b, s = post["b"][:, m].mean(axis=0), float(sigma[m])
-        else:
-            b, s = post["b_pop"].mean(axis=0), float(sigma.mean())
-        mu = plugin_step_time_us(b, means["per_layer_us"], means["per_request_us"],
-                                 means["per_step_us"], means["alpha"], features.take(sel))
-        out[sel] = mu * noise_mean_factor(s, means["nu"])
-    return out

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ import numpy as np
 
 from calib import config
 from calib.errors import CalibError
+from calib.vocab import HIERARCHIES, fittable_steps
 
 __all__ = ["BACKENDS", "CHAIN_METHODS", "FitResult", "SamplerSettings", "fit",
            "fit_model_data", "numpyro_to_idata", "pymc_prior_draws",
@@ -693,13 +695,14 @@ def fit_model_data(data, coords: dict[str, list[str]], *, hierarchy: str = "per-
                    step_index: np.ndarray | None = None, data_hash: str | None = None,
                    out_path: str | Path | None = None, save_on_fail: bool = False,
                    log_likelihood: bool = False, prior_draws: int = 0, progress: bool = True,
-                   command: list[str] | None = None) -> FitResult:
+                   command: list[str] | None = None,
+                   api_overheads: dict | None = None) -> FitResult:
     """Fit prepared model data: sampler -> gate -> manifest -> (file).
 
     Parameters
     ----------
     data, coords : from ``calib.model.build_model_data``.
-    hierarchy : one of ``calib.model.HIERARCHIES``.
+    hierarchy : one of ``calib.vocab.HIERARCHIES``.
     priors : a loaded ``Priors``; else loaded from ``priors_path`` (default prior file).
     backend : "numpyro", "pymc" or "nutpie".
     settings : sampler settings.
@@ -709,10 +712,12 @@ def fit_model_data(data, coords: dict[str, list[str]], *, hierarchy: str = "per-
     save_on_fail : write the file even when the gate fails (the verdict says fail).
     log_likelihood, prior_draws, progress : see :func:`run_nuts`.
     command : command line for the manifest (default ``sys.argv``).
+    api_overheads : the API-overhead estimate of the same data
+        (:func:`calib.overheads.estimate`), stored in the posterior for the export.
     """
     from calib import diagnostics
     from calib.io import manifest
-    from calib.model import HIERARCHIES, get_model
+    from calib.model import get_model
     from calib.priors import load_priors, priors_hash
 
     if hierarchy not in HIERARCHIES:
@@ -755,6 +760,10 @@ def fit_model_data(data, coords: dict[str, list[str]], *, hierarchy: str = "per-
     idata.attrs["manifest"] = m
     idata.attrs["diagnostics"] = diagnostics.gate_to_attr(gate)
     idata.attrs["hierarchy"] = hierarchy
+    if api_overheads is not None:
+        from calib.posterior import API_OVERHEADS_ATTR
+
+        idata.attrs[API_OVERHEADS_ATTR] = json.dumps(api_overheads)
 
     path = None
     if out_path is not None and (gate.passed or save_on_fail):
@@ -788,7 +797,8 @@ def fit(dataset, *, hierarchy: str = "per-model", priors_path: str | Path | None
     CalibError
         Unreadable dataset or priors, bad settings, no sampled steps.
     """
-    from calib.model import build_model_data
+    from calib import overheads
+    from calib.data import build_model_data
     from calib.priors import load_priors
     from calib.traces import dataset_hash, load_dataset
 
@@ -796,21 +806,24 @@ def fit(dataset, *, hierarchy: str = "per-model", priors_path: str | Path | None
     priors = load_priors(priors_path)  # fail fast on a bad prior file, before the dataset
     ds = load_dataset(dataset, progress=progress) if isinstance(dataset, str | Path) else dataset
     data_hash = dataset_hash(ds)
-    dur = np.asarray(ds["duration_us"].values, dtype=float)
-    sampled = np.asarray(ds["sampled"].values, dtype=bool) & np.isfinite(dur) & (dur > 0)
-    steps = np.flatnonzero(sampled)
+    steps = fittable_steps(ds)
     if steps.size == 0:
         raise CalibError("the dataset has no sampled steps with a positive duration",
                          path=dataset if isinstance(dataset, str | Path) else None,
                          field="duration_us",
                          fix="import experiments whose traces carry step.BATCH_SUMMARY durations")
     data, coords = build_model_data(ds, steps=steps)
-    del ds, dur, sampled  # the sampler needs only the model data (a real-size dataset is GBs)
+    try:
+        api = overheads.estimate(ds)
+    except CalibError as err:  # no request labels: the export then needs --alpha-coeffs
+        print(f"warning: no API-overhead estimate: {err}", file=sys.stderr)
+        api = None
+    del ds  # the sampler needs only the model data (a real-size dataset is GBs)
     return fit_model_data(data, coords, hierarchy=hierarchy, priors=priors, backend=backend,
                           settings=settings, step_index=steps, data_hash=data_hash,
                           out_path=out_path, save_on_fail=save_on_fail,
                           log_likelihood=log_likelihood, prior_draws=prior_draws,
-                          progress=progress, command=command)
+                          progress=progress, command=command, api_overheads=api)
 
 
 

@@ -53,12 +53,17 @@ import numpyro
 import numpyro.distributions as dist
 
 from calib import config, steptime
+from calib.data import (  # noqa: F401  (build/synthetic re-exported for callers of calib.model)
+    ModelData,
+    build_model_data,
+    make_model_data,
+    synthetic_model_data,
+)
 from calib.errors import CalibError
-from calib.priors import Prior, Priors
+from calib.priors import Prior, Priors, numpyro_distribution
 from calib.vocab import (
     COMPONENTS,
     DC_C,
-    DC_KV,
     HIERARCHIES,
     OVERHEAD_SITES,
     PF_C,
@@ -117,172 +122,6 @@ SITE_DIMS: dict[str, tuple[str, ...]] = {
 #: The named (non-raw) parameters users read, in display order.
 PARAMETER_SITES = ("b_pop", "tau", "b", "tau_exp", "b_exp", "per_layer_us",
                    "per_request_us", "per_step_us", "alpha", "sigma", "nu")
-
-
-class ModelData(NamedTuple):
-    """Everything the model functions read; arrays plus static sizes as Python ints.
-
-    Attributes
-    ----------
-    components : (n, 6) float, µs
-        Roofline terms in ``COMPONENTS`` order.
-    num_layers, batch_size : (n,) float
-        Layers of the model and requests in the batch of each step.
-    model_idx, experiment_idx : (n,) int
-        Index into the ``model`` / ``experiment`` coordinates.
-    duration_us : (n,) float or None
-        Observed step durations (µs); None for prior/posterior prediction.
-    n_models, n_experiments : int
-    experiment_model : (n_experiments,) int
-        Model index of each experiment.
-    active : (n_models, 6) bool
-        Basis of the component is not identically zero in that model's steps.
-    active_exp : (n_experiments, 6) bool
-        Same per experiment (filled by :func:`make_model_data`).
-    log_duration : (n,) float or None
-        Precomputed ``log(duration_us)`` (filled by :func:`make_model_data`).
-    """
-
-    components: Array
-    num_layers: Array
-    batch_size: Array
-    model_idx: Array
-    experiment_idx: Array
-    duration_us: Array | None
-    n_models: int
-    n_experiments: int
-    experiment_model: Array
-    active: Array
-    active_exp: Array | None = None
-    log_duration: Array | None = None
-
-
-# ------------------------------------------------------------------ data building
-def make_model_data(components: Array, num_layers: Array, batch_size: Array,
-                    model_idx: Array, experiment_idx: Array | None = None,
-                    duration_us: Array | None = None, *, n_models: int | None = None,
-                    n_experiments: int | None = None,
-                    experiment_model: Array | None = None) -> ModelData:
-    """Validate arrays and precompute the static parts of :class:`ModelData`.
-
-    ``experiment_idx`` defaults to ``model_idx`` (one experiment per model);
-    ``experiment_model`` is derived from the steps when not given. Arrays are
-    returned as NumPy (float64 / int32); JAX converts them on first use.
-
-    Raises
-    ------
-    CalibError
-        Shapes disagree, a term is negative or non-finite, or a duration is not
-        a finite positive number.
-    """
-    comps = np.asarray(components, dtype=np.float64)
-    if comps.ndim != 2 or comps.shape[1] != len(COMPONENTS):
-        raise CalibError(f"components must have shape (n, {len(COMPONENTS)}), got {comps.shape}",
-                         field="components")
-    n = comps.shape[0]
-    if not np.all(np.isfinite(comps)) or np.any(comps < 0):
-        raise CalibError("roofline components must be finite and >= 0", field="components")
-    L = np.asarray(num_layers, dtype=np.float64).reshape(-1)
-    B = np.asarray(batch_size, dtype=np.float64).reshape(-1)
-    midx = np.asarray(model_idx).astype(np.int32).reshape(-1)
-    eidx = midx.copy() if experiment_idx is None else np.asarray(experiment_idx).astype(np.int32).reshape(-1)
-    for name, arr in (("num_layers", L), ("batch_size", B), ("model_idx", midx),
-                      ("experiment_idx", eidx)):
-        if arr.shape != (n,):
-            raise CalibError(f"{name} must have shape ({n},), got {arr.shape}", field=name)
-    M = int(n_models if n_models is not None else (midx.max() + 1 if n else 1))
-    if n_experiments is None:
-        n_experiments = int(eidx.max() + 1) if n else 1
-    E = int(n_experiments)
-    if n and (midx.min() < 0 or midx.max() >= M or eidx.min() < 0 or eidx.max() >= E):
-        raise CalibError("model_idx / experiment_idx out of range", field="model_idx")
-    if experiment_model is None:
-        em = np.zeros(E, dtype=np.int32)
-        em[eidx] = midx
-    else:
-        em = np.asarray(experiment_model).astype(np.int32).reshape(-1)
-        if em.shape != (E,):
-            raise CalibError(f"experiment_model must have shape ({E},)", field="experiment_model")
-        if n and np.any(em[eidx] != midx):
-            raise CalibError("experiment_model disagrees with model_idx of the steps",
-                             field="experiment_model")
-    nz = comps > 0
-    active = np.zeros((M, len(COMPONENTS)), dtype=bool)
-    np.logical_or.at(active, midx, nz)
-    active_exp = np.zeros((E, len(COMPONENTS)), dtype=bool)
-    np.logical_or.at(active_exp, eidx, nz)
-    dur = log_dur = None
-    if duration_us is not None:
-        dur = np.asarray(duration_us, dtype=np.float64).reshape(-1)
-        if dur.shape != (n,):
-            raise CalibError(f"duration_us must have shape ({n},), got {dur.shape}",
-                             field="duration_us")
-        bad = ~(np.isfinite(dur) & (dur > 0))
-        if bad.any():
-            raise CalibError(f"{int(bad.sum())} step duration(s) are not finite positive µs "
-                             f"(first at row {int(np.argmax(bad))})", field="duration_us",
-                             fix="select sampled steps with a measured duration")
-        if np.any(B <= 0):
-            raise CalibError(f"{int((B <= 0).sum())} observed step(s) have an empty batch "
-                             "(their mean step time is 0)", field="batch_size",
-                             fix="fit only steps that scheduled at least one request")
-        log_dur = np.log(dur)
-    return ModelData(comps, L, B, midx, eidx, dur, M, E, em, active, active_exp, log_dur)
-
-
-def build_model_data(ds, steps: np.ndarray | None = None
-                     ) -> tuple[ModelData, dict[str, list]]:
-    """Model data and coordinates from a canonical dataset (``calib.traces.schema``).
-
-    Parameters
-    ----------
-    ds : xr.Dataset
-        Canonical step dataset.
-    steps : array of int, optional
-        Step positions to use; default: sampled steps with a finite duration.
-
-    Returns
-    -------
-    (ModelData, coords)
-        ``coords`` has ``model`` (names from ``exp_model`` in order of first
-        appearance), ``component`` (``COMPONENTS``), ``experiment``, ``active``
-        and ``active_exp`` (``"<name>/<component>"`` labels of the sampled
-        pairs) and ``step`` (the step positions, in the row order of the data:
-        sorted by model, experiment, step).
-    """
-    from calib.roofline import components_matrix, dataset_components
-
-    for v in ("exp_model", "step_experiment", "duration_us", "sampled"):
-        if v not in ds:
-            raise CalibError(f"dataset lacks variable {v!r}", field=v,
-                             fix="import the traces with calib.traces")
-    dur_all = np.asarray(ds["duration_us"].values, dtype=np.float64)
-    if steps is None:
-        steps = np.flatnonzero(np.asarray(ds["sampled"].values, dtype=bool)
-                               & np.isfinite(dur_all) & (dur_all > 0))
-    steps = np.asarray(steps, dtype=np.int64)
-    if steps.ndim != 1:
-        raise CalibError("steps must be a 1-D array of step indices", field="steps")
-    if steps.size == 0:
-        raise CalibError("no sampled steps with a measured duration", field="duration_us",
-                         fix="import traces with step.BATCH_SUMMARY events")
-    exp_model = [str(x) for x in np.asarray(ds["exp_model"].values)]
-    models: list[str] = list(dict.fromkeys(exp_model))
-    experiments = ([str(x) for x in np.asarray(ds["experiment"].values)]
-                   if "experiment" in ds.coords else [str(i) for i in range(len(exp_model))])
-    em = np.array([models.index(m) for m in exp_model], dtype=np.int32)
-    step_exp = np.asarray(ds["step_experiment"].values)
-    if steps.min() < 0 or steps.max() >= step_exp.size:
-        raise CalibError(f"step indices must lie in [0, {step_exp.size})", field="steps")
-    # sort by (model, experiment, step): one contiguous run per experiment -> cheap likelihood
-    steps = steps[np.lexsort((steps, step_exp[steps], em[step_exp[steps]]))]
-    eidx = step_exp[steps].astype(np.int32)
-    comps = dataset_components(ds, steps)
-    data = make_model_data(components_matrix(comps), np.asarray(comps["num_layers"].values),
-                           np.asarray(comps["batch_size"].values), em[eidx], eidx,
-                           dur_all[steps], n_models=len(models),
-                           n_experiments=len(experiments), experiment_model=em)
-    return data, model_coords(data, models, experiments, steps)
 
 
 def model_coords(data: ModelData, models: Sequence[str], experiments: Sequence[str],
@@ -458,29 +297,6 @@ class SoftplusLogNormal(dist.Distribution):
 
 
 # ------------------------------------------------------------------ prior pieces
-def _vector_dist(priors: Sequence[Prior]):
-    """One NumPyro distribution with batch shape (6,) from per-component priors."""
-    fam = {p.family for p in priors}
-    if len(fam) != 1:
-        raise CalibError("per-component priors of one parameter must share a family, got "
-                         f"{sorted(fam)}", fix="use the same family for every component")
-    f = fam.pop()
-    col = {n: jnp.asarray([p[n] for p in priors]) for n, _ in priors[0].params}
-    if f == "lognormal":
-        return dist.LogNormal(jnp.log(col["median"]), col["log_sd"])
-    if f == "halfnormal":
-        return dist.HalfNormal(col["scale"])
-    if f == "halfcauchy":
-        return dist.HalfCauchy(col["scale"])
-    if f == "exponential":
-        return dist.Exponential(col["rate"])
-    if f == "gamma":
-        return dist.Gamma(col["shape"], col["rate"])
-    if f == "normal":
-        return dist.Normal(col["loc"], col["scale"])
-    raise AssertionError(f"{f} {math.pi}")
-
-
 def _overhead(name: str, prior: Prior) -> Array:
     """A log-normal overhead (µs) sampled through its raw coordinate ``z_<name>``.
 
@@ -786,7 +602,7 @@ def _per_model_log_b(data: ModelData, priors: Priors, centered: bool,
     ``log c − log(c − overheads − shares)`` (factor site ``c_<component>_jacobian``).
     """
     z_pop, log_b_pop = _population(priors)
-    tau = numpyro.sample("tau", _vector_dist(priors.component("tau")))
+    tau = numpyro.sample("tau", numpyro_distribution(priors.component("tau")))
     full = jnp.broadcast_to(log_b_pop, (data.n_models, len(COMPONENTS)))
     recentred = []  # (component, models, log b[models, k], log density of their raw law)
     am, ak = active_pairs(data)
@@ -890,7 +706,7 @@ def per_experiment(data: ModelData, priors: Priors, *, centered: bool | None = N
     centered = config.MODEL_CENTERED if centered is None else centered
     per = _overheads(priors, data)
     log_b = _per_model_log_b(data, priors, centered, per)
-    tau_exp = numpyro.sample("tau_exp", _vector_dist(priors.component("tau_exp")))
+    tau_exp = numpyro.sample("tau_exp", numpyro_distribution(priors.component("tau_exp")))
     em = np.asarray(data.experiment_model)
     full = log_b[em]
     ae, ak = _static_pairs(data.active_exp, "active_exp")
@@ -1023,52 +839,3 @@ def collinearity_report(idata, *, log: bool = True) -> Any:
         cols[site] = np.asarray(post[site].values).reshape(-1)
     frame = pd.DataFrame({k: np.log(v) if log else v for k, v in cols.items()})
     return frame.corr()
-
-
-# ------------------------------------------------------------------ synthetic design
-def synthetic_model_data(n_steps: int = 2000, n_models: int = 2, experiments_per_model: int = 2,
-                         *, seed: int = 0, mixed_fraction: float = 0.3,
-                         tp2_models: Sequence[int] = (1,)) -> ModelData:
-    """A synthetic design (components, layers, batch sizes) of realistic magnitude.
-
-    For tests and ``bench/bench_geometry.py`` only (no durations: simulate them with
-    :func:`simulate_from_model`). Per model: weight 4000-14000 µs per step, prefill
-    compute ~15 µs per token (≈30 ms for a 2048-token chunk), decode KV 0.02-0.16 µs
-    per context token × Σ contexts of up to 128 decodes of length 500-2500, tp only for
-    the models in ``tp2_models`` (TP=2; other models have an all-zero tp basis).
-    ``mixed_fraction`` of steps mix a prefill chunk with decodes (0: no mixed batches).
-    """
-    rng = np.random.default_rng(seed)
-    E = n_models * experiments_per_model
-    em = np.repeat(np.arange(n_models, dtype=np.int32), experiments_per_model)
-    eidx = np.sort(rng.integers(0, E, n_steps)).astype(np.int32)
-    midx = em[eidx]
-    layers = np.array([32, 40, 64, 80, 48, 28, 36, 60])[np.arange(n_models) % 8]
-    w_us = np.linspace(4000.0, 14000.0, n_models) if n_models > 1 else np.array([8000.0])
-    pf_rate = np.linspace(8.0, 15.0, n_models) if n_models > 1 else np.array([12.0])
-    dc_rate = pf_rate * 1.0
-    kv_rate = np.linspace(0.02, 0.16, n_models) if n_models > 1 else np.array([0.08])
-    ctx_lo = rng.uniform(500, 1000, E)
-    ctx_hi = ctx_lo + rng.uniform(500, 1500, E)
-    max_dec = rng.integers(32, 129, E)
-    u = rng.uniform(size=n_steps)
-    mixed = u < mixed_fraction
-    prefill_only = (u >= mixed_fraction) & (u < mixed_fraction + 0.1)
-    has_pf = mixed | prefill_only
-    has_dc = ~prefill_only
-    n_dec = np.where(has_dc, rng.integers(1, max_dec[eidx] + 1), 0)
-    mean_ctx = rng.uniform(ctx_lo[eidx], ctx_hi[eidx])
-    sum_ctx = n_dec * mean_ctx
-    pf_tok = np.where(has_pf, rng.integers(64, 2049, n_steps), 0)
-    pf_prog = np.where(has_pf, rng.integers(0, 4000, n_steps), 0)
-    comps = np.zeros((n_steps, 6))
-    comps[:, PF_C] = pf_tok * pf_rate[midx] * (1.0 + pf_prog / 8000.0)
-    comps[:, PF_KV] = pf_tok * (pf_prog + pf_tok / 2) * kv_rate[midx] * 1e-3
-    comps[:, DC_C] = n_dec * dc_rate[midx]
-    comps[:, DC_KV] = sum_ctx * kv_rate[midx]
-    comps[:, WEIGHT] = w_us[midx]
-    is_tp2 = np.isin(midx, np.asarray(tp2_models, dtype=int))
-    comps[:, TP] = np.where(is_tp2, (pf_tok + n_dec) * 0.5 + 20.0, 0.0)
-    B = (n_dec + has_pf).astype(np.float64)
-    return make_model_data(comps, layers[midx].astype(np.float64), B, midx, eidx,
-                           n_models=n_models, n_experiments=E, experiment_model=em)

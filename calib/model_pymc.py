@@ -30,32 +30,8 @@ from calib.model import (
     pinned,
     recentred_columns,
 )
-from calib.priors import Prior, Priors
+from calib.priors import Prior, Priors, pymc_variable
 from calib.vocab import COMPONENTS, OVERHEAD_SITES
-
-
-def _vector_prior(name: str, priors: Sequence[Prior], dims: str):
-    import pymc as pm
-
-    fam = {p.family for p in priors}
-    if len(fam) != 1:
-        from calib.errors import CalibError
-
-        raise CalibError(f"per-component priors of {name} must share a family",
-                         fix="use the same family for every component")
-    f = fam.pop()
-    col = {n: np.array([p[n] for p in priors]) for n, _ in priors[0].params}
-    if f == "lognormal":
-        return pm.LogNormal(name, mu=np.log(col["median"]), sigma=col["log_sd"], dims=dims)
-    if f == "halfnormal":
-        return pm.HalfNormal(name, sigma=col["scale"], dims=dims)
-    if f == "halfcauchy":
-        return pm.HalfCauchy(name, beta=col["scale"], dims=dims)
-    if f == "exponential":
-        return pm.Exponential(name, lam=col["rate"], dims=dims)
-    if f == "gamma":
-        return pm.Gamma(name, alpha=col["shape"], beta=col["rate"], dims=dims)
-    raise AssertionError(f)
 
 
 def _overhead(name: str, prior: Prior):
@@ -149,7 +125,7 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
             s = priors["sigma"].pymc("sigma_pooled")
             sigma = pm.Deterministic("sigma", pt.broadcast_to(s, (M,)), dims="model")
         else:
-            tau = _vector_prior("tau", priors.component("tau"), "component")
+            tau = pymc_variable("tau", priors.component("tau"), dims="component")
             am, ak = active_pairs(data)
             log_b = pt.broadcast_to(log_b_pop, (M, len(COMPONENTS)))
             recentred = []  # as calib.model._per_model_log_b
@@ -214,7 +190,7 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
             sigma = priors["sigma"].pymc("sigma", dims="model")
         table, idx = b, midx
         if key == "per-experiment":
-            tau_exp = _vector_prior("tau_exp", priors.component("tau_exp"), "component")
+            tau_exp = pymc_variable("tau_exp", priors.component("tau_exp"), dims="component")
             em = np.asarray(data.experiment_model)
             full = log_b[em]
             ae, aek = np.nonzero(np.asarray(data.active_exp))

@@ -11,7 +11,9 @@ without the dataset. Root attributes (all NetCDF-safe scalars or JSON strings):
 ``calib_model_version``  :data:`calib.MODEL_VERSION` of the writer;
 ``manifest``             JSON provenance record (:func:`calib.io.manifest`);
 ``diagnostics``          JSON of :meth:`calib.diagnostics.GateResult.to_dict`;
-``hierarchy``            the model hierarchy fitted.
+``hierarchy``            the model hierarchy fitted;
+``api_overheads``        JSON of :func:`calib.overheads.estimate` on the fitted dataset
+                         (absent when fitted from model data alone).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ CONSTANT_VARS: dict[str, tuple[str, ...]] = {
 }
 
 MODEL_VERSION_ATTR = "calib_model_version"
+#: Root attribute holding the API-overhead estimate (JSON, :mod:`calib.overheads`).
+API_OVERHEADS_ATTR = "api_overheads"
 
 
 # ------------------------------------------------------------------ model data <-> xarray
@@ -138,6 +142,26 @@ def flat_draws(idata, draws: int | None = None) -> dict[str, np.ndarray]:
         v = v.reshape((total, *v.shape[2:]))
         out[name] = v if idx is None else v[idx]
     return out
+
+
+#: Scalar parameters shared by every model, whose posterior means a plug-in prediction uses.
+SHARED_SCALARS = ("per_layer_us", "per_request_us", "per_step_us", "alpha", "nu")
+
+
+def plugin_means(draws: dict) -> dict[str, float]:
+    """Posterior means of :data:`SHARED_SCALARS` from flat draws (:func:`flat_draws`):
+    the plug-in point the export and validation use beside a model's mean ``b``."""
+    return {k: float(np.mean(draws[k])) for k in SHARED_SCALARS}
+
+
+def api_overheads(idata) -> dict | None:
+    """The API-overhead estimate stored by the fit (:func:`calib.overheads.estimate`),
+    or None when the posterior was fitted without the dataset's request labels."""
+    raw = idata.attrs.get(API_OVERHEADS_ATTR)
+    if raw is None:
+        return None
+    rec = json.loads(raw) if isinstance(raw, str) else raw
+    return rec if rec and "estimates" in rec else None
 
 
 def predict_step_time_us(idata, draws: int | None = None, *, data=None) -> np.ndarray:

@@ -38,8 +38,9 @@ from typing import Any
 
 import yaml
 
-from calib.config import COMPONENTS, DEFAULT_PRIORS
+from calib.config import DEFAULT_PRIORS
 from calib.errors import CalibError
+from calib.vocab import COMPONENTS
 
 #: Family -> its parameter names (all required, all positive reals except ``normal.loc``).
 FAMILIES: dict[str, tuple[str, ...]] = {
@@ -50,6 +51,17 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "exponential": ("rate",),
     "gamma": ("shape", "rate"),
     "beta": ("a", "b"),
+}
+#: Family -> (distribution class, the same name in NumPyro and PyMC; PyMC's keyword of
+#: each argument of :func:`distribution_args`, which NumPyro takes positionally).
+DISTRIBUTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "lognormal": ("LogNormal", ("mu", "sigma")),
+    "normal": ("Normal", ("mu", "sigma")),
+    "halfnormal": ("HalfNormal", ("sigma",)),
+    "halfcauchy": ("HalfCauchy", ("beta",)),
+    "exponential": ("Exponential", ("lam",)),
+    "gamma": ("Gamma", ("alpha", "beta")),
+    "beta": ("Beta", ("alpha", "beta")),
 }
 #: Fields every entry carries besides the family parameters.
 META_FIELDS = ("family", "units", "rationale")
@@ -92,47 +104,11 @@ class Prior:
 
     def numpyro(self):
         """The prior as a NumPyro distribution (scalar)."""
-        import numpyro.distributions as dist
-
-        p = self.kwargs
-        f = self.family
-        if f == "lognormal":
-            return dist.LogNormal(math.log(p["median"]), p["log_sd"])
-        if f == "normal":
-            return dist.Normal(p["loc"], p["scale"])
-        if f == "halfnormal":
-            return dist.HalfNormal(p["scale"])
-        if f == "halfcauchy":
-            return dist.HalfCauchy(p["scale"])
-        if f == "exponential":
-            return dist.Exponential(p["rate"])
-        if f == "gamma":
-            return dist.Gamma(p["shape"], p["rate"])
-        if f == "beta":
-            return dist.Beta(p["a"], p["b"])
-        raise AssertionError(f)  # validated on load
+        return numpyro_distribution((self,))
 
     def pymc(self, name: str, **kw):
         """The prior as a PyMC random variable (inside a model context)."""
-        import pymc as pm
-
-        p = self.kwargs
-        f = self.family
-        if f == "lognormal":
-            return pm.LogNormal(name, mu=math.log(p["median"]), sigma=p["log_sd"], **kw)
-        if f == "normal":
-            return pm.Normal(name, mu=p["loc"], sigma=p["scale"], **kw)
-        if f == "halfnormal":
-            return pm.HalfNormal(name, sigma=p["scale"], **kw)
-        if f == "halfcauchy":
-            return pm.HalfCauchy(name, beta=p["scale"], **kw)
-        if f == "exponential":
-            return pm.Exponential(name, lam=p["rate"], **kw)
-        if f == "gamma":
-            return pm.Gamma(name, alpha=p["shape"], beta=p["rate"], **kw)
-        if f == "beta":
-            return pm.Beta(name, alpha=p["a"], beta=p["b"], **kw)
-        raise AssertionError(f)
+        return pymc_variable(name, (self,), **kw)
 
     def mean(self) -> float:
         """Prior mean (inf for half-Cauchy)."""
@@ -153,6 +129,55 @@ class Prior:
         if f == "beta":
             return p["a"] / (p["a"] + p["b"])
         raise AssertionError(f)
+
+
+def distribution_args(priors, asarray=None, log=None) -> tuple[str, tuple]:
+    """(family, arguments) of one or more priors of one family, in the order of
+    :data:`DISTRIBUTIONS` (the family's parameters, ``median`` as its log).
+
+    One prior gives Python floats; several give one array per argument (``asarray``,
+    default ``numpy.asarray``; ``log`` default ``numpy.log``) with one entry per prior.
+
+    Raises
+    ------
+    CalibError
+        The priors do not share a family.
+    """
+    fam = {p.family for p in priors}
+    if len(fam) != 1:
+        raise CalibError("priors of one parameter must share a family, got "
+                         f"{sorted(fam)}", fix="use the same family for every component")
+    family = fam.pop()
+    if len(priors) == 1:
+        cols = {n: v for n, v in priors[0].params}
+        log = math.log
+    else:
+        import numpy as np
+
+        asarray = np.asarray if asarray is None else asarray
+        log = np.log if log is None else log
+        cols = {n: asarray([p[n] for p in priors]) for n in FAMILIES[family]}
+    args = tuple(log(cols[n]) if n == "median" else cols[n] for n in FAMILIES[family])
+    return family, args
+
+
+def numpyro_distribution(priors):
+    """One NumPyro distribution of one prior, or with batch shape (len,) of several of
+    one family (e.g. the per-component priors of one parameter)."""
+    import jax.numpy as jnp
+    import numpyro.distributions as dist
+
+    family, args = distribution_args(priors, jnp.asarray, jnp.log)
+    return getattr(dist, DISTRIBUTIONS[family][0])(*args)
+
+
+def pymc_variable(name: str, priors, **kw):
+    """One PyMC random variable of one prior (or of several of one family, with ``dims``)."""
+    import pymc as pm
+
+    family, args = distribution_args(priors)
+    cls, names = DISTRIBUTIONS[family]
+    return getattr(pm, cls)(name, **dict(zip(names, args, strict=True)), **kw)
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ import numpy as np
 from calib import config
 from calib.errors import CalibError
 from calib.predict import StepFeatures
+from calib.vocab import SPLITS, fittable
 
 __all__ = ["PARTS", "PREDICTORS", "SPLITS", "Fold", "FoldResult", "ValidationResult",
            "evaluate_fold", "inv_m6_line", "inv_m6_verdict", "make_folds", "markdown_report",
@@ -77,7 +78,6 @@ __all__ = ["PARTS", "PREDICTORS", "SPLITS", "Fold", "FoldResult", "ValidationRes
            "temporal_split", "write_reports", "write_results_section"]
 
 #: Split names accepted by ``--split`` (``all`` runs each).
-SPLITS = ("temporal", "workload", "model", "request-hash")
 #: Part codes: index into this tuple; −1 = excluded.
 PARTS = ("train", "val", "test")
 TRAIN, VAL, TEST, EXCLUDED = 0, 1, 2, -1
@@ -119,11 +119,6 @@ class Fold:
         if sampled is not None:
             sel &= sampled
         return np.flatnonzero(sel)
-
-
-def _sampled(ds) -> np.ndarray:
-    dur = np.asarray(ds["duration_us"].values, np.float64)
-    return np.asarray(ds["sampled"].values, bool) & np.isfinite(dur) & (dur > 0)
 
 
 def temporal_split(ds, fractions: Sequence[float] = config.VALIDATE_TEMPORAL
@@ -268,7 +263,7 @@ def _meta(ds) -> _Meta:
     n_exp = ds.sizes["experiment"]
     exps = (tuple(str(x) for x in np.asarray(ds["experiment"].values))
             if "experiment" in ds.coords else tuple(str(i) for i in range(n_exp)))
-    sampled = _sampled(ds)
+    sampled = fittable(ds)
     dur = np.where(sampled, np.asarray(ds["duration_us"].values, np.float64), np.nan)
     return _Meta(exps, np.asarray(ds["exp_model"].values).astype(str),
                  np.asarray(ds["exp_workload"].values).astype(str),
@@ -283,23 +278,16 @@ def _fold_model_data(meta: _Meta, feats: StepFeatures, steps: np.ndarray):
     Only experiments (and models) with train steps enter the coordinates, so a held-out
     model is absent from the posterior (and predicted from the population level).
     """
-    from calib.model import make_model_data, model_coords
+    from calib.data import layout_model_data, step_layout
+    from calib.model import model_coords
 
-    exps = np.unique(meta.step_exp[steps])
-    models = list(dict.fromkeys(meta.exp_model[exps].tolist()))
-    e_local = np.full(len(meta.experiments), -1, np.int64)
-    e_local[exps] = np.arange(exps.size)
-    em = np.array([models.index(m) for m in meta.exp_model[exps]], np.int32)
-    el = e_local[meta.step_exp[steps]]
-    order = np.lexsort((steps, el, em[el]))
-    steps = steps[order]
-    el = el[order]
-    data = make_model_data(feats.components[steps], feats.num_layers[steps],
-                           feats.batch_size[steps], em[el], el, meta.duration_us[steps],
-                           n_models=len(models), n_experiments=int(exps.size),
-                           experiment_model=em)
-    coords = model_coords(data, models, [meta.experiments[e] for e in exps], steps)
-    return data, coords, steps
+    lay = step_layout(meta.step_exp, meta.exp_model, steps, present_only=True)
+    f = feats.take(lay.steps)
+    data = layout_model_data(lay, f.components, f.num_layers, f.batch_size,
+                             meta.duration_us[lay.steps])
+    coords = model_coords(data, lay.models, [meta.experiments[e] for e in lay.experiments],
+                          lay.steps)
+    return data, coords, lay.steps
 
 
 def _subsample(steps: np.ndarray, max_steps: int | None, seed: int) -> np.ndarray:
@@ -312,10 +300,10 @@ def _subsample(steps: np.ndarray, max_steps: int | None, seed: int) -> np.ndarra
 # ------------------------------------------------------------------------ predictions
 def _blis_betas(params: dict, post_models: list[str], meta: _Meta) -> list[list[float]]:
     """The exported BLIS betas (posterior means, ``calib.export``) for each experiment."""
+    from calib.posterior import plugin_means
     from calib.predict import betas_from_params
 
-    means = {k: float(np.mean(params[k])) for k in ("per_layer_us", "per_request_us",
-                                                     "per_step_us")}
+    means = plugin_means(params)
     out = []
     for model in meta.exp_model:
         b = (params["b"][:, post_models.index(model)].mean(axis=0) if model in post_models

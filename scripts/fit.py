@@ -25,8 +25,7 @@ from calib.cli import nonneg_int as _nonneg_int
 from calib.cli import positive_int as _positive_int
 from calib.cli import probability as _probability
 from calib.cli import user_error as _user_error
-
-HIERARCHIES = ("pooled", "per-model", "per-experiment")  # calib.model.HIERARCHIES (no JAX import)
+from calib.vocab import HIERARCHIES  # JAX-free
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -31,9 +31,7 @@ from calib.cli import Parser as _Parser
 from calib.cli import int_at_least as _int
 from calib.cli import probability as _probability
 from calib.cli import user_error as _user_error
-
-SPLITS = ("temporal", "workload", "model", "request-hash")  # calib.validate.SPLITS
-HIERARCHIES = ("pooled", "per-model", "per-experiment")
+from calib.vocab import HIERARCHIES, SPLITS  # JAX-free
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

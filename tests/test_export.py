@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -135,14 +136,27 @@ def test_export_document_carries_uncertainty_approximation_and_manifest(setup):
         float(setup[3].posterior["b_pop"].sel(component="pf_compute").mean()))
 
 
-def test_export_needs_one_alpha_source(setup):
+def test_export_alphas_come_from_the_posterior_or_are_given(setup, tmp_path):
+    from calib import overheads
     from calib.errors import CalibError
+    from calib.posterior import API_OVERHEADS_ATTR
 
-    idata, out = setup[3], setup[4]
-    with pytest.raises(CalibError, match="exactly one source"):
-        export_posterior(idata, out)
+    ds, idata, out = setup[0], setup[3], setup[4]
+    with pytest.raises(CalibError, match="no API-overhead estimate"):
+        export_posterior(idata, tmp_path / "none")
     with pytest.raises(CalibError, match="3 finite non-negative"):
         export_posterior(idata, out, alpha_coeffs=[1.0, -2.0, 3.0])
+    est = overheads.estimate(ds, replicates=50)
+    idata.attrs[API_OVERHEADS_ATTR] = json.dumps(est)
+    try:
+        res = export_posterior(idata, tmp_path / "own")
+    finally:
+        del idata.attrs[API_OVERHEADS_ATTR]
+    for name, doc in res.documents.items():
+        want = overheads.alphas(est, None if name == "population" else name)["mean"]
+        assert doc[BLIS_BLOCK]["alpha_coeffs"] == pytest.approx(want, rel=1e-12)
+        unc = doc["uncertainty"]["alpha_coeffs"]["queueing_us"]
+        assert unc["lower"] < doc[BLIS_BLOCK]["alpha_coeffs"][0] < unc["upper"]
 
 
 def test_export_cli(setup, tmp_path, capsys):
@@ -168,47 +182,6 @@ def test_export_cli(setup, tmp_path, capsys):
                    "--alpha-coeffs", "1,2,3"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1
-
-
-def test_per_token_cost_is_the_host_gap_per_decode_step():
-    from calib.api_overheads import api_observations, per_token_cost_us
-
-    ds, _, truth = make_replay_dataset(seed=3, steps_per_exp=300, requests_per_exp=20,
-                                       gap_us=40.0)
-    exact = per_token_cost_us(ds, step_us=truth["true_step_us"])
-    assert np.isfinite(exact).all()
-    np.testing.assert_allclose(exact, 40.0, rtol=0, atol=1e-6)
-    rough = per_token_cost_us(ds)  # sampled steps only: unbiased per window, noisy
-    assert np.isfinite(rough).sum() > 0.5 * rough.size
-    obs = api_observations(ds, step_us=truth["true_step_us"])
-    assert set(obs) == {"queue", "depart", "per_token"}
-    assert obs["queue"]["model-0"].size == 40
-
-
-@pytest.mark.slow
-def test_api_overheads_fit_recovers_overheads():
-    from calib import config
-    from calib.api_overheads import fit_api_overheads
-    from calib.predict import noise_mean_factor
-
-    ds, features, truth = make_replay_dataset(seed=2, steps_per_exp=800, requests_per_exp=200,
-                                              gap_us=40.0)
-    em = np.repeat(np.arange(2), 2)[np.asarray(ds["step_experiment"].values)]
-    mu = plugin_step_time_us(truth["b"][em], truth["per_layer_us"], truth["per_request_us"],
-                             truth["per_step_us"], truth["alpha"], features)
-    factor = np.array([noise_mean_factor(s, truth["nu"]) for s in truth["sigma"]])[em]
-    api = fit_api_overheads(ds, step_us=mu * factor,
-                            sampler=config.ApiOverheadSampler(chains=2, warmup=200, draws=200,
-                                                              max_obs=400))
-    for model in api.models:
-        a = api.alphas(model)
-        assert a["mean"][0] == pytest.approx(15000.0, rel=0.02)
-        assert a["mean"][1] == pytest.approx(800.0, rel=0.03)
-        assert a["lower"][2] < 40.0 + 60 and a["upper"][2] > 40.0 - 60
-        assert abs(a["mean"][2] - 40.0) < 60.0
-    pop = api.alphas(None)
-    assert pop["lower"][0] < 15000.0 < pop["upper"][0]
-    assert api.max_rhat < 1.1
 
 
 DEFAULT_REASON = ("needs the embedded default dataset and posteriors/per-model.nc (make it "
@@ -245,30 +218,10 @@ def test_export_default_posterior_with_given_alphas(tmp_path):
     assert all(a == ALPHAS for a in alphas.values())
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not config_default_ready(), reason=DEFAULT_REASON)
-def test_export_default_posterior_with_fitted_alphas(tmp_path):
-    """The full default export: alphas from the API-overhead fit (NUTS; minutes)."""
+def test_export_default_posterior_with_its_own_alphas(tmp_path):
+    """The default export: alphas from the posterior's stored API-overhead estimate."""
     alphas = _export_default(tmp_path)
     for a in alphas.values():
         assert all(math.isfinite(x) and x >= 0 for x in a)
         assert 0 < a[0] < 1e5 and 0 < a[1] < 1e5 and 0 <= a[2] < 1e4
-
-
-def test_alpha_cross_check_reports_the_measured_host_gap(setup, tmp_path):
-    from calib.e2e import measure_host_timing
-
-    ds, features, truth, idata, *_ = setup
-    gaps = {"model-0": 40.0, "model-1": 44.0, None: 42.0}
-    export_posterior(idata, tmp_path, alpha_coeffs=ALPHAS, host_gap_us=gaps)
-    for stem, gap in (("model-0", 40.0), ("model-1", 44.0), ("population", 42.0)):
-        text = (tmp_path / f"{stem}.yaml").read_text(encoding="utf-8")
-        load_export_block(text)
-        doc = yaml.safe_load(text)
-        cross = doc["alpha_cross_check"]
-        assert cross["measured_host_gap_us"] == gap
-        assert cross["rest_us"] == pytest.approx(ALPHAS[2] - gap, rel=1e-12)
-        assert any("measured host gap" in n for n in doc["notes"])
-    # the synthetic data have no host gap: the measurement says so (pooled or measured 0)
-    t = measure_host_timing(ds)
-    assert np.all(np.abs(t.gap_us) < 0.01)
