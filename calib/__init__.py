@@ -13,12 +13,12 @@ The flow, one module ("room") per stage::
 
 __version__ = "0.1.0"
 
-#: Bumped whenever the meaning of a posterior file changes (model structure,
-#: parameter names, coordinates, raw sample sites). Loading a file of another version
-#: is an error. 2: pinned pf_compute and bounded (logit) overheads. 3: ``z_b_pop`` of a
-#: pinned component is its offset from the models' mean (calib.model._recentred_population).
-#: 4: the same for centred, non-pinned components (``config.RECENTRED_POPULATION``).
-MODEL_VERSION = 4
+#: Bumped whenever the meaning of a posterior file changes (model structure, parameter
+#: names, coordinates). Loading a file of another version is an error. Since 5 a file
+#: stores only the named natural parameters (``calib.vocab.PARAMETER_SITES``), so the
+#: sampler's coordinates (calib.geometry) can change without a bump; 5 also added the
+#: API-overhead estimate (``api_overheads``) and the empty-batch rule of calib.steptime.
+MODEL_VERSION = 5
 
 #: Bumped whenever the canonical dataset schema changes.
 DATASET_SCHEMA_VERSION = 1

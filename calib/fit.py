@@ -5,7 +5,8 @@ return the same InferenceData layout:
 
 ``posterior``        every latent and deterministic site without a ``step`` dim, on
                      named dims from :data:`calib.model.SITE_DIMS` (``model``,
-                     ``component``, ``experiment``);
+                     ``component``, ``experiment``); the file keeps only the named
+                     natural parameters (:func:`calib.posterior.save_posterior`);
 ``sample_stats``     ``diverging``, ``energy``, ``n_steps``, ``tree_depth``,
                      ``reached_max_treedepth``, ``acceptance_rate``, ``step_size``, ``lp``;
 ``observed_data``    ``duration_us`` (step);
@@ -16,7 +17,7 @@ return the same InferenceData layout:
                      of the observed duration in µs (a model observing ``log y`` gets the
                      Jacobian ``−log y`` added so ``az.loo`` compares on the µs scale);
 ``prior``            (optional) prior draws of the named parameters
-                     (``calib.model.PARAMETER_SITES``, chain of size 1), drawn from the
+                     (``calib.vocab.PARAMETER_SITES``, chain of size 1), drawn from the
                      model without observations (exact: no pinned coordinates).
 
 :func:`fit` ties dataset -> model data -> sampler -> gate -> manifest -> file.
@@ -455,7 +456,7 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
     if prior_draws > 0:
         # Exact prior draws come from the model without observations (its natural
         # coordinates); keep the named parameters, whose dims do not depend on that.
-        from calib.model import PARAMETER_SITES
+        from calib.vocab import PARAMETER_SITES
 
         prior_samples = jax.device_get(Predictive(model_fn, num_samples=prior_draws)(
             key_prior, data._replace(duration_us=None, log_duration=None), priors))
@@ -655,13 +656,14 @@ def pymc_prior_draws(hierarchy: str, data, priors, coords: dict[str, list], draw
     Returns
     -------
     dict
-        :data:`calib.model.PARAMETER_SITES` present in the model -> (draws, ...) arrays;
+        :data:`calib.vocab.PARAMETER_SITES` present in the model -> (draws, ...) arrays;
         their dims (``model``, ``component``, ``experiment``) do not depend on the
         coordinates the model was sampled in.
     """
     import pymc as pm
 
-    from calib.model import PARAMETER_SITES, model_coords
+    from calib.model import model_coords
+    from calib.vocab import PARAMETER_SITES
     from calib.model_pymc import build_pymc_model
 
     free = data._replace(duration_us=None, log_duration=None)

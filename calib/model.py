@@ -66,6 +66,7 @@ from calib.vocab import (
     DC_C,
     HIERARCHIES,
     OVERHEAD_SITES,
+    PARAMETER_SITES,
     PF_C,
     PF_KV,
     TP,
@@ -118,10 +119,6 @@ SITE_DIMS: dict[str, tuple[str, ...]] = {
     "nu": (),
     OBS_SITE: ("step",),
 }
-
-#: The named (non-raw) parameters users read, in display order.
-PARAMETER_SITES = ("b_pop", "tau", "b", "tau_exp", "b_exp", "per_layer_us",
-                   "per_request_us", "per_step_us", "alpha", "sigma", "nu")
 
 
 def model_coords(data: ModelData, models: Sequence[str], experiments: Sequence[str],

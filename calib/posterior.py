@@ -27,6 +27,7 @@ import numpy as np
 import calib
 from calib.errors import CalibError
 from calib.io import atomic_path
+from calib.vocab import PARAMETER_SITES
 
 __all__ = [
     "CONSTANT_VARS",
@@ -215,6 +216,9 @@ def save_posterior(idata, path: str | Path, *, manifest: dict | None = None) -> 
     manifest : provenance record; stored as the JSON string root attr ``manifest``
         (default: keep the one already in ``idata.attrs``).
 
+    Only the named parameters in natural coordinates (:data:`calib.vocab.PARAMETER_SITES`)
+    and per-step deterministics are written; the sampler's raw coordinates stay in memory.
+
     Returns
     -------
     Path : ``path``.
@@ -238,6 +242,9 @@ def save_posterior(idata, path: str | Path, *, manifest: dict | None = None) -> 
         ds = getattr(idata, g).copy(deep=False)
         ds.attrs = _json_safe_attrs(ds.attrs)
         groups[g] = ds
+    post = groups["posterior"]
+    groups["posterior"] = post[[v for v in post.data_vars
+                                if v in PARAMETER_SITES or "step" in post[v].dims]]
     out = az.InferenceData(attrs=_json_safe_attrs(attrs), **groups)
     with atomic_path(path) as tmp:
         out.to_netcdf(str(tmp), engine="netcdf4")

@@ -17,6 +17,10 @@ PF_C, PF_KV, DC_C, DC_KV, WEIGHT, TP = range(len(COMPONENTS))
 #: (``None``: one per non-empty step).
 OVERHEAD_SITES = (("per_layer_us", "num_layers"), ("per_request_us", "batch_size"),
                   ("per_step_us", None))
+#: The named parameters in natural coordinates, in display order: what a posterior
+#: file stores (the sampler's raw coordinates are not saved).
+PARAMETER_SITES = ("b_pop", "tau", "b", "tau_exp", "b_exp", "per_layer_us",
+                   "per_request_us", "per_step_us", "alpha", "sigma", "nu")
 #: Hierarchy names accepted at the command line (``--hierarchy``).
 HIERARCHIES = ("pooled", "per-model", "per-experiment")
 #: Validation split families (``--split``).

@@ -92,6 +92,18 @@ def test_attrs_are_json_strings(saved):
     assert posterior_manifest(loaded)["seed"] == 1
 
 
+def test_file_stores_named_natural_parameters_only(saved):
+    from calib.vocab import PARAMETER_SITES
+
+    idata, path = saved
+    raw = [v for v in idata.posterior.data_vars if v not in PARAMETER_SITES]
+    assert raw, "the in-memory fit keeps the sampler's coordinates"
+    loaded = load_posterior(path)
+    assert set(loaded.posterior.data_vars) <= set(PARAMETER_SITES)
+    assert {"b", "b_pop", "tau", "sigma", "alpha", "nu"} <= set(loaded.posterior.data_vars)
+    assert set(idata.posterior.data_vars) >= set(raw)  # the caller's object is unchanged
+
+
 def test_caller_idata_is_not_mutated(saved):
     idata, _ = saved
     assert isinstance(idata.attrs["manifest"], dict)
