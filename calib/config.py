@@ -45,22 +45,11 @@ from calib.vocab import COMPONENTS  # noqa: E402,F401  (re-exported)
 class SamplerDefaults:
     chains: int = 4
     warmup: int = 500
-    #: Measured on the default per-model fit: 500 draws left tail ESS 69/chain on
-    #: tau[dc_kv] (0 divergences); 1000 draws gave 149/chain and a green gate.
+    #: 1000 draws: the gate's tail ESS on the default fit (BENCHMARKS.md, config history).
     draws: int = 1000
     seed: int = 0
-    #: Measured with whitened coordinates, the pilot warmup and b_pop of the pinned
-    #: components relative to their models' mean (BENCHMARKS.md): on the default data
-    #: 0.9 -> step size ~0.3, 15 leapfrog steps per iteration, 2 divergences in 4,000 draws
-    #: (at the ends of the tau posteriors); 0.95 -> none at seed 0, but 2 at seed 1.
-    #: With every centred b_pop re-centred (RECENTRED_POPULATION), one run of 4 x 4,000
-    #: draws (seed 3): 0.95 -> 4 divergences in 16,000 (tails of tau[dc_compute],
-    #: tau[pf_kv], nu, b[mixtral, pf_kv]: a gate of 4,000 draws passes about 1 time in 3);
-    #: 0.98 -> none, 18 % more time. Seeds 0-3 after the start got its own key
-    #: (2026-11-23): 0.98 -> 1 divergence in 3 of the 4 runs (4 in 16,000 draws, each at a
-    #: different posterior tail: dc_compute/dc_kv of one model, every weight with
-    #: per_layer, pf_kv); 0.99 -> none in 16,000, sampling 74-89 s (0.98: 68-96 s), min
-    #: bulk ESS 706-804/chain. In float32 see FLOAT32_TARGET_ACCEPT.
+    #: The smallest value without divergences over seeds 0-3 on the default fit (0.98 left
+    #: 1 in 3 of 4 runs); history in BENCHMARKS.md (config history). Float32: see below.
     target_accept: float = 0.99
     max_tree_depth: int = 8
     chain_method: str = "parallel"
@@ -114,12 +103,9 @@ class AdaptationDefaults:
 ADAPTATION = AdaptationDefaults()
 
 
-#: JAX's caches keep every compiled program, and each NumPyro fit leaves ~3,000 memory
-#: mappings of compiled code behind (measured: 690 -> 8,202 -> 11,247 -> 14,107 ->
-#: 17,188 over four small fits in one process; 2,170 after ``jax.clear_caches()``).
-#: Linux aborts a process that reaches ``vm.max_map_count`` (65,530 by default) inside
-#: XLA's compiler, which is how ~20 fits in one pytest process died. ``run_nuts``
-#: clears JAX's caches first when the process holds more than this fraction of the limit.
+#: ``run_nuts`` clears JAX's caches first when the process holds more than this fraction
+#: of ``vm.max_map_count`` (each fit leaves ~3,000 mappings; Linux aborts the process at
+#: the limit inside XLA's compiler; measurements in BENCHMARKS.md, config history).
 MAP_COUNT_CLEAR_FRACTION = 0.5
 
 #: multiprocessing start method of PyMC's parallel chains (``calib.fit.run_pymc``):
@@ -207,23 +193,12 @@ IMPORT_MAX_INTERVAL_STEPS = 1_000_000
 # ------------------------------------------------------- model geometry (model helper)
 #: Parameterisation of the per-model / per-experiment log corrections (calib.model):
 #: True = centred (``log_b_active ~ N(log b_pop, tau)``), False = non-centred (``z_b``).
-#: Measured with bench/bench_geometry.py (per-model, 4 models / 16 experiments, 20,000
-#: steps, 2 chains x (300 warmup + 300 draws), machine load ~8-10 on 2 cores, so wall
-#: times are inflated ~3x; leapfrog steps per iteration are the load-free number):
-#:   centred + dense      58 leapfrog/it, min bulk ESS 101, R-hat 1.04, 1 divergence
-#:   centred + diag       86 leapfrog/it, min bulk ESS  84, R-hat 1.03, 1 divergence
-#:   non-centred + dense 250 leapfrog/it, min bulk ESS   4, R-hat 1.45, 3 divergences
-#:   log coordinates (no softplus overheads, no weight constant), centred + dense:
-#:                       245 leapfrog/it, R-hat 1.49, 14 divergences
-#:   122,752 steps, centred + dense: 67 leapfrog/it, min bulk ESS 161 (600 draws), R-hat
-#:   1.01, 0 divergences, E-BFMI 0.80, 448 s wall for 2 x 600 iterations (loaded machine)
-#: With ~10^4 steps per model the likelihood pins each model's corrections: centred wins.
+#: Centred: with ~10^4 steps per model the likelihood pins each model's corrections
+#: (bench/bench_geometry.py; table in BENCHMARKS.md, config history).
 MODEL_CENTERED = True
 #: Components kept non-centred even in centred mode: their basis is small next to the
-#: step time for any transformer (tp: the all-reduce; pf_kv: KV bytes written per prefill
-#: token are ~2 % of the same token's projection time), so each model's correction is
-#: weakly pinned and the centred form funnels in tau. Measured on the default fit:
-#: centred tp gave 127 divergences and R-hat 1.04 on tau[tp]; then tau[pf_kv] led.
+#: step time (tp: the all-reduce; pf_kv: ~2 % of a prefill token's projection time), so
+#: each model's correction is weakly pinned and the centred form funnels in tau.
 NONCENTERED_COMPONENTS: tuple[str, ...] = ("tp", "pf_kv")
 #: String form of the same choice, for manifests and reports.
 MODEL_PARAMETERISATION = "centered" if MODEL_CENTERED else "noncentered"
@@ -238,18 +213,14 @@ OVERHEAD_COORDINATES = "softplus"
 #:   "dc_compute" log of the decode cost per request b_dc·(dc_compute per request)
 #:                + per_request + the share of tp (all grow with the decode count).
 #: Each removes a curved ridge between a model's correction and the shared overheads
-#: or a collinear correction. Measured on the default per-model fit (4 chains x 500):
-#: weight + dc_compute: 44 divergences; + per_request below the smallest decode cost:
-#: 26, all at large tp (the tp/pf_compute ridge); + pf_compute: see BENCHMARKS.md.
+#: or a collinear correction (divergence counts in BENCHMARKS.md, config history).
 PINNED_COMPONENTS: tuple[str, ...] = ("weight", "pf_compute", "dc_compute")
 #: Population mean of each centred, non-pinned component (not in NONCENTERED_COMPONENTS)
 #: sampled relative to its models' mean, as the pinned components' always are:
 #: ``log b_pop[k] = mean_m log b[m, k] + tau[k]/sqrt(M)·z`` (calib.model._recentred_population).
 #: When the data pin every model's log b, ``log b_pop`` is otherwise confined to
-#: ``mean ± tau/sqrt(M)``: a funnel in tau. Measured: pinned weight on the default fit
-#: (sd of log b_pop[weight] 0.036 -> 0.15 across tau[weight], divergences at its narrow
-#: end); centred dc_kv in the leave-mixtral-out fold (3 models: sd 0.017 -> 0.17 across
-#: tau[dc_kv], 35 divergences, all at its 0-1st percentile). False: prior coordinates.
+#: ``mean ± tau/sqrt(M)``: a funnel in tau (measured in BENCHMARKS.md, config history).
+#: False: prior coordinates.
 RECENTRED_POPULATION = True
 #: Dense (full) mass matrix for NUTS (the fit runner's default).
 DENSE_MASS = True
@@ -286,9 +257,8 @@ OVERHEAD_SEED = 0
 
 # ------------------------------------------- validation (calib/validate.py, validation helper)
 #: NUTS settings of each validation fold: fewer draws than :data:`SAMPLER` (one fit per
-#: fold; ``scripts/validate.py`` flags override them). 2 chains x (300 + 300) failed the
-#: gate in all 10 folds of the embedded default (R-hat 1.01-1.03 from 2 short chains,
-#: tail ESS 53-89/chain, divergences in 3 folds; 2026-11-23).
+#: fold; ``scripts/validate.py`` flags override them); 4 chains because 2 short chains
+#: failed the gate in every fold (BENCHMARKS.md, config history).
 VALIDATE_SAMPLER = SamplerDefaults(chains=4, warmup=500, draws=500)
 #: Temporal split fractions (train, val, test) within each experiment, by step id.
 VALIDATE_TEMPORAL = (0.6, 0.2, 0.2)
