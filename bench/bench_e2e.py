@@ -43,7 +43,7 @@ from calib.e2e import replay  # noqa: E402
 
 
 def _synthetic(args):
-    from test_e2e_data import make_replay_dataset, mock_posterior
+    from fixtures.posteriors import make_replay_dataset, mock_posterior
 
     truth = {"b": np.array([[1.6, 1.2, 2.5, 1.4, 1.15, 1.0], [1.3, 1.5, 2.0, 1.8, 1.25, 1.8],
                             [1.4, 1.3, 2.2, 1.6, 1.2, 1.5], [1.5, 1.4, 2.4, 1.5, 1.1, 1.2]]),

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fixtures.posteriors import make_replay_dataset, quick_posterior
 from scipy.stats import binomtest
-from test_e2e_data import make_replay_dataset, quick_posterior
 
 from calib.e2e import replay
 

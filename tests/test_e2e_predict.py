@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -64,7 +63,8 @@ def test_blis_formula_rules():
         blis_step_time_us(betas[:6], f)
 
 
-def test_exported_module_contract_positive_deterministic_fast():
+def test_exported_module_contract_positive_and_deterministic():
+    """(Its latency budget, < 1 ms at batch size 128, is bench/bench_predict.py's.)"""
     rng = np.random.default_rng(5)
     betas = betas_from_params(B, 9.0, 4.0, 120.0)
     for _ in range(20):  # any non-empty batch: positive
@@ -77,13 +77,12 @@ def test_exported_module_contract_positive_deterministic_fast():
     snapshot = f.components.copy()
     assert np.array_equal(a, blis_step_time_us(betas, f))
     assert np.array_equal(snapshot, f.components)  # no side effects on inputs
-    batch128 = _features(n=128)
-    blis_step_time_us(betas, batch128)
-    t0 = time.perf_counter()
-    for _ in range(200):
-        blis_step_time_us(betas, batch128)
-    per_call = (time.perf_counter() - t0) / 200
-    assert per_call < 1e-3
+    # an empty batch costs nothing (BLIS: StepTime returns its 1 µs floor)
+    empty = StepFeatures(np.array([[0, 0, 0, 0, 4000.0, 0]]), np.array([32.0]), np.zeros(1),
+                         np.zeros(1))
+    assert blis_step_time_us(betas, empty)[0] == 0.0
+    assert blis_step_time_us(betas, empty, integer=True)[0] == 1
+    assert plugin_step_time_us(B, 9.0, 4.0, 120.0, 0.3, empty)[0] == 0.0
 
 
 def test_noise_helpers():

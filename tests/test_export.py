@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 from blis_rules import BlisRuleError, load_defaults_text, load_export_block
-from test_e2e_data import make_replay_dataset, mock_posterior
+from fixtures.posteriors import make_replay_dataset, mock_posterior
 
 from calib.export import BLIS_BLOCK, export_posterior
 from calib.predict import (

@@ -9,7 +9,7 @@ import arviz as az
 import numpy as np
 import pytest
 import scipy.stats
-from test_fit_support import (
+from fixtures.posteriors import (
     MODELS,
     cached_data,
     cached_mock,

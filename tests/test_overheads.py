@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_e2e_data import make_replay_dataset
+from fixtures.posteriors import make_replay_dataset
 
 from calib import overheads
 

@@ -10,7 +10,7 @@ import matplotlib
 import netCDF4
 import numpy as np
 import pytest
-from test_fit_support import cached_data, cached_mock
+from fixtures.posteriors import cached_data, cached_mock
 
 import calib
 from calib.errors import CalibError

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-from test_fit_support import cached_data, priors
+from fixtures.posteriors import cached_data, priors
 
 from calib.model import get_model
 from calib.start import _covariance, laplace_start, median_start

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from fixtures.posteriors import mock_fit
 
 from calib import config
 from calib import validate as V
@@ -161,41 +162,13 @@ def test_fold_model_data_drops_held_out_model(tiny):
 
 
 # ------------------------------------------------------------------------ I/O path
-def _mock_fit(data, coords, *, hierarchy, priors, settings, step_index, progress, **_):
-    """Mock sampler: prior draws of the real model, shaped (chains, draws)."""
-    import arviz as az
-    import jax
-    from numpyro.infer import Predictive
-
-    from calib.diagnostics import GateResult
-    from calib.fit import FitResult
-    from calib.model import PARAMETER_SITES, SITE_DIMS, get_model
-    from calib.posterior import modeldata_to_constant_data
-
-    n = settings.chains * settings.draws
-    out = Predictive(get_model(hierarchy), num_samples=n)(
-        jax.random.key(settings.seed), data._replace(duration_us=None, log_duration=None),
-        priors)
-    post = {k: np.asarray(v).reshape(settings.chains, settings.draws, *np.shape(v)[1:])
-            for k, v in out.items() if k in PARAMETER_SITES}  # raw sites depend on pinning
-    dims = {k: list(SITE_DIMS[k]) for k in post if k in SITE_DIMS}
-    posterior = az.dict_to_dataset(post, dims=dims,
-                                   coords={k: coords[k] for k in ("model", "component",
-                                                                  "experiment", "active",
-                                                                  "active_exp")})
-    const, obs = modeldata_to_constant_data(data, coords, step_index)  # as calib.fit stores it
-    idata = az.InferenceData(posterior=posterior, constant_data=const, observed_data=obs)
-    return FitResult(idata=idata, gate=GateResult(passed=True, rows=[]), path=None,
-                     sampling_s=0.0)
-
-
 def test_run_validation_tables_and_atomic_files(tiny, tmp_path):
     from calib.io import file_sha256
     from calib.priors import load_priors
 
     settings = V.default_settings(chains=2, warmup=0, draws=25)
     res = V.run_validation(tiny, ["temporal", "model"], priors=load_priors(), settings=settings,
-                           draws=50, progress=False, fit_fn=_mock_fit)
+                           draws=50, progress=False, fit_fn=mock_fit)
     assert list(res.steps.columns) == list(V.STEP_COLUMNS)
     assert list(res.e2e.columns) == list(V.E2E_COLUMNS)
     # temporal: val + test, 4 predictors each; model: 2 folds x test x 4 predictors
@@ -246,7 +219,7 @@ def test_baseline_e2e_uses_the_replay_host_gaps(tiny):
     feats = StepFeatures.from_dataset(tiny)
     r = V.evaluate_fold(tiny, fold, features=feats, priors=load_priors(),
                         settings=V.default_settings(chains=1, warmup=0, draws=20), draws=20,
-                        fit_fn=_mock_fit)
+                        fit_fn=mock_fit)
     meta = V._meta(tiny)
     train = fold.steps(V.TRAIN, meta.sampled)
     rows = pd.DataFrame(r.e2e_rows)
