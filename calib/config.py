@@ -206,7 +206,7 @@ MODEL_PARAMETERISATION = "centered" if MODEL_CENTERED else "noncentered"
 #: (linear above the prior median: straight collinearity ridges) or "log".
 OVERHEAD_COORDINATES = "softplus"
 #: Per-model corrections sampled through the quantity the data pin within a model
-#: (per-model / per-experiment), instead of log b directly (calib.model.PINNED):
+#: (per-model / per-experiment), instead of log b directly (calib.geometry.pinned):
 #:   "weight"     log of the per-step constant b_w·T_w + L·per_layer + per_step;
 #:   "pf_compute" log of the prefill cost per unit of its basis, b_pf + the shares of
 #:                pf_kv and tp (both multiples of the prefill tokens);
@@ -217,7 +217,7 @@ OVERHEAD_COORDINATES = "softplus"
 PINNED_COMPONENTS: tuple[str, ...] = ("weight", "pf_compute", "dc_compute")
 #: Population mean of each centred, non-pinned component (not in NONCENTERED_COMPONENTS)
 #: sampled relative to its models' mean, as the pinned components' always are:
-#: ``log b_pop[k] = mean_m log b[m, k] + tau[k]/sqrt(M)·z`` (calib.model._recentred_population).
+#: ``log b_pop[k] = mean_m log b[m, k] + tau[k]/sqrt(M)·z`` (calib.geometry._recentred_population).
 #: When the data pin every model's log b, ``log b_pop`` is otherwise confined to
 #: ``mean ± tau/sqrt(M)``: a funnel in tau (measured in BENCHMARKS.md, config history).
 #: False: prior coordinates.

@@ -640,7 +640,7 @@ def pymc_prior_draws(hierarchy: str, data, priors, coords: dict[str, list], draw
 
     The model is built WITHOUT observations, i.e. in its natural coordinates: with
     observations the pinned corrections and the bounded ``per_request_us``
-    (``calib.model.pinned``) are sampled through raw sites whose prior is completed by
+    (``calib.geometry.pinned``) are sampled through raw sites whose prior is completed by
     ``pm.Potential`` terms, which ``pm.sample_prior_predictive`` ignores (as NumPyro's
     ``Predictive`` ignores factor sites). Same choice as :func:`run_nuts`.
 
@@ -663,8 +663,8 @@ def pymc_prior_draws(hierarchy: str, data, priors, coords: dict[str, list], draw
     import pymc as pm
 
     from calib.model import model_coords
-    from calib.vocab import PARAMETER_SITES
     from calib.model_pymc import build_pymc_model
+    from calib.vocab import PARAMETER_SITES
 
     free = data._replace(duration_us=None, log_duration=None)
     pcoords = model_coords(free, list(coords["model"]), list(coords["experiment"]))

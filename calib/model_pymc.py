@@ -17,25 +17,23 @@ from typing import Any
 import numpy as np
 
 from calib import config, steptime
-from calib.model import (
+from calib.data import ModelData
+from calib.geometry import (
     BOUNDED_BASE_SD,
-    OBS_SITE,
-    SITE_DIMS,
-    ModelData,
     _pinned_pairs,
     active_pairs,
     bounded_overheads,
-    get_model,
     noncentered_columns,
     pinned,
     recentred_columns,
 )
+from calib.model import OBS_SITE, SITE_DIMS, get_model
 from calib.priors import Prior, Priors, pymc_variable
 from calib.vocab import COMPONENTS, OVERHEAD_SITES
 
 
 def _overhead(name: str, prior: Prior):
-    """Overhead (µs) through the raw coordinate ``z_<name>`` (as calib.model._overhead)."""
+    """Overhead (µs) through the raw coordinate ``z_<name>`` (as calib.geometry._overhead)."""
     import pymc as pm
     import pytensor.tensor as pt
 
@@ -67,7 +65,7 @@ def _normal_logp(x, mu, sd):
 
 def _overhead_below(site: str, log_bound, prior: Prior):
     """``overhead = exp(log_bound) · sigmoid(u)`` with its exact prior
-    (``calib.model._overhead_below``)."""
+    (``calib.geometry._overhead_below``)."""
     import pymc as pm
     import pytensor.tensor as pt
 
@@ -128,12 +126,12 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
             tau = pymc_variable("tau", priors.component("tau"), dims="component")
             am, ak = active_pairs(data)
             log_b = pt.broadcast_to(log_b_pop, (M, len(COMPONENTS)))
-            recentred = []  # as calib.model._per_model_log_b
+            recentred = []  # as calib.geometry._per_model_log_b
             if am.size:
                 rc = recentred_columns(data, ak, centered)
                 mloc = pt.switch(rc, loc[ak], log_b_pop[ak])
                 spread = pt.switch(rc, scale[ak], tau[ak])
-                if centered:  # same mixed form as calib.model._nested
+                if centered:  # same mixed form as calib.geometry._nested
                     nc = noncentered_columns(ak)
                     raw = pm.Normal("log_b_active", pt.switch(nc, 0.0, mloc),
                                     pt.switch(nc, 1.0, spread), dims="active")
@@ -147,7 +145,7 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
                     recentred.append((k, am[sel], act[sel], base))
             medians = np.array([priors[site]["median"] for site, _ in OVERHEAD_SITES])
             b_med = np.array([priors[f"b_pop.{c}"]["median"] for c in COMPONENTS])
-            for k, name in pinned().items():  # same coordinates as calib.model._pinned_log_b
+            for k, name in pinned().items():  # same coordinates as calib.geometry._pinned_log_b
                 pin = _pinned_pairs(data, k)
                 wm = pin.models
                 if not wm.size:
@@ -160,7 +158,7 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
                 c = pt.exp(log_c)
                 shared = pt.sum(pin.shares * pt.exp(pt.as_tensor(log_b)[wm]), axis=-1)
                 rest = c - shared
-                for j, (site, _) in enumerate(OVERHEAD_SITES):  # as calib.model._pinned_log_b
+                for j, (site, _) in enumerate(OVERHEAD_SITES):  # as calib.geometry._pinned_log_b
                     if not pin.counts[:, j].any():
                         continue
                     if site not in per:
@@ -174,7 +172,7 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
                 pm.Potential(f"c_{comp}_jacobian", pt.sum(pt.switch(ok, lp, -np.inf)))
                 recentred.append((k, wm, log_bk, 0.0))
             for k, models, log_bk, base in recentred:
-                # as calib.model._recentred_population: b_pop relative to the models' mean
+                # as calib.geometry._recentred_population: b_pop relative to the models' mean
                 tau_k, z_k, n = tau[k], z_b_pop[k], models.size
                 pop_k = pt.mean(log_bk) + tau_k / np.sqrt(n) * z_k
                 lp_pop = (pt.sum(_normal_logp(log_bk, pop_k, tau_k))

@@ -292,7 +292,7 @@ def test_pinned_coordinates_carry_the_natural_density(design, hierarchy, monkeyp
     tr = _trace(hierarchy, design, True)
     raw = {k: v["value"] for k, v in tr.items()
            if v["type"] == "sample" and not v.get("is_observed", False)}
-    from calib.model import bounded_overheads, pinned
+    from calib.geometry import bounded_overheads, pinned
 
     pinned_cols = list(pinned())
     assert len(pinned_cols) >= 2

@@ -1,0 +1,430 @@
+"""The sampler's coordinates for the step-time model: how NUTS sees the hierarchy.
+
+:mod:`calib.model` states the hierarchies in natural coordinates (``b``, ``b_pop``,
+``tau``, the overheads); the functions here sample them through coordinates chosen for
+NUTS's geometry and add the exact log-Jacobian of every change of variables as a factor
+site, so the density is the natural one (``tests/test_model.py`` checks the sampler's
+density equals the natural density plus log|J|). None of these coordinates is saved
+(:func:`calib.posterior.save_posterior` keeps the natural parameters), so changing them
+does not change a posterior file's meaning.
+
+* overheads in softplus coordinates (:class:`SoftplusLogNormal`): linear above the prior
+  median, so the collinear per-step constants form straight ridges;
+* per-model corrections centred or non-centred (:func:`_nested`), with the components of
+  ``config.NONCENTERED_COMPONENTS`` always non-centred;
+* pinned components (:func:`pinned`, :func:`_pinned_log_b`): a model's correction sampled
+  through the constant the data pin (``log c``), with the overheads that constant counts
+  sampled below it (:func:`_overhead_below`);
+* re-centred population means (:func:`_recentred_population`): ``log b_pop`` relative
+  to its models' mean, N(0, 1)-shaped at every ``tau``.
+
+Without observations (prior draws) the natural coordinates are used (:func:`_observed`):
+NumPyro's Predictive ignores factor sites.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+
+from calib import config
+from calib.data import ModelData
+from calib.errors import CalibError
+from calib.priors import Prior, Priors, numpyro_distribution
+from calib.vocab import COMPONENTS, DC_C, OVERHEAD_SITES, PF_C, PF_KV, TP, WEIGHT
+
+Array = Any  # numpy or jax array
+
+
+# ------------------------------------------------------------------ overhead coordinates
+def _softplus_inv(y):
+    """Inverse of softplus, stable for large and small ``y > 0``."""
+    return y + jnp.log(-jnp.expm1(-y))
+
+
+class SoftplusLogNormal(dist.Distribution):
+    """The law of ``z`` when ``unit·softplus(z) ~ LogNormal(loc, scale)``.
+
+    The additive overheads (µs) are sampled in these coordinates: for values above
+    ``unit`` (the prior median) they are *linear* in ``z``, so the ridge
+    ``b_weight·T_weight + per_layer·L + per_step ≈ const`` (collinear per-step
+    constants) is straight instead of exponentially curved as it is in log
+    coordinates. The prior on the overhead itself is exactly the log-normal.
+    """
+
+    arg_constraints = {"loc": dist.constraints.real, "scale": dist.constraints.positive}
+    support = dist.constraints.real
+
+    def __init__(self, loc, scale, unit, *, validate_args=None):
+        self.loc, self.scale, self.unit = loc, scale, unit
+        super().__init__(batch_shape=jnp.shape(loc), validate_args=validate_args)
+
+    def value(self, z):
+        """The overhead (µs) of raw coordinate ``z``."""
+        return self.unit * jax.nn.softplus(z)
+
+    def sample(self, key, sample_shape=()):
+        x = dist.LogNormal(self.loc, self.scale).sample(key, sample_shape + self.batch_shape)
+        return _softplus_inv(x / self.unit)
+
+    def log_prob(self, z):
+        x = self.value(z)
+        return (dist.LogNormal(self.loc, self.scale).log_prob(x) + jnp.log(self.unit)
+                + jax.nn.log_sigmoid(z))
+
+
+# ------------------------------------------------------------------ prior pieces
+def _overhead(name: str, prior: Prior) -> Array:
+    """A log-normal overhead (µs) sampled through its raw coordinate ``z_<name>``.
+
+    ``config.OVERHEAD_COORDINATES``: ``"softplus"`` (``name = median·softplus(z)``,
+    see :class:`SoftplusLogNormal`) or ``"log"`` (``name = median·exp(log_sd·z)``,
+    ``z ~ N(0, 1)``).
+    """
+    med, sd = prior["median"], prior["log_sd"]
+    if config.OVERHEAD_COORDINATES == "softplus":
+        d = SoftplusLogNormal(math.log(med), sd, med)
+        return numpyro.deterministic(name, d.value(numpyro.sample(f"z_{name}", d)))
+    z = numpyro.sample(f"z_{name}", dist.Normal(0.0, 1.0))
+    return numpyro.deterministic(name, jnp.exp(math.log(med) + sd * z))
+
+
+def _population(priors: Priors) -> tuple[Array, Array]:
+    """Sample ``z_b_pop``; return (z, log b_pop) (6,) in the prior's coordinates
+    (``log b_pop = loc + scale·z``; :func:`_per_model_log_b` re-centres the pinned
+    components' entries). The caller records ``b_pop``."""
+    loc, scale = priors.lognormal_loc_scale("b_pop")
+    z = numpyro.sample("z_b_pop", dist.Normal(0.0, 1.0).expand([len(COMPONENTS)]))
+    return z, jnp.asarray(loc) + jnp.asarray(scale) * z
+
+
+def noncentered_columns(cols: np.ndarray) -> np.ndarray:
+    """Mask of pairs (by component column) kept non-centred in centred mode.
+
+    ``config.NONCENTERED_COMPONENTS``: components whose basis is small next to the
+    step time (tp: the all-reduce term), so the data pin each model's correction only
+    weakly and the centred form is a funnel in ``tau``.
+    """
+    ids = [COMPONENTS.index(c) for c in config.NONCENTERED_COMPONENTS]
+    return np.isin(np.asarray(cols), ids)
+
+
+def _static_pairs(mask: Array, what: str) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(mask, jax.core.Tracer):
+        raise CalibError(f"ModelData.{what} must be concrete", field=what,
+                         fix="run the model with jit_model_args=False (NumPyro's default)")
+    return tuple(np.nonzero(np.asarray(mask)))  # type: ignore[return-value]
+
+
+def _nested(name_z: str, name_c: str, parent_log: Array, rows: np.ndarray, cols: np.ndarray,
+            scale: Array, centered: bool) -> Array:
+    """Log values for active pairs around ``parent_log[rows, cols]`` with spread ``scale[cols]``.
+
+    Centred mode keeps the components of ``config.NONCENTERED_COMPONENTS`` non-centred
+    inside the same site (:func:`noncentered_columns`): their entries of ``name_c`` are
+    the standardised deviations ``z`` (value ``loc + scale·z``).
+    """
+    loc = parent_log[rows, cols]
+    s = scale[cols]
+    if centered:
+        nc = noncentered_columns(cols)
+        raw = numpyro.sample(name_c, dist.Normal(jnp.where(nc, 0.0, loc), jnp.where(nc, 1.0, s)))
+        return jnp.where(nc, loc + s * raw, raw)
+    z = numpyro.sample(name_z, dist.Normal(0.0, 1.0).expand([rows.size]))
+    return loc + s * z
+
+
+def pinned() -> dict[int, str]:
+    """Pinned component index -> its raw site name (``config.PINNED_COMPONENTS``).
+
+    A pinned component k of model m is sampled as ``log c[m]`` with
+    ``c = b[m, k]·scale[m] + counts[m]·(per_layer_us, per_request_us, per_step_us)
+    + Σ_j shares[m, j]·b[m, j]`` (see :func:`_pinned_pairs`).
+    """
+    return {COMPONENTS.index(name): f"z_c_{name}" for name in config.PINNED_COMPONENTS}
+
+
+#: Pinnable components, and the non-pinned components whose basis is (nearly) a
+#: multiple of theirs within one model: ``tp`` = k·(prefill + decode tokens) and
+#: ``pf_kv`` = k·prefill tokens, next to the per-token GEMM terms.
+PINNABLE = {WEIGHT: (), PF_C: (PF_KV, TP), DC_C: (TP,)}
+
+
+class Pinned(NamedTuple):
+    """What the data pin for one pinned component (:func:`_pinned_pairs`)."""
+
+    models: np.ndarray  # (p,) model indices
+    scale: np.ndarray   # (p,) basis per unit (µs)
+    counts: np.ndarray  # (p, 3) overhead units per unit (per_layer, per_request, per_step)
+    shares: np.ndarray  # (p, 6) basis of collinear components per unit (µs)
+
+
+def _collinear_shares(C: np.ndarray, k: int) -> np.ndarray:
+    """(6,) multiple of component ``k``'s basis carried by each collinear component.
+
+    Least squares of each ``PINNABLE[k]`` column on the per-token GEMM bases
+    (pf_compute, dc_compute) of one model's steps, clipped at 0; the coefficient
+    on column ``k`` is the share. Any value gives exact densities (the Jacobian
+    does not depend on it); a good one makes the pinned direction the data's.
+    """
+    out = np.zeros(len(COMPONENTS))
+    X = C[:, [PF_C, DC_C]]
+    if not PINNABLE[k] or not np.any(X):
+        return out
+    for j in PINNABLE[k]:
+        if not np.any(C[:, j]):
+            continue
+        coef, *_ = np.linalg.lstsq(X, C[:, j], rcond=None)
+        out[j] = max(float(coef[0 if k == PF_C else 1]), 0.0)
+    return out
+
+
+def _observed(data: ModelData) -> bool:
+    """Whether ``data`` carries observations. Without them (prior draws) the natural
+    coordinates are used: NumPyro's Predictive ignores factor sites, so only they give
+    exact prior draws."""
+    return data.duration_us is not None or data.log_duration is not None
+
+
+def _pinned_pairs(data: ModelData, k: int) -> Pinned:
+    """Models whose component ``k`` is sampled through its pinned constant.
+
+    Units: weight per step (scale mean T_weight; counts mean layers, 0, 1);
+    dc_compute per request (scale mean dc_compute per request; counts 0, 1, 0);
+    pf_compute per unit of its own basis (scale 1, counts 0). ``shares`` from
+    :func:`_collinear_shares`, in the same unit. Empty when ``k`` is not pinned
+    (:func:`pinned`) or the data carry no observations.
+    """
+    if k not in pinned() or not _observed(data):
+        return Pinned(np.zeros(0, int), np.zeros(0), np.zeros((0, 3)),
+                      np.zeros((0, len(COMPONENTS))))
+    if k not in PINNABLE:  # pragma: no cover - config names only pinnable components
+        raise CalibError(f"component {COMPONENTS[k]!r} cannot be pinned",
+                         field="PINNED_COMPONENTS",
+                         fix=f"use {', '.join(COMPONENTS[i] for i in PINNABLE)}")
+    act = np.asarray(data.active)
+    models = np.flatnonzero(act[:, k])
+    midx = np.asarray(data.model_idx)
+    C = np.asarray(data.components)
+    L = np.asarray(data.num_layers)
+    B = np.asarray(data.batch_size)
+    scale, counts, shares = [], [], []
+    for m in models:
+        rows = midx == m
+        share = _collinear_shares(C[rows], k)
+        if k == WEIGHT:
+            scale.append(C[rows, k].mean())
+            counts.append([L[rows].mean(), 0.0, 1.0])
+        elif k == DC_C:
+            per_req = C[rows, k].mean() / max(B[rows].mean(), 1e-12)
+            scale.append(per_req)
+            counts.append([0.0, 1.0, 0.0])
+            share = share * per_req
+        else:
+            scale.append(1.0)
+            counts.append([0.0, 0.0, 0.0])
+        shares.append(share * act[m])
+    return Pinned(models, np.asarray(scale, float), np.asarray(counts, float).reshape(-1, 3),
+                  np.asarray(shares, float).reshape(-1, len(COMPONENTS)))
+
+
+def active_pairs(data: ModelData) -> tuple[np.ndarray, np.ndarray]:
+    """(model, component) pairs sampled by ``z_b`` / ``log_b_active`` (dim ``active``).
+
+    Active pairs, minus the pinned pairs carried by ``z_c_<component>`` (see
+    :func:`_per_model_log_b`).
+    """
+    am, ak = _static_pairs(data.active, "active")
+    keep = np.ones(am.size, bool)
+    for k in pinned():
+        keep &= ~((ak == k) & np.isin(am, _pinned_pairs(data, k).models))
+    return am[keep], ak[keep]
+
+
+def _pinned_log_b(k: int, data: ModelData, priors: Priors, log_b: Array,
+                  per: dict[str, Array]) -> tuple[np.ndarray, Array]:
+    """Sample ``z_c_<k>`` for the pinned models; return (models, log b[models, k]).
+
+    Records the Jacobian factor of ``log c -> log b`` (``c_<k>_jacobian``); the
+    hierarchical density of log b is added by :func:`_recentred_population`.
+
+    ``log_b`` (M, 6) holds the log corrections sampled so far (those of the collinear
+    components of :data:`PINNABLE` among them).
+    The shared overheads counted by ``k``'s constant (:data:`BOUNDED_OVERHEADS`) are
+    sampled here, each below the smallest constant left after the shares and the
+    overheads before it (:func:`_overhead_below`), and added to ``per``.
+    """
+    pin = _pinned_pairs(data, k)
+    wm = pin.models
+    if not wm.size:
+        return wm, None
+    name = pinned()[k]
+    medians = np.array([priors[site]["median"] for site, _ in OVERHEAD_SITES])
+    b_med = np.array([priors[f"b_pop.{c}"]["median"] for c in COMPONENTS])
+    base_loc = np.log(b_med[k] * pin.scale + pin.counts @ medians + pin.shares @ b_med)
+    z = numpyro.sample(name, dist.Normal(0.0, 1.0).expand([wm.size]))
+    log_c = jnp.asarray(base_loc) + z
+    c = jnp.exp(log_c)
+    shared = jnp.sum(jnp.asarray(pin.shares) * jnp.exp(log_b[wm]), axis=-1)
+    rest = c - shared
+    for j, (site, _) in enumerate(OVERHEAD_SITES):
+        if not pin.counts[:, j].any():
+            continue
+        if site not in per:  # bounded: below every model's remaining constant
+            tiny = jnp.finfo(jnp.result_type(rest)).tiny  # 1e-300 is 0 in float32
+            log_room = jnp.log(jnp.maximum(rest, tiny)) - np.log(pin.counts[:, j])
+            per[site] = _overhead_below(site, jnp.min(log_room), priors[site])
+        rest = rest - pin.counts[:, j] * per[site]
+    ok = rest > 1e-12 * c
+    rest_s = jnp.where(ok, rest, 1.0)
+    log_bk = jnp.log(rest_s) - np.log(pin.scale)
+    # |d log b / d log c| = c / rest; the raw site's own N(0, 1) density is removed
+    # again (it only shapes the start).
+    lp = log_c - jnp.log(rest_s) - dist.Normal(0.0, 1.0).log_prob(z)
+    numpyro.factor(f"c_{COMPONENTS[k]}_jacobian", jnp.sum(jnp.where(ok, lp, -jnp.inf)))
+    # Outside the support (c below the overheads) the factor is -inf; keep log b finite
+    # there so nested sites (per-experiment) stay valid distributions.
+    return wm, jnp.where(ok, log_bk, 0.0)
+
+
+def recentred_columns(data: ModelData, cols: np.ndarray, centered: bool) -> np.ndarray:
+    """Mask of active pairs (by component column) whose component's population mean is
+    sampled relative to its models' mean (:func:`_recentred_population`).
+
+    ``config.RECENTRED_POPULATION``, centred mode, not in ``config.NONCENTERED_COMPONENTS``,
+    with observations (prior draws use the prior's coordinates: see :func:`_observed`).
+    Pinned pairs are not among the active pairs (:func:`active_pairs`); their components
+    are always re-centred.
+    """
+    cols = np.asarray(cols)
+    if not (config.RECENTRED_POPULATION and centered and _observed(data)):
+        return np.zeros(cols.shape, bool)
+    return ~noncentered_columns(cols)
+
+
+def _recentred_population(k: int, log_bk: Array, z_k: Array, tau_k: Array,
+                          priors: Priors, base_lp: Array | float = 0.0) -> Array:
+    """log b_pop[k], sampled relative to its models' mean.
+
+    The data pin each model's log b[m, k], so with a small spread ``tau[k]`` the
+    population mean is confined to ``mean_m log b[m, k] ± tau[k]/√M``: sampled as
+    ``loc + scale·z`` it forms a funnel with ``tau[k]`` (measured: the sd of
+    log b_pop[weight] grows from 0.036 to 0.15 across the posterior of tau[weight], and
+    the divergences of the default fit sat at its narrow end; likewise dc_kv with three
+    models). Here ``log b_pop[k] = mean_m log b[m, k] + tau[k]/√M · z_k``
+    (``z_k`` = ``z_b_pop[k]``), which is N(0, 1)-shaped at every ``tau``. Factor
+    ``b_pop_<k>_jacobian``: the hierarchical density of the M values, the prior of
+    log b_pop[k] and ``log(tau[k]/√M)``, minus the site's own N(0, 1) density and
+    ``base_lp`` (the log density of the raw law the M values were sampled from, if any).
+    """
+    M = log_bk.shape[0]
+    log_b_pop_k = jnp.mean(log_bk) + tau_k / math.sqrt(M) * z_k
+    loc, scale = (np.asarray(a)[k] for a in priors.lognormal_loc_scale("b_pop"))
+    lp = (jnp.sum(dist.Normal(log_b_pop_k, tau_k).log_prob(log_bk))
+          + dist.Normal(float(loc), float(scale)).log_prob(log_b_pop_k)
+          + jnp.log(tau_k) - 0.5 * math.log(M) - dist.Normal(0.0, 1.0).log_prob(z_k)
+          - base_lp)
+    numpyro.factor(f"b_pop_{COMPONENTS[k]}_jacobian", lp)
+    return log_b_pop_k
+
+
+#: Shared overheads sampled below a pinned component's constants (in this order), when
+#: that component is pinned: the per-step constant counts L·per_layer + per_step, the
+#: decode cost per request counts per_request.
+BOUNDED_OVERHEADS = {WEIGHT: ("per_layer_us", "per_step_us"), DC_C: ("per_request_us",)}
+#: Base law of the raw site ``z_<overhead>`` in the bounded coordinate (it only shapes
+#: NUTS's start; its density is removed again by the Jacobian factor).
+BOUNDED_BASE_SD = 1.5
+
+
+def _overhead_below(site: str, log_bound: Array, prior: Prior) -> Array:
+    """A shared overhead (µs) sampled as a fraction of the room the pinned constants leave.
+
+    A pinned constant ``c[m] = b[m, k]·scale[m] + counts[m]·overheads + shares`` needs
+    every overhead it counts below ``c[m]``: e.g. ``per_request_us < min c`` for the
+    decode cost per request. Sampling the overhead linearly puts that boundary inside
+    the sampler's space, where ``log b`` of the tightest model runs to −∞ in a spike
+    (measured: the divergences of the default fit; stuck chains at the real data size
+    for ``per_step_us``). Here ``overhead = exp(log_bound)·sigmoid(u)`` (raw site
+    ``z_<site> = u``, ``log_bound`` the log of the smallest room per unit): the boundary
+    moves to ``u → ∞``, where ``log b`` of that model falls linearly in ``u``. The prior
+    is unchanged: the log-normal density of the overhead plus
+    ``log |d overhead / du| = log overhead + log sigmoid(−u)`` (factor
+    ``<site>_jacobian``); the pinned constants' own Jacobians are in :func:`_pinned_log_b`.
+    """
+    base = dist.Normal(0.0, BOUNDED_BASE_SD)
+    u = numpyro.sample(f"z_{site}", base)
+    log_r = log_bound + jax.nn.log_sigmoid(u)
+    lp = (dist.LogNormal(math.log(prior["median"]), prior["log_sd"]).log_prob(jnp.exp(log_r))
+          + log_r + jax.nn.log_sigmoid(-u) - base.log_prob(u))
+    numpyro.factor(f"{site}_jacobian", lp)
+    return numpyro.deterministic(site, jnp.exp(log_r))
+
+
+def _per_model_log_b(data: ModelData, priors: Priors, centered: bool,
+                     per: dict[str, Array]) -> Array:
+    """Per-model log corrections (M, 6); records ``b``.
+
+    Pinned components (``config.PINNED_COMPONENTS``): within one model, ``b_w·T_weight``,
+    ``per_layer_us·L`` and ``per_step_us`` are constant per step, and the decode cost
+    per request ``b_dc·(dc_compute per request)`` and ``per_request_us`` both grow with
+    the decode count, so the data pin only their sums ``c``; in (log b, overheads)
+    coordinates the posterior is a thin curved ridge. Likewise the tp basis is a
+    multiple of the tokens in the step and pf_kv of the prefill tokens, so within a
+    model they trade against the per-token GEMM corrections (pf_compute, dc_compute).
+    We sample ``log c`` (raw site ``z_c_<component>``: ``log c = log c_prior + z``),
+    ``c`` including the overheads and the shares of those collinear components
+    (:func:`_pinned_pairs`), and derive ``b = (c − overheads − shares) / scale``. The
+    prior is unchanged: the hierarchical density of log b plus the log-Jacobian
+    ``log c − log(c − overheads − shares)`` (factor site ``c_<component>_jacobian``).
+    """
+    z_pop, log_b_pop = _population(priors)
+    tau = numpyro.sample("tau", numpyro_distribution(priors.component("tau")))
+    full = jnp.broadcast_to(log_b_pop, (data.n_models, len(COMPONENTS)))
+    recentred = []  # (component, models, log b[models, k], log density of their raw law)
+    am, ak = active_pairs(data)
+    if am.size:
+        # re-centred components: their centred entries are sampled from the prior's law
+        # of log b_pop (base, removed again), then b_pop relative to their mean
+        rc = np.isin(np.arange(len(COMPONENTS)), ak[recentred_columns(data, ak, centered)])
+        loc, scale = (jnp.asarray(a) for a in priors.lognormal_loc_scale("b_pop"))
+        parent = jnp.broadcast_to(jnp.where(rc, loc, log_b_pop), full.shape)
+        log_b_act = _nested("z_b", "log_b_active", parent, am, ak, jnp.where(rc, scale, tau),
+                            centered)
+        full = full.at[am, ak].set(log_b_act)
+        for k in np.flatnonzero(rc):
+            sel = ak == k
+            base = jnp.sum(dist.Normal(loc[k], scale[k]).log_prob(log_b_act[sel]))
+            recentred.append((k, am[sel], log_b_act[sel], base))
+    for k in pinned():
+        wm, log_bk = _pinned_log_b(k, data, priors, full, per)
+        if wm.size:
+            recentred.append((k, wm, log_bk, 0.0))
+    for k, models, log_bk, base in recentred:
+        pop_k = _recentred_population(k, log_bk, z_pop[k], tau[k], priors, base)
+        log_b_pop = log_b_pop.at[k].set(pop_k)
+        full = full.at[:, k].set(pop_k).at[models, k].set(log_bk)
+    numpyro.deterministic("b_pop", jnp.exp(log_b_pop))
+    numpyro.deterministic("b", jnp.exp(full))
+    return full
+
+
+def _overheads(priors: Priors, data: ModelData | None = None) -> dict[str, Array]:
+    """Sample the shared overheads (µs) that are not bounded by pinned constants
+    (:func:`bounded_overheads`: those are sampled in :func:`_pinned_log_b`)."""
+    skip = bounded_overheads(data) if data is not None else ()
+    return {site: _overhead(site, priors[site]) for site, _ in OVERHEAD_SITES
+            if site not in skip}
+
+
+def bounded_overheads(data: ModelData) -> tuple[str, ...]:
+    """Overheads sampled below the pinned constants (:func:`_overhead_below`): those of
+    :data:`BOUNDED_OVERHEADS` whose component is pinned, with observations."""
+    return tuple(site for k, sites in BOUNDED_OVERHEADS.items()
+                 if k in pinned() and _pinned_pairs(data, k).models.size for site in sites)
