@@ -10,7 +10,7 @@ return the same InferenceData layout:
 ``sample_stats``     ``diverging``, ``energy``, ``n_steps``, ``tree_depth``,
                      ``reached_max_treedepth``, ``acceptance_rate``, ``step_size``, ``lp``;
 ``observed_data``    ``duration_us`` (step);
-``constant_data``    the :class:`calib.model.ModelData` arrays (see
+``constant_data``    the :class:`calib.data.ModelData` arrays (see
                      :data:`calib.posterior.CONSTANT_VARS`); the ``step`` coordinate holds
                      the dataset's global step indices;
 ``log_likelihood``   (optional) ``duration_us`` (chain, draw, step): pointwise log density
@@ -356,7 +356,7 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
     ----------
     model_fn : NumPyro model ``(data, priors) -> None`` (``calib.model.get_model(h)``,
         parameterisation already bound).
-    data : calib.model.ModelData with ``duration_us``.
+    data : calib.data.ModelData with ``duration_us``.
     priors : calib.priors.Priors
     coords : ``model``, ``component``, ``experiment`` labels.
     settings : :class:`SamplerSettings` (``centered`` is the caller's: it is bound into

@@ -3,7 +3,7 @@
 A posterior file is an ArviZ InferenceData written as NetCDF (netcdf4 engine)
 with groups ``posterior``, ``sample_stats``, ``observed_data`` and
 ``constant_data`` (optionally ``log_likelihood`` and ``prior``). The
-``constant_data`` group holds every :class:`calib.model.ModelData` array on named
+``constant_data`` group holds every :class:`calib.data.ModelData` array on named
 dims (``step``, ``component``, ``model``, ``experiment``), with the dataset's
 global step indices as the ``step`` coordinate, so a loaded file can re-predict
 without the dataset. Root attributes (all NetCDF-safe scalars or JSON strings):
@@ -66,7 +66,7 @@ def modeldata_to_constant_data(data, coords: dict[str, list[str]],
 
     Parameters
     ----------
-    data : calib.model.ModelData
+    data : calib.data.ModelData
     coords : ``model``, ``component``, ``experiment`` labels (from ``build_model_data``).
     step_index : global step indices into the source dataset (default ``0..n-1``).
 
@@ -96,19 +96,19 @@ def modeldata_to_constant_data(data, coords: dict[str, list[str]],
 
 
 def model_data_from_idata(idata):
-    """Rebuild :class:`calib.model.ModelData` from a posterior's ``constant_data``.
+    """Rebuild :class:`calib.data.ModelData` from a posterior's ``constant_data``.
 
     The round trip ``ModelData -> file -> ModelData`` is exact (values and dtypes).
     ``duration_us`` comes from ``observed_data`` when present.
     """
-    from calib.model import ModelData
+    from calib.data import ModelData
 
     cd = idata.constant_data
     fields = {name: np.asarray(cd[name].values) for name in CONSTANT_VARS}
     duration = log_duration = None
     if "observed_data" in idata.groups() and "duration_us" in idata.observed_data:
         duration = np.asarray(idata.observed_data["duration_us"].values)
-        log_duration = np.log(duration)  # as calib.model.make_model_data computes it
+        log_duration = np.log(duration)  # as calib.data.make_model_data computes it
     return ModelData(**fields, duration_us=duration, log_duration=log_duration,
                      n_models=int(cd.sizes["model"]),
                      n_experiments=int(cd.sizes["experiment"]))

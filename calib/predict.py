@@ -84,7 +84,7 @@ class StepFeatures(NamedTuple):
 
     @classmethod
     def from_model_data(cls, data) -> StepFeatures:
-        """The steps of a :class:`calib.model.ModelData` (no MoE layer counts)."""
+        """The steps of a :class:`calib.data.ModelData` (no MoE layer counts)."""
         comps = np.asarray(data.components, np.float64)
         return cls(comps, np.asarray(data.num_layers, np.float64),
                    np.asarray(data.batch_size, np.float64), np.zeros(len(comps)))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 import pytest
+from fixtures.posteriors import model_design
 from numpyro import handlers
 
 from calib import config
@@ -24,7 +25,6 @@ from calib.model import (
     sample_sites,
     simulate_from_model,
     step_time_us,
-    synthetic_model_data,
 )
 from calib.priors import load_priors
 
@@ -33,13 +33,7 @@ PRIORS = load_priors()
 
 @pytest.fixture(scope="module")
 def design():
-    # model 0 at TP=1 (tp basis all zero), model 1 at TP=2
-    d = synthetic_model_data(600, 2, 2, seed=3, tp2_models=(1,))
-    truth = dict(b=np.array([[1.8, 1.5, 2.5, 1.6, 1.15, 2.0], [1.6, 1.4, 2.2, 1.9, 1.3, 2.4]]),
-                 per_layer_us=8.0, per_request_us=12.0, per_step_us=150.0, alpha=0.6,
-                 sigma=np.array([0.05, 0.08]), nu=8.0)
-    y, _ = simulate_from_model("per-model", d, params=truth, seed=1)
-    return d._replace(duration_us=y, log_duration=np.log(y))
+    return model_design()
 
 
 def _trace(hierarchy, data, centered):
@@ -244,120 +238,3 @@ def test_model_log_density_and_gradient_are_finite(design):
     v, g = jax.jit(jax.value_and_grad(f))(latent)
     assert np.isfinite(float(v))
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(g))
-
-
-def test_build_model_data_from_dataset():
-    """From the embedded default traces: sampled steps, sorted rows, tp inactive at TP=1."""
-    from calib.config import PROJECT_ROOT
-    from calib.model import build_model_data
-    from calib.traces.dataset import concat_experiments, find_experiments, import_experiment
-
-    exps = find_experiments(PROJECT_ROOT / "traces" / "default")
-    tp1 = [e for e in exps if "tp1" in e.name][:1]
-    tp2 = [e for e in exps if "tp2" in e.name][:1]
-    if not tp1 or not tp2:
-        pytest.skip("embedded default traces not present")
-    ds = concat_experiments([import_experiment(e) for e in tp1 + tp2])
-    data, coords = build_model_data(ds)
-    sampled = np.asarray(ds["sampled"].values) & np.isfinite(ds["duration_us"].values)
-    assert data.components.shape == (int(sampled.sum()), len(COMPONENTS))
-    assert coords["component"] == list(COMPONENTS)
-    assert len(coords["model"]) == data.n_models == 2
-    assert len(coords["step"]) == data.components.shape[0]
-    assert np.all(np.diff(data.model_idx) >= 0)  # sorted by model: one run per experiment
-    np.testing.assert_allclose(data.duration_us,
-                               np.asarray(ds["duration_us"].values)[coords["step"]])
-    m_tp1 = coords["model"].index(str(ds["exp_model"].values[0]))
-    assert not data.active[m_tp1, COMPONENTS.index("tp")]
-    assert data.active[1 - m_tp1, COMPONENTS.index("tp")]
-    assert np.all(data.components[:, COMPONENTS.index("weight")] > 0)
-    with pytest.raises(CalibError):
-        build_model_data(ds, steps=np.array([10**9]))
-
-
-@pytest.mark.parametrize("hierarchy", ["per-model", "per-experiment"])
-def test_pinned_coordinates_carry_the_natural_density(design, hierarchy, monkeypatch):
-    """log p_raw(θ) = log p_natural(T θ) + log |det ∂T/∂θ| at random raw points.
-
-    T maps the sampled coordinates (``z_c_<pinned component>``, the bounded
-    ``z_per_layer_us``, ``z_per_step_us``, ``z_per_request_us``, ``z_b_pop`` with the
-    pinned and other centred components' entries relative to their models' mean) to the
-    natural ones (centred log b of those pairs, the softplus coordinates of the overheads,
-    the prior's standardised log b_pop); every other site maps to itself (the centred
-    entries of ``log_b_active`` are log b in both).
-    """
-    from numpyro.infer.util import log_density
-
-    model = get_model(hierarchy)
-    tr = _trace(hierarchy, design, True)
-    raw = {k: v["value"] for k, v in tr.items()
-           if v["type"] == "sample" and not v.get("is_observed", False)}
-    from calib.geometry import bounded_overheads, pinned
-
-    pinned_cols = list(pinned())
-    assert len(pinned_cols) >= 2
-    bounded = bounded_overheads(design)
-    assert set(bounded) == {"per_layer_us", "per_step_us", "per_request_us"}
-    changed = list(pinned().values()) + [f"z_{site}" for site in bounded] + ["z_b_pop"]
-    assert all(k in raw for k in changed)
-    monkeypatch.setattr(config, "PINNED_COMPONENTS", ())
-    monkeypatch.setattr(config, "RECENTRED_POPULATION", False)
-    nat_names = [k for k, v in _trace(hierarchy, design, True).items()
-                 if v["type"] == "sample" and not v.get("is_observed", False)]
-    monkeypatch.undo()
-    # positions of the pinned pairs inside the natural model's ``log_b_active``
-    act = np.asarray(design.active)
-    am, ak = np.nonzero(act)
-
-    def to_natural(flat_changed, rest):
-        p = dict(rest)
-        off = 0
-        for k in changed:
-            n = int(np.size(raw[k]))
-            p[k] = flat_changed[off:off + n].reshape(np.shape(raw[k]))
-            off += n
-        t = handlers.trace(handlers.substitute(model, data=p)).get_trace(
-            design, PRIORS, centered=True)
-        log_b = jnp.log(t["b"]["value"])
-        tail = t["log_b_active"]["value"]
-        full = jnp.zeros(am.size)
-        keep = ~np.isin(ak, pinned_cols)
-        full = full.at[np.flatnonzero(keep)].set(tail)
-        pin = np.flatnonzero(~keep)
-        full = full.at[pin].set(log_b[am[pin], ak[pin]])
-        z_r = []
-        for site in bounded:  # softplus coordinates of the natural model
-            y = t[site]["value"] / PRIORS[site]["median"]
-            z_r.append(y + jnp.log(-jnp.expm1(-y)))
-        loc, scale = PRIORS.lognormal_loc_scale("b_pop")  # natural z_b_pop
-        z_pop = (jnp.log(t["b_pop"]["value"]) - jnp.asarray(loc)) / jnp.asarray(scale)
-        return full, jnp.concatenate([jnp.stack(z_r), z_pop])
-
-    rng = np.random.default_rng(5)
-    for _ in range(3):
-        point = {k: np.asarray(v) for k, v in raw.items()}
-        for k in changed:
-            point[k] = point[k] + rng.normal(0.0, 0.2, np.shape(point[k]))
-        flat = jnp.concatenate([jnp.ravel(jnp.asarray(point[k])) for k in changed])
-        rest = {k: v for k, v in point.items() if k not in changed}
-        lp_raw, _ = log_density(model, (design, PRIORS), {"centered": True}, point)
-
-        def out(f, rest=rest):
-            full, z_r = to_natural(f, rest)
-            return jnp.concatenate([full, z_r])
-
-        J = jax.jacfwd(out)(flat)
-        # rows that change: the pinned pairs of log_b_active, the bounded overheads'
-        # coordinates and z_b_pop (re-centred for the pinned components)
-        pinned_rows = np.flatnonzero(np.isin(ak, pinned_cols))
-        rows = np.concatenate([pinned_rows, am.size + np.arange(len(bounded) + 6)])
-        _, logdet = np.linalg.slogdet(np.asarray(J)[rows])
-        full, z_r = to_natural(flat, rest)
-        nat = dict(rest, log_b_active=full, z_b_pop=z_r[len(bounded):],
-                   **{f"z_{site}": z_r[i] for i, site in enumerate(bounded)})
-        monkeypatch.setattr(config, "PINNED_COMPONENTS", ())
-        monkeypatch.setattr(config, "RECENTRED_POPULATION", False)
-        assert sorted(nat) == sorted(nat_names)
-        lp_nat, _ = log_density(model, (design, PRIORS), {"centered": True}, nat)
-        monkeypatch.undo()
-        np.testing.assert_allclose(float(lp_raw), float(lp_nat) + logdet, rtol=0, atol=1e-6)
