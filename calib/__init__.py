@@ -4,9 +4,15 @@ The flow, one module ("room") per stage::
 
     calib.traces    experiment dirs (OTLP)  -> canonical step dataset (NetCDF)
     calib.roofline  dataset                 -> roofline component matrix (µs)
-    calib.model     components              -> NumPyro models, one per hierarchy
-    calib.fit       NUTS                    -> InferenceData + diagnostics gate
+    calib.data      dataset + components    -> ModelData (the fittable steps, laid out)
+    calib.model     ModelData               -> NumPyro models, one per hierarchy
+                    (mean step time: calib.steptime; sampler coordinates: calib.geometry)
+    calib.fit       NUTS                    -> InferenceData + diagnostics gate, with the
+                                               API overheads of calib.overheads
     calib.export / calib.e2e / calib.report -> BLIS YAML, interval checks, plots
+
+Names used everywhere (components, hierarchies, splits, fittable steps) live in
+``calib.vocab``; every default in ``calib.config``.
 
 ``calib.simulate`` writes the same on-disk format as instrumented vLLM.
 """
