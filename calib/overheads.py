@@ -63,6 +63,12 @@ def observations(ds) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     gap, weighted by its number of step pairs)."""
     from calib.e2e import measure_host_timing
 
+    missing = [v for v in ("req_experiment", "req_api_queue_us", "req_api_depart_us")
+               if v not in ds]
+    if missing:
+        raise CalibError(f"dataset lacks variable(s) {', '.join(missing)}", field=missing[0],
+                         fix="import traces that include the vllm.api span, or give the "
+                             "alphas explicitly (--alpha-coeffs a,b,c)")
     req_exp = np.asarray(ds["req_experiment"].values)
     gap = measure_host_timing(ds)
     out = {}

@@ -61,3 +61,5 @@ def test_no_request_labels_is_a_user_error():
     ds, _, _ = make_replay_dataset(seed=1, steps_per_exp=300, requests_per_exp=10, api=False)
     with pytest.raises(CalibError, match="API overhead 'queue'"):
         overheads.estimate(ds, replicates=10)
+    with pytest.raises(CalibError, match="lacks variable"):
+        overheads.estimate(ds.drop_vars("req_api_depart_us"), replicates=10)
