@@ -8,7 +8,7 @@ canonical dataset, all cached under ``--cache`` keyed by the recipe's content ha
 ``--chains/--warmup/--draws`` when given) and one row is reported:
 
 gate verdict, failed checks, wall time of the fit call, sampling time, leapfrog steps
-per iteration (mean), divergences, % of draws at the maximum tree depth, min bulk and
+per iteration (mean), the adapted step size (median over chains), divergences, % of draws at the maximum tree depth, min bulk and
 tail ESS per chain (the gate's), min ESS/s (smallest total bulk ESS / sampling time),
 worst R-hat, the parameters at the worst R-hat / bulk / tail ESS, and where the
 divergent and saturated draws sit (the parameter whose values on those draws are
@@ -32,7 +32,8 @@ DEFAULT_CACHE = config.PROJECT_ROOT / "bench" / "out" / "stress-cache"
 DEFAULT_OUT = config.PROJECT_ROOT / "bench" / "out" / "stress"
 
 COLUMNS = ("set", "seed", "models", "sampled", "min_model_sampled", "gate", "failed",
-           "wall_s", "sampling_s", "leapfrog_per_iter", "divergences", "saturated_pct",
+           "wall_s", "sampling_s", "leapfrog_per_iter", "step_size", "divergences",
+           "saturated_pct",
            "min_ess_bulk_pc", "min_ess_tail_pc", "min_ess_per_s", "max_rhat", "worst_rhat",
            "worst_ess_bulk", "worst_ess_tail", "divergent_at", "saturated_at", "data_s")
 
@@ -156,6 +157,7 @@ def measure(stress_set, nc: Path, seed: int, args) -> dict:
         "failed": " ".join(r.name for r in res.gate.rows if not r.ok),
         "wall_s": round(wall, 1), "sampling_s": round(res.sampling_s, 1),
         "leapfrog_per_iter": round(float(np.mean(st["n_steps"].values)), 1),
+        "step_size": float(f"{np.median(st['step_size'].values):.3g}"),
         "divergences": int(div.sum()), "saturated_pct": round(100.0 * float(sat.mean()), 2),
         "min_ess_bulk_pc": round(ess_b, 0), "min_ess_tail_pc": round(rows["ess_tail"].value, 0),
         "min_ess_per_s": round(ess_b * n_chains / res.sampling_s, 2),
@@ -167,6 +169,7 @@ def measure(stress_set, nc: Path, seed: int, args) -> dict:
 
 _SHORT = {"set": "set", "seed": "seed", "gate": "gate", "wall_s": "wall s",
           "sampling_s": "sampling s", "leapfrog_per_iter": "leapfrog/iter",
+          "step_size": "step",
           "divergences": "div", "saturated_pct": "% sat", "min_ess_bulk_pc": "bulk ESS/ch",
           "min_ess_tail_pc": "tail ESS/ch", "min_ess_per_s": "ESS/s"}
 
