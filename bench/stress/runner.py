@@ -98,13 +98,16 @@ def prepare(stress_set, cache: Path, *, quick: bool) -> tuple[Path, float]:
 
 def _located(idata, mask) -> str:
     """The parameter element whose draws under ``mask`` sit furthest from its posterior
-    mean (|mean z| of log|value|), with that z; "" when no draw is flagged."""
+    mean (|mean z| of log|value|), with that z; "" when no draw is flagged, "most draws"
+    when over half are (a location then says nothing)."""
     import numpy as np
 
     from calib.model import PARAMETER_SITES
 
     if not mask.any():
         return ""
+    if mask.mean() > 0.5:
+        return "most draws"
     post = idata.posterior
     best, where = 0.0, ""
     for name in PARAMETER_SITES:
