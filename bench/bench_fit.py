@@ -11,8 +11,10 @@ NumPyro NUTS with each chain method (``parallel``: one XLA host device per chain
 when installed (skipped with a note otherwise). Wall time = the sampler call,
 compilation included (``FitResult.sampling_s``); min ESS = smallest bulk ESS
 (ArviZ, rank-normalised) over every element of the named parameters
-(``calib.model.PARAMETER_SITES``); ESS/s = min ESS / wall time. Ratios NumPyro/PyMC are
-from this run. Medians over ``--repeats`` runs (different seeds). ``--pymc-cap SECONDS``
+(``calib.model.PARAMETER_SITES``); ESS/s = min ESS / wall time. Ratios NumPyro/PyMC and
+NumPyro/nutpie (wall, ESS/s, min ESS) are from this run. nutpie (``pip install -e
+'.[nutpie]'``) runs the PyMC model compiled by its JAX backend, with its low-rank mass
+matrix standing in for the dense one. Medians over ``--repeats`` runs (different seeds). ``--pymc-cap SECONDS``
 stops a PyMC/nutpie cell that has not finished by then (SIGALRM in the sampling loop; the
 worker processes are terminated) and reports it as "> SECONDS": the ratio is then a bound.
 
@@ -174,24 +176,26 @@ def main(argv: list[str] | None = None) -> int:
                 if walls else note))
             sys.stdout.flush()
 
-    print("\n# NumPyro / PyMC in this run (wall-time ratio < 1: NumPyro faster; "
-          "ESS/s ratio > 1: NumPyro better)")
-    for n in args.steps:
-        ref = next((r for r in results if r["steps"] == n and r["sampler"] == "pymc"
-                    and "wall_s" in r), None)
-        for r in results:
-            if r["steps"] != n or r["backend"] != "numpyro" or "wall_s" not in r:
-                continue
-            if ref is None:
-                capped = next((c["capped_s"] for c in results if c["steps"] == n
-                               and c["sampler"] == "pymc" and c["capped_s"]), None)
-                print(f"N={n}: {r['sampler']}: " + (
-                    f"numpyro-{r['sampler']} / pymc: wall < {r['wall_s'] / capped:.2f}x "
-                    f"(PyMC not finished in {capped:.0f} s)" if capped
-                    else "no PyMC result to compare"))
-                continue
-            print(f"N={n}: numpyro-{r['sampler']} / pymc: wall {r['wall_s'] / ref['wall_s']:.2f}x, "
-                  f"ESS/s {r['ess_per_s'] / ref['ess_per_s']:.2f}x")
+    for ref_name in ("pymc", "nutpie"):
+        print(f"\n# NumPyro / {ref_name} in this run (wall-time ratio < 1: NumPyro faster; "
+              "ESS/s ratio > 1: NumPyro better)")
+        for n in args.steps:
+            ref = next((r for r in results if r["steps"] == n and r["sampler"] == ref_name
+                        and "wall_s" in r), None)
+            capped = next((c["capped_s"] for c in results if c["steps"] == n
+                           and c["sampler"] == ref_name and c["capped_s"]), None)
+            for r in results:
+                if r["steps"] != n or r["backend"] != "numpyro" or "wall_s" not in r:
+                    continue
+                if ref is None:
+                    print(f"N={n}: numpyro-{r['sampler']} / {ref_name}: " + (
+                        f"wall < {r['wall_s'] / capped:.2f}x ({ref_name} not finished in "
+                        f"{capped:.0f} s)" if capped else f"no {ref_name} result to compare"))
+                    continue
+                print(f"N={n}: numpyro-{r['sampler']} / {ref_name}: wall "
+                      f"{r['wall_s'] / ref['wall_s']:.2f}x, ESS/s "
+                      f"{r['ess_per_s'] / ref['ess_per_s']:.2f}x, min ESS "
+                      f"{r['min_ess'] / ref['min_ess']:.2f}x")
 
     print("\n# lines for BENCHMARKS.md")
     print("| steps | sampler | chains x (warmup + draws) | wall (s) | min bulk ESS | ESS/s | "

@@ -29,7 +29,8 @@ Model (one experiment = one server, one workload)
   cached as soon as they are allocated (vLLM v1 caches at allocation). A request
   being scheduled (first time or resume) whose system prompt has ``c`` leading
   blocks resident gets ``16·c`` prompt tokens as already computed (its
-  SCHEDULED event's ``prefill.done_tokens``). Unreferenced cached blocks sit in
+  SCHEDULED event's ``prefill.done_tokens``). With
+  ``enable_prefix_caching=False`` nothing is shared or hit. Unreferenced cached blocks sit in
   the free queue and are evicted LRU (tail block first) when new blocks are
   allocated; referencing them again takes them out of the free queue. Blocks
   holding questions/outputs are never shared (unique text) and count as free
@@ -101,6 +102,8 @@ class ExperimentSpec:
     gpu_memory_utilization : vLLM's memory fraction for weights + KV cache.
     seed_offset : mixed with the seed so experiments of one recipe differ.
     started : directory timestamp ``YYYYMMDD-HHMMSS`` (UTC wall clock of the run).
+    enable_prefix_caching : vLLM's automatic prefix caching (False: every prompt token
+        is computed; no block is shared).
     """
 
     model: str
@@ -115,6 +118,7 @@ class ExperimentSpec:
     gpu_memory_utilization: float = SIMULATION.gpu_memory_utilization
     seed_offset: int = 0
     started: str = "20261101-090000"
+    enable_prefix_caching: bool = True
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -356,7 +360,8 @@ def simulate_experiment(spec: ExperimentSpec, *, seed: int, step_time: StepTimeF
     n_sys, sys_len = sp["num_unique_system_prompts"], sp["system_prompt_len"]
     prompt_len_c = sys_len + sp["question_len"]
     out_len_c = sp["output_len"]
-    sys_blocks = sys_len // KV_BLOCK_TOKENS
+    # system-prompt blocks that can be shared (none without prefix caching)
+    sys_blocks = sys_len // KV_BLOCK_TOKENS if spec.enable_prefix_caching else 0
     B = KV_BLOCK_TOKENS
 
     # ---- requests

@@ -14,6 +14,12 @@ constant correction factors). It has the non-linear shapes real kernels show:
 * per-layer and per-request costs, a per-step CPU overhead with log-normal jitter,
   multiplicative GPU noise, and rare heavy-tailed hiccups.
 
+Parameters beyond the defaults give other truth families (used by the stress
+suite, :mod:`calib.simulate.stress`): a sharper (Hill) GEMM and prefill-attention
+efficiency ramp, tile quantisation of GEMM token counts, and a CPU overhead
+partly hidden behind the GPU (asynchronous scheduling). At their defaults these
+terms are skipped, so the default truth's draws and values are unchanged.
+
 The callable protocol (also used by the ``step_time=`` hook of
 :func:`calib.simulate.simulate_experiment`) is::
 
@@ -116,9 +122,35 @@ class TruthParams:
     inter_step_gap_sigma: float = 0.3
     #: Latency from a request arriving at an idle engine to its step starting, µs.
     idle_wake_us: float = 200.0
+    #: Hill exponent of the GEMM efficiency ramp, ``eff = e_max·T^h/(T^h + knee^h)``
+    #: (1: the hyperbolic ramp above; > 1: flat at small T, then a sharp rise).
+    gemm_curve_power: float = 1.0
+    #: GEMM token counts are padded up to a multiple of this (tile / wave quantisation;
+    #: 0: no padding). Applies to the linear layers, the experts and the LM head.
+    gemm_tile_tokens: int = 0
+    #: Hill exponent of the prefill-attention efficiency ramp over the KV length.
+    attn_curve_power: float = 1.0
+    #: Fraction of ``min(gpu, cpu)`` hidden by overlapping the CPU overhead with the
+    #: GPU work (0: synchronous engine; 1: step time ``max(gpu, cpu)``).
+    cpu_overlap: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+
+def _ramp(e_max: float, x, knee: float, power: float):
+    """Efficiency ramp ``e_max·x^h/(x^h + knee^h)`` (``h == 1``: exactly ``e_max·x/(x + knee)``)."""
+    if power == 1.0:
+        return e_max * x / (x + knee)
+    xp = x**power
+    return e_max * xp / (xp + knee**power)
+
+
+def _pad(x, tile: int):
+    """``x`` rounded up to a multiple of ``tile`` (0: unchanged); scalar or array."""
+    if not tile:
+        return x
+    return np.ceil(np.asarray(x, dtype=np.float64) / tile) * tile
 
 
 # ------------------------------------------------------------------ arch facts
@@ -199,8 +231,11 @@ class TruthStepTime:
         tokens = float(n_decode + sum(pf_new))
         n_sample = n_decode + sum(1 for a, b, q in zip(pf_progress, pf_new, pf_prompt_len,
                                                        strict=True) if a + b >= q)
-        eff_g = max(p.gemm_efficiency_max * tokens / (tokens + p.gemm_knee_tokens), 1e-6)
-        t_comp = tokens * c["dense_flops_tok"] / (F * eff_g)
+        tile = p.gemm_tile_tokens
+        t_g = float(_pad(tokens, tile))
+        eff_g = max(_ramp(p.gemm_efficiency_max, t_g, p.gemm_knee_tokens, p.gemm_curve_power),
+                    1e-6)
+        t_comp = t_g * c["dense_flops_tok"] / (F * eff_g)
         wbytes = c["dense_bytes"]
         if arch.is_moe:
             E, k = arch.num_local_experts, arch.num_experts_per_tok
@@ -208,20 +243,24 @@ class TruthStepTime:
             hits = int(rng.binomial(L * E, min(max(p_hit, 0.0), 1.0)))
             hits = max(hits, L * k if tokens > 0 else 0)
             per_expert_tok = tokens * k * L / max(hits, 1)
-            eff_e = p.gemm_efficiency_max * per_expert_tok / (per_expert_tok + p.gemm_knee_tokens)
-            t_comp += tokens * c["expert_flops_tok"] / (F * max(eff_e, 1e-6))
+            pe = float(_pad(per_expert_tok, tile))
+            eff_e = _ramp(p.gemm_efficiency_max, pe, p.gemm_knee_tokens, p.gemm_curve_power)
+            pad_e = pe / per_expert_tok if tile and per_expert_tok > 0 else 1.0
+            t_comp += tokens * pad_e * c["expert_flops_tok"] / (F * max(eff_e, 1e-6))
             wbytes += hits * c["expert_bytes_each"]
         t_mem = wbytes / (W * p.weight_bw_efficiency)
         t_lin = (t_comp**pw + t_mem**pw) ** (1.0 / pw)
-        eff_lm = p.gemm_efficiency_max * n_sample / (n_sample + p.gemm_knee_tokens)
-        t_lm_c = n_sample * c["lm_flops_tok"] / (F * max(eff_lm, 1e-6))
+        n_lm = float(_pad(n_sample, tile))
+        eff_lm = _ramp(p.gemm_efficiency_max, n_lm, p.gemm_knee_tokens, p.gemm_curve_power)
+        t_lm_c = n_lm * c["lm_flops_tok"] / (F * max(eff_lm, 1e-6))
         t_lm_m = c["lm_bytes"] / (W * p.weight_bw_efficiency)
         t_lin += (t_lm_c**pw + t_lm_m**pw) ** (1.0 / pw)
         t_pf = 0.0
         for new, prog in zip(pf_new, pf_progress, strict=True):
             ctx = prog + new
             flops = c["attn_flops_qk"] * new * (prog + 0.5 * (new + 1.0))
-            eff_a = max(p.attn_efficiency_max * ctx / (ctx + p.attn_knee_kv), 1e-6)
+            eff_a = max(_ramp(p.attn_efficiency_max, ctx, p.attn_knee_kv, p.attn_curve_power),
+                        1e-6)
             t_pf += flops / (F * eff_a)
         ctx_sum = decode_progress_sum + n_decode  # ctx = progress + 1 per decode
         t_dc = (c["kv_bytes_tok"] * (ctx_sum + n_decode * p.kv_read_knee_tokens)
@@ -240,6 +279,8 @@ class TruthStepTime:
         cpu = (p.step_overhead_us * rng.lognormal(0.0, p.step_overhead_sigma)
                + p.request_overhead_us * (n_decode + n_pf) + p.prefill_request_overhead_us * n_pf)
         total = gpu + cpu
+        if p.cpu_overlap:
+            total -= p.cpu_overlap * min(gpu, cpu)
         hic = rng.random() < p.hiccup_prob
         u = rng.random()
         if hic:
@@ -268,9 +309,11 @@ class TruthStepTime:
         n_sample = is_dc.sum(axis=1) + (is_pf & (prog + new >= plen)).sum(axis=1)
 
         # ---- linear layers: compute vs weight streaming, smooth max
-        eff_g = p.gemm_efficiency_max * tokens / (tokens + p.gemm_knee_tokens)
+        tile = p.gemm_tile_tokens
+        t_g = _pad(tokens, tile)
+        eff_g = _ramp(p.gemm_efficiency_max, t_g, p.gemm_knee_tokens, p.gemm_curve_power)
         eff_g = np.maximum(eff_g, 1e-6)
-        t_comp = tokens * c["dense_flops_tok"] / (F * eff_g)
+        t_comp = t_g * c["dense_flops_tok"] / (F * eff_g)
         wbytes = np.full(n, c["dense_bytes"])
         if arch.is_moe:
             E, k = arch.num_local_experts, arch.num_experts_per_tok
@@ -279,21 +322,29 @@ class TruthStepTime:
             hits = rng.binomial(L * E, np.clip(p_hit, 0.0, 1.0))  # distinct experts, all layers
             hits = np.maximum(hits, np.where(tokens > 0, L * k, 0))
             per_expert_tok = tokens * k * L / np.maximum(hits, 1)
-            eff_e = p.gemm_efficiency_max * per_expert_tok / (per_expert_tok + p.gemm_knee_tokens)
-            t_comp = t_comp + tokens * c["expert_flops_tok"] / (F * np.maximum(eff_e, 1e-6))
+            pe = _pad(per_expert_tok, tile)
+            eff_e = _ramp(p.gemm_efficiency_max, pe, p.gemm_knee_tokens, p.gemm_curve_power)
+            if tile:
+                pad_e = np.where(per_expert_tok > 0, pe / np.maximum(per_expert_tok, 1e-300),
+                                 1.0)
+                t_comp = t_comp + tokens * pad_e * c["expert_flops_tok"] / (
+                    F * np.maximum(eff_e, 1e-6))
+            else:
+                t_comp = t_comp + tokens * c["expert_flops_tok"] / (F * np.maximum(eff_e, 1e-6))
             wbytes = wbytes + hits * c["expert_bytes_each"]
         t_mem = wbytes / (W * p.weight_bw_efficiency)
         t_lin = (t_comp**pw + t_mem**pw) ** (1.0 / pw)
         # LM head on sampled rows only
-        eff_lm = p.gemm_efficiency_max * n_sample / (n_sample + p.gemm_knee_tokens)
-        t_lm_c = n_sample * c["lm_flops_tok"] / (F * np.maximum(eff_lm, 1e-6))
+        n_lm = _pad(n_sample, tile)
+        eff_lm = _ramp(p.gemm_efficiency_max, n_lm, p.gemm_knee_tokens, p.gemm_curve_power)
+        t_lm_c = n_lm * c["lm_flops_tok"] / (F * np.maximum(eff_lm, 1e-6))
         t_lm_m = c["lm_bytes"] / (W * p.weight_bw_efficiency)
         t_lin = t_lin + (t_lm_c**pw + t_lm_m**pw) ** (1.0 / pw)
 
         # ---- attention
         ctx = prog + new
         pf_flops = c["attn_flops_qk"] * new * (prog + 0.5 * (new + 1.0))
-        eff_a = p.attn_efficiency_max * ctx / (ctx + p.attn_knee_kv)
+        eff_a = _ramp(p.attn_efficiency_max, ctx, p.attn_knee_kv, p.attn_curve_power)
         t_pf = np.where(is_pf, pf_flops / (F * np.maximum(eff_a, 1e-6)), 0.0).sum(axis=1)
         kv_read = c["kv_bytes_tok"] * ctx
         eff_kv = p.kv_read_efficiency_max * ctx / (ctx + p.kv_read_knee_tokens)
@@ -316,6 +367,8 @@ class TruthStepTime:
         cpu = (p.step_overhead_us * rng.lognormal(0.0, p.step_overhead_sigma, size=n)
                + p.request_overhead_us * n_req + p.prefill_request_overhead_us * n_pf)
         total = gpu + cpu
+        if p.cpu_overlap:
+            total = total - p.cpu_overlap * np.minimum(gpu, cpu)
         hic = rng.random(n) < p.hiccup_prob
         u = rng.random(n)
         total = np.where(hic, total * (p.hiccup_low + (p.hiccup_high - p.hiccup_low) * u**2),

@@ -348,7 +348,8 @@ def exp_config(res: SimResult) -> dict:
     return {"model": s.model, "tensor_parallelism": s.tp, "max_model_len": s.max_model_len,
             "max_num_batched_tokens": s.max_num_batched_tokens, "max_num_seqs": s.max_num_seqs,
             "app": s.workload, "hardware": s.hardware,
-            "gpu_memory_utilization": s.gpu_memory_utilization, "enable_prefix_caching": True}
+            "gpu_memory_utilization": s.gpu_memory_utilization,
+            "enable_prefix_caching": bool(s.enable_prefix_caching)}
 
 
 def write_experiment(result: SimResult, root: str | Path, *, truth_dir: str | Path | None = None,
