@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from calib import config
+from calib import cli, config
 from calib.cli import Parser as _Parser
 from calib.cli import probability as _probability
 from calib.cli import setup_jax_cpu
@@ -70,10 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_jax_cpu()
     from calib.errors import CalibError
 
     try:
+        cli.check_output(args.out, flag="--out", folder=True)
+        cli.check_input(args.posterior, flag="posterior")
+        setup_jax_cpu()
         from calib.export import export_posterior, plugin_mean_step_us
         from calib.posterior import load_posterior
 
@@ -105,4 +107,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_script(main))
