@@ -229,6 +229,9 @@ def _interrupted() -> None:
         sys.stdout.flush()
     except Exception:  # noqa: BLE001
         pass
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None and getattr(tqdm.tqdm, "_instances", None):
+        msg = "\n" + msg  # a progress bar holds the current line
     os.write(2, (msg + "\n").encode())
     os._exit(130)
 
@@ -275,6 +278,12 @@ def install_interrupt_handler() -> None:
     """Make Ctrl-C end the process with one line and exit 130, at any point."""
     global _MAIN_PID
     _MAIN_PID = os.getpid()
+    # multiprocessing's resource tracker (a helper process of spawn/forkserver workers)
+    # frees the semaphores of workers stopped on an interrupt and would warn about them.
+    filt = "ignore::UserWarning:multiprocessing.resource_tracker"
+    if filt not in os.environ.get("PYTHONWARNINGS", ""):
+        os.environ["PYTHONWARNINGS"] = ",".join(
+            x for x in (os.environ.get("PYTHONWARNINGS"), filt) if x)
     signal.signal(signal.SIGINT, _on_sigint)
     r, w = os.pipe()
     os.set_blocking(w, False)

@@ -17,7 +17,12 @@ overrides), and so is the share of the QUEUED step a request waits for
 Prints one table per metric with the blackbox and NNLS baselines and, per
 experiment, the step model's bias on its sampled steps (``step-bias%``). Exit status:
 0 pass, 1 the check fails (coverage of the intervals below a binomial lower
-bound of the nominal rate; see calib/e2e.py), 2 a user error (``error: ...``).
+bound of the nominal rate; see calib/e2e.py) or is INCONCLUSIVE (too few experiments
+for the coverage test), 2 a user error (``error: ...``), 130 interrupted.
+
+Data: without --traces the dataset the posterior records in its manifest (the data
+it was fitted on); that data must still hash to the posterior's data_hash. Other data
+given with --traces is replayed as an out-of-sample check (a note says so).
 """
 
 from __future__ import annotations

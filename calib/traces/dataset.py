@@ -649,5 +649,7 @@ def _rename(results: list, names: list[str]) -> list:
 def _progress(total: int, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled or total <= 1,
+    # disable=None: shown on a terminal only (a piped stderr keeps the CLI's one line).
+    return tqdm(total=total, initial=initial,
+                disable=True if not enabled or total <= 1 else None,
                 desc="import", unit="exp", leave=False)
