@@ -278,6 +278,9 @@ def install_interrupt_handler() -> None:
     """Make Ctrl-C end the process with one line and exit 130, at any point."""
     global _MAIN_PID
     _MAIN_PID = os.getpid()
+    import multiprocessing  # noqa: F401 - imported now: the handler must not import
+
+    from calib import io  # noqa: F401
     # multiprocessing's resource tracker (a helper process of spawn/forkserver workers)
     # frees the semaphores of workers stopped on an interrupt and would warn about them.
     filt = "ignore::UserWarning:multiprocessing.resource_tracker"
