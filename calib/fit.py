@@ -691,7 +691,8 @@ def fit_model_data(data, coords: dict[str, list[str]], *, hierarchy: str = "per-
                    priors=None, priors_path: str | Path | None = None,
                    backend: str = "numpyro", settings: SamplerSettings = SamplerSettings(),
                    step_index: np.ndarray | None = None, data_hash: str | None = None,
-                   data_path: str | Path | None = None, out_path: str | Path | None = None, save_on_fail: bool = False,
+                   data_path: str | Path | None = None, out_path: str | Path | None = None,
+                   save_on_fail: bool = False,
                    log_likelihood: bool = False, prior_draws: int = 0, progress: bool = True,
                    command: list[str] | None = None) -> FitResult:
     """Fit prepared model data: sampler -> gate -> manifest -> (file).

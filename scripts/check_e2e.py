@@ -76,7 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="share of the QUEUED step counted in E2E/TTFT: 'measured' (default: "
                         "from the QUEUED and step timestamps, else "
                         f"{config.E2E_QUEUED_STEP_WEIGHT}) or a number in [0, 1]")
-    p.add_argument("--seed", type=_nonneg_int, default=config.E2E_SEED, help="seed (default %(default)s)")
+    p.add_argument("--seed", type=_nonneg_int, default=config.E2E_SEED,
+                   help="seed (default %(default)s)")
     p.add_argument("--csv", default=None, help="also write the table as CSV (with manifest)")
     return p.parse_args(argv)
 

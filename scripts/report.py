@@ -38,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-e2e", action="store_true", help="skip the E2E replay figure")
     p.add_argument("--draws", type=_positive_int, default=config.E2E_DRAWS,
                    help="posterior draws for the E2E replay (default %(default)s)")
-    p.add_argument("--seed", type=_nonneg_int, default=config.E2E_SEED, help="seed (default %(default)s)")
+    p.add_argument("--seed", type=_nonneg_int, default=config.E2E_SEED,
+                   help="seed (default %(default)s)")
     return p.parse_args(argv)
 
 

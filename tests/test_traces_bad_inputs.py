@@ -414,7 +414,8 @@ def test_impossible_event_order_drops_the_labels_with_a_counted_warning(tmp_path
     assert stats["disordered_requests"] == 1
     # every other request keeps finite, non-negative labels; the request's steps stay
     ok = ~ds["req_failed"].values
-    assert (ds["req_e2e_us"].values[ok] >= 0).all() and np.isfinite(ds["req_e2e_us"].values[ok]).all()
+    e2e = ds["req_e2e_us"].values[ok]
+    assert (e2e >= 0).all() and np.isfinite(e2e).all()
     assert int(ds["req_scheduled_step"].values[i]) in ds["step_id"].values
 
 
@@ -455,8 +456,8 @@ def test_impossible_step_duration_is_rejected_stating_its_value(tmp_path, dur, s
 def test_step_duration_at_the_bound_is_kept(tmp_path):
     from calib import config
 
-    ds, msgs = run_import(write_experiment(tmp_path / "e", good_lines()
-                                           + [_summary_line(7, config.IMPORT_MAX_STEP_DURATION_US)]))
+    at_bound = _summary_line(7, config.IMPORT_MAX_STEP_DURATION_US)
+    ds, msgs = run_import(write_experiment(tmp_path / "e", good_lines() + [at_bound]))
     assert not any("physical bound" in m for m in msgs)
     i = ds["step_id"].values.tolist().index(7)
     assert bool(ds["sampled"].values[i])

@@ -20,8 +20,8 @@ An ``intValue`` of a used attribute must fit a signed 64-bit integer; only
 impossible duration stating its real value instead of a wrapped-around one).
 
 A malformed line (invalid or truncated JSON, wrong structure, a used attribute
-missing, of the wrong type or out of the 64-bit range) is skipped *as a whole* -- nothing from it is kept --
-with a :class:`TraceWarning` naming the file and line number, and counted in
+missing, of the wrong type or out of the 64-bit range) is skipped *as a whole* --
+nothing from it is kept -- with a :class:`TraceWarning` naming the file and line number, and counted in
 :attr:`TraceColumns.num_bad_lines`. After ``IMPORT_MAX_LINE_WARNINGS`` per-line
 warnings the remaining ones are summarised in one warning at the end of the file.
 

@@ -44,16 +44,16 @@ Chunked prefill split (token budget)
     single-step prefills are always exact).
 
 Failed requests (missing QUEUED, SCHEDULED, FIRST_TOKEN or FINISHED) keep their
-known steps in the batches; their latency labels are NaN.
+known steps in the batches; their latency labels are NaN. Requests are ordered by
+QUEUED time (else their first event's), ties by first appearance in the file; an
+``llm_core`` span without journey events is not a request.
 
 Event order and label signs: a complete request must have QUEUED <= SCHEDULED <=
 FIRST_TOKEN <= FINISHED both in ``ts.monotonic`` and in ``scheduler.step``, so that
 queueing, TTFT, E2E and processing time are >= 0. A request that breaks this keeps
 its steps in the batches but is dropped from the labels (NaN, counted as failed and
 in ``stats["disordered_requests"]``), with one TraceWarning per experiment naming
-the file, the line of the request's first journey event and the offending values. Requests are ordered by
-QUEUED time (else their first event's), ties by first appearance in the file; an
-``llm_core`` span without journey events is not a request.
+the file, the line of the request's first journey event and the offending values.
 
 Damaged input guard: a decode segment or prefill job longer than
 ``calib.config.IMPORT_MAX_INTERVAL_STEPS`` steps is dropped (counted anomaly).
