@@ -188,6 +188,12 @@ DATASET_ZLIB_LEVEL = 1
 IMPORT_PARALLEL_MIN_BYTES = 64 * 2**20
 #: Longest running interval (steps) a request may have; longer ones are damaged input.
 IMPORT_MAX_INTERVAL_STEPS = 1_000_000
+#: Longest physically possible scheduler step (µs): one hour. A vLLM step runs for
+#: milliseconds to seconds; a longer step.duration_us is damaged input (not sampled).
+IMPORT_MAX_STEP_DURATION_US = 3_600_000_000
+#: Requests with impossible event order / negative labels named one by one in the
+#: import warning (the rest are counted).
+IMPORT_MAX_REQUEST_WARNINGS = 5
 
 
 # ------------------------------------------------------- model geometry (model helper)

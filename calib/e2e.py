@@ -73,7 +73,11 @@ two differ by a fraction of a percent.
 Verdict: for each metric in :data:`calib.config.E2E_CHECK_METRICS`, with n experiments
 and k intervals containing the observed mean, the check fails when
 ``P(Binomial(n, prob) <= k) < E2E_COVERAGE_FAIL_TAIL`` (coverage implausibly low
-for the nominal probability). Baselines (:mod:`calib.baselines`) are reported, not judged.
+for the nominal probability). With so few experiments that even ``k = 0`` would not
+fail (``P(Binomial(n, prob) <= 0) >= E2E_COVERAGE_FAIL_TAIL``, e.g. n <= 2 at 90 %), the
+verdict is INCONCLUSIVE, not PASS (``passed`` is False). A verdict on experiments
+predicted at the population or new-experiment level names them. Baselines
+(:mod:`calib.baselines`) are reported, not judged.
 """
 
 from __future__ import annotations
@@ -642,12 +646,27 @@ def replay(idata, ds, *, features: StepFeatures | None = None, prob: float = con
     failed = [m for m, c in coverage.items() if c["fails"]]
     parts = [f"{m} coverage {c['inside']}/{c['n']} ({100 * c['rate']:.0f} %)"
              for m, c in coverage.items() if c["n"]]
-    passed = not failed
-    msg = (("PASS" if passed else "FAIL") + f": nominal {100 * prob:.0f} % intervals; "
+    # A checked metric with too few experiments for the test to ever fail (even 0 inside
+    # is plausible) cannot pass either: the verdict is INCONCLUSIVE (not a pass).
+    powerless = [m for m, c in coverage.items() if c["checked"] and not c["fails"]
+                 and binom.cdf(0, c["n"], prob) >= config.E2E_COVERAGE_FAIL_TAIL]
+    passed = not failed and not powerless
+    verdict = "FAIL" if failed else ("INCONCLUSIVE" if powerless else "PASS")
+    msg = (verdict + f": nominal {100 * prob:.0f} % intervals; "
            + "; ".join(parts) + f"; worst E2E error {worst[2]:+.1f} % ({worst[1]})")
     if failed:
         msg += (f"; failing: {', '.join(failed)} (P(Binomial(n, {prob}) <= inside) < "
                 f"{config.E2E_COVERAGE_FAIL_TAIL})")
+    if powerless:
+        msg += (f"; too few experiments to test {', '.join(powerless)} coverage (even 0 "
+                f"inside has P >= {config.E2E_COVERAGE_FAIL_TAIL})")
+    levels = {b: sorted({design.models[e] for e, x in enumerate(groups.basis) if x == b})
+              for b in ("population", "new-experiment")}
+    if levels["population"]:
+        msg += (f"; population-level prediction (not fitted per model) for "
+                f"{', '.join(levels['population'])}")
+    if levels["new-experiment"]:
+        msg += f"; new-experiment prediction for {', '.join(levels['new-experiment'])}"
     return E2EResult(table=table, coverage=coverage, passed=passed, message=msg, worst=worst,
                      draws_us=pred, prob=prob, noise=noise, timing=timing,
                      settings={"draws": int(d), "noise": noise, "prob": prob, "seed": seed,

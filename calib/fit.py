@@ -728,7 +728,8 @@ def fit_model_data(data, coords: dict[str, list[str]], *, hierarchy: str = "per-
                    priors=None, priors_path: str | Path | None = None,
                    backend: str = "numpyro", settings: SamplerSettings = SamplerSettings(),
                    step_index: np.ndarray | None = None, data_hash: str | None = None,
-                   out_path: str | Path | None = None, save_on_fail: bool = False,
+                   data_path: str | Path | None = None, out_path: str | Path | None = None,
+                   save_on_fail: bool = False,
                    log_likelihood: bool = False, prior_draws: int = 0, progress: bool = True,
                    command: list[str] | None = None,
                    api_overheads: dict | None = None) -> FitResult:
@@ -743,6 +744,8 @@ def fit_model_data(data, coords: dict[str, list[str]], *, hierarchy: str = "per-
     settings : sampler settings.
     step_index : global step indices of the rows of ``data`` (stored as the ``step`` coord).
     data_hash : content hash of the dataset (``calib.traces.dataset_hash``; manifest ``data_hash``).
+    data_path : where the dataset came from (manifest ``data_path``, absolute; the product
+        commands use it when ``--traces`` is not given).
     out_path : where to write the posterior (None: do not write).
     save_on_fail : write the file even when the gate fails (the verdict says fail).
     log_likelihood, prior_draws, progress : see :func:`run_nuts`.
@@ -781,6 +784,7 @@ def fit_model_data(data, coords: dict[str, list[str]], *, hierarchy: str = "per-
 
     gate = diagnostics.check(idata, settings.max_tree_depth)
     m = manifest(kind="posterior", seed=settings.seed, data_hash=data_hash,
+                 data_path=None if data_path is None else str(Path(data_path).resolve()),
                  priors_hash=priors_hash(priors), command=command,
                  diagnostics=gate.verdict, hierarchy=hierarchy, backend=backend,
                  sampler={**asdict(settings),
@@ -856,6 +860,7 @@ def fit(dataset, *, hierarchy: str = "per-model", priors_path: str | Path | None
     del ds  # the sampler needs only the model data (a real-size dataset is GBs)
     return fit_model_data(data, coords, hierarchy=hierarchy, priors=priors, backend=backend,
                           settings=settings, step_index=steps, data_hash=data_hash,
+                          data_path=dataset if isinstance(dataset, str | Path) else None,
                           out_path=out_path, save_on_fail=save_on_fail,
                           log_likelihood=log_likelihood, prior_draws=prior_draws,
                           progress=progress, command=command, api_overheads=api)

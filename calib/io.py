@@ -21,23 +21,51 @@ from importlib import metadata
 from pathlib import Path
 
 from calib import __version__
+from calib.errors import CalibError
 
 #: Libraries whose versions are recorded in every manifest.
 TRACKED_LIBRARIES = ("jax", "jaxlib", "numpyro", "arviz", "pymc", "numpy", "xarray",
                      "pandas", "netCDF4", "scipy")
 
 
+#: Temporary files of :func:`atomic_path` not yet renamed into place (this process).
+#: An interrupt handler (``calib.cli.run_script``) removes them before exiting.
+PENDING_TEMPS: set[Path] = set()
+#: Outputs :func:`atomic_path` has renamed into place in this process (caches excluded),
+#: so an interrupt can say truthfully whether anything was written.
+WRITTEN: list[Path] = []
+
+
+def _os_error(err: OSError, path: Path, what: str) -> CalibError:
+    reason = err.strerror or type(err).__name__
+    return CalibError(f"cannot {what} ({reason})", path=path,
+                      fix="choose a writable location or fix its permissions")
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, record: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place on success.
 
-    On any exception the temporary file is removed and ``path`` is untouched.
+    On any exception the temporary file is removed and ``path`` is untouched. A
+    folder or file that cannot be created (permissions, a file where a folder
+    should be, a read-only file system) raises :class:`~calib.errors.CalibError`
+    naming the path. ``record=False`` (caches) leaves the file out of :data:`WRITTEN`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise CalibError("is a directory, expected a file path", path=path,
+                         fix="name a file inside it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _os_error(err, path.parent, "create the folder") from None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _os_error(err, path.parent, "write in the folder") from None
     os.close(fd)
     tmp_path = Path(tmp)
+    PENDING_TEMPS.add(tmp_path)
     try:
         yield tmp_path
         # mkstemp creates 0600 files; give the result the usual permissions (umask).
@@ -45,10 +73,43 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.umask(umask)
         if tmp_path.exists():
             os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, path)
+        try:
+            os.replace(tmp_path, path)
+        except OSError as err:
+            raise _os_error(err, path, "write the file") from None
+        if record:
+            WRITTEN.append(path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+    finally:
+        PENDING_TEMPS.discard(tmp_path)
+
+
+def remove_pending_temps() -> None:
+    """Delete the temporary files of unfinished :func:`atomic_path` writes (interrupts)."""
+    for tmp in list(PENDING_TEMPS):
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        PENDING_TEMPS.discard(tmp)
+
+
+def worker_signals() -> None:
+    """Initializer of calib's worker processes: the parent handles Ctrl-C.
+
+    SIGINT is ignored (the parent stops its workers); SIGTERM removes the worker's
+    unfinished temporary files and exits at once.
+    """
+    import signal
+
+    def _term(signum, frame):
+        remove_pending_temps()
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _term)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -58,11 +119,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file's bytes."""
+    """SHA-256 hex digest of a file's bytes (CalibError naming the file if unreadable)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    except OSError as err:
+        raise CalibError(f"cannot read ({err.strerror or type(err).__name__})", path=path,
+                         fix="fix its permissions or copy it somewhere readable") from None
     return h.hexdigest()
 
 

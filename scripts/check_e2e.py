@@ -17,7 +17,12 @@ overrides), and so is the share of the QUEUED step a request waits for
 Prints one table per metric with the blackbox and NNLS baselines and, per
 experiment, the step model's bias on its sampled steps (``step-bias%``). Exit status:
 0 pass, 1 the check fails (coverage of the intervals below a binomial lower
-bound of the nominal rate; see calib/e2e.py), 2 a user error (``error: ...``).
+bound of the nominal rate; see calib/e2e.py) or is INCONCLUSIVE (too few experiments
+for the coverage test), 2 a user error (``error: ...``), 130 interrupted.
+
+Data: without --traces the dataset the posterior records in its manifest (the data
+it was fitted on); that data must still hash to the posterior's data_hash. Other data
+given with --traces is replayed as an out-of-sample check (a note says so).
 """
 
 from __future__ import annotations
@@ -25,34 +30,33 @@ from __future__ import annotations
 import argparse
 import sys
 
-from calib import config
+from calib import cli, config
 from calib.cli import Parser as _Parser
+from calib.cli import finite_float as _finite_float
+from calib.cli import nonneg_int as _nonneg_int
 from calib.cli import positive_int as _positive_int
 from calib.cli import probability as _probability
 from calib.cli import setup_jax_cpu
 from calib.cli import user_error as _user_error
 
 
-def _measured_or_float(text: str):
-    """``measured`` or a finite number."""
-    if text == "measured":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'measured' or a number, got {text!r}") \
-            from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
+def _measured_or(lo: float, hi: float | None):
+    """argparse type: ``measured`` or a finite number in ``[lo, hi]``."""
+    number = _finite_float(lo, hi)
+
+    def parse(text: str):
+        return text if text == "measured" else number(text)
+
+    return parse
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = _Parser(description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("posterior", help="posterior NetCDF written by scripts/fit.py")
-    p.add_argument("--traces", default=str(config.DEFAULT_TRACES),
-                   help="canonical dataset to replay (default: %(default)s)")
+    p.add_argument("--traces", default=None,
+                   help="dataset to replay (.nc or a folder of experiment directories; "
+                        "default: the data the posterior was fitted on, from its manifest)")
     p.add_argument("--prob", type=_probability, default=config.INTERVAL_PROB,
                    help="central interval probability (default %(default)s)")
     p.add_argument("--draws", type=_positive_int, default=config.E2E_DRAWS,
@@ -64,31 +68,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--population-models", nargs="*", default=[], metavar="MODEL",
                    help="predict these models from the population level (held out)")
     p.add_argument("--no-baselines", action="store_true", help="skip blackbox and NNLS")
-    p.add_argument("--step-gap-us", type=_measured_or_float, default="measured",
+    p.add_argument("--step-gap-us", type=_measured_or(0.0, None), default="measured",
                    help="host time between consecutive steps, µs: 'measured' (default: per "
                         "experiment from the step timestamps of consecutive sampled steps) "
                         "or a number (e.g. BLIS's alpha_coeffs[2])")
-    p.add_argument("--queued-step-weight", type=_measured_or_float, default="measured",
+    p.add_argument("--queued-step-weight", type=_measured_or(0.0, 1.0), default="measured",
                    help="share of the QUEUED step counted in E2E/TTFT: 'measured' (default: "
                         "from the QUEUED and step timestamps, else "
                         f"{config.E2E_QUEUED_STEP_WEIGHT}) or a number in [0, 1]")
-    p.add_argument("--seed", type=int, default=config.E2E_SEED, help="seed (default %(default)s)")
+    p.add_argument("--seed", type=_nonneg_int, default=config.E2E_SEED,
+                   help="seed (default %(default)s)")
     p.add_argument("--csv", default=None, help="also write the table as CSV (with manifest)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_jax_cpu()
     from calib.errors import CalibError
 
     try:
+        cli.check_output(args.csv, flag="--csv")
+        data = cli.DataChoice(args.posterior, args.traces)
+        setup_jax_cpu()
         from calib.e2e import format_table, replay
         from calib.posterior import load_posterior
         from calib.traces import load_dataset
 
         idata = load_posterior(args.posterior)
-        ds = load_dataset(args.traces)
+        ds = load_dataset(data.path)
+        note = data.verify(ds)
+        if note:
+            print(note, file=sys.stderr)
         res = replay(idata, ds, prob=args.prob, draws=args.draws, noise=not args.no_noise,
                      new_experiments=args.new_experiments,
                      population_models=args.population_models, seed=args.seed,
@@ -112,4 +122,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_script(main))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from calib import config
+from calib import cli, config
 from calib.cli import Parser as _Parser
 from calib.cli import probability as _probability
 from calib.cli import user_error as _user_error
@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     from calib.errors import CalibError
 
     try:
+        cli.check_output(args.out, flag="--out", folder=True)
+        cli.check_input(args.posterior, flag="posterior")
         from calib.export import export_posterior
         from calib.posterior import load_posterior
 
@@ -70,4 +72,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_script(main))

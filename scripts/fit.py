@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="posterior file (default posteriors/<hierarchy>.nc)")
     p.add_argument("--backend", choices=("numpyro", "pymc", "nutpie"), default="numpyro")
     p.add_argument("--chains", type=_positive_int, default=s.chains)
-    p.add_argument("--warmup", type=_nonneg_int, default=s.warmup)
+    p.add_argument("--warmup", type=_positive_int, default=s.warmup,
+                   help="adaptation draws per chain (>= 1: NUTS needs a tuned step size)")
     p.add_argument("--draws", type=_positive_int, default=s.draws)
     p.add_argument("--seed", type=_nonneg_int, default=s.seed)
     p.add_argument("--chain-method", choices=("parallel", "sequential", "vectorized"),
@@ -93,15 +94,22 @@ def setup_jax(args: argparse.Namespace) -> None:
                   chains=args.chains, x64=args.precision == "float64")
 
 
-def _check_inputs(args: argparse.Namespace) -> None:
+def _check_paths(args: argparse.Namespace) -> None:
+    """Inputs readable, the output writable: before JAX is imported or data loaded."""
     from calib.errors import CalibError
 
     if not (args.traces.is_file() or args.traces.is_dir()):
         raise CalibError("traces not found", path=args.traces,
                          fix="pass --traces <dataset.nc> or a folder of experiment directories")
+    cli.check_input(args.traces, flag="--traces")
     if not args.priors.is_file():
         raise CalibError("prior file not found", path=args.priors,
                          fix="pass --priors <file.yaml> (priors/default.yaml is the default)")
+    cli.check_input(args.priors, flag="--priors")
+    if args.prior_only:
+        cli.check_output(args.prior_check_out, flag="--prior-check-out")
+    else:
+        cli.check_output(args.out, flag="--out")
 
 
 def run_prior_only(args: argparse.Namespace) -> int:
@@ -157,12 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     from calib.errors import CalibError
 
     try:
+        _check_paths(args)
         setup_jax(args)
-        _check_inputs(args)
         return run_prior_only(args) if args.prior_only else run_fit(args)
     except CalibError as err:
         return _user_error(err)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_script(main))

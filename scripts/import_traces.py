@@ -18,10 +18,11 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from calib.cli import user_error as _user_error  # noqa: E402
-from calib.errors import CalibError  # noqa: E402
+from calib import cli
+from calib.cli import Parser as _Parser
+from calib.cli import positive_int as _positive_int
+from calib.cli import user_error as _user_error
+from calib.errors import CalibError
 
 
 def _summary(ds, out: Path, seconds: float) -> str:
@@ -51,23 +52,26 @@ def _summary(ds, out: Path, seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = _Parser(description=__doc__.split("\n\n")[0],
+                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("root", type=Path, help="experiment directory or a folder of them")
     ap.add_argument("--out", type=Path, required=True, help="output NetCDF (traces/NAME.nc)")
     ap.add_argument("--hardware", help="accelerator name or YAML (overrides exp-config)")
     ap.add_argument("--model-config", type=Path,
                     help="Hugging Face config.json for a model calib does not bundle")
-    ap.add_argument("--workers", type=int, help="parallel processes (default: CPU count)")
+    ap.add_argument("--workers", type=_positive_int, help="parallel processes (default: CPU count)")
     ap.add_argument("--no-cache", action="store_true", help="ignore and do not write the cache")
     ap.add_argument("--cache-dir", type=Path, help="cache directory (default ROOT/.calib-cache)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     try:
-        if args.workers is not None and args.workers < 1:
-            raise CalibError(f"must be >= 1, got {args.workers}", field="--workers")
-        if args.out.suffix != ".nc":
-            raise CalibError("output must be a .nc file", field="--out",
-                             fix="e.g. --out traces/NAME.nc")
+        cli.check_output(args.out, flag="--out", suffix=".nc")
+        cli.check_input(args.root, flag="root",
+                        fix="give an experiment directory or a folder of them")
+        if args.cache_dir is not None:
+            cli.check_output(args.cache_dir, flag="--cache-dir", folder=True, track=False)
+        if args.model_config is not None:
+            cli.check_input(args.model_config, flag="--model-config")
         from calib.traces import import_root, save_dataset
         from calib.traces.otlp import TraceWarning
 
@@ -85,4 +89,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_script(main))

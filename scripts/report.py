@@ -19,8 +19,9 @@ import argparse
 import os
 import sys
 
-from calib import config
+from calib import cli, config
 from calib.cli import Parser as _Parser
+from calib.cli import nonneg_int as _nonneg_int
 from calib.cli import positive_int as _positive_int
 from calib.cli import setup_jax_cpu
 from calib.cli import user_error as _user_error
@@ -31,31 +32,40 @@ def parse_args(argv=None) -> argparse.Namespace:
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("posterior", help="posterior NetCDF written by scripts/fit.py")
     p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--traces", default=str(config.DEFAULT_TRACES),
-                   help="canonical dataset for the E2E figure (default: %(default)s)")
+    p.add_argument("--traces", default=None,
+                   help="dataset for the E2E figure (default: the data the posterior was "
+                        "fitted on, from its manifest)")
     p.add_argument("--no-e2e", action="store_true", help="skip the E2E replay figure")
     p.add_argument("--draws", type=_positive_int, default=config.E2E_DRAWS,
                    help="posterior draws for the E2E replay (default %(default)s)")
-    p.add_argument("--seed", type=int, default=config.E2E_SEED, help="seed (default %(default)s)")
+    p.add_argument("--seed", type=_nonneg_int, default=config.E2E_SEED,
+                   help="seed (default %(default)s)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ["MPLBACKEND"] = "Agg"
-    setup_jax_cpu()
     from calib.errors import CalibError
 
     try:
+        cli.check_output(args.out, flag="--out", folder=True)
+        data = None if args.no_e2e else cli.DataChoice(args.posterior, args.traces)
+        if data is None:
+            cli.check_input(args.posterior, flag="posterior")
+        setup_jax_cpu()
         from calib.posterior import load_posterior
         from calib.report import make_report
 
         idata = load_posterior(args.posterior)
         ds = None
-        if not args.no_e2e:
+        if data is not None:
             from calib.traces import load_dataset
 
-            ds = load_dataset(args.traces)
+            ds = load_dataset(data.path)
+            note = data.verify(ds)
+            if note:
+                print(note, file=sys.stderr)
         paths = make_report(idata, args.out, ds=ds, source_path=args.posterior,
                             seed=args.seed, draws=args.draws,
                             command=sys.argv if argv is None else ["report.py", *argv])
@@ -67,4 +77,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_script(main))

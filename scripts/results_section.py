@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from calib import config
+from calib import cli, config
 from calib.cli import Parser as _Parser
 from calib.cli import user_error as _user_error
 
@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = " ".join(["python scripts/results_section.py",
                     *(sys.argv[1:] if argv is None else argv)])
     try:
+        cli.check_input(args.readme, flag="--readme", fix="pass --readme <file>")
+        cli.check_output(args.readme, flag="--readme")
         block = write_results_section(args.reports, args.readme, generator=cmd)
     except CalibError as err:
         return _user_error(err)
@@ -55,4 +57,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_script(main))

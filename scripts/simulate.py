@@ -15,30 +15,35 @@ import sys
 import time
 from pathlib import Path
 
+from calib import cli
+from calib.cli import Parser as _Parser
+from calib.cli import nonneg_int as _nonneg_int
+from calib.cli import positive_int as _positive_int
 from calib.cli import user_error as _user_error
 from calib.config import DEFAULT_RECIPE
 from calib.errors import CalibError
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = _Parser(description=__doc__.split("\n\n")[0],
+                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="recipe YAML (default: %(default)s)")
     ap.add_argument("--scale", default="default", help="recipe scale: default or real")
     ap.add_argument("--out", required=True, help="root folder for the experiment directories")
     ap.add_argument("--truth", default=None, help="folder for the truth NetCDFs (tests only)")
-    ap.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    ap.add_argument("--seed", type=_nonneg_int, default=None, help="override the recipe's seed")
     ap.add_argument("--gzip", action="store_true", help="write traces.json.gz")
-    ap.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    ap.add_argument("--workers", type=_positive_int, default=None, help="processes (default: CPU count)")
     args = ap.parse_args(argv)
-
-    from tqdm import tqdm
-
-    from calib.simulate import merge_stats, recipe_specs, simulate_recipe
-
     try:
+        cli.check_output(args.out, flag="--out", folder=True)
+        cli.check_output(args.truth, flag="--truth", folder=True)
+        cli.check_input(args.recipe, flag="--recipe")
+        from tqdm import tqdm
+
+        from calib.simulate import merge_stats, recipe_specs, simulate_recipe
+
         specs, _ = recipe_specs(args.recipe, scale=args.scale)
-        if args.workers is not None and args.workers < 1:
-            raise CalibError(f"--workers must be >= 1, got {args.workers}", field="--workers")
         stats: list[dict] = []
         t0 = time.perf_counter()
         with tqdm(total=len(specs), unit="exp", desc="simulate") as bar:
@@ -70,4 +75,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_script(main))

@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hierarchy", choices=HIERARCHIES, default="per-model")
     p.add_argument("--priors", type=Path, default=config.DEFAULT_PRIORS, help="prior YAML file")
     p.add_argument("--chains", type=_int(1), default=s.chains)
-    p.add_argument("--warmup", type=_int(0), default=s.warmup)
+    p.add_argument("--warmup", type=_int(1), default=s.warmup,
+                   help="adaptation draws per chain (>= 1: NUTS needs a tuned step size)")
     p.add_argument("--draws", type=_int(1), default=s.draws)
     p.add_argument("--seed", type=_int(0), default=s.seed)
     p.add_argument("--chain-method", choices=("parallel", "sequential", "vectorized"),
@@ -75,7 +76,6 @@ def setup_jax(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from calib.errors import CalibError
     from calib.priors import load_priors
     from calib.traces import load_dataset
     from calib.traces.dataset import dataset_hash
@@ -87,9 +87,6 @@ def run(args: argparse.Namespace) -> int:
         write_reports,
     )
 
-    if not (args.traces.is_file() or args.traces.is_dir()):
-        raise CalibError("dataset not found", path=args.traces,
-                         fix="pass --traces <dataset.nc or folder of experiment directories>")
     priors = load_priors(args.priors)
     ds = load_dataset(args.traces, progress=args.progress)
     settings = default_settings(chains=args.chains, warmup=args.warmup, draws=args.draws,
@@ -123,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     from calib.errors import CalibError
 
     try:
+        if not (args.traces.is_file() or args.traces.is_dir()):
+            raise CalibError("dataset not found", path=args.traces,
+                             fix="pass --traces <dataset.nc or folder of experiment directories>")
+        cli.check_input(args.traces, flag="--traces")
+        cli.check_input(args.priors, flag="--priors")
+        cli.check_output(args.out, flag="--out", folder=True)
         setup_jax(args)
         return run(args)
     except CalibError as err:
@@ -130,4 +133,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_script(main))

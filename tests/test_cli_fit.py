@@ -120,6 +120,7 @@ def test_tiny_real_fit_through_cli(tmp_path, dataset):
     assert m["diagnostics"].startswith("fail:")
     assert m["sampler"]["chain_method_run"] == "parallel"  # 2 host devices were set up
     assert m["data_hash"] and len(m["data_hash"]) == 64
+    assert m["data_path"] == str(Path(dataset).resolve())  # product commands read it
     assert "log_likelihood" in idata.groups()
     assert list(idata.posterior["model"].values) == ["llama-2-7b"]
 

@@ -340,9 +340,9 @@ def test_cli_chain_on_simulated_traces(tmp_path):
 
     r = _run_script("check_e2e.py", str(post), "--traces", str(tmp_path / "ds.nc"),
                     "--draws", "50", "--csv", str(tmp_path / "e2e.csv"))
-    assert r.returncode in (0, 1), r.stderr
+    assert r.returncode == 1, r.stderr  # one experiment: the coverage test cannot fail
     assert "== E2E latency" in r.stdout and "nnls err%" in r.stdout
-    assert r.stdout.strip().splitlines()[-1].startswith(("PASS", "FAIL"))
+    assert r.stdout.strip().splitlines()[-1].startswith("INCONCLUSIVE")
     assert (tmp_path / "e2e.csv").read_text(encoding="utf-8").startswith("# manifest: {")
 
     r = _run_script("export.py", str(post), "--out", str(tmp_path / "blis"),

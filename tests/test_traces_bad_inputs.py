@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -367,3 +368,174 @@ def test_random_corruption_never_crashes(tmp_path):
                 assert (rec.slot_request[~rec.slot_mask] == -1).all()
         assert all(issubclass(w.category, TraceWarning) for w in caught), \
             [str(w.message) for w in caught if not issubclass(w.category, TraceWarning)]
+
+
+# ----------------------------------------------- impossible journeys: labels dropped, counted
+def _journey_line(evs):
+    return line([core_span("cmpl-zz-0-9", evs)])
+
+
+ORDER_CASES = {
+    # FINISHED (and everything else) stamped before QUEUED: E2E -1.78 s
+    "finished_before_queued": ([_ev("QUEUED", 20, ts=2002.0), _ev("SCHEDULED", 21),
+                                _ev("FIRST_TOKEN", 21, pf_done=8, dc_done=1),
+                                _ev("FINISHED", 22, pf_done=8, dc_done=2)],
+                               ["E2E -1.78 s", "TTFT -1.79", "queueing -1.79"]),
+    "scheduled_before_queued": ([_ev("QUEUED", 20, ts=2000.2105), _ev("SCHEDULED", 21),
+                                 _ev("FIRST_TOKEN", 21, pf_done=8, dc_done=1, ts=2000.215),
+                                 _ev("FINISHED", 22, pf_done=8, dc_done=2)],
+                                ["queueing -0.0005 s"]),
+    "finished_before_first_token": ([_ev("QUEUED", 20), _ev("SCHEDULED", 21),
+                                     _ev("FIRST_TOKEN", 21, pf_done=8, dc_done=1, ts=2000.3),
+                                     _ev("FINISHED", 22, pf_done=8, dc_done=2)],
+                                    ["finish before first token -0.08 s"]),
+    "first_token_step_before_scheduled": ([_ev("QUEUED", 20), _ev("SCHEDULED", 22),
+                                           _ev("FIRST_TOKEN", 21, pf_done=8, dc_done=1),
+                                           _ev("FINISHED", 23, pf_done=8, dc_done=2)],
+                                          ["SCHEDULED 22, FIRST_TOKEN 21"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ORDER_CASES))
+def test_impossible_event_order_drops_the_labels_with_a_counted_warning(tmp_path, case):
+    evs, needles = ORDER_CASES[case]
+    ds, msgs = run_import(write_experiment(tmp_path / "e", good_lines() + [_journey_line(evs)]))
+    hits = [m for m in msgs if "impossible event order" in m]
+    assert len(hits) == 1, msgs
+    assert f"traces.json:{GOOD_N + 1} request cmpl-zz-0-9" in hits[0]
+    assert hits[0].split("traces.json: ")[1].startswith("1 requests")
+    for n in needles:
+        assert n in hits[0], (n, hits[0])
+    i = ds["req_id"].values.tolist().index("cmpl-zz")
+    assert bool(ds["req_failed"].values[i])
+    for label in ("req_queueing_us", "req_ttft_us", "req_e2e_us", "req_processing_us"):
+        assert np.isnan(ds[label].values[i]), label
+    stats = json.loads(ds.attrs["import_stats"])["e"]
+    assert stats["disordered_requests"] == 1
+    # every other request keeps finite, non-negative labels; the request's steps stay
+    ok = ~ds["req_failed"].values
+    e2e = ds["req_e2e_us"].values[ok]
+    assert (e2e >= 0).all() and np.isfinite(e2e).all()
+    assert int(ds["req_scheduled_step"].values[i]) in ds["step_id"].values
+
+
+def test_many_impossible_requests_are_listed_then_counted(tmp_path):
+    extra = []
+    for k in range(8):
+        rid = f"cmpl-bad{k}-0-1"
+        extra.append(line([core_span(rid, [
+            _ev("QUEUED", 20, ts=2002.0), _ev("SCHEDULED", 21),
+            _ev("FIRST_TOKEN", 21, pf_done=8, dc_done=1),
+            _ev("FINISHED", 22, pf_done=8, dc_done=2)])]))
+    ds, msgs = run_import(write_experiment(tmp_path / "e", good_lines() + extra))
+    (hit,) = [m for m in msgs if "impossible event order" in m]
+    assert "8 requests" in hit and "; 3 more" in hit
+    assert hit.count(" request cmpl-bad") == 5
+    assert f"traces.json:{GOOD_N + 8}" not in hit and f"traces.json:{GOOD_N + 5}" in hit
+    assert json.loads(ds.attrs["import_stats"])["e"]["disordered_requests"] == 8
+
+
+# --------------------------------------------- step durations: physical bound, no wrap-around
+@pytest.mark.parametrize("dur,shown", [(10**15, "1e+15 µs"), (10**30, "1e+30 µs"),
+                                       (2**63, "9.22337e+18 µs"),
+                                       (3_600_000_001, "3.6e+09 µs")])
+def test_impossible_step_duration_is_rejected_stating_its_value(tmp_path, dur, shown):
+    bad = line([step_span(9, [batch_summary(7, dur, num_prefill=1, num_decode=0,
+                                            prefill_tokens=32, decode_tokens=0,
+                                            **{"step.ts_end_ns": 10**9})])])
+    ds, msgs = run_import(write_experiment(tmp_path / "e", good_lines() + [bad]))
+    hits = [m for m in msgs if "physical bound" in m]
+    assert len(hits) == 1 and shown in hits[0], msgs
+    assert not any("<= 0" in m for m in msgs), msgs   # no int64 wrap-around
+    i = ds["step_id"].values.tolist().index(7)
+    assert not bool(ds["sampled"].values[i]) and np.isnan(ds["duration_us"].values[i])
+    assert json.loads(ds.attrs["import_stats"])["e"]["batch_too_long"] == 1
+    assert int(ds["bs_num_prefill_reqs"].values[i]) == 1  # the summary's counts are kept
+
+
+def test_step_duration_at_the_bound_is_kept(tmp_path):
+    from calib import config
+
+    at_bound = _summary_line(7, config.IMPORT_MAX_STEP_DURATION_US)
+    ds, msgs = run_import(write_experiment(tmp_path / "e", good_lines() + [at_bound]))
+    assert not any("physical bound" in m for m in msgs)
+    i = ds["step_id"].values.tolist().index(7)
+    assert bool(ds["sampled"].values[i])
+    assert ds["duration_us"].values[i] == config.IMPORT_MAX_STEP_DURATION_US
+
+
+@pytest.mark.parametrize("key", ["scheduler.step", "prefill.total_tokens"])
+def test_journey_int_outside_int64_is_a_malformed_line(tmp_path, key):
+    bad = _with_bad_attr(key, {"intValue": "1" + "0" * 30})
+    ds, msgs = run_import(write_experiment(tmp_path / "e", good_lines() + [bad]))
+    assert int(ds["exp_num_bad_lines"].values[0]) == 1
+    assert any(f"traces.json:{GOOD_N + 1}" in m and "64-bit" in m for m in msgs), msgs
+
+
+def test_step_id_outside_int64_is_a_malformed_line(tmp_path):
+    bad = _summary_line(7, 500).replace('"step.id","value":{"intValue":"7"}',
+                                        '"step.id","value":{"intValue":"' + "9" * 25 + '"}')
+    assert "9" * 25 in bad
+    ds, msgs = run_import(write_experiment(tmp_path / "e", good_lines() + [bad]))
+    assert int(ds["exp_num_bad_lines"].values[0]) == 1
+    assert any("64-bit" in m for m in msgs), msgs
+
+
+def test_parallel_parse_names_the_same_request_lines(tmp_path, monkeypatch):
+    from calib import config
+    from calib.traces import read_traces
+
+    lines = good_lines() + [_journey_line(ORDER_CASES["finished_before_queued"][0])]
+    p = write_experiment(tmp_path / "e", lines * 1) / "traces.json"
+    seq = read_traces(p)
+    monkeypatch.setattr(config, "IMPORT_PARALLEL_MIN_BYTES", 0)
+    par = read_traces(p, workers=3)
+    assert seq.request_ids == par.request_ids
+    assert seq.request_lines == par.request_lines
+    assert seq.request_lines[seq.req_index["cmpl-zz-0-9"]] == GOOD_N + 1
+
+
+# ------------------------------------------------------ linked experiment dirs, permissions
+def test_symlinked_experiment_dirs_import_like_copies(tmp_path):
+    from calib.traces import dataset_hash
+
+    src = tmp_path / "src"
+    write_experiment(src / "20260101-a", good_lines())
+    write_experiment(src / "20260101-b", good_lines()[:-1])
+    copies, links = tmp_path / "copies", tmp_path / "links"
+    links.mkdir()
+    for d in sorted(src.iterdir()):
+        shutil.copytree(d, copies / d.name)
+        (links / d.name).symlink_to(d, target_is_directory=True)
+    (links / "loop").symlink_to(links, target_is_directory=True)      # a cycle: walked once
+    (links / "again").symlink_to(src / "20260101-a", target_is_directory=True)  # same folder
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TraceWarning)
+        a = import_root(copies, progress=False, workers=1, use_cache=False)
+        b = import_root(links, progress=False, workers=1, use_cache=False)
+    assert a["experiment"].values.tolist() == b["experiment"].values.tolist() == \
+        ["20260101-a", "20260101-b"]
+    assert dataset_hash(a) == dataset_hash(b)
+    for name in ("duration_us", "req_e2e_us", "slot_new_tokens"):
+        np.testing.assert_array_equal(a[name].values, b[name].values)
+
+
+def test_cache_dir_that_cannot_be_created_is_one_line(tmp_path):
+    write_experiment(tmp_path / "r" / "exp", good_lines())
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CalibError, match="cache folder cannot be created") as exc:
+        import_root(tmp_path / "r", progress=False, cache_dir=tmp_path / "file" / "cache")
+    assert "file/cache" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_output_under_a_file_is_one_line(tmp_path):
+    from calib.io import atomic_write_text, file_sha256
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CalibError, match="cannot create the folder"):
+        atomic_write_text(tmp_path / "file" / "sub" / "x.txt", "y")
+    with pytest.raises(CalibError, match="is a directory"):
+        atomic_write_text(tmp_path, "y")
+    with pytest.raises(CalibError, match="cannot read"):
+        file_sha256(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -21,6 +21,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
+from calib.io import worker_signals
 from calib.simulate.scheduler import (
     ExperimentSpec,
     SimResult,
@@ -106,7 +107,8 @@ def simulate_recipe(recipe_path_or_dict: str | Path | Mapping, out_root: str | P
             if progress:
                 progress(st)
     else:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as ex:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                                 initializer=worker_signals) as ex:
             futs = {ex.submit(_run_one, s, seed, out_root, tdir, gzip): i
                     for i, s in enumerate(specs)}
             for f in as_completed(futs):

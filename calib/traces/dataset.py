@@ -22,6 +22,9 @@ Bad input: what happens (every case is tested in ``tests/test_traces_bad_inputs.
 input                                              outcome
 =================================================  =============================================
 path missing / not a directory                     CalibError naming the path
+path or a file in it unreadable (permissions)      CalibError naming the path
+experiment directories that are symbolic links     imported like copies (link cycles skipped)
+cache folder not writable (read-only input)        TraceWarning, imported without the cache
 empty directory / no experiment under a root       CalibError ("no experiment directories")
 exp-config.yaml missing                            CalibError naming the file
 exp-config.yaml not YAML / not a mapping           CalibError naming the file (and line)
@@ -45,6 +48,12 @@ prefill does not fit max_num_batched_tokens        TraceWarning (steps / tokens 
 duplicate BATCH_SUMMARY step ids                   TraceWarning, first kept
 BATCH_SUMMARY step not in any journey              TraceWarning, dropped, counts as disagreement
 ``step.duration_us`` <= 0                          TraceWarning, step kept but not sampled
+``step.duration_us`` > 1 hour (physical bound,     TraceWarning stating the largest value,
+``IMPORT_MAX_STEP_DURATION_US``; any size, no      step kept but not sampled, counted
+64-bit wrap-around)
+another used intValue outside 64-bit integers      malformed line (TraceWarning, skipped)
+impossible event order / negative queueing, TTFT,  TraceWarning naming file:line and request,
+E2E (e.g. FINISHED before QUEUED)                  labels dropped (failed), steps kept, counted
 ``step.duration_us`` NaN / not an integer string   malformed line (TraceWarning, skipped)
 cross-check rate > CROSSCHECK_WARN_RATE            TraceWarning with the rate
 saved file of another schema / damaged             CalibError naming the variable and the fix
@@ -68,7 +77,14 @@ from calib import DATASET_SCHEMA_VERSION, __version__, config
 from calib.arch import load_architecture
 from calib.errors import CalibError
 from calib.hardware import load_hardware
-from calib.io import atomic_path, file_sha256, manifest, manifest_to_attr, text_sha256
+from calib.io import (
+    atomic_path,
+    file_sha256,
+    manifest,
+    manifest_to_attr,
+    text_sha256,
+    worker_signals,
+)
 from calib.traces.otlp import TraceWarning, mp_context, read_traces
 from calib.traces.reconstruct import reconstruct
 from calib.traces.schema import PHASE_DECODE, REQUIRED_ATTRS, SCHEMA
@@ -90,6 +106,7 @@ def find_experiments(root: str | Path) -> list[Path]:
                          "or a folder of experiment directories")
     if not root.is_dir():
         raise CalibError("not a directory", path=root)
+    _check_readable(root)
 
     def is_exp(d: Path) -> bool:
         return any((d / n).is_file() for n in ("exp-config.yaml", "traces.json",
@@ -98,8 +115,18 @@ def find_experiments(root: str | Path) -> list[Path]:
     if is_exp(root):
         return [root]
     found = []
-    for dirpath, dirnames, _ in os.walk(root):
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+    seen = {os.path.realpath(root)}
+    # followlinks: experiment directories linked into a root import like copies; a
+    # directory reached twice (a link cycle or two links to one folder) is walked once.
+    for dirpath, dirnames, _ in os.walk(root, followlinks=True, onerror=_walk_error):
+        keep = []
+        for n in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, n))
+            if n.startswith(".") or real in seen:
+                continue
+            seen.add(real)
+            keep.append(n)
+        dirnames[:] = keep
         d = Path(dirpath)
         if d != root and is_exp(d):
             found.append(d)
@@ -111,6 +138,27 @@ def find_experiments(root: str | Path) -> list[Path]:
     return sorted(found)
 
 
+def _walk_error(err: OSError) -> None:
+    raise CalibError(f"cannot list the folder ({err.strerror or err})",
+                     path=err.filename, fix="fix its permissions") from None
+
+
+def _check_readable(path: Path) -> None:
+    """A folder must be listable and a file readable by this user (else CalibError)."""
+    mode = os.R_OK | (os.X_OK if path.is_dir() else 0)
+    if not os.access(path, mode):
+        raise CalibError("not readable (permission denied)", path=path,
+                         fix="fix its permissions or copy it somewhere readable")
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise CalibError(f"cannot read ({err.strerror or err})", path=path,
+                         fix="fix its permissions") from None
+
+
 def _read_exp_config(d: Path) -> tuple[dict, Path]:
     p = d / "exp-config.yaml"
     if not p.is_file():
@@ -118,7 +166,7 @@ def _read_exp_config(d: Path) -> tuple[dict, Path]:
                          fix="add exp-config.yaml with model, tensor_parallelism, max_model_len,"
                              " max_num_batched_tokens, max_num_seqs, app")
     try:
-        cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
+        cfg = yaml.safe_load(_read_bytes(p).decode("utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise CalibError("not valid YAML", path=p, line=None if mark is None else mark.line + 1,
@@ -146,7 +194,7 @@ def _read_optional(path: Path, kind: str) -> tuple[str, bytes]:
     """JSON text of an optional YAML/JSON file ('{}' if absent) and its raw bytes."""
     if not path.is_file():
         return "{}", b""
-    raw = path.read_bytes()
+    raw = _read_bytes(path)
     try:
         obj = yaml.safe_load(raw) if kind == "yaml" else json.loads(raw)
     except (yaml.YAMLError, ValueError) as exc:
@@ -207,6 +255,7 @@ def import_experiment(path: str | Path, *, hardware: str | None = None,
     d = Path(path)
     if not d.is_dir():
         raise CalibError("experiment directory does not exist", path=d)
+    _check_readable(d)
     cfg, cfg_path = _read_exp_config(d)
     trace_path = _trace_file(d)
     try:
@@ -339,8 +388,11 @@ def concat_experiments(datasets: Sequence[xr.Dataset]) -> xr.Dataset:
 
 
 # ------------------------------------------------------------------------ save / load
-def save_dataset(ds: xr.Dataset, path: str | Path) -> Path:
-    """Write ``ds`` atomically as NetCDF-4 (bools as int8, zlib on step x slot variables)."""
+def save_dataset(ds: xr.Dataset, path: str | Path, *, record: bool = True) -> Path:
+    """Write ``ds`` atomically as NetCDF-4 (bools as int8, zlib on step x slot variables).
+
+    ``record=False`` for caches (see :func:`calib.io.atomic_path`).
+    """
     path = Path(path)
     out = ds.copy()
     enc = {}
@@ -357,7 +409,7 @@ def save_dataset(ds: xr.Dataset, path: str | Path) -> Path:
             enc[name] = {"zlib": True, "complevel": config.DATASET_ZLIB_LEVEL, "shuffle": True}
     out["experiment"] = out["experiment"].astype(str)
     enc["experiment"] = {"dtype": str}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, record=record) as tmp:
         out.to_netcdf(tmp, engine="netcdf4", encoding=enc)
     return path
 
@@ -458,7 +510,7 @@ def _import_one(d: str, hardware, model_config, cache_file: str | None, parse_wo
         ds = import_experiment(d, hardware=hardware, model_config=model_config,
                                parse_workers=parse_workers)
         if cache_file is not None:
-            save_dataset(ds, cache_file)
+            save_dataset(ds, cache_file, record=False)
         result = ds
     msgs = [str(w.message) for w in caught if issubclass(w.category, TraceWarning)]
     return result, msgs
@@ -513,7 +565,19 @@ def import_root(root: str | Path, *, hardware: str | None = None,
     if use_cache:
         cache_path = Path(cache_dir) if cache_dir else (
             (root if root.is_dir() else root.parent) / config.IMPORT_CACHE_DIRNAME)
-        cache_path.mkdir(parents=True, exist_ok=True)
+        try:
+            cache_path.mkdir(parents=True, exist_ok=True)
+            writable = os.access(cache_path, os.W_OK | os.X_OK)
+        except OSError:
+            writable = False
+        if not writable:
+            if cache_dir:
+                raise CalibError("cache folder cannot be created or written", path=cache_path,
+                                 fix="pass a writable --cache-dir, or --no-cache")
+            warnings.warn(TraceWarning(f"{cache_path}: cannot create or write the import cache "
+                                       "(read-only input?); importing without it"),
+                          stacklevel=2)
+            cache_path = None
     jobs = []
     results: list = [None] * len(dirs)
     for i, d in enumerate(dirs):
@@ -543,7 +607,8 @@ def import_root(root: str | Path, *, hardware: str | None = None,
                 bar.update(1)
         elif jobs:
             ctx = mp_context()
-            with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as pool:
+            with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx,
+                                     initializer=worker_signals) as pool:
                 futs = {pool.submit(_import_one, d, hardware, model_config, cfile): i
                         for i, d, cfile in jobs}
                 for fut in as_completed(futs):
@@ -584,5 +649,7 @@ def _rename(results: list, names: list[str]) -> list:
 def _progress(total: int, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled or total <= 1,
+    # disable=None: shown on a terminal only (a piped stderr keeps the CLI's one line).
+    return tqdm(total=total, initial=initial,
+                disable=True if not enabled or total <= 1 else None,
                 desc="import", unit="exp", leave=False)

@@ -15,9 +15,13 @@ attributes the importer uses are checked strictly (``intValue`` must be a
 string-encoded integer, ``doubleValue`` a finite number, ``stringValue`` a string);
 values of attributes it does not use are not inspected.
 
+An ``intValue`` of a used attribute must fit a signed 64-bit integer; only
+``step.duration_us`` may be larger (kept as a float, so the importer can reject an
+impossible duration stating its real value instead of a wrapped-around one).
+
 A malformed line (invalid or truncated JSON, wrong structure, a used attribute
-missing or of the wrong type) is skipped *as a whole* -- nothing from it is kept --
-with a :class:`TraceWarning` naming the file and line number, and counted in
+missing, of the wrong type or out of the 64-bit range) is skipped *as a whole* --
+nothing from it is kept -- with a :class:`TraceWarning` naming the file and line number, and counted in
 :attr:`TraceColumns.num_bad_lines`. After ``IMPORT_MAX_LINE_WARNINGS`` per-line
 warnings the remaining ones are summarised in one warning at the end of the file.
 
@@ -52,6 +56,7 @@ import numpy as np
 
 from calib import config
 from calib.errors import CalibError
+from calib.io import worker_signals
 
 try:  # optional accelerator: ~3x faster JSON parsing
     import orjson as _orjson
@@ -136,8 +141,18 @@ class _Bad(Exception):
     """A malformed line (internal)."""
 
 
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+
+
 # ---------------------------------------------------------------------- value decoding
 def _int(d: dict, key: str) -> int:
+    v = _int_unbounded(d, key)
+    if not _I64_MIN <= v <= _I64_MAX:
+        raise _Bad(f"attribute {key!r}: intValue {v} is outside the 64-bit integer range")
+    return v
+
+
+def _int_unbounded(d: dict, key: str) -> int:
     try:
         s = d[key]["intValue"]
     except KeyError:
@@ -227,6 +242,10 @@ class TraceColumns:
     s_req: list = field(default_factory=list)     # REQUEST_SNAPSHOT request.id
     s_phase: list = field(default_factory=list)
     s_rows: list = field(default_factory=list)    # flat SNAPSHOT_INT_KEYS values per row
+    #: per request (aligned with ``request_ids``): line of its first journey event.
+    request_lines: list = field(default_factory=list)
+    #: line being parsed (set by the reader; names requests in warnings).
+    lineno: int = 0
     num_lines: int = 0
     num_bad_lines: int = 0
     #: (line number, reason) of the first bad lines (all of them are counted).
@@ -245,6 +264,7 @@ class TraceColumns:
         for rid in self.request_ids[nreq:]:
             del self.req_index[rid]
         del self.request_ids[nreq:]
+        del self.request_lines[nreq:]
 
     def finish(self) -> TraceColumns:
         """Convert the list columns to numpy arrays (in place); returns self."""
@@ -260,6 +280,10 @@ class TraceColumns:
         self.a_ts = np.asarray(self.a_ts, dtype=np.float64)
         nb = len(BATCH_INT_KEYS)
         b = np.asarray(self.b_rows, dtype=np.float64).reshape(-1, nb + 1)
+        #: step.duration_us as float64: the one integer that may exceed int64 (rejected
+        #: later as impossible, with its real value).
+        self.b_dur = b[:, 1].copy()
+        b[:, 1] = np.clip(b[:, 1], -1.0, 2.0**62)
         self.b_int = b[:, :nb].astype(np.int64)
         self.b_kv_ratio = b[:, nb]
         self.b_rows = []
@@ -284,6 +308,7 @@ def _journey_spans(spans, c: TraceColumns, keep_phase: list | None) -> None:
         if idx is None:
             idx = req_index[rid] = len(c.request_ids)
             c.request_ids.append(rid)
+            c.request_lines.append(c.lineno)
         for ev in events:
             kind = _JOURNEY_CODES.get(ev["name"])
             if kind is None:
@@ -294,6 +319,8 @@ def _journey_spans(spans, c: TraceColumns, keep_phase: list | None) -> None:
                 ts = d["ts.monotonic"]["doubleValue"]
                 ints = list(map(int, raw))
                 "".join(raw)  # TypeError unless all are strings
+                if max(ints) > _I64_MAX or min(ints) < _I64_MIN:
+                    raise TypeError
                 if ts.__class__ is not float or ts - ts != 0.0:
                     raise TypeError
             except (KeyError, TypeError, ValueError):
@@ -342,7 +369,7 @@ def _step_spans(spans, c: TraceColumns, keep_phase: list | None) -> None:
             name = ev["name"]
             if name == "step.BATCH_SUMMARY":
                 d = _attrs(ev["attributes"])
-                row = [_int(d, "step.id"), _int(d, "step.duration_us")]
+                row = [_int(d, "step.id"), _int_unbounded(d, "step.duration_us")]
                 row.extend([_int_opt(d, k) for k in BATCH_INT_KEYS[2:]])
                 row.append(_float(d, "kv.usage_gpu_ratio") if "kv.usage_gpu_ratio" in d
                            else math.nan)
@@ -498,7 +525,8 @@ def _read_parallel(path: Path, workers: int) -> TraceColumns:
     cuts.append(size)
     ranges = [(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
     ctx = mp_context()
-    with ProcessPoolExecutor(max_workers=len(ranges), mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=len(ranges), mp_context=ctx,
+                             initializer=worker_signals) as pool:
         parts = list(pool.map(_read_range, [path] * len(ranges), [0] * len(ranges),
                               [a for a, _ in ranges], [b for _, b in ranges]))
     return merge_columns(parts, path)
@@ -515,6 +543,7 @@ def merge_columns(parts: list[TraceColumns], path: str | Path) -> TraceColumns:
             if g is None:
                 g = out.req_index[rid] = len(out.request_ids)
                 out.request_ids.append(rid)
+                out.request_lines.append(p.request_lines[i] + offset)
             gidx[i] = g
         j_req.append(gidx[p.j_req])
         out.bad_lines.extend((ln + offset, why) for ln, why in p.bad_lines)
@@ -527,7 +556,7 @@ def merge_columns(parts: list[TraceColumns], path: str | Path) -> TraceColumns:
     out.num_lines = offset
     out.j_req = np.concatenate(j_req)
     for n in ("j_kind", "j_ts", "j_step", "j_pf_done", "j_pf_total", "j_dc_done", "j_dc_max",
-              "j_npre", "j_resume", "a_kind", "a_ts", "b_int", "b_kv_ratio", "s_int"):
+              "j_npre", "j_resume", "a_kind", "a_ts", "b_int", "b_dur", "b_kv_ratio", "s_int"):
         setattr(out, n, np.concatenate([getattr(p, n) for p in parts]))
     out.b_rows, out.s_rows, out.j_ints = [], [], []
     return out
@@ -538,7 +567,7 @@ def _read_into(c: TraceColumns, path: Path, limit: int, lines=None) -> None:
         if lineno < 0:
             _bad(c, path, c.num_lines + 1, f"unreadable compressed data ({raw.decode()})", limit)
             break
-        c.num_lines = lineno
+        c.num_lines = c.lineno = lineno
         if not raw.strip():
             continue
         mark = c._mark()

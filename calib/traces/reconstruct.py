@@ -48,6 +48,13 @@ known steps in the batches; their latency labels are NaN. Requests are ordered b
 QUEUED time (else their first event's), ties by first appearance in the file; an
 ``llm_core`` span without journey events is not a request.
 
+Event order and label signs: a complete request must have QUEUED <= SCHEDULED <=
+FIRST_TOKEN <= FINISHED both in ``ts.monotonic`` and in ``scheduler.step``, so that
+queueing, TTFT, E2E and processing time are >= 0. A request that breaks this keeps
+its steps in the batches but is dropped from the labels (NaN, counted as failed and
+in ``stats["disordered_requests"]``), with one TraceWarning per experiment naming
+the file, the line of the request's first journey event and the offending values.
+
 Damaged input guard: a decode segment or prefill job longer than
 ``calib.config.IMPORT_MAX_INTERVAL_STEPS`` steps is dropped (counted anomaly).
 Anomalies are counted in ``Reconstruction.stats["anomalies"]`` and reported in one
@@ -382,6 +389,11 @@ def reconstruct(c: TraceColumns, max_num_batched_tokens: int, *,
     xs = _check_snapshots(c, step_id, rank, slot_request, slot_phase, slot_new, slot_prog,
                           source, stats)
 
+    # ---- event order and label signs per request
+    disorder = _check_event_order(c, ~failed & has, q_ts, sc_ts, ft_ts, fin_ts,
+                                  q_step, sc_step, ft_step, fin_step, gaps_s, source, stats)
+    failed = failed | disorder
+
     # ---- labels (µs), in queue order
     us = 1e6
     ok = ~failed
@@ -438,6 +450,39 @@ def reconstruct(c: TraceColumns, max_num_batched_tokens: int, *,
     return Reconstruction(step_id, num_prefill, num_decode, prefill_tokens, decode_tokens,
                           slot_request, slot_phase, slot_new, slot_prog, slot_prompt, slot_mask,
                           bs, req, xb, xs, stats)
+
+
+def _check_event_order(c, complete, q_ts, sc_ts, ft_ts, fin_ts, q_step, sc_step, ft_step,
+                       fin_step, gaps_s, source, stats) -> np.ndarray:
+    """Requests (of ``complete``) whose journey order is impossible (module doc)."""
+    with np.errstate(invalid="ignore"):
+        labels = {"queueing": sc_ts - q_ts, "TTFT": ft_ts - q_ts, "E2E": fin_ts - q_ts,
+                  "first token before scheduling": ft_ts - sc_ts,
+                  "finish before first token": fin_ts - ft_ts,
+                  "processing": fin_ts - sc_ts - gaps_s}
+        bad = np.zeros(complete.shape, bool)
+        for v in labels.values():
+            bad |= v < 0
+    steps = ~((q_step <= sc_step) & (sc_step <= ft_step) & (ft_step <= fin_step))
+    bad = complete & (bad | steps)
+    n = int(bad.sum())
+    stats["disordered_requests"] = n
+    if n:
+        lines = getattr(c, "request_lines", None) or []
+        shown = []
+        for r in np.flatnonzero(bad)[:config.IMPORT_MAX_REQUEST_WARNINGS].tolist():
+            what = [f"{k} {v[r]:+.6g} s" for k, v in labels.items() if v[r] < 0]
+            if steps[r]:
+                what.append(f"steps QUEUED {q_step[r]}, SCHEDULED {sc_step[r]}, "
+                            f"FIRST_TOKEN {ft_step[r]}, FINISHED {fin_step[r]}")
+            where = f"{source}:{lines[r]}" if r < len(lines) and lines[r] else f"{source}"
+            shown.append(f"{where} request {c.request_ids[r]} ({'; '.join(what)})")
+        more = "" if n <= len(shown) else f"; {n - len(shown)} more"
+        warnings.warn(TraceWarning(
+            f"{source}: {n} requests with impossible event order (negative queueing, TTFT, "
+            f"E2E or processing time) dropped from the labels, their steps kept: "
+            + " | ".join(shown) + more), stacklevel=3)
+    return bad
 
 
 def _allocate_prefills(j_req, j_a, j_b, j_comp, j_need, j_kv0, rank, dec_step, budget_total):
@@ -520,7 +565,8 @@ def _join_batch_summaries(c, step_id, num_prefill, num_decode, prefill_tokens, d
     b = c.b_int
     stats["batch_summaries"] = int(b.shape[0])
     if b.shape[0] == 0:
-        stats.update(batch_duplicates=0, batch_unmatched=0, batch_bad_duration=0)
+        stats.update(batch_duplicates=0, batch_unmatched=0, batch_bad_duration=0,
+                     batch_too_long=0)
         return bs, float("nan")
     ids, first = np.unique(b[:, 0], return_index=True)
     ndup = b.shape[0] - ids.size
@@ -537,12 +583,15 @@ def _join_batch_summaries(c, step_id, num_prefill, num_decode, prefill_tokens, d
     bs["bs_ts_start_ns"][pos] = b[:, 2]
     bs["bs_ts_end_ns"][pos] = b[:, 3]
     bs["bs_kv_usage_gpu_ratio"][pos] = ratio
-    dur = b[:, 1]
-    good = dur > 0
+    dur = c.b_dur[first][matched]
+    too_long = dur > config.IMPORT_MAX_STEP_DURATION_US
+    good = (dur > 0) & ~too_long
     bs["duration_us"][pos[good]] = dur[good]
     bs["sampled"][pos[good]] = True
-    nbad = int((~good).sum())
-    stats.update(batch_duplicates=int(ndup), batch_unmatched=nun, batch_bad_duration=nbad)
+    nbad = int((dur <= 0).sum())
+    nlong = int(too_long.sum())
+    stats.update(batch_duplicates=int(ndup), batch_unmatched=nun, batch_bad_duration=nbad,
+                 batch_too_long=nlong)
     if ndup:
         warnings.warn(TraceWarning(
             f"{source}: {ndup} duplicate step.BATCH_SUMMARY step.id values; kept the first "
@@ -555,6 +604,13 @@ def _join_batch_summaries(c, step_id, num_prefill, num_decode, prefill_tokens, d
         warnings.warn(TraceWarning(
             f"{source}: {nbad} step.BATCH_SUMMARY events have step.duration_us <= 0; "
             f"those steps are treated as not sampled"), stacklevel=3)
+    if nlong:
+        worst = float(dur[too_long].max())
+        warnings.warn(TraceWarning(
+            f"{source}: {nlong} step.BATCH_SUMMARY events have step.duration_us above the "
+            f"physical bound of {config.IMPORT_MAX_STEP_DURATION_US} µs (1 hour; "
+            f"calib.config.IMPORT_MAX_STEP_DURATION_US), largest {worst:.6g} µs "
+            f"({worst / 3.6e9:.3g} h); those steps are treated as not sampled"), stacklevel=3)
     disagree = np.zeros(pos.size, bool)
     for col, rec in ((6, num_prefill), (7, num_decode), (9, prefill_tokens),
                      (10, decode_tokens)):
