@@ -148,8 +148,10 @@ def quantile(q: Array, sigma: Array, stall_prob: Array, stall_log_mult: Array,
     shape = np.broadcast_shapes(q.shape, *(np.shape(a) for a in
                                            (sigma, stall_prob, stall_log_mult, stall_log_sd)))
     s = stall_scale(np.asarray(sigma), np.asarray(stall_log_sd))
-    lo = np.broadcast_to(-12.0 * np.asarray(sigma), shape).copy()
-    hi = np.broadcast_to(np.asarray(stall_log_mult) + 12.0 * s, shape).copy()
+    delta = np.asarray(stall_log_mult)
+    # both components lie within 12 sd of their centres (the stall one may reach below 0)
+    lo = np.broadcast_to(np.minimum(-12.0 * np.asarray(sigma), delta - 12.0 * s), shape).copy()
+    hi = np.broadcast_to(delta + 12.0 * s, shape).copy()
     for _ in range(100):
         mid = 0.5 * (lo + hi)
         below = cdf(mid, 0.0, sigma, stall_prob, stall_log_mult, stall_log_sd) < q
