@@ -24,8 +24,10 @@ exactly normal as well. The components are ordered by construction (shifts δ_s 
 
 Why this family (and not the log Student-t it replaces):
 
-* every moment exists in closed form,
-  ``E[(y/m)^k] = exp(k²σ²/2)·(1 + π_s·expm1(kδ_s + k²ω_s²/2) + π_f·expm1(−kδ_f + k²ω_f²/2))``,
+* every moment exists in closed form::
+
+    E[(y/m)^k] = exp(k²σ²/2)·(1 + π_s·expm1(kδ_s + k²ω_s²/2) + π_f·expm1(−kδ_f + k²ω_f²/2))
+
   so sums of step times (E2E, TTFT) have an exact predictive mean and variance; the
   log Student-t has no mean for any ν, which made ``m`` a median and every sum biased low;
 * a heavy *right* tail with a learned rate and magnitude (GC pauses, preemption,

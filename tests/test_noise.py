@@ -48,7 +48,7 @@ def test_density_integrates_to_one(p):
 @pytest.mark.parametrize("p", CASES)
 def test_closed_form_moments_match_quadrature(p):
     for k in (1.0, 2.0, -1.0):
-        assert noise.moment(k, *p) == pytest.approx(_quad(lambda r: math.exp(k * r), p),
+        assert noise.moment(k, *p) == pytest.approx(_quad(lambda r, k=k: math.exp(k * r), p),
                                                     rel=1e-9)
     assert noise.mean_factor(*p) == noise.moment(1.0, *p)
     assert np.exp(noise.log_mean_factor(*p)) == pytest.approx(noise.mean_factor(*p), rel=1e-13)
@@ -94,7 +94,7 @@ def test_numpyro_sampler_matches_density_ks(p):
 @pytest.mark.parametrize("p", CASES)
 def test_cdf_is_integral_of_density_and_quantile_inverts_it(p):
     for r in (-2.0 * p[0], 0.0, p[2], -0.5):
-        assert noise.cdf(r, 0.0, *p) == pytest.approx(_quad(lambda x: float(x <= r), p),
+        assert noise.cdf(r, 0.0, *p) == pytest.approx(_quad(lambda x, r=r: float(x <= r), p),
                                                       abs=1e-7)
     q = np.array([1e-4, 0.05, 0.5, 0.95, 0.999, 0.99999])
     assert noise.cdf(np.log(noise.quantile(q, *p)), 0.0, *p) == pytest.approx(q, rel=1e-9)
