@@ -168,6 +168,7 @@ def test_gradients_are_finite_far_in_the_tails():
         assert np.all(np.isfinite(np.asarray(g3(a))))
 
 
+@pytest.mark.slow
 def test_parameter_recovery_numpyro():
     """Fixed design mu = b·x; body, stalls and fast steps; NUTS recovers b, the noise
     parameters and the mean factor (each within 4 posterior sd, and sharp)."""
