@@ -54,6 +54,7 @@ misses either.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -66,8 +67,9 @@ from calib import config
 from calib.errors import CalibError
 
 __all__ = ["ClosedLoopResult", "ExperimentPlan", "LinearStepTime", "closed_loop",
-           "exported_coefficients", "experiment_plans", "format_table", "latency_means",
-           "probe_features",
+           "exported_coefficients", "experiment_plans", "format_table", "judge",
+           "latency_means", "probe_features", "set_name", "add_check_arguments",
+           "write_table_csv",
            "replay_experiment", "step_time_weights"]
 
 METRICS = ("e2e", "ttft", "itl")
@@ -381,14 +383,13 @@ def closed_loop(plans: Sequence[ExperimentPlan], coeffs: Coefficients, *,
     from multiprocessing import get_context
 
     from calib.arch import load_architecture
-    from calib.export import population_name
     from calib.hardware import load_hardware
 
     sets = [coeffs.point, *coeffs.draws]
     jobs, basis = [], []
     for e, plan in enumerate(plans):
-        name = plan.model if plan.model in coeffs.point else population_name()
-        basis.append("fitted" if name == plan.model else "population")
+        name, b = set_name(plan, coeffs)
+        basis.append(b)
         arch = load_architecture(plan.spec.model)
         probes = probe_features(arch, load_hardware(plan.spec.hardware), plan.spec.tp)
         for k, s in enumerate(sets):
@@ -414,7 +415,30 @@ def closed_loop(plans: Sequence[ExperimentPlan], coeffs: Coefficients, *,
     finally:
         if ex is not None:
             ex.shutdown(cancel_futures=True)
+    return judge(plans, results, basis, prob=prob, e2e_target_pct=e2e_target_pct,
+                 ttft_itl_target_pct=ttft_itl_target_pct)
+
+
+def set_name(plan: ExperimentPlan, coeffs: Coefficients) -> tuple[str, str]:
+    """The coefficient set replaying ``plan`` and its basis ("fitted" or "population")."""
+    from calib.export import population_name
+
+    if plan.model in coeffs.point:
+        return plan.model, "fitted"
+    return population_name(), "population"
+
+
+def judge(plans: Sequence[ExperimentPlan], results: np.ndarray, basis: Sequence[str], *,
+          prob: float = config.INTERVAL_PROB,
+          e2e_target_pct: float = config.CLOSED_LOOP_E2E_TARGET_PCT,
+          ttft_itl_target_pct: float = config.CLOSED_LOOP_TTFT_ITL_TARGET_PCT
+          ) -> ClosedLoopResult:
+    """Table and verdict from replayed means ``results`` (sets × experiments × METRICS, µs).
+
+    Set 0 is the point (exported) coefficients, sets 1.. the posterior draws.
+    """
     targets = _targets(e2e_target_pct, ttft_itl_target_pct)
+    n_draws = results.shape[0] - 1
     rows = []
     for e, plan in enumerate(plans):
         for i, m in enumerate(METRICS):
@@ -437,7 +461,7 @@ def closed_loop(plans: Sequence[ExperimentPlan], coeffs: Coefficients, *,
     if failed.empty:
         msg = (f"PASS: all {n_exp} experiments within target (E2E < {e2e_target_pct:g} %, "
                f"TTFT/ITL < {ttft_itl_target_pct:g} %)"
-               + (f" and inside their {100 * prob:.0f}% band" if coeffs.draws else ""))
+               + (f" and inside their {100 * prob:.0f}% band" if n_draws else ""))
     else:
         bad = sorted(set(failed.experiment))
         why = []
@@ -448,11 +472,11 @@ def closed_loop(plans: Sequence[ExperimentPlan], coeffs: Coefficients, *,
             why.append(f"{len(miss)} over the target")
         msg = (f"FAIL: {len(bad)} of {n_exp} experiments miss ({', '.join(why)} "
                "experiment×metric)")
-    return ClosedLoopResult(table=table, prob=prob, draws=len(coeffs.draws),
+    return ClosedLoopResult(table=table, prob=prob, draws=n_draws,
                             passed=failed.empty, message=msg,
                             settings={"e2e_target_pct": e2e_target_pct,
                                       "ttft_itl_target_pct": ttft_itl_target_pct,
-                                      "draws": len(coeffs.draws), "prob": prob})
+                                      "draws": n_draws, "prob": prob})
 
 
 def format_table(result: ClosedLoopResult, simulator: str = "calib scheduler") -> str:
@@ -481,3 +505,45 @@ def format_table(result: ClosedLoopResult, simulator: str = "calib scheduler") -
         lines.append("")
     lines.append(result.message)
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ script helpers
+def _percent(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < v < 1000.0:
+        raise argparse.ArgumentTypeError(f"expected a percentage in (0, 1000), got {v}")
+    return v
+
+
+def add_check_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by scripts/check_closed_loop.py and scripts/check_blis.py (argparse only)."""
+    from calib.cli import probability
+
+    p.add_argument("posterior", help="posterior NetCDF written by scripts/fit.py")
+    p.add_argument("--traces", default=str(config.DEFAULT_TRACES),
+                   help="canonical dataset to replay (default: %(default)s)")
+    p.add_argument("--prob", type=probability, default=config.INTERVAL_PROB,
+                   help="central band probability (default %(default)s)")
+    p.add_argument("--e2e-target", type=_percent, default=config.CLOSED_LOOP_E2E_TARGET_PCT,
+                   metavar="PCT", help="largest |E2E error| %% that passes (default %(default)s)")
+    p.add_argument("--ttft-itl-target", type=_percent,
+                   default=config.CLOSED_LOOP_TTFT_ITL_TARGET_PCT, metavar="PCT",
+                   help="largest |TTFT| and |decode-interval error| %% that passes "
+                        "(default %(default)s)")
+    p.add_argument("--csv", default=None, help="also write the table as CSV (with manifest)")
+
+
+def write_table_csv(path: str, result, posterior: str, ds, kind: str) -> None:
+    """Write ``result.table`` as CSV with a manifest line (atomic)."""
+    import json
+
+    from calib.io import atomic_write_text, file_sha256, manifest
+    from calib.traces import dataset_hash
+
+    m = manifest(kind=kind, data_hash=dataset_hash(ds), settings=result.settings,
+                 diagnostics=result.message, source_posterior_sha256=file_sha256(posterior))
+    atomic_write_text(path, f"# manifest: {json.dumps(m, sort_keys=True)}\n"
+                      + result.table.to_csv(index=False))
