@@ -339,3 +339,7 @@ CLOSED_LOOP_TTFT_ITL_TARGET_PCT = 15.0
 #: Posterior draws replayed for the band by default: 20 replays keep the check under
 #: 3 minutes on 2 cores on the embedded default (one scheduler replay per draw).
 CLOSED_LOOP_DRAWS = 20
+#: Posterior draws (thinned evenly) in the saved posterior's ``posterior_predictive`` group
+#: (draws × sampled steps of simulated durations) so ``az.plot_ppc`` works; 0 leaves it
+#: out (``scripts/fit.py --ppc-draws 0``). 200 keeps it ~2x the size of observed_data·200.
+PPC_DRAWS = 200
