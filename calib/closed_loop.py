@@ -234,10 +234,10 @@ def experiment_plans(ds, *, seed: int = config.E2E_SEED) -> list[ExperimentPlan]
         stages = tuple((float(s["rate"]), float(s["duration"]))
                        for s in (profile.get("load") or {}).get("stages") or []) or ((1.0, 1.0),)
         total = int((plen[keep] + out[keep]).max())
+        # the spec's own workload is not replayed (the RequestPlan replaces it); these
+        # values only pass its checks
         shared = {"num_unique_system_prompts": n_groups, "num_users_per_system_prompt": 1,
-                  "system_prompt_len": prefix_len,
-                  "question_len": max(1, min(int(plen[keep].min()) - prefix_len, 1)),
-                  "output_len": 1}
+                  "system_prompt_len": prefix_len, "question_len": 1, "output_len": 1}
         spec = ExperimentSpec(model=str(v("exp_model_id")[e]), tp=int(v("exp_tp")[e]),
                               workload=str(v("exp_workload")[e]), shared_prefix=shared,
                               stages=stages, hardware=str(v("exp_hardware")[e]),

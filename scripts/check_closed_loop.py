@@ -64,9 +64,18 @@ def main(argv=None) -> int:
         idata = load_posterior(args.posterior)
         ds = load_dataset(args.traces)
         coeffs, _ = exported_coefficients(idata, ds, draws=args.draws)
+        t1 = time.perf_counter()
+        print(f"export (API-overhead fit included): {t1 - t0:.0f} s", file=sys.stderr)
+
+        def progress(done: int, total: int) -> None:
+            if done == total or done % max(1, total // 10) == 0:
+                print(f"replays {done}/{total} ({time.perf_counter() - t1:.0f} s)",
+                      file=sys.stderr)
+
         res = closed_loop(experiment_plans(ds), coeffs, prob=args.prob,
                           e2e_target_pct=args.e2e_target,
-                          ttft_itl_target_pct=args.ttft_itl_target, workers=args.workers)
+                          ttft_itl_target_pct=args.ttft_itl_target, workers=args.workers,
+                          progress=progress)
         if args.csv:
             write_table_csv(args.csv, res, args.posterior, ds, "closed-loop-check")
     except CalibError as err:
