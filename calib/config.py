@@ -294,3 +294,17 @@ VALIDATE_MSPE_BOUND_PCT = 5.0
 RESULTS_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
 #: Heading of the README section created (before "## Testing") when the markers are absent.
 RESULTS_HEADING = "## Results on the embedded data"
+
+# ---------------------------------------------------------------- closed loop (issue 20)
+#: Closed-loop target: |predicted − observed| / observed of an experiment's mean E2E (%):
+#: the research target of BLIS calibration (workload-level E2E error under 10 %).
+CLOSED_LOOP_E2E_TARGET_PCT = 10.0
+#: Same for mean TTFT and mean decode interval (%): the research target for both.
+CLOSED_LOOP_TTFT_ITL_TARGET_PCT = 15.0
+#: Posterior draws replayed for the band by default: 20 replays keep the check under
+#: 3 minutes on 2 cores on the embedded default (one scheduler replay per draw).
+CLOSED_LOOP_DRAWS = 20
+#: Posterior draws (thinned evenly) in the saved posterior's ``posterior_predictive`` group
+#: (draws × sampled steps of simulated durations) so ``az.plot_ppc`` works; 0 leaves it
+#: out (``scripts/fit.py --ppc-draws 0``). 200 keeps it ~2x the size of observed_data·200.
+PPC_DRAWS = 200

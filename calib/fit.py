@@ -732,8 +732,11 @@ def fit_model_data(data, coords: dict[str, list[str]], *, hierarchy: str = "per-
                    save_on_fail: bool = False,
                    log_likelihood: bool = False, prior_draws: int = 0, progress: bool = True,
                    command: list[str] | None = None,
-                   api_overheads: dict | None = None) -> FitResult:
+                   api_overheads: dict | None = None,
+                   ppc_draws: int = config.PPC_DRAWS) -> FitResult:
     """Fit prepared model data: sampler -> gate -> manifest -> (file).
+
+    ``ppc_draws``: draws in the ``posterior_predictive`` group (:mod:`calib.ppc`; 0: none).
 
     Parameters
     ----------
@@ -804,6 +807,9 @@ def fit_model_data(data, coords: dict[str, list[str]], *, hierarchy: str = "per-
 
         idata.attrs[API_OVERHEADS_ATTR] = json.dumps(api_overheads)
 
+    from calib.ppc import add_posterior_predictive
+
+    add_posterior_predictive(idata, draws=ppc_draws)
     path = None
     if out_path is not None and (gate.passed or save_on_fail):
         from calib.posterior import save_posterior
@@ -816,7 +822,7 @@ def fit(dataset, *, hierarchy: str = "per-model", priors_path: str | Path | None
         backend: str = "numpyro", settings: SamplerSettings = SamplerSettings(),
         out_path: str | Path | None = None, save_on_fail: bool = False,
         log_likelihood: bool = False, prior_draws: int = 0, progress: bool = True,
-        command: list[str] | None = None) -> FitResult:
+        command: list[str] | None = None, ppc_draws: int = config.PPC_DRAWS) -> FitResult:
     """Fit the step-time model to a canonical dataset and write the posterior.
 
     Parameters
@@ -863,7 +869,8 @@ def fit(dataset, *, hierarchy: str = "per-model", priors_path: str | Path | None
                           data_path=dataset if isinstance(dataset, str | Path) else None,
                           out_path=out_path, save_on_fail=save_on_fail,
                           log_likelihood=log_likelihood, prior_draws=prior_draws,
-                          progress=progress, command=command, api_overheads=api)
+                          progress=progress, command=command, api_overheads=api,
+                          ppc_draws=ppc_draws)
 
 
 

@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="store pointwise log-likelihood (for az.loo; chains x draws x steps)")
     p.add_argument("--prior-draws", type=_nonneg_int, default=0,
                    help="store this many prior draws in a `prior` group")
+    p.add_argument("--ppc-draws", type=_nonneg_int, default=config.PPC_DRAWS,
+                   help="draws in the posterior_predictive group for az.plot_ppc (draws x "
+                        "steps in the file); 0 leaves it out (default %(default)s)")
     p.add_argument("--save-on-fail", action="store_true",
                    help="write the posterior even when the diagnostics gate fails")
     p.add_argument("--prior-only", action="store_true",
@@ -150,6 +153,7 @@ def run_fit(args: argparse.Namespace) -> int:
                  backend=args.backend, settings=settings, out_path=args.out,
                  save_on_fail=args.save_on_fail, log_likelihood=args.log_likelihood,
                  prior_draws=args.prior_draws, progress=args.progress,
+                 ppc_draws=args.ppc_draws,
                  command=[Path(sys.argv[0]).name, *sys.argv[1:]])
     print(f"sampling took {result.sampling_s:.1f} s")
     print(format_table(result.gate))

@@ -24,6 +24,7 @@ from pathlib import Path
 from calib.io import worker_signals
 from calib.simulate.scheduler import (
     ExperimentSpec,
+    RequestPlan,
     SimResult,
     kv_capacity_blocks,
     padded_composition,
@@ -35,7 +36,7 @@ from calib.simulate.workloads import load_recipe, recipe_specs
 from calib.simulate.writer import experiment_dirname, truth_dataset, write_experiment, write_truth
 
 __all__ = [
-    "ExperimentSpec", "SimResult", "StepBatch", "StepTimeFn", "TruthParams", "TruthStepTime",
+    "ExperimentSpec", "RequestPlan", "SimResult", "StepBatch", "StepTimeFn", "TruthParams", "TruthStepTime",
     "experiment_dirname", "kv_capacity_blocks", "load_recipe", "padded_composition",
     "recipe_specs", "simulate_experiment", "simulate_recipe", "summary_stats", "truth_dataset",
     "write_experiment", "write_truth", "merge_stats",

@@ -327,10 +327,37 @@ class _KV:
             self.fq.append([p, int(self.resident[p])])
 
 
+@dataclass(frozen=True)
+class RequestPlan:
+    """Given requests that replace the spec's generated workload (replay of observed requests).
+
+    Attributes
+    ----------
+    queued_us : (N,) float, when each request enters the waiting queue, µs (any origin).
+    prompt_len, output_len : (N,) int tokens (``output_len`` >= 1).
+    prefix_group : (N,) int in ``[0, groups)``: the shared prefix (system prompt) each uses.
+    prefix_len : tokens of every group's shared prefix (0: no prefix-cache hits).
+    kv_blocks_total : KV-cache blocks per GPU; None: from the spec's memory utilisation.
+    inter_step_gap_us, idle_wake_us : deterministic host time between steps and from an
+        idle engine's first queued request to its step (at least 1 ns), µs (replace the
+        truth's draws).
+    """
+
+    queued_us: np.ndarray
+    prompt_len: np.ndarray
+    output_len: np.ndarray
+    prefix_group: np.ndarray
+    prefix_len: int = 0
+    kv_blocks_total: int | None = None
+    inter_step_gap_us: float = 0.0
+    idle_wake_us: float = 0.0
+
+
 def simulate_experiment(spec: ExperimentSpec, *, seed: int, step_time: StepTimeFn | None = None,
                         truth_params: TruthParams | None = None,
                         batch_summary_rate: float = SIMULATION.batch_summary_rate,
-                        snapshot_rate: float = SIMULATION.snapshot_rate) -> SimResult:
+                        snapshot_rate: float = SIMULATION.snapshot_rate,
+                        requests: RequestPlan | None = None) -> SimResult:
     """Simulate one experiment in memory (pure: same spec and seed, same result).
 
     Parameters
@@ -342,6 +369,8 @@ def simulate_experiment(spec: ExperimentSpec, *, seed: int, step_time: StepTimeF
     batch_summary_rate : fraction of steps with a BATCH_SUMMARY (Bernoulli per step).
     snapshot_rate : fraction of (step, request) pairs with a REQUEST_SNAPSHOT; drawn
         among sampled steps, so the within-step rate is ``snapshot_rate / batch_summary_rate``.
+    requests : given requests (:class:`RequestPlan`) instead of the spec's load stages and
+        shared-prefix lengths; API delays are then 0 (ARRIVED = QUEUED, DEPARTED = FINISHED).
 
     Raises
     ------
@@ -358,28 +387,42 @@ def simulate_experiment(spec: ExperimentSpec, *, seed: int, step_time: StepTimeF
 
     sp = spec.shared_prefix
     n_sys, sys_len = sp["num_unique_system_prompts"], sp["system_prompt_len"]
-    prompt_len_c = sys_len + sp["question_len"]
-    out_len_c = sp["output_len"]
+    if requests is not None:
+        n_sys = int(np.max(requests.prefix_group, initial=0)) + 1
+        sys_len = int(requests.prefix_len)
     # system-prompt blocks that can be shared (none without prefix caching)
     sys_blocks = sys_len // KV_BLOCK_TOKENS if spec.enable_prefix_caching else 0
     B = KV_BLOCK_TOKENS
 
     # ---- requests
-    arr_s = _arrivals(spec, r_arr)
-    N = arr_s.size
-    sys_id = r_arr.integers(0, n_sys, size=N)
     mono_base_ns = int(r_ids.integers(200_000, 2_000_000)) * 1_000_000_000
     unix_offset_ns = _unix_offset_ns(spec.started) - mono_base_ns
-    arrived_ns = mono_base_ns + 5_000_000_000 + np.round(arr_s * 1e9).astype(np.int64)
-    api_q_ns = np.round(r_api.lognormal(np.log(1.2e6), 0.35, size=N)).astype(np.int64)
-    queued_ns = arrived_ns + api_q_ns
+    if requests is None:
+        arr_s = _arrivals(spec, r_arr)
+        N = arr_s.size
+        sys_id = r_arr.integers(0, n_sys, size=N)
+        arrived_ns = mono_base_ns + 5_000_000_000 + np.round(arr_s * 1e9).astype(np.int64)
+        api_q_ns = np.round(r_api.lognormal(np.log(1.2e6), 0.35, size=N)).astype(np.int64)
+        queued_ns = arrived_ns + api_q_ns
+        depart_ns = np.round(r_api.lognormal(np.log(0.4e6), 0.3, size=N)).astype(np.int64)
+        prompt_len = np.full(N, sys_len + sp["question_len"], dtype=np.int64)
+        output_len = np.full(N, sp["output_len"], dtype=np.int64)
+        gap_us, wake_ns = None, int(params.idle_wake_us * 1000)
+    else:
+        q_us = np.asarray(requests.queued_us, np.float64)
+        N = q_us.size
+        sys_id = np.asarray(requests.prefix_group, np.int64)
+        queued_ns = mono_base_ns + np.round((q_us - q_us.min(initial=0.0)) * 1e3).astype(np.int64)
+        arrived_ns = queued_ns.copy()
+        depart_ns = np.zeros(N, np.int64)
+        prompt_len = np.asarray(requests.prompt_len, np.int64).copy()
+        output_len = np.asarray(requests.output_len, np.int64).copy()
+        gap_us = float(requests.inter_step_gap_us)
+        wake_ns = max(1, int(requests.idle_wake_us * 1000))  # > 0: the queued request is due
     order = np.argsort(queued_ns, kind="stable")  # queue order (== arrival order nearly always)
-    depart_ns = np.round(r_api.lognormal(np.log(0.4e6), 0.3, size=N)).astype(np.int64)
     ids = ["cmpl-" + h for h in _hex_ids(r_ids, N, 16)]
     suffixes = _hex_ids(r_ids, N, 4)
 
-    prompt_len = np.full(N, prompt_len_c, dtype=np.int64)
-    output_len = np.full(N, out_len_c, dtype=np.int64)
     computed = np.zeros(N, dtype=np.int64)
     num_tokens = prompt_len.copy()
     num_out = np.zeros(N, dtype=np.int64)
@@ -396,7 +439,9 @@ def simulate_experiment(spec: ExperimentSpec, *, seed: int, step_time: StepTimeF
     ts_f = np.full(N, -1, dtype=np.int64)
     ts_d = np.full(N, -1, dtype=np.int64)
 
-    kv = _KV(kv_capacity_blocks(arch, hw, spec.tp, spec.gpu_memory_utilization), n_sys)
+    kv = _KV(kv_capacity_blocks(arch, hw, spec.tp, spec.gpu_memory_utilization)
+             if requests is None or requests.kv_blocks_total is None
+             else int(requests.kv_blocks_total), n_sys)
 
     # event columns
     ev_req: list[int] = []
@@ -430,7 +475,7 @@ def simulate_experiment(spec: ExperimentSpec, *, seed: int, step_time: StepTimeF
     waiting: deque[int] = deque()
     nxt = 0  # next request (in queue order) not yet queued
     step = 0
-    t = int(queued_ns[order[0]]) + int(params.idle_wake_us * 1000) if N else 0
+    t = int(queued_ns[order[0]]) + wake_ns if N else 0
     budget_max, max_seqs = spec.max_num_batched_tokens, spec.max_num_seqs
     done = 0
     one = np.ones(1, dtype=bool)
@@ -480,7 +525,7 @@ def simulate_experiment(spec: ExperimentSpec, *, seed: int, step_time: StepTimeF
             emit(r, EV_QUEUED, step, int(queued_ns[r]), 0)
             nxt += 1
         if not running and not waiting:
-            t = max(t, int(queued_ns[order[nxt]]) + int(params.idle_wake_us * 1000))
+            t = max(t, int(queued_ns[order[nxt]]) + wake_ns)
             continue
         step += 1
         budget = budget_max
@@ -570,7 +615,7 @@ def simulate_experiment(spec: ExperimentSpec, *, seed: int, step_time: StepTimeF
         if n_dc + n_pf == 0:
             # nothing schedulable (only possible transiently after preemption); wait a gap
             step -= 1
-            t += int(params.inter_step_gap_us * 1000)
+            t += int((params.inter_step_gap_us if gap_us is None else gap_us) * 1000)
             if not running and waiting and n_preempted == 0:
                 raise CalibError("a waiting request can never be scheduled (KV cache too small)",
                                  field="max_model_len")
@@ -646,7 +691,8 @@ def simulate_experiment(spec: ExperimentSpec, *, seed: int, step_time: StepTimeF
         s_pre.append(n_preempted)
         s_free.append(kv.free)
 
-        gap = r_gap.lognormal(np.log(params.inter_step_gap_us * 1000.0), params.inter_step_gap_sigma)
+        gap = (r_gap.lognormal(np.log(params.inter_step_gap_us * 1000.0),
+                               params.inter_step_gap_sigma) if gap_us is None else gap_us * 1000.0)
         t = t_end + int(round(gap))
 
     # ---- assemble
