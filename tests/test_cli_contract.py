@@ -210,8 +210,8 @@ def test_missing_inputs_are_one_line(tmp_path):
 def provenance(tmp_path_factory):
     """Two saved datasets and mock-sampler posteriors recording where their data came from."""
     import numpy as np
+    from fixtures.posteriors import mock_posterior
     from fixtures.trace_builder import simulate
-    from test_e2e_data import mock_posterior
 
     from calib.io import manifest
     from calib.posterior import save_posterior

@@ -8,7 +8,7 @@ matplotlib.use("Agg")
 
 import arviz as az  # noqa: E402
 import numpy as np  # noqa: E402
-from test_e2e_data import make_replay_dataset, quick_posterior  # noqa: E402
+from fixtures.posteriors import make_replay_dataset, quick_posterior  # noqa: E402
 
 from calib.posterior import load_posterior, save_posterior  # noqa: E402
 
