@@ -63,7 +63,8 @@ def machine_cell(info: dict[str, str]) -> str:
     return f"{info['cpu']}, {info['cores']} cores"
 
 
-def median_time(fn: Callable[[], object], repeats: int, inner: int = 1) -> tuple[float, list[float]]:
+def median_time(fn: Callable[[], object], repeats: int,
+                inner: int = 1) -> tuple[float, list[float]]:
     """Median seconds per call of ``fn`` over ``repeats`` timings of ``inner`` calls each."""
     times = []
     for _ in range(repeats):

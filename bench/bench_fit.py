@@ -14,9 +14,10 @@ compilation included (``FitResult.sampling_s``); min ESS = smallest bulk ESS
 (``calib.model.PARAMETER_SITES``); ESS/s = min ESS / wall time. Ratios NumPyro/PyMC and
 NumPyro/nutpie (wall, ESS/s, min ESS) are from this run. nutpie (``pip install -e
 '.[nutpie]'``) runs the PyMC model compiled by its JAX backend, with its low-rank mass
-matrix standing in for the dense one. Medians over ``--repeats`` runs (different seeds). ``--pymc-cap SECONDS``
-stops a PyMC/nutpie cell that has not finished by then (SIGALRM in the sampling loop; the
-worker processes are terminated) and reports it as "> SECONDS": the ratio is then a bound.
+matrix standing in for the dense one. Medians over ``--repeats`` runs (different seeds).
+``--pymc-cap SECONDS`` stops a PyMC/nutpie cell that has not finished by then (SIGALRM
+in the sampling loop; the worker processes are terminated) and reports it as
+"> SECONDS": the ratio is then a bound.
 
 Run from the repository root::
 

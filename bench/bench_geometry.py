@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                                      if coords_[1] == "none" else tuple(coords_[1].split("+")))
             coords = model_coords(data, [f"m{i}" for i in range(M)],
                                   [f"e{i}" for i in range(data.n_experiments)])
-            kernel = NUTS(model, dense_mass=(mass == "dense"), target_accept_prob=args.target_accept,
+            kernel = NUTS(model, dense_mass=(mass == "dense"),
+                          target_accept_prob=args.target_accept,
                           max_tree_depth=args.max_tree_depth, init_strategy=init_to_median)
             mcmc = MCMC(kernel, num_warmup=args.warmup, num_samples=args.draws,
                         num_chains=args.chains, chain_method="parallel", progress_bar=False)

@@ -47,7 +47,8 @@ print(json.dumps({"wall_s": wall, "steps": int(ds.sizes["step"]),
                   "requests": int(ds.sizes["request"]), "experiments": int(ds.sizes["experiment"]),
                   "slots": int(ds.sizes["slot"]), "dataset_mib": ds.nbytes / 2**20,
                   "rss_self_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "rss_children_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+                  "rss_children_mib":
+                      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
 
 

@@ -149,8 +149,8 @@ def load_architecture(model: str, config_path: str | Path | None = None) -> Arch
             raise CalibError(f"not valid JSON ({exc})", path=path) from None
         if not isinstance(cfg, dict):
             raise CalibError("config.json must hold a JSON object", path=path)
-        name = resolve_model_name(model) or model.rsplit("/", 1)[-1].lower()
-        return _from_mapping(name, cfg, path)
+        cfg_name = resolve_model_name(model) or model.rsplit("/", 1)[-1].lower()
+        return _from_mapping(cfg_name, cfg, path)
     name = resolve_model_name(model)
     if name is None:
         raise CalibError(

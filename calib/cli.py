@@ -362,7 +362,7 @@ class DataChoice:
         self.fitted_hash: str | None = m.get("data_hash")
         self.fitted_path: str | None = m.get("data_path")
         self.named = traces is not None
-        if self.named:
+        if traces is not None:
             self.path = Path(traces)
         elif self.fitted_path:
             self.path = Path(self.fitted_path)

@@ -81,7 +81,8 @@ def make_model_data(components: Array, num_layers: Array, batch_size: Array,
     L = np.asarray(num_layers, dtype=np.float64).reshape(-1)
     B = np.asarray(batch_size, dtype=np.float64).reshape(-1)
     midx = np.asarray(model_idx).astype(np.int32).reshape(-1)
-    eidx = midx.copy() if experiment_idx is None else np.asarray(experiment_idx).astype(np.int32).reshape(-1)
+    eidx = (midx.copy() if experiment_idx is None
+            else np.asarray(experiment_idx).astype(np.int32).reshape(-1))
     for name, arr in (("num_layers", L), ("batch_size", B), ("model_idx", midx),
                       ("experiment_idx", eidx)):
         if arr.shape != (n,):
@@ -126,8 +127,8 @@ def make_model_data(components: Array, num_layers: Array, batch_size: Array,
     return ModelData(comps, L, B, midx, eidx, dur, M, E, em, active, active_exp, log_dur)
 
 
-def step_layout(step_exp: np.ndarray, exp_model: Sequence[str], steps: np.ndarray, *,
-                present_only: bool = False) -> StepLayout:
+def step_layout(step_exp: np.ndarray, exp_model: Sequence[str] | np.ndarray,
+                steps: np.ndarray, *, present_only: bool = False) -> StepLayout:
     """The row order and indices of the model data of ``steps``.
 
     Rows are sorted by (model, experiment, step): one contiguous run per experiment,
@@ -136,14 +137,14 @@ def step_layout(step_exp: np.ndarray, exp_model: Sequence[str], steps: np.ndarra
     experiments (and models) that have steps enter (a held-out model is then absent,
     and predicted from the population level).
     """
-    exp_model = np.asarray(exp_model).astype(str)
+    exp_names = np.asarray(exp_model).astype(str)
     steps = np.asarray(steps, dtype=np.int64)
     exps = (np.unique(step_exp[steps]) if present_only
-            else np.arange(exp_model.size, dtype=np.int64))
-    models = list(dict.fromkeys(exp_model[exps].tolist()))
-    e_local = np.full(exp_model.size, -1, np.int64)
+            else np.arange(exp_names.size, dtype=np.int64))
+    models = list(dict.fromkeys(exp_names[exps].tolist()))
+    e_local = np.full(exp_names.size, -1, np.int64)
     e_local[exps] = np.arange(exps.size)
-    em = np.array([models.index(m) for m in exp_model[exps]], np.int32)
+    em = np.array([models.index(m) for m in exp_names[exps]], np.int32)
     el = e_local[step_exp[steps]]
     order = np.lexsort((steps, el, em[el]))
     return StepLayout(steps[order], el[order].astype(np.int32), em, models, exps)

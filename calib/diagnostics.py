@@ -129,7 +129,8 @@ def _labels(da) -> list[str]:
 
 def _flat(ds, varying: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str]]:
     """Values and labels of every varying element of a per-parameter statistic Dataset."""
-    vals, labels = [], []
+    vals: list[np.ndarray] = []
+    labels: list[str] = []
     for name, da in ds.data_vars.items():
         keep = varying[name].ravel()
         vals.append(np.asarray(da.values, dtype=float).ravel()[keep])

@@ -83,6 +83,7 @@ predicted at the population or new-experiment level names them. Baselines
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -91,6 +92,9 @@ from calib.errors import CalibError
 from calib.posterior import flat_draws
 from calib.predict import StepFeatures, step_time_draws_us, student_t_log_noise
 from calib.vocab import fittable
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["METRICS", "E2EResult", "HostTiming", "ReplayDesign", "correction_draws",
            "experiment_means", "format_table", "means_with_host_time", "measure_host_timing",
@@ -452,7 +456,8 @@ def _correction_groups(params: dict, idata, design: ReplayDesign, *, new_experim
     if unknown:
         raise CalibError(f"--population-models names model(s) not in the dataset: "
                          f"{', '.join(sorted(unknown))}", field="--population-models",
-                         fix=f"use model names of the dataset: {', '.join(sorted(set(design.models)))}")
+                         fix="use model names of the dataset: "
+                             f"{', '.join(sorted(set(design.models)))}")
     return _Groups(*correction_draws(params, coords["model"], coords["experiment"],
                                      design.experiments, design.models,
                                      new_experiments=new_experiments,
@@ -498,7 +503,7 @@ class E2EResult:
     settings : the settings as plain values (for manifests).
     """
 
-    table: object
+    table: pd.DataFrame
     coverage: dict
     passed: bool
     message: str

@@ -249,7 +249,8 @@ def _defaults_text(doc: dict) -> str:
     m = doc["manifest"]
     src = doc["source_posterior"]
     lines = [
-        f"# BLIS defaults file: the trained_physics section only (calib export of {doc['model']!r}).",
+        "# BLIS defaults file: the trained_physics section only "
+        f"(calib export of {doc['model']!r}).",
         "# Use with: blis run --latency-model trained-physics --defaults-filepath <this file> ...",
         "# Statistic: posterior means (plug-in). Uncertainty and provenance: the sibling",
         f"# {doc['model']}.yaml. BLIS rejects unknown keys here, so provenance is in comments.",
@@ -329,6 +330,7 @@ def export_posterior(idata, out_dir: str | Path, *, alpha_coeffs=None,
     def alphas_for(model):
         if alpha_coeffs is not None:
             return {"mean": alpha_coeffs, "source": "given explicitly"}
+        assert api is not None  # read above whenever alpha_coeffs is None
         a = overheads.alphas(api, model)
         pooled = [q for q, h in api["heterogeneity"].items() if h["pooled"]]
         a["source"] = (f"the posterior's API-overhead estimate ({api['method']}; "

@@ -34,12 +34,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from calib import config
 from calib.errors import CalibError
 from calib.vocab import HIERARCHIES, fittable_steps
+
+if TYPE_CHECKING:
+    from calib.diagnostics import GateResult
 
 __all__ = ["BACKENDS", "CHAIN_METHODS", "FitResult", "SamplerSettings", "fit",
            "fit_model_data", "numpyro_to_idata", "pymc_prior_draws",
@@ -104,7 +108,7 @@ class FitResult:
     """
 
     idata: object
-    gate: object
+    gate: GateResult
     path: Path | None
     sampling_s: float
 
@@ -143,7 +147,7 @@ def _step_index(data, step_index) -> np.ndarray:
 
 
 def _coords_for(coords: dict, step_index: np.ndarray) -> dict:
-    out = {k: list(v) for k, v in coords.items() if k != "step"}
+    out: dict[str, list | np.ndarray] = {k: list(v) for k, v in coords.items() if k != "step"}
     out["step"] = step_index
     return out
 
@@ -493,7 +497,9 @@ def numpyro_to_idata(samples: dict, extra_fields: dict, model_fn, data, priors, 
     import numpyro
 
     if site_dims is None:
-        from calib.model import SITE_DIMS as site_dims
+        from calib.model import SITE_DIMS
+
+        site_dims = SITE_DIMS
     _check_model_data(data, coords)
     step_index = _step_index(data, step_index)
     sizes = _sizes(coords, step_index.shape[0])
@@ -563,7 +569,9 @@ def run_pymc(model_fn, data, priors, *, coords: dict[str, list[str]],
     from calib.model_pymc import build_pymc_model
 
     if site_dims is None:
-        from calib.model import SITE_DIMS as site_dims
+        from calib.model import SITE_DIMS
+
+        site_dims = SITE_DIMS
     _check_model_data(data, coords)
     step_index = _step_index(data, step_index)
     n_steps = step_index.shape[0]
@@ -775,7 +783,7 @@ def fit_model_data(data, coords: dict[str, list[str]], *, hierarchy: str = "per-
     model_fn = get_model(hierarchy)
     if settings.centered is not None:
         model_fn = functools.partial(model_fn, centered=settings.centered)
-    common = dict(coords=coords, settings=settings, progress=progress,
+    common: dict[str, Any] = dict(coords=coords, settings=settings, progress=progress,
                   log_likelihood=log_likelihood, prior_draws=prior_draws, step_index=step_index)
     t0 = time.perf_counter()
     if backend == "numpyro":

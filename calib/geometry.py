@@ -387,7 +387,8 @@ def _per_model_log_b(data: ModelData, priors: Priors, centered: bool,
     z_pop, log_b_pop = _population(priors)
     tau = numpyro.sample("tau", numpyro_distribution(priors.component("tau")))
     full = jnp.broadcast_to(log_b_pop, (data.n_models, len(COMPONENTS)))
-    recentred = []  # (component, models, log b[models, k], log density of their raw law)
+    # (component, models, log b[models, k], log density of their raw law)
+    recentred: list[tuple[int, np.ndarray, jax.Array, jax.Array | float]] = []
     am, ak = active_pairs(data)
     if am.size:
         # re-centred components: their centred entries are sampled from the prior's law
@@ -398,7 +399,7 @@ def _per_model_log_b(data: ModelData, priors: Priors, centered: bool,
         log_b_act = _nested("z_b", "log_b_active", parent, am, ak, jnp.where(rc, scale, tau),
                             centered)
         full = full.at[am, ak].set(log_b_act)
-        for k in np.flatnonzero(rc):
+        for k in np.flatnonzero(rc).tolist():
             sel = ak == k
             base = jnp.sum(dist.Normal(loc[k], scale[k]).log_prob(log_b_act[sel]))
             recentred.append((k, am[sel], log_b_act[sel], base))
@@ -406,8 +407,8 @@ def _per_model_log_b(data: ModelData, priors: Priors, centered: bool,
         wm, log_bk = _pinned_log_b(k, data, priors, full, per)
         if wm.size:
             recentred.append((k, wm, log_bk, 0.0))
-    for k, models, log_bk, base in recentred:
-        pop_k = _recentred_population(k, log_bk, z_pop[k], tau[k], priors, base)
+    for k, models, log_bk, base_lp in recentred:
+        pop_k = _recentred_population(k, log_bk, z_pop[k], tau[k], priors, base_lp)
         log_b_pop = log_b_pop.at[k].set(pop_k)
         full = full.at[:, k].set(pop_k).at[models, k].set(log_bk)
     numpyro.deterministic("b_pop", jnp.exp(log_b_pop))

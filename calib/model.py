@@ -123,14 +123,15 @@ SITE_DIMS: dict[str, tuple[str, ...]] = {
 
 
 def model_coords(data: ModelData, models: Sequence[str], experiments: Sequence[str],
-                 steps: Sequence[int] | None = None) -> dict[str, list]:
+                 steps: Sequence[int] | np.ndarray | None = None) -> dict[str, list]:
     """Coordinates for :data:`SITE_DIMS` (labels of active pairs included)."""
     am, ak = active_pairs(data)
     ae, aek = np.nonzero(np.asarray(data.active_exp))
     coords: dict[str, list] = {
         "model": list(models), "component": list(COMPONENTS), "experiment": list(experiments),
         "active": [f"{models[m]}/{COMPONENTS[k]}" for m, k in zip(am, ak, strict=True)],
-        "active_exp": [f"{experiments[e]}/{COMPONENTS[k]}" for e, k in zip(ae, aek, strict=True)],
+        "active_exp": [f"{experiments[int(e)]}/{COMPONENTS[k]}"
+                       for e, k in zip(ae, aek, strict=True)],
     }
     for k in pinned():
         coords[f"{COMPONENTS[k]}_model"] = [models[m] for m in _pinned_pairs(data, k).models]

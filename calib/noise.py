@@ -105,7 +105,7 @@ def _tails(stall_prob, stall_log_mult, stall_log_sd, fast_prob, fast_log_mult, f
 
 def log_density(log_y: Array, log_m: Array, sigma: Array, stall_prob: Array,
                 stall_log_mult: Array, stall_log_sd: Array, fast_prob: Array | None = None,
-                fast_log_mult: Array | None = None, fast_log_sd: Array | None = None,
+                fast_log_mult: Array | None = None, fast_log_sd: Array | None = None, *,
                 xp: Any = np) -> Array:
     """Log density of ``log y`` (not of ``y``: subtract ``log y`` for that).
 
@@ -127,7 +127,7 @@ def log_density(log_y: Array, log_m: Array, sigma: Array, stall_prob: Array,
 
 def moment(k: float, sigma: Array, stall_prob: Array, stall_log_mult: Array,
            stall_log_sd: Array, fast_prob: Array | None = None,
-           fast_log_mult: Array | None = None, fast_log_sd: Array | None = None,
+           fast_log_mult: Array | None = None, fast_log_sd: Array | None = None, *,
            xp: Any = np) -> Array:
     """``E[(y/m)^k]`` (any real ``k``), exactly:
     ``exp(k²σ²/2)·(1 + Σ_c π_c·expm1(k·shift_c + k²ω_c²/2))`` over the stall (shift δ_s)

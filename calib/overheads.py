@@ -43,6 +43,8 @@ coefficients; the clip is recorded).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from calib import config
@@ -57,10 +59,11 @@ _FIELDS = {"queue": "req_api_queue_us", "depart": "req_api_depart_us",
            "per_token": "bs_ts_start_ns/bs_ts_end_ns"}
 
 
-def observations(ds) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def observations(ds) -> dict[str, Any]:
     """Per quantity: (values µs, weights, experiment index) of the usable requests
     (``queue``, ``depart``) or experiments (``per_token``: the experiment's mean host
-    gap, weighted by its number of step pairs)."""
+    gap, weighted by its number of step pairs); ``per_token_se``: the standard error of
+    each ``per_token`` value."""
     from calib.e2e import measure_host_timing
 
     missing = [v for v in ("req_experiment", "req_api_queue_us", "req_api_depart_us")
@@ -71,7 +74,7 @@ def observations(ds) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
                              "alphas explicitly (--alpha-coeffs a,b,c)")
     req_exp = np.asarray(ds["req_experiment"].values)
     gap = measure_host_timing(ds)
-    out = {}
+    out: dict[str, Any] = {}
     for q, v in (("queue", np.asarray(ds["req_api_queue_us"].values, np.float64)),
                  ("depart", np.asarray(ds["req_api_depart_us"].values, np.float64))):
         ok = np.isfinite(v)

@@ -81,8 +81,9 @@ def modeldata_to_constant_data(data, coords: dict[str, list[str]],
     step_index = np.arange(n, dtype=np.int64) if step_index is None else np.asarray(step_index)
     if step_index.shape != (n,):
         raise ValueError(f"step_index has shape {step_index.shape}, expected ({n},)")
-    xcoords = {"step": step_index, "component": list(coords["component"]),
-               "model": list(coords["model"]), "experiment": list(coords["experiment"])}
+    xcoords: dict[str, list | np.ndarray] = {
+        "step": step_index, "component": list(coords["component"]),
+        "model": list(coords["model"]), "experiment": list(coords["experiment"])}
     if len(xcoords["model"]) != data.n_models or len(xcoords["experiment"]) != data.n_experiments:
         raise ValueError("coords do not match ModelData.n_models / n_experiments")
     const = xr.Dataset(

@@ -170,7 +170,8 @@ def blis_step_time_us(beta_coeffs: Sequence[float], features: StepFeatures, *,
     ``β₁·max(T_pf_compute, T_pf_kv)`` (else ``β₁·T_pf_compute + β₉·T_pf_kv``); with fewer
     than 10 the decode term is ``β₂·max(...)``; β₈ multiplies the MoE layer count only
     for interleaved MoE architectures; an empty batch costs 0 (BLIS: its 1 µs floor),
-    as in :func:`calib.steptime.step_time_us`, which evaluates the sum. The MoE dispatch term (11th beta, DP > 1) is not modelled (DP = 1).
+    as in :func:`calib.steptime.step_time_us`, which evaluates the sum. The MoE dispatch
+    term (11th beta, DP > 1) is not modelled (DP = 1).
 
     Parameters
     ----------
@@ -229,9 +230,10 @@ def step_time_draws_us(b: np.ndarray, per_layer_us: np.ndarray, per_request_us: 
                                                      alpha))
     out = np.empty((len(features), b.shape[0]))  # steps x draws: contiguous per group
     for g in np.unique(group):
-        sel = np.nonzero(group == g)[0]
-        if sel.size and sel[-1] - sel[0] + 1 == sel.size:
-            sel = slice(int(sel[0]), int(sel[-1]) + 1)
+        idx = np.nonzero(group == g)[0]
+        sel: np.ndarray | slice = idx
+        if idx.size and idx[-1] - idx[0] + 1 == idx.size:
+            sel = slice(int(idx[0]), int(idx[-1]) + 1)
         terms = [comps[sel, k, None] * b[None, :, g, k] for k in range(len(COMPONENTS))]
         out[sel] = steptime.step_time_us(np, terms, L[sel], B[sel], per_layer_us,
                                          per_request_us, per_step_us, alpha)

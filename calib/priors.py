@@ -12,7 +12,8 @@ one such entry per component (``calib.config.COMPONENTS``)::
       ...
     tau:        {pf_compute: {family: halfnormal, scale: 0.5, ...}, ...}
     tau_exp:    {...}                     # per-experiment spread (per-experiment hierarchy)
-    per_layer_us:   {family: lognormal, median: 10, log_sd: 1.5, units: "µs per layer per step", ...}
+    per_layer_us:   {family: lognormal, median: 10, log_sd: 1.5,
+                     units: "µs per layer per step", ...}
     per_request_us: {...}
     per_step_us:    {...}
     alpha:  {family: beta, a: 2, b: 2, ...}

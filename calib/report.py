@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
 from calib import config
 from calib.io import atomic_path, atomic_write_text, manifest
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["KEY_PARAMETERS", "make_report"]
 
@@ -355,7 +359,9 @@ def make_report(idata, out_dir: str | Path, *, ds=None, features=None, e2e_resul
         paths["e2e"] = _e2e_plot(e2e_result, out, meta)
 
     names = _key_vars(idata) + [v for v in ("b",) if v in idata.posterior]
-    summ = az.summary(idata, var_names=names, hdi_prob=prob, kind="all", round_to=4)
+    # the default fmt="wide" returns a DataFrame (arviz types the return as DataFrame | Dataset)
+    summ = cast("pd.DataFrame",
+                az.summary(idata, var_names=names, hdi_prob=prob, kind="all", round_to=4))
     titles = {"trace": "Trace plots", "rank": "Rank plots",
               "forest": "Per-model corrections and population (forest plot)",
               "ppc": "Posterior predictive check of step durations by batch type",

@@ -161,7 +161,7 @@ def _float_dtype(new_tokens, dtype):
     return jnp.asarray(0.0).dtype  # float64 with x64 enabled, else float32
 
 
-def _slot_sums(new_tokens, progress, prompt_len, phase, mask, dtype):
+def _slot_sums(new_tokens, progress, prompt_len, phase, mask, *, dtype):
     """Per-row sums over the slot axis of 2-D ``(n, n_slots)`` arrays.
 
     Returns ``T_pf``, ``Σ t_i (s_i + t_i/2)``, ``T_dc``, ``Σ c_j``, ``B``, each ``(n,)``.
@@ -189,19 +189,20 @@ def _blocked_slot_sums(arrays, dtype, block_rows):
     """
     n = arrays[0].shape[0]
     if not block_rows or n <= block_rows:
-        return _slot_sums(*arrays, dtype)
+        return _slot_sums(*arrays, dtype=dtype)
     n_main = (n // block_rows) * block_rows
     blocks = [a[:n_main].reshape(n_main // block_rows, block_rows, a.shape[-1]) for a in arrays]
-    main = jax.lax.map(lambda xs: _slot_sums(*xs, dtype), blocks)      # (n_blocks, 5, rows)
+    main = jax.lax.map(lambda xs: _slot_sums(*xs, dtype=dtype), blocks)  # (n_blocks, 5, rows)
     main = jnp.moveaxis(main, 1, 0).reshape(5, n_main)
     if n_main == n:
         return main
-    return jnp.concatenate([main, _slot_sums(*(a[n_main:] for a in arrays), dtype)], axis=1)
+    rest = _slot_sums(*(a[n_main:] for a in arrays), dtype=dtype)
+    return jnp.concatenate([main, rest], axis=1)
 
 
 def _components(consts: ArchConsts, new_tokens, progress, prompt_len, phase, mask,
                 dtype, block_rows) -> Components:
-    c = ArchConsts(*(jnp.asarray(v, dtype) for v in consts))
+    c = ArchConsts._make(jnp.asarray(v, dtype) for v in consts)
     arrays = jnp.broadcast_arrays(jnp.asarray(new_tokens), jnp.asarray(progress),
                                   jnp.asarray(prompt_len), jnp.asarray(phase),
                                   jnp.asarray(mask).astype(bool))
@@ -230,7 +231,7 @@ def _components(consts: ArchConsts, new_tokens, progress, prompt_len, phase, mas
         tp=tp_byte * (t_pf + t_dc) / c.W,
         num_layers=nonempty * c.L,
         batch_size=b,
-        num_moe_layers=nonempty * c.L * (c.E > 0).astype(dtype),
+        num_moe_layers=nonempty * c.L * jnp.asarray(c.E > 0, dtype),
     )
 
 

@@ -33,7 +33,7 @@ from calib.vocab import DC_C, DC_KV, PF_C, PF_KV, TP, WEIGHT
 Array = Any  # numpy, JAX or PyTensor
 
 
-def step_time_us(xp, terms: Sequence[Array], num_layers: Array, batch_size: Array,
+def step_time_us(xp, terms: Sequence[Array] | Array, num_layers: Array, batch_size: Array,
                  per_layer_us: Array, per_request_us: Array, per_step_us: Array,
                  alpha: Array) -> Array:
     """Mean step time (µs) from the corrected roofline terms.

@@ -63,6 +63,7 @@ import hashlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -70,6 +71,11 @@ from calib import config
 from calib.errors import CalibError
 from calib.predict import StepFeatures
 from calib.vocab import SPLITS, fittable
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import pandas as pd
 
 __all__ = ["PARTS", "PREDICTORS", "SPLITS", "Fold", "FoldResult", "ValidationResult",
            "evaluate_fold", "inv_m6_line", "inv_m6_verdict", "make_folds", "markdown_report",
@@ -475,6 +481,7 @@ def evaluate_fold(ds, fold: Fold, *, features: StepFeatures, hierarchy: str = "p
             _design_cache[key] = design
         res = replay(idata, sub, features=features, prob=prob, draws=draws, noise=noise,
                      seed=seed, baselines=False, design=design)
+        assert res.timing is not None  # replay() always measures the host timing
         step_all = {"blis": np.full(meta.step_exp.size, np.nan), **base}
         for e in targets:
             pos = np.flatnonzero(meta.step_exp == e)
@@ -526,8 +533,8 @@ def default_settings(**overrides):
 class ValidationResult:
     """Tables of :func:`run_validation` (pandas DataFrames) and per-fold facts."""
 
-    steps: object
-    e2e: object
+    steps: pd.DataFrame
+    e2e: pd.DataFrame
     folds: list[dict] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
 
@@ -678,13 +685,18 @@ def summary_table(result: ValidationResult):
     return pd.DataFrame(rows)
 
 
+def _column_cell(column: str) -> Callable[[Any], str]:
+    """The cell showing a row's ``column`` (formatted by ``_fmt``)."""
+    return lambda r: _fmt(getattr(r, column))
+
+
 # Cells of the summary tables, by column header (rows of :func:`summary_table`).
-_SUMMARY_CELLS = {
+_SUMMARY_CELLS: dict[str, Callable[[Any], str]] = {
     "split": lambda r: str(r.split),
     "fold": lambda r: str(r.fold),
     "part": lambda r: str(r.part),
     "steps": lambda r: str(int(r.n_steps)),
-    **{f"MAPE {p}": (lambda r, p=p: _fmt(getattr(r, f"{p}_mape_pct"))) for p in PREDICTORS},
+    **{f"MAPE {p}": _column_cell(f"{p}_mape_pct") for p in PREDICTORS},
     "medAPE calib": lambda r: _fmt(r.calib_median_ape_pct),
     "r calib": lambda r: _fmt(r.calib_r, ".3f"),
     "MSPE calib": lambda r: _fmt(r.calib_mspe_pct, "+.2f"),
@@ -692,8 +704,7 @@ _SUMMARY_CELLS = {
     "INV-M-6": lambda r: inv_m6_verdict(r.blis_mspe_pct),
     "step cov": lambda r: _fmt(r.step_coverage_pct),
     "E2E calib": lambda r: _fmt(r.e2e_mean_abs_err_pct),
-    **{f"E2E {p}": (lambda r, p=p: _fmt(getattr(r, f"e2e_{p}_mean_abs_err_pct")))
-       for p in PREDICTORS[1:]},
+    **{f"E2E {p}": _column_cell(f"e2e_{p}_mean_abs_err_pct") for p in PREDICTORS[1:]},
     "E2E cov": lambda r: str(r.e2e_coverage),
     "TTFT calib": lambda r: _fmt(r.ttft_mean_abs_err_pct),
     "TTFT cov": lambda r: str(r.ttft_coverage),
@@ -755,7 +766,7 @@ def markdown_report(result: ValidationResult, manifest: dict | None = None) -> s
 
 
 def write_reports(result: ValidationResult, out_dir, *, data_hash: str | None = None,
-                  command: list[str] | None = None) -> dict[str, object]:
+                  command: list[str] | None = None) -> dict[str, Path]:
     """Write ``steps.csv``, ``e2e.csv``, ``summary.csv``, ``validation.md`` and
     ``manifest.json`` (atomically) into ``out_dir``; return their paths by name.
 

@@ -30,7 +30,8 @@ def _alphas(text: str) -> list[float]:
     try:
         vals = [float(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 3 comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected 3 comma-separated numbers, got {text!r}") from None
     if len(vals) != 3:
         raise argparse.ArgumentTypeError(f"expected 3 comma-separated numbers, got {len(vals)}")
     return vals

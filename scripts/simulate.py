@@ -27,13 +27,15 @@ from calib.errors import CalibError
 def main(argv: list[str] | None = None) -> int:
     ap = _Parser(description=__doc__.split("\n\n")[0],
                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="recipe YAML (default: %(default)s)")
+    ap.add_argument("--recipe", default=str(DEFAULT_RECIPE),
+                    help="recipe YAML (default: %(default)s)")
     ap.add_argument("--scale", default="default", help="recipe scale: default or real")
     ap.add_argument("--out", required=True, help="root folder for the experiment directories")
     ap.add_argument("--truth", default=None, help="folder for the truth NetCDFs (tests only)")
     ap.add_argument("--seed", type=_nonneg_int, default=None, help="override the recipe's seed")
     ap.add_argument("--gzip", action="store_true", help="write traces.json.gz")
-    ap.add_argument("--workers", type=_positive_int, default=None, help="processes (default: CPU count)")
+    ap.add_argument("--workers", type=_positive_int, default=None,
+                    help="processes (default: CPU count)")
     args = ap.parse_args(argv)
     try:
         cli.check_output(args.out, flag="--out", folder=True)

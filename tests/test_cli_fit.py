@@ -100,8 +100,9 @@ def test_unreadable_dataset(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_real_fit_through_cli(tmp_path, dataset):
-    """Real NUTS (2 runs, ~3 min on 2 cores, mostly compilation): 30 draws per chain cannot pass the ESS check -> exit 1; the file is
-    written only with --save-on-fail, and its verdict says fail."""
+    """Real NUTS (2 runs, ~3 min on 2 cores, mostly compilation): 30 draws per chain cannot
+    pass the ESS check -> exit 1; the file is written only with --save-on-fail, and its
+    verdict says fail."""
     out = tmp_path / "post.nc"
     common = ["--traces", dataset, "--out", out, "--chains", "2", "--warmup", "30", "--draws",
               "30", "--max-tree-depth", "4", "--chain-method", "parallel", "--no-progress",

@@ -59,23 +59,31 @@ def test_defaults_file_has_only_the_blis_block_and_manifest_comments(setup):
 
 
 @pytest.mark.parametrize("bad, match", [
-    ("trained_physics_coefficients:\n  alpha_coeffs: [1, 2, 3]\n  beta_coeffs: [1, 2, 3, 4, 5, 6]\n",
+    ("trained_physics_coefficients:\n"
+     "  alpha_coeffs: [1, 2, 3]\n  beta_coeffs: [1, 2, 3, 4, 5, 6]\n",
      "at least 7"),
-    ("trained_physics_coefficients:\n  alpha_coeffs: [1, 2]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n",
+    ("trained_physics_coefficients:\n"
+     "  alpha_coeffs: [1, 2]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n",
      "exactly 3"),
-    ("trained_physics_coefficients:\n  alpha_coeffs: [1, 2, -3]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n",
+    ("trained_physics_coefficients:\n"
+     "  alpha_coeffs: [1, 2, -3]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n",
      "non-negative"),
-    ("trained_physics_coefficients:\n  alpha_coeffs: [1, 2, .nan]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n",
+    ("trained_physics_coefficients:\n"
+     "  alpha_coeffs: [1, 2, .nan]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n",
      "NaN"),
-    ("trained_physics_coefficients:\n  alpha_coeffs: [1, 2, 3]\n  beta_coeffs: [1, 2, 3, .inf, 5, 6, 7]\n",
+    ("trained_physics_coefficients:\n"
+     "  alpha_coeffs: [1, 2, 3]\n  beta_coeffs: [1, 2, 3, .inf, 5, 6, 7]\n",
      "Inf"),
-    ("trained_physics_coefficients:\n  alpha_coeffs: [1, 2, 3]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n"
+    ("trained_physics_coefficients:\n"
+     "  alpha_coeffs: [1, 2, 3]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n"
      "manifest: {a: 1}\n", "unknown top-level"),
-    ("trained_physics_coefficients:\n  alpha_coeffs: [1, 2, 3]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n"
+    ("trained_physics_coefficients:\n"
+     "  alpha_coeffs: [1, 2, 3]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n"
      "  note: x\n", "unknown key"),
     ("trained_physics_coefficients:\n  alpha_coeffs: [1, 2, 3]\n  alpha_coeffs: [1, 2, 3]\n"
      "  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n", "duplicate"),
-    ("trained_physics_coefficients:\n  alpha_coeffs: [1, 2, '3']\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n",
+    ("trained_physics_coefficients:\n"
+     "  alpha_coeffs: [1, 2, '3']\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n",
      "not a number"),
 ])
 def test_blis_rules_reject_what_blis_rejects(bad, match):

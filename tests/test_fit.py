@@ -186,8 +186,9 @@ def test_pymc_prior_draws_are_exact():
 
 @pytest.mark.slow
 def test_tiny_real_nuts_run(tmp_path):
-    """Real NUTS end to end (70-120 s on 2 cores, mostly XLA compilation): 2 chains x 30 draws cannot reach ESS 100 per chain -> gate
-    fails; the file is written only with save_on_fail and its verdict says fail."""
+    """Real NUTS end to end (70-120 s on 2 cores, mostly XLA compilation): 2 chains x 30
+    draws cannot reach ESS 100 per chain -> gate fails; the file is written only with
+    save_on_fail and its verdict says fail."""
     data, coords, step_index, _ = synthetic_model_data(100, seed=5)
     settings = SamplerSettings(chains=2, warmup=30, draws=30, chain_method="vectorized",
                                max_tree_depth=4, seed=11)

@@ -8,11 +8,12 @@ canonical dataset, all cached under ``--cache`` keyed by the recipe's content ha
 ``--chains/--warmup/--draws`` when given) and one row is reported:
 
 gate verdict, failed checks, wall time of the fit call, sampling time, leapfrog steps
-per iteration (mean), the adapted step size (median over chains), divergences, % of draws at the maximum tree depth, min bulk and
-tail ESS per chain (the gate's), min ESS/s (smallest total bulk ESS / sampling time),
-worst R-hat, the parameters at the worst R-hat / bulk / tail ESS, and where the
-divergent and saturated draws sit (the parameter whose values on those draws are
-furthest from its posterior mean, in posterior standard deviations of log|value|).
+per iteration (mean), the adapted step size (median over chains), divergences, % of
+draws at the maximum tree depth, min bulk and tail ESS per chain (the gate's), min
+ESS/s (smallest total bulk ESS / sampling time), worst R-hat, the parameters at the
+worst R-hat / bulk / tail ESS, and where the divergent and saturated draws sit (the
+parameter whose values on those draws are furthest from its posterior mean, in
+posterior standard deviations of log|value|).
 """
 
 from __future__ import annotations

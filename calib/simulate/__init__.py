@@ -61,7 +61,8 @@ def merge_stats(stats: list[dict]) -> dict:
     keys = ("experiments", "requests", "steps", "sampled", "preemptions", "cached_tokens",
             "prompt_tokens", "computed_prefill_tokens", "sum_step_us", "simulate_s", "write_s")
     out = {k: sum(s.get(k, 0) for s in stats) for k in keys}
-    out["prefix_hit_rate"] = out["cached_tokens"] / out["prompt_tokens"] if out["prompt_tokens"] else 0.0
+    out["prefix_hit_rate"] = (out["cached_tokens"] / out["prompt_tokens"]
+                              if out["prompt_tokens"] else 0.0)
     out["mean_step_us"] = out["sum_step_us"] / out["steps"] if out["steps"] else float("nan")
     return out
 
@@ -101,7 +102,7 @@ def simulate_recipe(recipe_path_or_dict: str | Path | Mapping, out_root: str | P
         workers = 1 if cpus <= 2 else min(cpus, n)
     workers = max(1, int(workers))
     out_root, tdir = str(out_root), None if truth_dir is None else str(truth_dir)
-    paths: list[str | None] = [None] * n
+    paths: list[str] = [""] * n      # every slot is filled below
     if workers == 1:
         for i, s in enumerate(specs):
             paths[i], st = _run_one(s, seed, out_root, tdir, gzip)

@@ -692,12 +692,13 @@ def simulate_experiment(spec: ExperimentSpec, *, seed: int, step_time: StepTimeF
         s_free.append(kv.free)
 
         gap = (r_gap.lognormal(np.log(params.inter_step_gap_us * 1000.0),
-                               params.inter_step_gap_sigma) if gap_us is None else gap_us * 1000.0)
+                               params.inter_step_gap_sigma)
+               if gap_us is None else gap_us * 1000.0)
         t = t_end + int(round(gap))
 
     # ---- assemble
     S = len(s_id)
-    steps = {
+    steps: dict[str, np.ndarray] = {
         "id": np.asarray(s_id, np.int64), "start_ns": np.asarray(s_start, np.int64),
         "end_ns": np.asarray(s_end, np.int64), "duration_us": np.asarray(s_dur, np.float64),
         "running_depth": np.asarray(s_run, np.int32), "waiting_depth": np.asarray(s_wait, np.int32),
@@ -734,7 +735,7 @@ def simulate_experiment(spec: ExperimentSpec, *, seed: int, step_time: StepTimeF
         "scheduled_step": st_s, "first_token_step": st_f, "finished_step": st_d,
         "cached_tokens": cached_first.astype(np.int32), "num_preemptions": npre.astype(np.int32),
     }
-    events = {
+    events: dict[str, np.ndarray] = {
         "request": np.asarray(ev_req, np.int64), "type": np.asarray(ev_type, np.int8),
         "step": np.asarray(ev_step, np.int64), "ts_ns": np.asarray(ev_ts, np.int64),
         "phase": np.asarray(ev_phase, np.int8), "prefill_done": np.asarray(ev_pf, np.int64),

@@ -62,7 +62,8 @@ def _pos_number(v, src, fld, integer=False):
     return v
 
 
-def recipe_specs(recipe: str | Path | Mapping, *, scale: str = "default") -> tuple[list[ExperimentSpec], int]:
+def recipe_specs(recipe: str | Path | Mapping, *,
+                 scale: str = "default") -> tuple[list[ExperimentSpec], int]:
     """The experiments of a recipe at a scale, and the recipe's seed.
 
     Raises CalibError naming the field at fault for any malformed entry.
@@ -107,7 +108,7 @@ def recipe_specs(recipe: str | Path | Mapping, *, scale: str = "default") -> tup
     if not isinstance(workloads, dict) or not workloads:
         raise CalibError("must be a non-empty mapping name -> {shared_prefix, stages}", path=src,
                          field="workloads")
-    specs = []
+    specs: list[ExperimentSpec] = []
     for mi, m in enumerate(models):
         if not isinstance(m, dict) or not isinstance(m.get("model"), str):
             raise CalibError("each entry needs `model` (HF id) and `tp`", path=src,

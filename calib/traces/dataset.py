@@ -68,6 +68,7 @@ import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -395,7 +396,7 @@ def save_dataset(ds: xr.Dataset, path: str | Path, *, record: bool = True) -> Pa
     """
     path = Path(path)
     out = ds.copy()
-    enc = {}
+    enc: dict[str, dict[str, Any]] = {}
     for name, var in SCHEMA.items():
         if name not in out:
             continue
@@ -558,8 +559,7 @@ def import_root(root: str | Path, *, hardware: str | None = None,
                              fix="pip install 'calib[dask]' or use scheduler='processes'") from None
         tasks = [dask.delayed(import_experiment)(str(d), hardware=hardware,
                                                  model_config=model_config) for d in dirs]
-        results = list(dask.compute(*tasks))
-        return concat_experiments(_rename(results, names))
+        return concat_experiments(_rename(list(dask.compute(*tasks)), names))
 
     cache_path = None
     if use_cache:
@@ -601,16 +601,16 @@ def import_root(root: str | Path, *, hardware: str | None = None,
         if n_workers == 1 or len(jobs) == 1:
             # One experiment left: parse its (possibly large) file with all workers.
             parse_workers = workers or config.IMPORT_WORKERS or os.cpu_count() or 1
-            for i, d, cfile in jobs:
-                results[i] = _finish_job(_import_one(d, hardware, model_config, cfile,
+            for i, src, cache_file in jobs:
+                results[i] = _finish_job(_import_one(src, hardware, model_config, cache_file,
                                                      parse_workers))
                 bar.update(1)
         elif jobs:
             ctx = mp_context()
             with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx,
                                      initializer=worker_signals) as pool:
-                futs = {pool.submit(_import_one, d, hardware, model_config, cfile): i
-                        for i, d, cfile in jobs}
+                futs = {pool.submit(_import_one, src, hardware, model_config, cache_file): i
+                        for i, src, cache_file in jobs}
                 for fut in as_completed(futs):
                     results[futs[fut]] = _finish_job(fut.result())
                     bar.update(1)

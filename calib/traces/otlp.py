@@ -21,9 +21,10 @@ impossible duration stating its real value instead of a wrapped-around one).
 
 A malformed line (invalid or truncated JSON, wrong structure, a used attribute
 missing, of the wrong type or out of the 64-bit range) is skipped *as a whole* --
-nothing from it is kept -- with a :class:`TraceWarning` naming the file and line number, and counted in
-:attr:`TraceColumns.num_bad_lines`. After ``IMPORT_MAX_LINE_WARNINGS`` per-line
-warnings the remaining ones are summarised in one warning at the end of the file.
+nothing from it is kept -- with a :class:`TraceWarning` naming the file and line
+number, and counted in :attr:`TraceColumns.num_bad_lines`. After
+``IMPORT_MAX_LINE_WARNINGS`` per-line warnings the remaining ones are summarised in one
+warning at the end of the file.
 
 Two entry points share one line parser:
 
@@ -50,7 +51,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from operator import itemgetter
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -215,6 +216,10 @@ def _attrs(lst) -> dict:
 
 
 # ---------------------------------------------------------------------------- columns
+#: A column that is a list while parsing and a numpy array after ``TraceColumns.finish``.
+_Column = Any
+
+
 @dataclass
 class TraceColumns:
     """Everything one traces.json holds that the importer uses, column-wise.
@@ -227,16 +232,16 @@ class TraceColumns:
     path: str = ""
     request_ids: list[str] = field(default_factory=list)
     req_index: dict[str, int] = field(default_factory=dict)
-    j_req: list = field(default_factory=list)
-    j_kind: list = field(default_factory=list)
-    j_ts: list = field(default_factory=list)
+    j_req: _Column = field(default_factory=list)
+    j_kind: _Column = field(default_factory=list)
+    j_ts: _Column = field(default_factory=list)
     #: flat JOURNEY_INT_KEYS values, 6 per event (split into j_step .. j_npre by finish()).
     j_ints: list = field(default_factory=list)
-    j_resume: list = field(default_factory=list)
+    j_resume: _Column = field(default_factory=list)
     j_status: list = field(default_factory=list)
     a_id: list = field(default_factory=list)
-    a_kind: list = field(default_factory=list)
-    a_ts: list = field(default_factory=list)
+    a_kind: _Column = field(default_factory=list)
+    a_ts: _Column = field(default_factory=list)
     #: BATCH_SUMMARY rows, flat: BATCH_INT_KEYS values + kv.usage_gpu_ratio (NaN) per row.
     b_rows: list = field(default_factory=list)
     s_req: list = field(default_factory=list)     # REQUEST_SNAPSHOT request.id
@@ -369,7 +374,7 @@ def _step_spans(spans, c: TraceColumns, keep_phase: list | None) -> None:
             name = ev["name"]
             if name == "step.BATCH_SUMMARY":
                 d = _attrs(ev["attributes"])
-                row = [_int(d, "step.id"), _int_unbounded(d, "step.duration_us")]
+                row: list[float] = [_int(d, "step.id"), _int_unbounded(d, "step.duration_us")]
                 row.extend([_int_opt(d, k) for k in BATCH_INT_KEYS[2:]])
                 row.append(_float(d, "kv.usage_gpu_ratio") if "kv.usage_gpu_ratio" in d
                            else math.nan)

@@ -281,15 +281,26 @@ def reconstruct(c: TraceColumns, max_num_batched_tokens: int, *,
                 kvc = min(max(kv, 0), max(P - 1, 0))
                 need = max(P - kvc, 1)
                 if 0 <= F <= b:
-                    j_req.append(r), j_a.append(a), j_b.append(F), j_comp.append(True)
-                    j_need.append(need), j_kv0.append(kvc)
+                    j_req.append(r)
+                    j_a.append(a)
+                    j_b.append(F)
+                    j_comp.append(True)
+                    j_need.append(need)
+                    j_kv0.append(kvc)
                     if F < b:
-                        d_req.append(r), d_a.append(F + 1), d_b.append(b), d_p0.append(P)
+                        d_req.append(r)
+                        d_a.append(F + 1)
+                        d_b.append(b)
+                        d_p0.append(P)
                         if gb >= 0 and gb - max(ga, 1) != b - F:
                             anomaly("decode_steps_vs_tokens")
                 else:
-                    j_req.append(r), j_a.append(a), j_b.append(b), j_comp.append(False)
-                    j_need.append(need), j_kv0.append(kvc)
+                    j_req.append(r)
+                    j_a.append(a)
+                    j_b.append(b)
+                    j_comp.append(False)
+                    j_need.append(need)
+                    j_kv0.append(kvc)
             else:                        # resumed after the first token: recompute
                 ga = max(ga, 1)
                 target = P + ga
@@ -300,14 +311,24 @@ def reconstruct(c: TraceColumns, max_num_batched_tokens: int, *,
                     if cstep < a:
                         anomaly("resume_tokens_exceed_steps")
                         cstep = a
-                    j_req.append(r), j_a.append(a), j_b.append(cstep), j_comp.append(True)
-                    j_need.append(need), j_kv0.append(kvc)
+                    j_req.append(r)
+                    j_a.append(a)
+                    j_b.append(cstep)
+                    j_comp.append(True)
+                    j_need.append(need)
+                    j_kv0.append(kvc)
                     if cstep < b:
-                        d_req.append(r), d_a.append(cstep + 1), d_b.append(b)
+                        d_req.append(r)
+                        d_a.append(cstep + 1)
+                        d_b.append(b)
                         d_p0.append(P + ga)
                 else:
-                    j_req.append(r), j_a.append(a), j_b.append(b), j_comp.append(False)
-                    j_need.append(need), j_kv0.append(kvc)
+                    j_req.append(r)
+                    j_a.append(a)
+                    j_b.append(b)
+                    j_comp.append(False)
+                    j_need.append(need)
+                    j_kv0.append(kvc)
 
     # ---- guard against absurd step values (a damaged trace must not exhaust memory)
     cap = config.IMPORT_MAX_INTERVAL_STEPS
@@ -353,9 +374,9 @@ def reconstruct(c: TraceColumns, max_num_batched_tokens: int, *,
     dup = (np.diff(all_step) == 0) & (np.diff(new_req) == 0)
     if dup.any():
         anomaly("request_twice_in_step", int(dup.sum()))
-        keep = np.concatenate([[True], ~dup])
-        all_step, new_req, all_phase = all_step[keep], new_req[keep], all_phase[keep]
-        all_new, all_prog, all_req = all_new[keep], all_prog[keep], all_req[keep]
+        first = np.concatenate([[True], ~dup])
+        all_step, new_req, all_phase = all_step[first], new_req[first], all_phase[first]
+        all_new, all_prog, all_req = all_new[first], all_prog[first], all_req[first]
     step_id, step_pos, per_step = np.unique(all_step, return_inverse=True, return_counts=True)
     n_steps = step_id.size
     width = int(per_step.max()) if n_steps else 0
@@ -520,7 +541,10 @@ def _allocate_prefills(j_req, j_a, j_b, j_comp, j_need, j_kv0, rank, dec_step, b
             if j_b[j] == t and j_comp[j]:
                 a = rem[j]
                 left -= a
-                out_s.append(t), out_r.append(j_req[j]), out_n.append(a), out_p.append(prog[j])
+                out_s.append(t)
+                out_r.append(j_req[j])
+                out_n.append(a)
+                out_p.append(prog[j])
                 rem[j] = 0
                 prog[j] += a
                 done = True
@@ -536,7 +560,10 @@ def _allocate_prefills(j_req, j_a, j_b, j_comp, j_need, j_kv0, rank, dec_step, b
             a = min(rem[j] - 1, left)
             if a > 0:
                 left -= a
-                out_s.append(t), out_r.append(j_req[j]), out_n.append(a), out_p.append(prog[j])
+                out_s.append(t)
+                out_r.append(j_req[j])
+                out_n.append(a)
+                out_p.append(prog[j])
                 rem[j] -= a
                 prog[j] += a
         active = [j for j in active if j_b[j] > t]
