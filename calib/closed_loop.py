@@ -57,14 +57,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from calib import config
 from calib.errors import CalibError
+
+if TYPE_CHECKING:
+    from calib.simulate import ExperimentSpec
 
 __all__ = ["ClosedLoopResult", "ExperimentPlan", "LinearStepTime", "closed_loop",
            "exported_coefficients", "experiment_plans", "format_table", "judge",
@@ -172,7 +176,7 @@ class ExperimentPlan:
 
     name: str
     model: str
-    spec: object                       # calib.simulate.ExperimentSpec
+    spec: ExperimentSpec
     arrived_us: np.ndarray             # (N,) observed (or inferred) arrival, µs
     has_api: np.ndarray                # (N,) bool: API labels present (client-side basis)
     prompt_len: np.ndarray
@@ -334,7 +338,8 @@ def exported_coefficients(idata, *, draws: int, out_dir=None, seed: int = config
     post = flat_draws(idata)
     models = model_coords(idata)["model"]
     n = post["b"].shape[0]
-    idx = np.unique(np.linspace(0, n - 1, num=min(draws, n)).round().astype(int)) if draws else []
+    idx: np.ndarray = (np.unique(np.linspace(0, n - 1, num=min(draws, n)).round().astype(int))
+                       if draws else np.zeros(0, dtype=int))
     sets = []
     for d in idx:
         one = {}
@@ -398,6 +403,7 @@ def closed_loop(plans: Sequence[ExperimentPlan], coeffs: Coefficients, *,
     if workers is None:
         workers = min(os.cpu_count() or 1, len(jobs))
     done = 0
+    it: Iterator[tuple[int, int, dict]]
     if workers <= 1:
         it = map(_replay_job, jobs)
         ex = None
@@ -496,10 +502,11 @@ def format_table(result: ClosedLoopResult, simulator: str = "calib scheduler") -
                          f"{r.lower_us / 1e3:>10.2f} {r.upper_us / 1e3:>10.2f} "
                          f"{r.error_pct:>+7.1f} {'yes' if r.inside else 'NO':>3} "
                          f"{'yes' if r.passed else 'NO':>3}")
+        err = sub.error_pct.abs()
         lines.append(f"mean err {sub.error_pct.mean():+.1f} % (|err| mean "
-                     f"{sub.error_pct.abs().mean():.1f} %, max {sub.error_pct.abs().max():.1f} %); "
+                     f"{err.mean():.1f} %, max {err.max():.1f} %); "
                      f"inside band {int(sub.inside.sum())}/{len(sub)}; "
-                     f"within target {int((sub.error_pct.abs() < sub.target_pct).sum())}/{len(sub)}")
+                     f"within target {int((err < sub.target_pct).sum())}/{len(sub)}")
         lines.append("")
     lines.append(result.message)
     return "\n".join(lines)

@@ -36,7 +36,8 @@ from calib.simulate.workloads import load_recipe, recipe_specs
 from calib.simulate.writer import experiment_dirname, truth_dataset, write_experiment, write_truth
 
 __all__ = [
-    "ExperimentSpec", "RequestPlan", "SimResult", "StepBatch", "StepTimeFn", "TruthParams", "TruthStepTime",
+    "ExperimentSpec", "RequestPlan", "SimResult", "StepBatch", "StepTimeFn", "TruthParams",
+    "TruthStepTime",
     "experiment_dirname", "kv_capacity_blocks", "load_recipe", "padded_composition",
     "recipe_specs", "simulate_experiment", "simulate_recipe", "summary_stats", "truth_dataset",
     "write_experiment", "write_truth", "merge_stats",

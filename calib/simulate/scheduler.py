@@ -726,7 +726,7 @@ def simulate_experiment(spec: ExperimentSpec, *, seed: int, step_time: StepTimeF
     within = snapshot_rate / batch_summary_rate if batch_summary_rate > 0 else 0.0
     comp["snapshot"] = steps["sampled"][step_of_entry] & (r_samp.random(offsets[-1]) < within)
 
-    requests = {
+    req_cols = {
         "id": np.asarray(ids, dtype=object), "suffix": np.asarray(suffixes, dtype=object),
         "system_prompt": sys_id.astype(np.int32), "prompt_len": prompt_len.astype(np.int32),
         "output_len": output_len.astype(np.int32), "arrived_ns": arrived_ns,
@@ -744,7 +744,7 @@ def simulate_experiment(spec: ExperimentSpec, *, seed: int, step_time: StepTimeF
     }
     res = SimResult(spec=spec, seed=int(seed), arch=arch, hardware=hw,
                     kv_blocks_total=kv.total, mono_base_ns=mono_base_ns,
-                    unix_offset_ns=unix_offset_ns, steps=steps, comp=comp, requests=requests,
+                    unix_offset_ns=unix_offset_ns, steps=steps, comp=comp, requests=req_cols,
                     events=events,
                     truth_params=params.to_json() if isinstance(step_time, TruthStepTime)
                     else "{}")
