@@ -513,19 +513,11 @@ def format_table(result: ClosedLoopResult, simulator: str = "calib scheduler") -
 
 
 # ------------------------------------------------------------------ script helpers
-def _percent(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < v < 1000.0:
-        raise argparse.ArgumentTypeError(f"expected a percentage in (0, 1000), got {v}")
-    return v
-
-
 def add_check_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by scripts/check_closed_loop.py and scripts/check_blis.py (argparse only)."""
-    from calib.cli import probability
+    from calib.cli import finite_float, probability
+
+    percent = finite_float(0.0, 1000.0)
 
     p.add_argument("posterior", help="posterior NetCDF written by scripts/fit.py")
     p.add_argument("--traces", default=None,
@@ -533,9 +525,9 @@ def add_check_arguments(p: argparse.ArgumentParser) -> None:
                         "default: the data the posterior was fitted on, from its manifest)")
     p.add_argument("--prob", type=probability, default=config.INTERVAL_PROB,
                    help="central band probability (default %(default)s)")
-    p.add_argument("--e2e-target", type=_percent, default=config.CLOSED_LOOP_E2E_TARGET_PCT,
+    p.add_argument("--e2e-target", type=percent, default=config.CLOSED_LOOP_E2E_TARGET_PCT,
                    metavar="PCT", help="largest |E2E error| %% that passes (default %(default)s)")
-    p.add_argument("--ttft-itl-target", type=_percent,
+    p.add_argument("--ttft-itl-target", type=percent,
                    default=config.CLOSED_LOOP_TTFT_ITL_TARGET_PCT, metavar="PCT",
                    help="largest |TTFT| and |decode-interval error| %% that passes "
                         "(default %(default)s)")
