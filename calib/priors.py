@@ -17,7 +17,9 @@ one such entry per component (``calib.config.COMPONENTS``)::
     per_step_us:    {...}
     alpha:  {family: beta, a: 2, b: 2, ...}
     sigma:  {family: halfnormal, scale: 0.3, ...}
-    nu:     {family: gamma, shape: 2, rate: 0.1, ...}
+    stall_prob: {family: beta, a: 1.2, b: 14, ...}   # fraction of config.NOISE_MAX_TAIL_PROB
+    stall_log_mult: {family: lognormal, ...}; stall_log_sd: {...}
+    fast_prob: {...}; fast_log_mult: {...}; fast_log_sd: {...}   # per model (calib.noise)
     blis:   {...}    # optional free-form metadata (e.g. the BLIS coefficients a file is centred on)
 
 :func:`load_priors` validates the file (unknown family or parameter, missing
@@ -69,7 +71,9 @@ META_FIELDS = ("family", "units", "rationale")
 #: Per-component parameters: one entry per component.
 PER_COMPONENT = ("b_pop", "tau", "tau_exp")
 #: Scalar parameters.
-SCALARS = ("per_layer_us", "per_request_us", "per_step_us", "alpha", "sigma", "nu")
+SCALARS = ("per_layer_us", "per_request_us", "per_step_us", "alpha", "sigma", "stall_prob",
+           "stall_log_mult", "stall_log_sd", "fast_prob", "fast_log_mult", "fast_log_sd")
+
 #: Families allowed for each parameter (the model's parameterisation needs them).
 ALLOWED: dict[str, tuple[str, ...]] = {
     "b_pop": ("lognormal",),
@@ -80,7 +84,13 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "per_step_us": ("lognormal",),
     "alpha": ("beta",),
     "sigma": ("halfnormal", "halfcauchy", "exponential", "lognormal", "gamma"),
-    "nu": ("gamma", "exponential", "lognormal"),
+    # the tail probabilities are Beta fractions of config.NOISE_MAX_TAIL_PROB
+    "stall_prob": ("beta",),
+    "fast_prob": ("beta",),
+    "stall_log_mult": ("lognormal", "gamma"),
+    "stall_log_sd": ("lognormal", "gamma"),
+    "fast_log_mult": ("lognormal", "gamma"),
+    "fast_log_sd": ("lognormal", "gamma"),
 }
 #: Optional top-level keys (free-form metadata).
 OPTIONAL_KEYS = ("description", "blis")
