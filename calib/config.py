@@ -237,6 +237,13 @@ DENSE_MASS = True
 #: tail component can play the body (a second posterior mode, found by NUTS from a random
 #: start in tests/test_noise.py).
 NOISE_MAX_TAIL_PROB = 0.25
+#: Upper bound on the log sd of the stall and fast multipliers (each sampled as this bound
+#: times a Beta fraction). A log-normal factor with log sd w has mean exp(w²/2), so an
+#: unbounded prior on w makes the mean step time's prior expectation infinite, and where
+#: the data do not pin w (a tail probability near 0) the posterior mean factor explodes
+#: (seen on the default fit with a log-normal prior: mean_factor[codellama-34b] posterior
+#: mean 47.7, sd 2950, from rare prior-only draws). 1.0: a stall varies by up to e^±2 at 2 sd.
+NOISE_MAX_TAIL_LOG_SD = 1.0
 
 
 # ------------------------ posterior products (calib/export, e2e, baselines, report)

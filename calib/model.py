@@ -124,10 +124,12 @@ SITE_DIMS: dict[str, tuple[str, ...]] = {
     "stall_frac": (),
     "stall_prob": (),
     "stall_log_mult": (),
+    "stall_sd_frac": (),
     "stall_log_sd": (),
     "fast_frac": ("model",),
     "fast_prob": ("model",),
     "fast_log_mult": ("model",),
+    "fast_sd_frac": ("model",),
     "fast_log_sd": ("model",),
     "mean_factor": ("model",),
     OBS_SITE: ("step",),
@@ -244,7 +246,9 @@ def _noise_params(data: ModelData, priors: Priors, sigma: Array) -> tuple[Array,
     model (``fast_frac``, ``fast_log_mult``, ``fast_log_sd``: steps one model's mean
     function over-predicts, e.g. a MoE model's small decode batches). Each tail
     probability is ``NOISE_MAX_TAIL_PROB·frac`` with ``frac ~ Beta`` (the body stays the
-    majority); stall shifts log y up and fast shifts it down (no label switching).
+    majority), each multiplier's log sd ``NOISE_MAX_TAIL_LOG_SD·frac`` (a finite mean
+    factor even where the data leave it to the prior); stall shifts log y up and fast
+    shifts it down (no label switching).
     Records ``stall_prob``, ``fast_prob`` and ``mean_factor`` = E[y]/m per model.
     """
     M = data.n_models
@@ -252,11 +256,14 @@ def _noise_params(data: ModelData, priors: Priors, sigma: Array) -> tuple[Array,
     stall_prob = numpyro.deterministic(
         "stall_prob", cap * numpyro.sample("stall_frac", priors["stall_prob"].numpyro()))
     stall_log_mult = numpyro.sample("stall_log_mult", priors["stall_log_mult"].numpyro())
-    stall_log_sd = numpyro.sample("stall_log_sd", priors["stall_log_sd"].numpyro())
+    sd_cap = config.NOISE_MAX_TAIL_LOG_SD
+    stall_log_sd = numpyro.deterministic(
+        "stall_log_sd", sd_cap * numpyro.sample("stall_sd_frac", priors["stall_log_sd"].numpyro()))
     fast_prob = numpyro.deterministic(
         "fast_prob", cap * numpyro.sample("fast_frac", priors["fast_prob"].numpyro().expand([M])))
     fast_log_mult = numpyro.sample("fast_log_mult", priors["fast_log_mult"].numpyro().expand([M]))
-    fast_log_sd = numpyro.sample("fast_log_sd", priors["fast_log_sd"].numpyro().expand([M]))
+    fast_log_sd = numpyro.deterministic("fast_log_sd", sd_cap * numpyro.sample(
+        "fast_sd_frac", priors["fast_log_sd"].numpyro().expand([M])))
     params = tuple(jnp.broadcast_to(v, (M,)) for v in (
         sigma, stall_prob, stall_log_mult, stall_log_sd, fast_prob, fast_log_mult, fast_log_sd))
     numpyro.deterministic("mean_factor", noise.mean_factor(*params, xp=jnp))
@@ -362,7 +369,7 @@ def sample_sites(hierarchy: str, centered: bool | None = None) -> tuple[str, ...
     key = str(hierarchy).replace("_", "-")
     get_model(key)
     base = ["z_b_pop", "z_per_layer_us", "z_per_request_us", "z_per_step_us", "alpha", "stall_frac",
-            "stall_log_mult", "stall_log_sd", "fast_frac", "fast_log_mult", "fast_log_sd"]
+            "stall_log_mult", "stall_sd_frac", "fast_frac", "fast_log_mult", "fast_sd_frac"]
     if key == "pooled":
         return tuple(base + ["sigma_pooled"])
     base += ["tau", "sigma", "log_b_active" if centered else "z_b"]

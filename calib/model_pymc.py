@@ -4,8 +4,9 @@ Same hierarchies, site names, dims and densities as :mod:`calib.model` (NumPyro)
 ``z_b_pop``, ``b_pop``, ``tau``, ``z_b``/``log_b_active``, ``b``, ``tau_exp``,
 ``z_b_exp``/``log_b_exp_active``, ``b_exp``, ``z_per_*_us`` and ``per_*_us``,
 ``alpha``, ``sigma_pooled``/``sigma``, the noise sites of :mod:`calib.noise`
-(``stall_frac``, ``stall_log_mult``, ``stall_log_sd``, ``fast_frac``, ``fast_log_mult``,
-``fast_log_sd``; deterministics ``stall_prob``, ``fast_prob``, ``mean_factor``) and the
+(``stall_frac``, ``stall_log_mult``, ``stall_sd_frac``, ``fast_frac``, ``fast_log_mult``,
+``fast_sd_frac``; deterministics ``stall_prob``, ``stall_log_sd``, ``fast_prob``,
+``fast_log_sd``, ``mean_factor``) and the
 observed ``log_duration``.
 Only the sampler differs, so posteriors must agree within Monte-Carlo error
 (``tests/test_pymc_agree.py``). PyMC is imported lazily.
@@ -230,11 +231,14 @@ def _noise_params(priors: Priors, sigma, M: int) -> tuple:
     cap = config.NOISE_MAX_TAIL_PROB
     stall_prob = pm.Deterministic("stall_prob", cap * priors["stall_prob"].pymc("stall_frac"))
     stall_log_mult = priors["stall_log_mult"].pymc("stall_log_mult")
-    stall_log_sd = priors["stall_log_sd"].pymc("stall_log_sd")
+    sd_cap = config.NOISE_MAX_TAIL_LOG_SD
+    stall_log_sd = pm.Deterministic("stall_log_sd",
+                                    sd_cap * priors["stall_log_sd"].pymc("stall_sd_frac"))
     fast_prob = pm.Deterministic("fast_prob", cap * priors["fast_prob"].pymc(
         "fast_frac", dims="model"), dims="model")
     fast_log_mult = priors["fast_log_mult"].pymc("fast_log_mult", dims="model")
-    fast_log_sd = priors["fast_log_sd"].pymc("fast_log_sd", dims="model")
+    fast_log_sd = pm.Deterministic("fast_log_sd", sd_cap * priors["fast_log_sd"].pymc(
+        "fast_sd_frac", dims="model"), dims="model")
     params = tuple(pt.broadcast_to(v, (M,)) for v in (
         sigma, stall_prob, stall_log_mult, stall_log_sd, fast_prob, fast_log_mult, fast_log_sd))
     pm.Deterministic("mean_factor", noise.mean_factor(*params, xp=pt), dims="model")

@@ -88,9 +88,10 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "stall_prob": ("beta",),
     "fast_prob": ("beta",),
     "stall_log_mult": ("lognormal", "gamma"),
-    "stall_log_sd": ("lognormal", "gamma"),
+    # the multipliers' log sds are Beta fractions of config.NOISE_MAX_TAIL_LOG_SD
+    "stall_log_sd": ("beta",),
     "fast_log_mult": ("lognormal", "gamma"),
-    "fast_log_sd": ("lognormal", "gamma"),
+    "fast_log_sd": ("beta",),
 }
 #: Optional top-level keys (free-form metadata).
 OPTIONAL_KEYS = ("description", "blis")

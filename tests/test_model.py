@@ -169,6 +169,8 @@ def test_likelihood_is_the_noise_family(design, hierarchy):
     np.testing.assert_allclose(v["mean_factor"], noise.mean_factor(*params), rtol=1e-12)
     assert np.all(v["stall_prob"] <= config.NOISE_MAX_TAIL_PROB)
     assert np.all(v["fast_prob"] <= config.NOISE_MAX_TAIL_PROB)
+    assert np.all(v["fast_log_sd"] <= config.NOISE_MAX_TAIL_LOG_SD)
+    assert v["stall_log_sd"] <= config.NOISE_MAX_TAIL_LOG_SD
 
 
 def test_unknown_hierarchy_and_bad_data():

@@ -42,7 +42,7 @@ def test_bundled_files_load_and_hash_differs():
 def test_hash_is_content_not_formatting(tmp_path, raw):
     assert priors_hash(load_priors(_write(tmp_path, raw))) == priors_hash(load_priors())
     changed = copy.deepcopy(raw)
-    changed["stall_log_sd"]["median"] = 0.4
+    changed["stall_log_sd"]["a"] = 4.0
     assert priors_hash(priors_from_dict(changed)) != priors_hash(load_priors())
 
 
