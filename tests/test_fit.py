@@ -75,10 +75,11 @@ def test_log_likelihood_is_on_the_us_scale():
     c, d = 1, 7
     post = idata.posterior
     mu = predict_step_time_us(idata)[c * post.sizes["draw"] + d]
-    sigma = post["sigma"].values[c, d][np.asarray(data.model_idx)]
-    rest = [float(post[k].values[c, d]) for k in noise.NOISE_PARAMS[1:4]]
+    midx = np.asarray(data.model_idx)
+    draw = {k: post[k].values[c, d][None] for k in noise.NOISE_PARAMS if k in post}
+    params = [p[0, midx] for p in noise.posterior_params(draw, post.sizes["model"])]
     y = np.asarray(data.duration_us)
-    expected = noise.log_density(np.log(y), np.log(mu), sigma, *rest) - np.log(y)
+    expected = noise.log_density(np.log(y), np.log(mu), *params) - np.log(y)
     np.testing.assert_allclose(idata.log_likelihood["duration_us"].values[c, d], expected,
                                rtol=1e-9)
 
