@@ -48,7 +48,7 @@ def _synthetic(args):
     truth = {"b": np.array([[1.6, 1.2, 2.5, 1.4, 1.15, 1.0], [1.3, 1.5, 2.0, 1.8, 1.25, 1.8],
                             [1.4, 1.3, 2.2, 1.6, 1.2, 1.5], [1.5, 1.4, 2.4, 1.5, 1.1, 1.2]]),
              "per_layer_us": 8.0, "per_request_us": 3.0, "per_step_us": 150.0, "alpha": 0.3,
-             "sigma": np.array([0.08, 0.1, 0.09, 0.07]), "nu": 6.0}
+             "sigma": np.array([0.08, 0.1, 0.09, 0.07]), "stall_prob": 0.02, "stall_log_mult": 0.7, "stall_log_sd": 0.3}
     ds, features, truth = make_replay_dataset(seed=0, n_models=2, exps_per_model=8,
                                               steps_per_exp=args.steps_per_exp,
                                               requests_per_exp=args.requests_per_exp,

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     priors = load_priors()
     truth = {"b": np.array(TRUTH_B), "per_layer_us": 6.0, "per_request_us": 4.0,
              "per_step_us": 300.0, "alpha": 0.3, "sigma": np.array([0.05, 0.07, 0.06, 0.08]),
-             "nu": 8.0}
+             "stall_prob": 0.02, "stall_log_mult": 0.7, "stall_log_sd": 0.3}
     results = []
     for n in args.steps:
         design = synthetic_model_data(n, n_models=4, experiments_per_model=4, seed=args.seed,

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(args.seed + 1)
         truth = dict(b=base * np.exp(rng.normal(0, 0.2, (M, 6))), per_layer_us=8.0,
                      per_request_us=12.0, per_step_us=150.0, alpha=0.6,
-                     sigma=rng.uniform(0.04, 0.12, M), nu=8.0)
+                     sigma=rng.uniform(0.04, 0.12, M), stall_prob=0.02, stall_log_mult=0.7, stall_log_sd=0.3)
         y, _ = simulate_from_model(args.hierarchy, design, params=truth, seed=args.seed + 2)
         data = make_model_data(design.components, design.num_layers, design.batch_size,
                                design.model_idx, design.experiment_idx, y,

@@ -231,15 +231,26 @@ RECENTRED_POPULATION = True
 #: Dense (full) mass matrix for NUTS (the fit runner's default).
 DENSE_MASS = True
 
+# ------------------------------------------------------ step-time noise (calib/noise.py)
+#: Upper bound on the stall and fast probabilities (each sampled as this bound times a
+#: Beta fraction): the body is the majority of steps by definition; without a bound a
+#: tail component can play the body (a second posterior mode, found by NUTS from a random
+#: start in tests/test_noise.py).
+NOISE_MAX_TAIL_PROB = 0.25
+#: Upper bound on the log sd of the stall and fast multipliers (each sampled as this bound
+#: times a Beta fraction). A log-normal factor with log sd w has mean exp(w²/2), so an
+#: unbounded prior on w makes the mean step time's prior expectation infinite, and where
+#: the data do not pin w (a tail probability near 0) the posterior mean factor explodes
+#: (seen on the default fit with a log-normal prior: mean_factor[codellama-34b] posterior
+#: mean 47.7, sd 2950, from rare prior-only draws). 1.0: a stall varies by up to e^±2 at 2 sd.
+NOISE_MAX_TAIL_LOG_SD = 1.0
+
 
 # ------------------------ posterior products (calib/export, e2e, baselines, report)
 #: Share of a request's QUEUED step counted in its predicted E2E/TTFT: a request queued
 #: while step q runs (the QUEUED event carries scheduler.step = q) waits on average for
 #: half of it under uniform arrivals. 1 counts the whole step, 0 none (QUEUED between steps).
 E2E_QUEUED_STEP_WEIGHT = 0.5
-#: Log-scale clip of posterior-predictive step noise (a step at most e^3 ≈ 20× its median):
-#: exp of a Student-t variable has no finite mean, so unclipped draws could dominate sums.
-E2E_NOISE_LOG_CLIP = 3.0
 #: check_e2e fails when P(Binomial(n_experiments, prob) <= n_inside) is below this
 #: (coverage implausibly low for the nominal interval probability).
 E2E_COVERAGE_FAIL_TAIL = 0.01

@@ -53,22 +53,20 @@ Which corrections predict an experiment (column ``basis``):
 ``new-experiment``  per-experiment fits, workload not in the posterior (or forced with
                     ``new_experiments=True``): ``log b = log b[m] + tau_exp·z`` per draw;
 ``population``      model not in the posterior (or listed in ``population_models``):
-                    ``log b = log b_pop + tau·z`` per draw; its noise scale is the
-                    per-draw mean of ``sigma`` over the fitted models.
+                    ``log b = log b_pop + tau·z`` per draw (the predictive distribution
+                    of a new model's corrections); its noise parameters are the per-draw
+                    means of the fitted models' (the pooled stall component is shared).
 
-With ``noise=True`` (default) every predicted step duration is multiplied by the
-model's Student-t noise ``exp(sigma·t_nu)`` (clipped at ±``E2E_NOISE_LOG_CLIP`` on the
-log scale), so the interval is a posterior *predictive* interval of the
-experiment mean: without noise, ``mu`` is the median step time and sums of
-medians sit below sums of durations.
+With ``noise=True`` (default) every predicted step duration is a draw of the model's
+noise (:func:`calib.noise.sample`: log-normal body, stall and fast components, the full
+tail, no clipping), so the interval is a posterior *predictive* interval of the
+experiment mean. Without noise, ``mu`` is the body *median* step time and sums of
+medians sit below sums of durations by the mean factor (``mean_factor``, ~1-3 %).
 
-Point prediction (``predicted_us``): the median of the experiment mean over posterior
-draws, the centre of the equal-tailed interval. The model is multiplicative (log-scale
-likelihood; a new model's correction is log-normal around ``b_pop``), so the predictive
-distribution is right-skewed, most of all at the population level; its mean sits above
-the median by ``≈ exp(tau²/2)`` per component there and is the worse point for relative
-errors (the error columns are relative to the observed value). For fitted models the
-two differ by a fraction of a percent.
+Point prediction (``predicted_us``): the *mean* of the experiment mean over posterior
+draws (the posterior predictive mean, what a sum of step times is an estimate of; at the
+population level it includes the ``≈ exp(tau²/2)`` of the log-normal corrections); the
+interval is equal-tailed.
 
 Verdict: for each metric in :data:`calib.config.E2E_CHECK_METRICS`, with n experiments
 and k intervals containing the observed mean, the check fails when
@@ -88,9 +86,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from calib import config
+from calib import noise as stepnoise
 from calib.errors import CalibError
 from calib.posterior import flat_draws
-from calib.predict import StepFeatures, step_time_draws_us, student_t_log_noise
+from calib.predict import StepFeatures, step_time_draws_us
 from calib.vocab import fittable
 
 if TYPE_CHECKING:
@@ -387,15 +386,15 @@ def experiment_means(step_us: np.ndarray, design: ReplayDesign) -> np.ndarray:
 @dataclass
 class _Groups:
     b: np.ndarray        # (d, E, 6)
-    sigma: np.ndarray    # (d, E)
+    noise: tuple         # calib.noise.NoiseParams order, each (d, E)
     basis: list[str]
 
 
 def correction_draws(params: dict, post_models: list[str], post_experiments: list[str],
                      experiments, models, *, new_experiments: bool = False,
                      population_models=(), rng: np.random.Generator
-                     ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Per-draw corrections and noise scale of each experiment to predict (``basis`` rules).
+                     ) -> tuple[np.ndarray, tuple, list[str]]:
+    """Per-draw corrections and noise parameters of each experiment to predict (``basis`` rules).
 
     Parameters
     ----------
@@ -409,7 +408,8 @@ def correction_draws(params: dict, post_models: list[str], post_experiments: lis
 
     Returns
     -------
-    b : (draws, E, components) corrections; sigma : (draws, E) noise scales;
+    b : (draws, E, components) corrections; noise : the noise parameters
+    (:class:`calib.noise.NoiseParams` order), each (draws, E);
     basis : per experiment ``"fitted"``, ``"new-experiment"`` or ``"population"`` (module
     docstring).
     """
@@ -418,9 +418,9 @@ def correction_draws(params: dict, post_models: list[str], post_experiments: lis
     E = len(experiments)
     has_exp = "b_exp" in params
     b = np.empty((d, E, _COMP))
-    sigma = np.empty((d, E))
+    per_model = stepnoise.posterior_params(params, len(post_models))
+    pars = tuple(np.empty((d, E)) for _ in per_model)
     basis = []
-    pop_sigma = params["sigma"].mean(axis=1)
     forced_pop = set(population_models or ())
     for e, (name, model) in enumerate(zip(experiments, models, strict=True)):
         if model in post_models and model not in forced_pop:
@@ -436,14 +436,16 @@ def correction_draws(params: dict, post_models: list[str], post_experiments: lis
             else:
                 b[:, e] = params["b"][:, m]
                 basis.append("fitted")
-            sigma[:, e] = params["sigma"][:, m]
+            for out, p in zip(pars, per_model, strict=True):
+                out[:, e] = p[:, m]
         else:
             tau = params.get("tau", np.zeros((d, _COMP)))
             z = rng.standard_normal((d, _COMP))
             b[:, e] = params["b_pop"] * np.exp(tau * z)
-            sigma[:, e] = pop_sigma
+            for out, p in zip(pars, per_model, strict=True):
+                out[:, e] = p.mean(axis=1)
             basis.append("population")
-    return b, sigma, basis
+    return b, pars, basis
 
 
 def _correction_groups(params: dict, idata, design: ReplayDesign, *, new_experiments: bool,
@@ -531,7 +533,7 @@ def replay(idata, ds, *, features: StepFeatures | None = None, prob: float = con
         ``calib.roofline.dataset_components(ds)``).
     prob : central interval probability.
     draws : posterior draws (thinned evenly; None: all).
-    noise : include the Student-t step noise (posterior predictive).
+    noise : include the step noise (:mod:`calib.noise`, full tails; posterior predictive).
     new_experiments : per-experiment fits: predict every experiment as a new workload.
     population_models : models predicted from the population level (held out).
     seed : seed of the thinning-independent randomness (effects, noise).
@@ -587,8 +589,7 @@ def replay(idata, ds, *, features: StepFeatures | None = None, prob: float = con
                                params["per_request_us"][sl], params["per_step_us"][sl],
                                params["alpha"][sl], feats, design.step_exp)
         if noise:
-            D *= student_t_log_noise(rng, groups.sigma[sl][:, design.step_exp],
-                                     params["nu"][sl], D.shape)
+            D = stepnoise.sample(rng, D, *(p[sl][:, design.step_exp] for p in groups.noise))
         pred_sp += D[:, sp].sum(axis=0)
         pred[sl] = means_with_host_time(D, design, gap_draws[sl])
     pred_sp /= d
@@ -615,8 +616,8 @@ def replay(idata, ds, *, features: StepFeatures | None = None, prob: float = con
             obs = design.observed_us[k, e]
             col = pred[:, k, e]
             finite = np.isfinite(obs) and np.all(np.isfinite(col))
-            lo, point, hi = (np.quantile(col, [lo_q, 0.5, hi_q]) if finite
-                             else (np.nan,) * 3)
+            lo, hi = np.quantile(col, [lo_q, hi_q]) if finite else (np.nan,) * 2
+            point = float(np.mean(col)) if finite else np.nan
             row = {"metric": metric, "experiment": name, "model": design.models[e],
                    "basis": groups.basis[e], "n_requests": int(design.n_requests[k, e]),
                    "observed_us": obs, "predicted_us": float(point), "lower_us": float(lo),

@@ -16,26 +16,38 @@ writes, into one directory:
     rejected, so provenance is written as YAML comments). Use it with BLIS's
     ``--defaults-filepath``; it carries no other section of BLIS's defaults.
 
-Statistic: every exported coefficient is the **posterior mean** of its
-parameter, a plug-in point estimate (the prediction at the posterior means is
-not the posterior-mean prediction: the model is non-linear in ``alpha``, and
-``mu`` is the median step time under the log-scale Student-t noise).
+Statistic: the exported betas reproduce the **posterior predictive mean step time**
+(BLIS adds step times, so it needs means). The model's ``mu`` is the *body median*
+step time; the predictive mean is ``mean_factor[m]·mu`` (:mod:`calib.noise`: the
+stall and fast components and the body's log-normal spread). ``mu`` is homogeneous of
+degree 1 in (``b``, overheads) for fixed ``alpha``, so ``F·mu(b, o) = mu(F·b, F·o)``
+and every exported beta (corrections and the per-layer / per-request / per-step
+overheads, exported per model) is the posterior mean of ``mean_factor[m]·coefficient``.
+The ``uncertainty`` section describes the same scaled quantities and keeps the
+body-median plug-in betas and ``mean_factor`` for readers. The remaining plug-in
+approximation is ``alpha`` (the model is non-linear in it; BLIS drops it anyway).
+
+Population (new-model) set: a new model's corrections are
+``log b_new ~ N(log b_pop, tau)`` (the posterior predictive of the hierarchy); its
+point is the predictive mean ``b_pop·exp(tau²/2)`` (times the mean over fitted models
+of ``mean_factor``), averaged over draws, and its band the quantiles of the
+predictive draws.
 
 Mapping to BLIS ``beta_coeffs`` (10 values, BLIS order):
 
 ===================  =================================================================
 BLIS beta            fitted parameter
 ===================  =================================================================
-β₁  pf_compute       ``b[model, pf_compute]``
-β₂  dc_compute       ``b[model, dc_compute]``
-β₃  weight           ``b[model, weight]``
-β₄  tp               ``b[model, tp]``
-β₅  µs/layer         ``per_layer_us`` (shared by all models)
-β₆  µs/request       ``per_request_us``
-β₇  µs/step          ``per_step_us``
+β₁  pf_compute       ``F·b[model, pf_compute]``  (``F = mean_factor[model]``)
+β₂  dc_compute       ``F·b[model, dc_compute]``
+β₃  weight           ``F·b[model, weight]``
+β₄  tp               ``F·b[model, tp]``
+β₅  µs/layer         ``F·per_layer_us`` (the overhead is shared, F per model)
+β₆  µs/request       ``F·per_request_us``
+β₇  µs/step          ``F·per_step_us``
 β₈  µs/MoE-layer     0: not fitted (BLIS applies it to interleaved MoE architectures only)
-β₉  pf_kv            ``b[model, pf_kv]``
-β₁₀ dc_kv            ``b[model, dc_kv]``
+β₉  pf_kv            ``F·b[model, pf_kv]``
+β₁₀ dc_kv            ``F·b[model, dc_kv]``
 (β₁₁ ep)             omitted: BLIS then sets it to β₄; it only acts for MoE under DP > 1
 ===================  =================================================================
 
@@ -59,7 +71,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from calib import config, overheads
+from calib import config, noise, overheads
 from calib.errors import CalibError
 from calib.io import atomic_write_text, manifest
 from calib.posterior import plugin_means
@@ -81,12 +93,17 @@ BLIS_BLOCK = "trained_physics_coefficients"
 POPULATION = "population"
 
 _MAPPING = {
-    "pf_compute": "b[model, pf_compute]", "dc_compute": "b[model, dc_compute]",
-    "weight": "b[model, weight]", "tp": "b[model, tp]", "per_layer_us": "per_layer_us",
-    "per_request_us": "per_request_us", "per_step_us": "per_step_us",
+    "pf_compute": "F·b[model, pf_compute]", "dc_compute": "F·b[model, dc_compute]",
+    "weight": "F·b[model, weight]", "tp": "F·b[model, tp]", "per_layer_us": "F·per_layer_us",
+    "per_request_us": "F·per_request_us", "per_step_us": "F·per_step_us",
     "per_moe_layer_us": "0 (not fitted; BLIS applies it to interleaved MoE only)",
-    "pf_kv": "b[model, pf_kv]", "dc_kv": "b[model, dc_kv]",
+    "pf_kv": "F·b[model, pf_kv]", "dc_kv": "F·b[model, dc_kv]",
+    "F": "mean_factor[model] = E[step time]/mu, the noise's mean over the body median "
+         "(population: the mean over fitted models, per draw)",
 }
+#: The exported statistic (YAML ``statistic`` and the manifest).
+STATISTIC = ("posterior predictive mean step time (posterior means of mean_factor·coefficient; "
+             "alpha dropped, as BLIS adds prefill and decode)")
 _ALPHA_MEANING = {
     "queueing_us": "α₀ QueueingTime: ARRIVED→QUEUED per request (req_api_queue_us)",
     "post_decode_us": "α₁ PostDecodeFixedOverhead: FINISHED→DEPARTED once per request "
@@ -118,14 +135,17 @@ def _summary(draws: np.ndarray, prob: float) -> dict:
             "upper": float(np.quantile(draws, (1 + prob) / 2))}
 
 
-def _beta_draws(b: np.ndarray, post: dict) -> dict[str, np.ndarray]:
-    """Draws of each BLIS beta from corrections ``b`` (draws, 6)."""
-    named = {c: b[:, i] for i, c in enumerate(config.COMPONENTS)}
+def _beta_draws(b: np.ndarray, post: dict, factor: np.ndarray | float = 1.0
+                ) -> dict[str, np.ndarray]:
+    """Draws of each BLIS beta from corrections ``b`` (draws, 6), all scaled by ``factor``
+    (draws,) (the mean factor: the betas of the mean step time)."""
+    f = np.asarray(factor, np.float64)
+    named = {c: f * b[:, i] for i, c in enumerate(config.COMPONENTS)}
     d = b.shape[0]
     return {"pf_compute": named["pf_compute"], "dc_compute": named["dc_compute"],
             "weight": named["weight"], "tp": named["tp"],
-            "per_layer_us": post["per_layer_us"], "per_request_us": post["per_request_us"],
-            "per_step_us": post["per_step_us"], "per_moe_layer_us": np.zeros(d),
+            "per_layer_us": f * post["per_layer_us"], "per_request_us": f * post["per_request_us"],
+            "per_step_us": f * post["per_step_us"], "per_moe_layer_us": np.zeros(d),
             "pf_kv": named["pf_kv"], "dc_kv": named["dc_kv"]}
 
 
@@ -181,41 +201,57 @@ class ExportResult:
     documents: dict[str, dict]
 
 
-def model_export(post: dict, *, model: str | None, b_draws: np.ndarray, alphas: dict,
-                 features: StepFeatures, duration_us: np.ndarray | None, prob: float,
-                 source: dict, export_manifest: dict) -> dict:
-    """The export document of one model (``model=None``: the population set)."""
+def model_export(post: dict, *, model: str | None, b_draws: np.ndarray, factor: np.ndarray,
+                 noise_draws: dict, alphas: dict, features: StepFeatures,
+                 duration_us: np.ndarray | None, prob: float, source: dict,
+                 export_manifest: dict, b_point: np.ndarray | None = None) -> dict:
+    """The export document of one model (``model=None``: the population set).
+
+    ``b_draws`` (draws, 6) are the corrections (population: the predictive draws of a new
+    model's), ``factor`` (draws,) the mean factor, ``noise_draws`` the noise parameters'
+    draws to summarise; ``b_point`` (draws, 6), default ``b_draws``, the corrections whose
+    ``factor``-scaled mean is the point (population: ``b_pop·exp(tau²/2)``, the exact
+    predictive mean over a new model).
+    """
+    b_point = b_draws if b_point is None else b_point
     means = plugin_means(post)
-    b_mean = b_draws.mean(axis=0)
-    betas = betas_from_params(b_mean, means["per_layer_us"], means["per_request_us"],
-                              means["per_step_us"])
+    scaled = _beta_draws(b_point, post, factor)
+    betas = [float(np.mean(scaled[k])) for k in BLIS_BETA_NAMES]
+    b_mean = np.array([np.mean(scaled[c]) for c in config.COMPONENTS])
+    mean_point = {**means, **{k: float(np.mean(scaled[k])) for k in
+                              ("per_layer_us", "per_request_us", "per_step_us")}}
+    median_b = b_point.mean(axis=0)
+    median_betas = betas_from_params(median_b, means["per_layer_us"], means["per_request_us"],
+                                     means["per_step_us"])
     alpha_coeffs = [float(a) for a in alphas["mean"]]
     bad = [v for v in betas + alpha_coeffs if not (np.isfinite(v) and v >= 0)]
     if bad:
         raise CalibError(f"exported coefficients must be finite and >= 0, got {bad}",
                          field="posterior", fix="check the fit's diagnostics and re-fit")
-    beta_draws = _beta_draws(b_draws, post)
+    beta_draws = _beta_draws(b_draws, post, factor)
     name = model or POPULATION
     notes = [
-        "statistic: posterior mean of each parameter (a plug-in point estimate; mu is the "
-        "median step time under the log-scale Student-t noise, and the plug-in prediction is "
-        "not the posterior-mean prediction)",
+        "statistic: " + STATISTIC + "; mu (the model's step time) is the body median, and "
+        "the predictive mean step time is mean_factor·mu (uncertainty.mean_factor)",
         "beta_coeffs[7] per_moe_layer_us = 0: not fitted",
         "11th beta (ep) omitted: BLIS defaults it to beta_coeffs[3] (tp); it only acts for "
         "MoE models under data parallelism > 1",
         "with >= 10 betas BLIS splits prefill and decode into compute and KV terms, as fitted",
     ]
     if model is None:
-        notes.append("population set for an unseen model: b = posterior mean of b_pop (the "
-                     "population median correction); uncertainty.beta_coeffs describes a new "
-                     "model's correction b_pop·exp(tau·z) (posterior predictive)")
+        notes.append("population set for an unseen model: a new model's corrections follow "
+                     "log b_new ~ N(log b_pop, tau); the point is their predictive mean "
+                     "b_pop·exp(tau²/2) (times the mean over fitted models of mean_factor), "
+                     "averaged over posterior draws; uncertainty.beta_coeffs gives the "
+                     "quantiles of the predictive draws mean_factor·b_pop·exp(tau·z)")
     if alphas.get("source"):
         notes.append(f"alpha_coeffs: {alphas['source']}")
     if alphas.get("clipped"):
         notes.append(f"alpha_coeffs clipped at 0 (negative estimate): {alphas['clipped']}")
-    sigma = post["sigma"] if model is None else post["sigma_model"]
+    pop = " (mean over fitted models, per draw)" if model is None else ""
     unc = {
         "interval": {"kind": config.INTERVAL_KIND, "probability": prob},
+        "statistic": STATISTIC,
         "beta_coeffs": {k: _summary(v, prob) for k, v in beta_draws.items()},
         "alpha_coeffs": ({n: {"estimate": alphas["raw_mean"][i], "sd": alphas["sd"][i],
                               "lower": alphas["lower"][i], "upper": alphas["upper"][i]}
@@ -223,14 +259,20 @@ def model_export(post: dict, *, model: str | None, b_draws: np.ndarray, alphas: 
                          if "sd" in alphas else "given explicitly (no uncertainty)"),
         "mixing_alpha": {**_summary(post["alpha"], prob),
                          "meaning": "mu = prefill + decode − alpha·min(prefill, decode) + ..."},
-        "sigma": {**_summary(sigma, prob),
-                  "meaning": "Student-t scale of log step duration"
-                             + (" (mean over fitted models, per draw)" if model is None else "")},
-        "nu": {**_summary(post["nu"], prob), "meaning": "Student-t degrees of freedom"},
+        "mean_factor": {**_summary(factor, prob),
+                        "meaning": "E[step time]/mu: predictive mean over the body median"
+                                   + pop},
+        "body_median_plugin_beta_coeffs": {
+            "values": median_betas,
+            "meaning": "posterior means of the unscaled coefficients: the body-median step "
+                       "time mu at the plug-in point (not a mean; BLIS adding these would be "
+                       "biased low by mean_factor)"},
+        "noise": {k: {**_summary(v, prob), "meaning": _NOISE_MEANING[k] + pop}
+                  for k, v in noise_draws.items()},
     }
     return {
         "model": name,
-        "statistic": "posterior mean",
+        "statistic": STATISTIC,
         BLIS_BLOCK: {"alpha_coeffs": alpha_coeffs, "beta_coeffs": betas},
         "blis_flags": blis_flags(alpha_coeffs, betas),
         "coefficient_names": {"alpha_coeffs": list(ALPHA_NAMES),
@@ -239,10 +281,21 @@ def model_export(post: dict, *, model: str | None, b_draws: np.ndarray, alphas: 
         "beta_mapping": dict(_MAPPING),
         "notes": notes,
         "uncertainty": unc,
-        "approximation": _approximation(b_mean, means, features, duration_us),
+        "approximation": _approximation(b_mean, mean_point, features, duration_us),
         "source_posterior": source,
         "manifest": export_manifest,
     }
+
+
+_NOISE_MEANING = {
+    "sigma": "log-scale sd of the body of the step-time noise",
+    "stall_prob": "probability that a step stalls (pooled)",
+    "stall_log_mult": "median log multiplier of a stalled step",
+    "stall_log_sd": "log sd of the stall multiplier",
+    "fast_prob": "probability of a fast step (one the mean function over-predicts)",
+    "fast_log_mult": "median log divisor of a fast step (it runs exp(-x) of its body)",
+    "fast_log_sd": "log sd of the fast step's multiplier",
+}
 
 
 def _defaults_text(doc: dict) -> str:
@@ -252,7 +305,7 @@ def _defaults_text(doc: dict) -> str:
         "# BLIS defaults file: the trained_physics section only "
         f"(calib export of {doc['model']!r}).",
         "# Use with: blis run --latency-model trained-physics --defaults-filepath <this file> ...",
-        "# Statistic: posterior means (plug-in). Uncertainty and provenance: the sibling",
+        "# Statistic: posterior predictive mean step time. Uncertainty and provenance: the sibling",
         f"# {doc['model']}.yaml. BLIS rejects unknown keys here, so provenance is in comments.",
         f"# source posterior: {src.get('file')} sha256={src.get('sha256')}",
         f"# diagnostics: {src.get('diagnostics')}",
@@ -321,7 +374,7 @@ def export_posterior(idata, out_dir: str | Path, *, alpha_coeffs=None,
                                data_hash=pm.get("data_hash"), priors_hash=pm.get("priors_hash"),
                                command=command, diagnostics=pm.get("diagnostics"),
                                source_posterior_sha256=source["sha256"],
-                               statistic="posterior mean",
+                               statistic=STATISTIC,
                                interval={"kind": config.INTERVAL_KIND, "probability": prob})
     feats, model_idx, dur = _fitted_steps(idata)
     out_dir = Path(out_dir)
@@ -341,35 +394,34 @@ def export_posterior(idata, out_dir: str | Path, *, alpha_coeffs=None,
 
     docs: dict[str, dict] = {}
     d = post["b"].shape[0]
+    per_model = dict(zip(noise.NOISE_PARAMS, noise.posterior_params(post, len(models)),
+                         strict=False))
+    factor = noise.mean_factor(*per_model.values())  # (draws, models)
     for m, name in enumerate(models):
         sel = model_idx == m
-        docs[name] = model_export({**post, "sigma_model": post["sigma"][:, m]}, model=name,
-                                  b_draws=post["b"][:, m, :], alphas=alphas_for(name),
+        docs[name] = model_export(post, model=name, b_draws=post["b"][:, m, :],
+                                  factor=factor[:, m],
+                                  noise_draws={k: v[:, m] for k, v in per_model.items()},
+                                  alphas=alphas_for(name),
                                   features=feats.take(np.nonzero(sel)[0]),
                                   duration_us=None if dur is None else dur[sel], prob=prob,
                                   source=source, export_manifest=export_manifest)
     tau = post.get("tau", np.zeros((d, len(config.COMPONENTS))))
     z = np.random.default_rng(config.E2E_SEED).standard_normal(tau.shape)
     b_new = post["b_pop"] * np.exp(tau * z)
-    pop_doc = model_export({**post, "sigma": post["sigma"].mean(axis=1)}, model=None,
-                           b_draws=b_new, alphas=alphas_for(None), features=feats,
-                           duration_us=dur, prob=prob, source=source,
-                           export_manifest=export_manifest)
-    # the population's point estimate is the posterior mean of b_pop (not of b_new)
-    b_pop_mean = post["b_pop"].mean(axis=0)
-    means = plugin_means(post)
-    pop_betas = betas_from_params(b_pop_mean, means["per_layer_us"], means["per_request_us"],
-                                  means["per_step_us"])
-    pop_doc[BLIS_BLOCK]["beta_coeffs"] = pop_betas
-    pop_doc["blis_flags"] = blis_flags(pop_doc[BLIS_BLOCK]["alpha_coeffs"], pop_betas)
-    pop_doc["approximation"] = _approximation(b_pop_mean, means, feats, dur)
-    docs[POPULATION] = pop_doc
+    docs[POPULATION] = model_export(
+        post, model=None, b_draws=b_new, b_point=post["b_pop"] * np.exp(0.5 * tau * tau),
+        factor=factor.mean(axis=1), noise_draws={k: v.mean(axis=1) for k, v in
+                                                 per_model.items()},
+        alphas=alphas_for(None), features=feats, duration_us=dur, prob=prob, source=source,
+        export_manifest=export_manifest)
 
     paths = []
     for name, doc in docs.items():
         stem = _safe_stem(name)
         header = (f"# calib BLIS export for {name!r}: the `{BLIS_BLOCK}` block is BLIS's "
-                  "trained-physics coefficients (posterior means); everything else is context.\n")
+                  "trained-physics coefficients (posterior predictive mean step time); "
+                  "everything else is context.\n")
         text = header + yaml.safe_dump(json.loads(json.dumps(doc, default=_jsonable)),
                                        sort_keys=False, allow_unicode=True, width=100)
         p = out_dir / f"{stem}.yaml"

@@ -701,17 +701,25 @@ def pymc_prior_draws(hierarchy: str, data, priors, coords: dict[str, list], draw
         their dims (``model``, ``component``, ``experiment``) do not depend on the
         coordinates the model was sampled in.
     """
+    import warnings
+
     import pymc as pm
 
     from calib.model import model_coords
     from calib.model_pymc import build_pymc_model
+    from calib.priors import EXACT_BETALN_SUFFIX
     from calib.vocab import PARAMETER_SITES
 
     free = data._replace(duration_us=None, log_duration=None)
     pcoords = model_coords(free, list(coords["model"]), list(coords["experiment"]))
     model = build_pymc_model(hierarchy, free, priors, pcoords, centered=centered)
     names = [n for n in PARAMETER_SITES if n in model.named_vars]
-    with model:
+    # the only potentials of the observation-free model are the Beta priors' constant
+    # normaliser corrections (calib.priors.pymc_variable): ignoring them is exact
+    constant = all(p.name.endswith(EXACT_BETALN_SUFFIX) for p in model.potentials)
+    with model, warnings.catch_warnings():
+        if constant:
+            warnings.filterwarnings("ignore", message="The effect of Potentials on other")
         idata = pm.sample_prior_predictive(draws=int(draws), var_names=names,
                                            random_seed=int(seed))
     return {k: np.asarray(idata.prior[k].values)[0] for k in names}

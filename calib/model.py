@@ -7,7 +7,11 @@ For sampled step ``i`` of LLM ``m`` with roofline terms ``T`` (µs, ``calib.roof
     mu      = prefill + decode − alpha·min(prefill, decode)
               + b[m, weight]·T_weight + b[m, tp]·T_tp
               + per_layer_us·L + per_request_us·B + per_step_us     (calib.steptime)
-    log y   ~ StudentT(nu, log mu, sigma[m])
+    log y   = log mu + eps + stall + fast                         (calib.noise)
+    eps ~ Normal(0, sigma[m]); with prob. stall_prob a step stalls: + N(stall_log_mult,
+    stall_log_sd) (pooled); with prob. fast_prob[m]: − N(fast_log_mult[m], fast_log_sd[m])
+
+``mu`` is the body *median*; the predictive mean step time is ``mean_factor[m]·mu``.
 
 Hierarchies (sibling functions, as in NumPyro's ``examples/baseball.py``):
 
@@ -21,8 +25,9 @@ Hierarchies (sibling functions, as in NumPyro's ``examples/baseball.py``):
     ``per_model`` plus ``log b_exp[e, k] ~ Normal(log b[model(e), k], tau_exp[k])`` for
     active (experiment, component) pairs; the mean function uses ``b_exp``.
 
-Every hierarchy produces the deterministic sites ``b`` (model, component) and
-``sigma`` (model,), so export and prediction code is hierarchy-agnostic.
+Every hierarchy produces the deterministic sites ``b`` (model, component),
+``sigma``, ``stall_prob``, ``fast_prob`` and ``mean_factor`` (model,) (noise scalars
+shared across models are scalars), so export and prediction code is hierarchy-agnostic.
 :data:`SITE_DIMS` maps each site to its dimension names.
 
 Sampler coordinates (:mod:`calib.geometry`): the per-model (and per-experiment) log
@@ -46,9 +51,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
-import numpyro.distributions as dist
 
-from calib import config, steptime
+from calib import config, noise, steptime
 from calib.data import (  # noqa: F401  (build/synthetic re-exported for callers of calib.model)
     ModelData,
     build_model_data,
@@ -117,7 +121,17 @@ SITE_DIMS: dict[str, tuple[str, ...]] = {
     "alpha": (),
     "sigma_pooled": (),
     "sigma": ("model",),
-    "nu": (),
+    "stall_frac": (),
+    "stall_prob": (),
+    "stall_log_mult": (),
+    "stall_sd_frac": (),
+    "stall_log_sd": (),
+    "fast_frac": ("model",),
+    "fast_prob": ("model",),
+    "fast_log_mult": ("model",),
+    "fast_sd_frac": ("model",),
+    "fast_log_sd": ("model",),
+    "mean_factor": ("model",),
     OBS_SITE: ("step",),
 }
 
@@ -223,53 +237,54 @@ def step_time_us(params: Mapping[str, Array], data: ModelData) -> Array:
 
 
 # ------------------------------------------------------------------ likelihood
-class LogStudentT(dist.Distribution):
-    """Student-t on log duration with a per-model scale, evaluated cheaply.
+def _noise_params(data: ModelData, priors: Priors, sigma: Array) -> tuple[Array, ...]:
+    """Sample the noise parameters (:mod:`calib.noise`); return them per model, in
+    :class:`calib.noise.NoiseParams` order, each (n_models,).
 
-    Same density as ``StudentT(nu, loc, scale[model_idx])`` but ``nu`` stays a
-    scalar (no per-step ``lgamma``) and ``log scale`` is taken per model, not per
-    step: per step only ``log1p`` of the squared standardised residual is computed.
+    Scoping: the body scale ``sigma`` is per model (given); the stall component is pooled
+    (``stall_frac``, ``stall_log_mult``, ``stall_log_sd``: hiccups of the serving stack, a
+    few per thousand steps, too rare to estimate per model); the fast component is per
+    model (``fast_frac``, ``fast_log_mult``, ``fast_log_sd``: steps one model's mean
+    function over-predicts, e.g. a MoE model's small decode batches). Each tail
+    probability is ``NOISE_MAX_TAIL_PROB·frac`` with ``frac ~ Beta`` (the body stays the
+    majority), each multiplier's log sd ``NOISE_MAX_TAIL_LOG_SD·frac`` (a finite mean
+    factor even where the data leave it to the prior); stall shifts log y up and fast
+    shifts it down (no label switching).
+    Records ``stall_prob``, ``fast_prob`` and ``mean_factor`` = E[y]/m per model.
     """
-
-    arg_constraints = {"loc": dist.constraints.real}
-    support = dist.constraints.real
-    reparametrized_params = ["loc"]
-
-    def __init__(self, nu, loc, sigma, model_idx, runs, *, validate_args=None):
-        self.nu = nu
-        self.loc = loc
-        self.sigma = sigma
-        self._idx = model_idx
-        self._runs = runs
-        super().__init__(batch_shape=jnp.shape(loc), validate_args=validate_args)
-
-    def _rows(self, values):
-        return values if jnp.ndim(values) == 0 else _per_row(values, self._idx, self._runs)
-
-    def sample(self, key, sample_shape=()):
-        t = jax.random.t(key, self.nu, sample_shape + self.batch_shape)
-        return self.loc + self._rows(self.sigma) * t
-
-    def log_prob(self, value):
-        nu = self.nu
-        const = (jax.scipy.special.gammaln(0.5 * (nu + 1.0)) - jax.scipy.special.gammaln(0.5 * nu)
-                 - 0.5 * jnp.log(nu * jnp.pi))
-        r = (value - self.loc) * self._rows(1.0 / self.sigma)
-        return const - self._rows(jnp.log(self.sigma)) - 0.5 * (nu + 1.0) * jnp.log1p(r * r / nu)
+    M = data.n_models
+    cap = config.NOISE_MAX_TAIL_PROB
+    stall_prob = numpyro.deterministic(
+        "stall_prob", cap * numpyro.sample("stall_frac", priors["stall_prob"].numpyro()))
+    stall_log_mult = numpyro.sample("stall_log_mult", priors["stall_log_mult"].numpyro())
+    sd_cap = config.NOISE_MAX_TAIL_LOG_SD
+    stall_log_sd = numpyro.deterministic(
+        "stall_log_sd", sd_cap * numpyro.sample("stall_sd_frac", priors["stall_log_sd"].numpyro()))
+    fast_prob = numpyro.deterministic(
+        "fast_prob", cap * numpyro.sample("fast_frac", priors["fast_prob"].numpyro().expand([M])))
+    fast_log_mult = numpyro.sample("fast_log_mult", priors["fast_log_mult"].numpyro().expand([M]))
+    fast_log_sd = numpyro.deterministic("fast_log_sd", sd_cap * numpyro.sample(
+        "fast_sd_frac", priors["fast_log_sd"].numpyro().expand([M])))
+    params = tuple(jnp.broadcast_to(v, (M,)) for v in (
+        sigma, stall_prob, stall_log_mult, stall_log_sd, fast_prob, fast_log_mult, fast_log_sd))
+    numpyro.deterministic("mean_factor", noise.mean_factor(*params, xp=jnp))
+    return params
 
 
 def _noise_and_likelihood(data: ModelData, priors: Priors, per: Mapping[str, Array],
                           table: Array, idx: Array, sigma: Array) -> None:
+    """The one likelihood of every hierarchy: ``log y ~ LogStallNormal(log mu, noise[m])``."""
     alpha = numpyro.sample("alpha", priors["alpha"].numpyro())
-    nu = numpyro.sample("nu", priors["nu"].numpyro())
+    params = _noise_params(data, priors, sigma)
     mu = _mu(table, idx, data, per["per_layer_us"], per["per_request_us"], per["per_step_us"],
              alpha)
     if data.duration_us is None:
         obs = None
     else:
         obs = data.log_duration if data.log_duration is not None else jnp.log(data.duration_us)
-    numpyro.sample(OBS_SITE, LogStudentT(nu, jnp.log(mu), sigma, data.model_idx,
-                                         _runs(data.model_idx)), obs=obs)
+    runs = _runs(data.model_idx)
+    rows = [_per_row(p, data.model_idx, runs) for p in params]
+    numpyro.sample(OBS_SITE, noise.LogStallNormal(jnp.log(mu), *rows), obs=obs)
 
 
 def _sigma_per_model(data: ModelData, priors: Priors) -> Array:
@@ -354,7 +369,8 @@ def sample_sites(hierarchy: str, centered: bool | None = None) -> tuple[str, ...
     centered = config.MODEL_CENTERED if centered is None else centered
     key = str(hierarchy).replace("_", "-")
     get_model(key)
-    base = ["z_b_pop", "z_per_layer_us", "z_per_request_us", "z_per_step_us", "alpha", "nu"]
+    base = ["z_b_pop", "z_per_layer_us", "z_per_request_us", "z_per_step_us", "alpha", "stall_frac",
+            "stall_log_mult", "stall_sd_frac", "fast_frac", "fast_log_mult", "fast_sd_frac"]
     if key == "pooled":
         return tuple(base + ["sigma_pooled"])
     base += ["tau", "sigma", "log_b_active" if centered else "z_b"]
@@ -378,7 +394,7 @@ def prior_predictive(hierarchy: str, data: ModelData, priors: Priors, num_sample
     dict
         Every site of the model (leading dim ``num_samples``), plus
         ``mu_us`` (draws, n) = the mean step time and ``duration_us`` (draws, n)
-        = simulated observed step times including the Student-t noise, both µs.
+        = simulated observed step times including the noise (calib.noise), both µs.
     """
     from numpyro.infer import Predictive
 
@@ -400,8 +416,10 @@ def simulate_from_model(hierarchy: str, data: ModelData, *, priors: Priors | Non
     """Simulate step durations (µs) from the model itself.
 
     With ``params`` (``b``, optional ``b_exp``, the overheads, ``alpha``, ``sigma``
-    (n_models,), ``nu``) those are the truth; otherwise one prior draw (all sites)
-    is the truth. Returns ``(duration_us, truth)``.
+    (n_models,), ``stall_prob``, ``stall_log_mult``, ``stall_log_sd`` and optionally
+    ``fast_prob``, ``fast_log_mult``, ``fast_log_sd``, scalars or (n_models,)) those are
+    the truth; otherwise one prior draw (all sites) is the truth. Returns
+    ``(duration_us, truth)``.
     """
     key_prior, key_noise = jax.random.split(jax.random.key(int(seed)))
     if params is None:
@@ -415,10 +433,12 @@ def simulate_from_model(hierarchy: str, data: ModelData, *, priors: Priors | Non
     else:
         truth = {k: np.asarray(v) for k, v in params.items()}
     mu = np.asarray(step_time_us(truth, data))
-    sigma = np.asarray(truth["sigma"])[np.asarray(data.model_idx)]
-    t = np.asarray(jax.random.t(key_noise, float(truth["nu"]), (mu.shape[0],)))
+    midx = np.asarray(data.model_idx)
+    rows = [None if truth.get(k) is None else np.broadcast_to(truth[k], (data.n_models,))[midx]
+            for k in noise.NOISE_PARAMS]
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key_noise)).ravel())
     with np.errstate(over="ignore"):
-        return np.exp(np.log(mu) + sigma * t), truth
+        return noise.sample(rng, mu, *(r for r in rows if r is not None)), truth
 
 
 # ------------------------------------------------------------------ reporting

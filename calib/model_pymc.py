@@ -3,7 +3,11 @@
 Same hierarchies, site names, dims and densities as :mod:`calib.model` (NumPyro):
 ``z_b_pop``, ``b_pop``, ``tau``, ``z_b``/``log_b_active``, ``b``, ``tau_exp``,
 ``z_b_exp``/``log_b_exp_active``, ``b_exp``, ``z_per_*_us`` and ``per_*_us``,
-``alpha``, ``sigma_pooled``/``sigma``, ``nu`` and the observed ``log_duration``.
+``alpha``, ``sigma_pooled``/``sigma``, the noise sites of :mod:`calib.noise`
+(``stall_frac``, ``stall_log_mult``, ``stall_sd_frac``, ``fast_frac``, ``fast_log_mult``,
+``fast_sd_frac``; deterministics ``stall_prob``, ``stall_log_sd``, ``fast_prob``,
+``fast_log_sd``, ``mean_factor``) and the
+observed ``log_duration``.
 Only the sampler differs, so posteriors must agree within Monte-Carlo error
 (``tests/test_pymc_agree.py``). PyMC is imported lazily.
 """
@@ -16,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from calib import config, steptime
+from calib import config, noise, steptime
 from calib.data import ModelData
 from calib.geometry import (
     BOUNDED_BASE_SD,
@@ -206,7 +210,7 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
             table = pm.Deterministic("b_exp", pt.exp(full), dims=("experiment", "component"))
             idx = eidx
         alpha = priors["alpha"].pymc("alpha")
-        nu = priors["nu"].pymc("nu")
+        params = _noise_params(priors, sigma, M)
         terms = C * table[idx]
         mu = steptime.step_time_us(pt, [terms[:, k] for k in range(len(COMPONENTS))],
                                    np.asarray(data.num_layers), np.asarray(data.batch_size),
@@ -214,5 +218,33 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
                                    per["per_step_us"], alpha)
         obs = None if data.duration_us is None else np.log(np.asarray(data.duration_us))
         kw = {"dims": SITE_DIMS[OBS_SITE]} if "step" in coords else {}
-        pm.StudentT(OBS_SITE, nu=nu, mu=pt.log(mu), sigma=sigma[midx], observed=obs, **kw)
+        pm.CustomDist(OBS_SITE, pt.log(mu), *(p[midx] for p in params),
+                      logp=noise.pymc_log_density, random=_noise_random, observed=obs, **kw)
     return model
+
+
+def _noise_params(priors: Priors, sigma, M: int) -> tuple:
+    """The noise parameters per model, as calib.model._noise_params (same sites)."""
+    import pymc as pm
+    import pytensor.tensor as pt
+
+    cap = config.NOISE_MAX_TAIL_PROB
+    stall_prob = pm.Deterministic("stall_prob", cap * priors["stall_prob"].pymc("stall_frac"))
+    stall_log_mult = priors["stall_log_mult"].pymc("stall_log_mult")
+    sd_cap = config.NOISE_MAX_TAIL_LOG_SD
+    stall_log_sd = pm.Deterministic("stall_log_sd",
+                                    sd_cap * priors["stall_log_sd"].pymc("stall_sd_frac"))
+    fast_prob = pm.Deterministic("fast_prob", cap * priors["fast_prob"].pymc(
+        "fast_frac", dims="model"), dims="model")
+    fast_log_mult = priors["fast_log_mult"].pymc("fast_log_mult", dims="model")
+    fast_log_sd = pm.Deterministic("fast_log_sd", sd_cap * priors["fast_log_sd"].pymc(
+        "fast_sd_frac", dims="model"), dims="model")
+    params = tuple(pt.broadcast_to(v, (M,)) for v in (
+        sigma, stall_prob, stall_log_mult, stall_log_sd, fast_prob, fast_log_mult, fast_log_sd))
+    pm.Deterministic("mean_factor", noise.mean_factor(*params, xp=pt), dims="model")
+    return params
+
+
+def _noise_random(log_m, *params, rng=None, size=None):
+    """Draws of ``log y`` (calib.noise.sample) for PyMC's forward sampling."""
+    return np.log(noise.sample(rng, np.exp(log_m), *params, size=size))

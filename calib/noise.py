@@ -56,17 +56,16 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from calib import config
+
 Array = Any  # numpy, jax or pytensor array
 
 #: Parameter names, in the order every function takes them (also the model's site names).
 NOISE_PARAMS = ("sigma", "stall_prob", "stall_log_mult", "stall_log_sd", "fast_prob",
                 "fast_log_mult", "fast_log_sd")
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-#: Upper bound on ``stall_prob`` and ``fast_prob`` in a model (sample each as
-#: ``MAX_TAIL_PROB·w`` with ``w`` from a Dirichlet with the body): the body is the
-#: majority of steps by definition; without a bound a tail component can play the body
-#: (a second posterior mode, found by NUTS from a random start in tests/test_noise.py).
-MAX_TAIL_PROB = 0.25
+#: Upper bound on ``stall_prob`` and ``fast_prob`` in a model (defined in calib.config).
+MAX_TAIL_PROB = config.NOISE_MAX_TAIL_PROB
 
 
 class NoiseParams(NamedTuple):
@@ -88,6 +87,16 @@ class NoiseParams(NamedTuple):
     fast_prob: Array | None = None
     fast_log_mult: Array | None = None
     fast_log_sd: Array | None = None
+
+
+def posterior_params(draws: dict, n_models: int) -> tuple[np.ndarray, ...]:
+    """The noise parameters of flat posterior draws (:func:`calib.posterior.flat_draws`)
+    per model: a tuple in :class:`NoiseParams` order, each ``(draws, n_models)`` (pooled
+    scalars broadcast). A posterior without the fast component gives the four others."""
+    d = np.shape(draws["sigma"])[0]
+    names = NOISE_PARAMS if "fast_prob" in draws else NOISE_PARAMS[:4]
+    return tuple(np.broadcast_to(np.asarray(draws[k], np.float64).reshape(d, -1),
+                                 (d, n_models)) for k in names)
 
 
 def stall_scale(sigma: Array, stall_log_sd: Array, xp: Any = np) -> Array:

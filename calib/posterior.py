@@ -147,7 +147,7 @@ def flat_draws(idata, draws: int | None = None) -> dict[str, np.ndarray]:
 
 
 #: Scalar parameters shared by every model, whose posterior means a plug-in prediction uses.
-SHARED_SCALARS = ("per_layer_us", "per_request_us", "per_step_us", "alpha", "nu")
+SHARED_SCALARS = ("per_layer_us", "per_request_us", "per_step_us", "alpha")
 
 
 def plugin_means(draws: dict) -> dict[str, float]:

@@ -6,8 +6,8 @@ duration from its roofline terms (:class:`StepFeatures`, µs and counts):
 * :func:`plugin_step_time_us` — the fitted model's mean function
   (:func:`calib.steptime.step_time_us`) at one parameter set (e.g. the posterior means:
   a *plug-in* prediction, which is not the posterior-mean prediction because the model
-  is non-linear in ``alpha``). ``mu`` is the *median* step time of the model
-  (``log y ~ StudentT(nu, log mu, sigma)``).
+  is non-linear in ``alpha``). ``mu`` is the *body median* step time of the model; the
+  predictive mean is ``mean_factor·mu`` (:mod:`calib.noise`).
 * :func:`blis_step_time_us` — BLIS's trained-physics ``StepTime`` formula from
   exported ``beta_coeffs`` (BLIS order, :data:`BLIS_BETA_NAMES`). It adds prefill and
   decode terms (no ``alpha``), so with ``alpha = 0`` it equals the plug-in prediction.
@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from calib import config, steptime
+from calib import steptime
 from calib.vocab import COMPONENTS, DC_C, DC_KV, PF_C, PF_KV
 
 __all__ = [
@@ -38,11 +38,9 @@ __all__ = [
     "betas_from_params",
     "batch_type",
     "blis_step_time_us",
-    "noise_mean_factor",
     "params_from_betas",
     "plugin_step_time_us",
     "step_time_draws_us",
-    "student_t_log_noise",
 ]
 
 #: BLIS ``beta_coeffs`` order (trained-physics backend, 10 coefficients).
@@ -238,41 +236,3 @@ def step_time_draws_us(b: np.ndarray, per_layer_us: np.ndarray, per_request_us: 
         out[sel] = steptime.step_time_us(np, terms, L[sel], B[sel], per_layer_us,
                                          per_request_us, per_step_us, alpha)
     return out.T
-
-
-def student_t_log_noise(rng: np.random.Generator, sigma: np.ndarray, nu: np.ndarray,
-                        shape: tuple[int, int], clip: float = config.E2E_NOISE_LOG_CLIP
-                        ) -> np.ndarray:
-    """Multiplicative step-time noise ``exp(clip(sigma·t_nu))`` of shape ``(draws, n)``.
-
-    ``sigma`` and ``nu`` are (draws,) or (draws, n). The log-noise is clipped at
-    ±``clip`` because ``exp`` of a Student-t variable has no finite mean: without the
-    clip, rare draws would dominate sums over thousands of steps. The t variates are
-    drawn in float32 (noise precision ~1e-7 is ample) for speed; the result is a
-    ``(draws, n)`` view of a steps-major array (the layout of :func:`step_time_draws_us`).
-    """
-    d, n = shape
-    nu = np.asarray(nu, np.float64).reshape(d)
-    g = rng.standard_gamma(np.broadcast_to((nu / 2.0).astype(np.float32), (n, d)),
-                           dtype=np.float32)
-    g *= (2.0 / nu).astype(np.float32)                   # chi²_nu / nu
-    np.maximum(g, np.float32(1e-30), out=g)               # float32 underflow: no 1/0 (clipped)
-    t = rng.standard_normal((n, d), dtype=np.float32)
-    t /= np.sqrt(g)                                       # t_nu, steps x draws
-    sig = np.broadcast_to(np.asarray(sigma, np.float64).reshape(d, -1), shape).T
-    out = np.multiply(sig, t, dtype=np.float64)
-    np.clip(out, -clip, clip, out=out)
-    np.exp(out, out=out)
-    return out.T
-
-
-def noise_mean_factor(sigma: float, nu: float, clip: float = config.E2E_NOISE_LOG_CLIP,
-                      n: int = 200_000, seed: int = 0) -> float:
-    """``E[exp(clip(sigma·t_nu))]``: mean step time over median step time ``mu``.
-
-    Monte Carlo with a fixed seed (deterministic); the clip is the one used for
-    posterior-predictive noise (:func:`student_t_log_noise`).
-    """
-    rng = np.random.default_rng(seed)
-    t = rng.standard_t(float(nu), size=n)
-    return float(np.mean(np.exp(np.clip(float(sigma) * t, -clip, clip))))

@@ -18,7 +18,9 @@ one such entry per component (``calib.config.COMPONENTS``)::
     per_step_us:    {...}
     alpha:  {family: beta, a: 2, b: 2, ...}
     sigma:  {family: halfnormal, scale: 0.3, ...}
-    nu:     {family: gamma, shape: 2, rate: 0.1, ...}
+    stall_prob: {family: beta, a: 1.2, b: 14, ...}   # fraction of config.NOISE_MAX_TAIL_PROB
+    stall_log_mult: {family: lognormal, ...}; stall_log_sd: {...}
+    fast_prob: {...}; fast_log_mult: {...}; fast_log_sd: {...}   # per model (calib.noise)
     blis:   {...}    # optional free-form metadata (e.g. the BLIS coefficients a file is centred on)
 
 :func:`load_priors` validates the file (unknown family or parameter, missing
@@ -64,13 +66,18 @@ DISTRIBUTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gamma": ("Gamma", ("alpha", "beta")),
     "beta": ("Beta", ("alpha", "beta")),
 }
+#: Suffix of the constant ``pm.Potential`` that makes PyMC's Beta normaliser exact
+#: (:func:`pymc_variable`); constant, so prior predictive sampling may ignore it.
+EXACT_BETALN_SUFFIX = "_betaln"
 #: Fields every entry carries besides the family parameters.
 META_FIELDS = ("family", "units", "rationale")
 
 #: Per-component parameters: one entry per component.
 PER_COMPONENT = ("b_pop", "tau", "tau_exp")
 #: Scalar parameters.
-SCALARS = ("per_layer_us", "per_request_us", "per_step_us", "alpha", "sigma", "nu")
+SCALARS = ("per_layer_us", "per_request_us", "per_step_us", "alpha", "sigma", "stall_prob",
+           "stall_log_mult", "stall_log_sd", "fast_prob", "fast_log_mult", "fast_log_sd")
+
 #: Families allowed for each parameter (the model's parameterisation needs them).
 ALLOWED: dict[str, tuple[str, ...]] = {
     "b_pop": ("lognormal",),
@@ -81,7 +88,14 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "per_step_us": ("lognormal",),
     "alpha": ("beta",),
     "sigma": ("halfnormal", "halfcauchy", "exponential", "lognormal", "gamma"),
-    "nu": ("gamma", "exponential", "lognormal"),
+    # the tail probabilities are Beta fractions of config.NOISE_MAX_TAIL_PROB
+    "stall_prob": ("beta",),
+    "fast_prob": ("beta",),
+    "stall_log_mult": ("lognormal", "gamma"),
+    # the multipliers' log sds are Beta fractions of config.NOISE_MAX_TAIL_LOG_SD
+    "stall_log_sd": ("beta",),
+    "fast_log_mult": ("lognormal", "gamma"),
+    "fast_log_sd": ("beta",),
 }
 #: Optional top-level keys (free-form metadata).
 OPTIONAL_KEYS = ("description", "blis")
@@ -173,12 +187,25 @@ def numpyro_distribution(priors):
 
 
 def pymc_variable(name: str, priors, **kw):
-    """One PyMC random variable of one prior (or of several of one family, with ``dims``)."""
+    """One PyMC random variable of one prior (or of one prior per ``dims`` entry)."""
+    import numpy as np
     import pymc as pm
 
     family, args = distribution_args(priors)
     cls, names = DISTRIBUTIONS[family]
-    return getattr(pm, cls)(name, **dict(zip(names, args, strict=True)), **kw)
+    rv = getattr(pm, cls)(name, **dict(zip(names, args, strict=True)), **kw)
+    if family == "beta":
+        # PyMC's Beta normaliser uses PyTensor's gammaln, off by ~1e-7 from the exact
+        # log Beta function (NumPyro's and SciPy's agree to 1e-15): replace that constant
+        # by the exact one, so both backends have the same joint density to 1e-9.
+        import pytensor.tensor as pt
+        from scipy.special import betaln
+
+        a, b = (float(v) for v in args)
+        n = int(np.prod(rv.shape.eval())) if rv.ndim else 1
+        pm.Potential(name + EXACT_BETALN_SUFFIX, n * (pt.gammaln(a) + pt.gammaln(b) - pt.gammaln(a + b)
+                                            - betaln(a, b)))
+    return rv
 
 
 @dataclass(frozen=True)

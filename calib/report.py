@@ -35,10 +35,12 @@ __all__ = ["KEY_PARAMETERS", "make_report"]
 
 #: Parameters shown in trace and rank plots (those present in the posterior).
 KEY_PARAMETERS = ("b_pop", "tau", "per_layer_us", "per_request_us", "per_step_us", "alpha",
-                  "sigma", "nu")
+                  "sigma", "stall_prob", "stall_log_mult", "fast_prob", "mean_factor")
 _UNITS = {"b_pop": "dimensionless", "tau": "log-scale sd", "per_layer_us": "µs/layer",
           "per_request_us": "µs/request", "per_step_us": "µs/step", "alpha": "mixing weight",
-          "sigma": "log-scale sd", "nu": "degrees of freedom"}
+          "sigma": "log-scale sd (body)", "stall_prob": "probability",
+          "stall_log_mult": "log multiplier", "fast_prob": "probability",
+          "mean_factor": "E[y]/mu"}
 
 
 def _plt():
@@ -185,8 +187,9 @@ def _forest(idata, out: Path, meta: dict, prob: float) -> Path:
 
 
 def _ppc(idata, out: Path, meta: dict, seed: int) -> Path:
+    from calib import noise
     from calib.posterior import flat_draws, model_data_from_idata, predict_step_time_us
-    from calib.predict import batch_type, student_t_log_noise
+    from calib.predict import batch_type
 
     plt = _plt()
     data = model_data_from_idata(idata)
@@ -196,7 +199,8 @@ def _ppc(idata, out: Path, meta: dict, seed: int) -> Path:
     p = flat_draws(idata, config.REPORT_PPC_DRAWS)
     rng = np.random.default_rng(seed)
     mu = predict_step_time_us(idata, config.REPORT_PPC_DRAWS, data=data)
-    yrep = mu * student_t_log_noise(rng, p["sigma"][:, midx], p["nu"], mu.shape)
+    yrep = noise.sample(rng, mu, *(a[:, midx] for a in
+                                    noise.posterior_params(p, int(data.n_models))))
     kinds = batch_type(comps)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, kind in zip(axes, ("prefill-only", "decode-only", "mixed"), strict=True):
@@ -230,7 +234,7 @@ def _ppc(idata, out: Path, meta: dict, seed: int) -> Path:
         ax.set_xscale("log")
         ax.legend(fontsize=7)
     fig.suptitle("Posterior predictive check of step durations by batch type "
-                 "(model mu with Student-t noise vs measured step.duration_us)", y=1.02)
+                 "(model mu with its step noise (calib.noise) vs measured step.duration_us)", y=1.02)
     fig.tight_layout()
     return _save(fig, out / "ppc_step_durations.png", meta)
 

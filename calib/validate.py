@@ -42,8 +42,8 @@ steps and judged on the sampled held-out steps and requests:
 
 Predictors (column ``predictor``):
 
-``calib``     posterior median over draws of the model's median step time ``mu`` (the point of
-              :mod:`calib.e2e`: the centre of the equal-tailed interval);
+``calib``     posterior predictive mean step time: the mean over draws of
+              ``mean_factor·mu`` (``mu`` the body median; the point of :mod:`calib.e2e`);
 ``blis``      the exported BLIS block (``calib.export``: posterior-mean betas, prefill and
               decode added, i.e. alpha dropped) through ``calib.predict.blis_step_time_us``;
 ``blackbox``  BLIS's 3-coefficient blackbox (:mod:`calib.baselines`), OLS on the train
@@ -319,12 +319,16 @@ def _blis_betas(params: dict, post_models: list[str], meta: _Meta) -> list[list[
     return out
 
 
-def _calib_step_predictions(params: dict, b: np.ndarray, sigma: np.ndarray, feats: StepFeatures,
-                            steps: np.ndarray, meta: _Meta, prob: float,
+def _calib_step_predictions(params: dict, b: np.ndarray, noise_params: tuple,
+                            feats: StepFeatures, steps: np.ndarray, meta: _Meta, prob: float,
                             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Posterior-median ``mu`` (µs; the point, as in :mod:`calib.e2e`) and
-    inside-interval flags of the given steps."""
-    from calib.predict import step_time_draws_us, student_t_log_noise
+    """Posterior predictive mean step time (µs; ``mean_factor·mu`` averaged over draws, the
+    point, as in :mod:`calib.e2e`) and inside-interval flags of the given steps.
+
+    ``noise_params``: per experiment, (draws, E) each (:func:`calib.e2e.correction_draws`).
+    """
+    from calib import noise
+    from calib.predict import step_time_draws_us
 
     d = b.shape[0]
     chunk = max(1, config.E2E_CHUNK_ELEMENTS // max(d, 1))
@@ -336,10 +340,10 @@ def _calib_step_predictions(params: dict, b: np.ndarray, sigma: np.ndarray, feat
         group = meta.step_exp[idx]
         D = step_time_draws_us(b, params["per_layer_us"], params["per_request_us"],
                                params["per_step_us"], params["alpha"], feats.take(idx), group)
-        point[a:a + idx.size] = np.median(D, axis=0)
-        with np.errstate(divide="ignore", invalid="ignore"):  # t_nu draws may be ±inf (clipped)
-            Y = D * student_t_log_noise(rng, sigma[:, group], params["nu"], D.shape)
-        lo, hi = np.nanquantile(Y, [lo_q, hi_q], axis=0)
+        rows = [p[:, group] for p in noise_params]
+        point[a:a + idx.size] = np.mean(D * noise.mean_factor(*rows), axis=0)
+        Y = noise.sample(rng, D, *rows)
+        lo, hi = np.quantile(Y, [lo_q, hi_q], axis=0)
         obs = meta.duration_us[idx]
         inside[a:a + idx.size] = (lo <= obs) & (obs <= hi)
     return point, inside
@@ -417,7 +421,7 @@ def evaluate_fold(ds, fold: Fold, *, features: StepFeatures, hierarchy: str = "p
     prob : central interval probability.
     seed : seed of population/new-workload effects and predictive noise.
     max_train_steps : train steps fitted at most (a seeded random subset beyond; None: all).
-    noise : intervals include the Student-t step noise.
+    noise : intervals include the step noise (:mod:`calib.noise`).
     fit_fn : replaces ``calib.fit.fit_model_data`` (same signature; for I/O tests).
     """
     from calib.e2e import correction_draws, means_with_host_time, replay, replay_design
@@ -442,7 +446,7 @@ def evaluate_fold(ds, fold: Fold, *, features: StepFeatures, hierarchy: str = "p
     post_models = list(coords["model"])
     post_exps = list(coords["experiment"])
     rng = np.random.default_rng(seed)
-    b, sigma, _ = correction_draws(params, post_models, post_exps, meta.experiments,
+    b, noise_params, _ = correction_draws(params, post_models, post_exps, meta.experiments,
                                    meta.exp_model.tolist(), rng=rng)
     betas = _blis_betas(params, post_models, meta)
 
@@ -457,7 +461,8 @@ def evaluate_fold(ds, fold: Fold, *, features: StepFeatures, hierarchy: str = "p
         base = _baseline_predictions(meta, features, train, targets)
         # per-step
         obs = meta.duration_us[held]
-        point, inside = _calib_step_predictions(params, b, sigma, features, held, meta, prob, rng)
+        point, inside = _calib_step_predictions(params, b, noise_params, features, held, meta,
+                                                prob, rng)
         blis = np.empty(held.size)
         for e in np.unique(meta.step_exp[held]):
             sel = meta.step_exp[held] == e
@@ -637,7 +642,7 @@ def inv_m6_line(summary, bound_pct: float = config.VALIDATE_MSPE_BOUND_PCT) -> s
     """One line: INV-M-6 on the exported plug-in predictor (``blis``: the contract is
     checked on what BLIS runs) per held-out part, and the same count for ``calib``."""
     out = []
-    for name, label in (("blis", "exported BLIS predictor"), ("calib", "calib posterior median")):
+    for name, label in (("blis", "exported BLIS predictor"), ("calib", "calib posterior predictive mean")):
         col = f"{name}_mspe_pct"
         m = summary[np.isfinite(summary[col].astype(float))]
         if not len(m):
@@ -744,7 +749,7 @@ def markdown_report(result: ValidationResult, manifest: dict | None = None) -> s
               f"INV-M-6 wants |MSPE| < 5 %); step cov = share of steps inside the {pct} "
               "posterior-predictive interval; E2E/TTFT/ITL = mean |error| over experiments of "
               f"the experiment-mean latency (teacher-forced), cov = experiments inside the {pct} "
-              "interval. calib = posterior-median prediction, blis = exported BLIS betas "
+              "interval. calib = posterior predictive mean, blis = exported BLIS betas "
               "(plug-in, alpha dropped).", "",
               *_summary_markdown(sm, REPORT_COLUMNS)]
     lines += ["", inv_m6_line(sm)]
@@ -843,7 +848,7 @@ def results_markdown(summary, e2e, manifest: dict, *, source: str, generator: st
         f"steps; step cov = share inside the {pct} posterior-predictive interval; E2E/TTFT/ITL "
         "= mean |error| over experiments of the experiment-mean latency (teacher-forced "
         f"replay with measured host gaps); E2E cov = experiments inside the {pct} interval. "
-        "calib = posterior median, blis = exported BLIS betas, blackbox / nnls = baselines "
+        "calib = posterior predictive mean, blis = exported BLIS betas, blackbox / nnls = baselines "
         "fitted on the same train steps. INV-M-6 (|MSPE| < "
         f"{config.VALIDATE_MSPE_BOUND_PCT:g} %) is judged on the exported predictor (blis).",
         "",

@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--draws", type=_positive_int, default=config.E2E_DRAWS,
                    help="posterior draws, thinned evenly (default %(default)s)")
     p.add_argument("--no-noise", action="store_true",
-                   help="leave out the Student-t step noise (intervals of mu sums only)")
+                   help="leave out the step noise (intervals of sums of the body median mu only)")
     p.add_argument("--new-experiments", action="store_true",
                    help="per-experiment fits: predict every experiment as a new workload")
     p.add_argument("--population-models", nargs="*", default=[], metavar="MODEL",

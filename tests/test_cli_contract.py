@@ -234,7 +234,7 @@ def provenance(tmp_path_factory):
         assert h1 != dataset_hash(ds2)
         truth = {"b": np.array([[1.2, 1.5, 2.0, 1.5, 1.2, 1.0]]), "per_layer_us": 5.0,
                  "per_request_us": 5.0, "per_step_us": 100.0, "alpha": 0.2,
-                 "sigma": np.array([0.05]), "nu": 5.0}
+                 "sigma": np.array([0.05]), "stall_prob": 0.02, "stall_log_mult": 0.7, "stall_log_sd": 0.3}
         features = StepFeatures.from_components(dataset_components(ds1))
         idata = mock_posterior(ds1, features, truth, draws=20)
 

@@ -9,10 +9,8 @@ from calib.predict import (
     StepFeatures,
     betas_from_params,
     blis_step_time_us,
-    noise_mean_factor,
     plugin_step_time_us,
     step_time_draws_us,
-    student_t_log_noise,
 )
 
 
@@ -82,14 +80,3 @@ def test_exported_module_contract_positive_and_deterministic():
     assert blis_step_time_us(betas, empty)[0] == 0.0
     assert blis_step_time_us(betas, empty, integer=True)[0] == 1
     assert plugin_step_time_us(B, 9.0, 4.0, 120.0, 0.3, empty)[0] == 0.0
-
-
-def test_noise_helpers():
-    rng = np.random.default_rng(0)
-    x = student_t_log_noise(rng, np.full(4, 0.1), np.full(4, 5.0), (4, 20000), clip=3.0)
-    assert x.shape == (4, 20000) and (x > 0).all()
-    assert np.log(x).max() <= 3.0 + 1e-12
-    assert np.median(x) == pytest.approx(1.0, abs=0.01)
-    f = noise_mean_factor(0.1, 5.0)
-    assert f == pytest.approx(float(np.mean(x)), rel=0.01)
-    assert f == noise_mean_factor(0.1, 5.0)  # deterministic

@@ -16,7 +16,6 @@ from calib.predict import (
     BLIS_BETA_NAMES,
     blis_step_time_us,
     params_from_betas,
-    plugin_step_time_us,
 )
 
 ALPHAS = [15563.2, 777.3, 45.9]
@@ -100,25 +99,39 @@ def test_blis_rules_accept_blis_shipped_iter29_block():
     assert len(alphas) == 3 and len(betas) == 11
 
 
-def test_yaml_round_trip_matches_plugin_prediction_with_alpha_zero(setup):
+def test_yaml_round_trip_matches_the_mean_prediction_with_alpha_zero(setup):
+    """BLIS on the exported YAML reproduces the posterior predictive mean step time with
+    alpha = 0: the mean over draws of mean_factor·mu (mu the body median), to 1e-9."""
+    from calib import noise
+    from calib.posterior import flat_draws
+    from calib.predict import step_time_draws_us
+
     ds, features, truth, idata, out, _ = setup
-    post = idata.posterior
+    p = flat_draws(idata)
+    factor = noise.mean_factor(*noise.posterior_params(p, 2))  # (draws, models)
+    assert np.all(factor > 1.0)
+    d = factor.shape[0]
     for m, model in enumerate(["model-0", "model-1"]):
         _, betas = load_export_block((out / f"{model}.yaml").read_text(encoding="utf-8"))
-        b_mean = post["b"].values[:, :, m, :].reshape(-1, 6).mean(axis=0)
-        plug = plugin_step_time_us(b_mean, float(post["per_layer_us"].mean()),
-                                   float(post["per_request_us"].mean()),
-                                   float(post["per_step_us"].mean()), 0.0, features)
+        mu = step_time_draws_us(p["b"][:, m:m + 1], p["per_layer_us"], p["per_request_us"],
+                                p["per_step_us"], np.zeros(d), features,
+                                np.zeros(len(features), int))
+        want = np.mean(factor[:, m, None] * mu, axis=0)
         blis = blis_step_time_us(betas, features)
-        np.testing.assert_allclose(blis, plug, rtol=1e-9, atol=0)
+        np.testing.assert_allclose(blis, want, rtol=1e-9, atol=0)
         back = params_from_betas(betas)
-        np.testing.assert_allclose(back["b"], b_mean, rtol=1e-12)
+        np.testing.assert_allclose(back["b"], np.mean(factor[:, m, None] * p["b"][:, m], axis=0),
+                                   rtol=1e-12)
+        # the body-median plug-in is kept for readers, below the mean by ~mean_factor
+        doc = yaml.safe_load((out / f"{model}.yaml").read_text(encoding="utf-8"))
+        med = doc["uncertainty"]["body_median_plugin_beta_coeffs"]["values"]
+        np.testing.assert_allclose(med[:7], betas[:7] / factor[:, m].mean(), rtol=0.01)
 
 
 def test_export_document_carries_uncertainty_approximation_and_manifest(setup):
     *_, out, res = setup
     doc = yaml.safe_load((out / "model-1.yaml").read_text(encoding="utf-8"))
-    assert doc["statistic"] == "posterior mean"
+    assert doc["statistic"].startswith("posterior predictive mean step time")
     unc = doc["uncertainty"]
     assert unc["interval"] == {"kind": "equal-tailed", "probability": 0.9}
     for name in BLIS_BETA_NAMES:
@@ -126,7 +139,8 @@ def test_export_document_carries_uncertainty_approximation_and_manifest(setup):
         assert s["lower"] <= s["median"] <= s["upper"]
         assert s["sd"] >= 0
     assert 0.2 < unc["mixing_alpha"]["mean"] < 0.4
-    assert unc["nu"]["mean"] > 2 and unc["sigma"]["mean"] > 0
+    assert unc["noise"]["sigma"]["mean"] > 0 and unc["mean_factor"]["mean"] > 1
+    assert unc["noise"]["stall_prob"]["mean"] == pytest.approx(0.02, rel=0.05)
     approx = doc["approximation"]
     assert approx["posterior_mean_alpha"] == pytest.approx(unc["mixing_alpha"]["mean"])
     rel = approx["blis_vs_fitted_step_time_pct"]
@@ -139,9 +153,17 @@ def test_export_document_carries_uncertainty_approximation_and_manifest(setup):
     assert flag_betas == doc[BLIS_BLOCK]["beta_coeffs"]
     pop = yaml.safe_load((out / "population.yaml").read_text(encoding="utf-8"))
     assert pop["model"] == "population"
-    # population point estimate = posterior mean of b_pop
+    # population point = predictive mean of a new model's correction, b_pop·exp(tau²/2),
+    # times the mean factor averaged over the fitted models (per draw), averaged over draws
+    from calib import noise
+    from calib.posterior import flat_draws
+
+    p = flat_draws(setup[3])
+    f = noise.mean_factor(*noise.posterior_params(p, 2)).mean(axis=1)
+    want = np.mean(f * p["b_pop"][:, 0] * np.exp(0.5 * p["tau"][:, 0] ** 2))
     assert res.documents["population"][BLIS_BLOCK]["beta_coeffs"][0] == pytest.approx(
-        float(setup[3].posterior["b_pop"].sel(component="pf_compute").mean()))
+        want, rel=1e-12)
+    assert "b_pop·exp(tau²/2)" in " ".join(pop["notes"])
 
 
 def test_export_alphas_come_from_the_posterior_or_are_given(setup, tmp_path):

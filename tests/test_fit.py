@@ -18,7 +18,7 @@ from fixtures.posteriors import (
     synthetic_model_data,
 )
 
-from calib import config
+from calib import config, noise
 from calib.errors import CalibError
 from calib.fit import (
     SamplerSettings,
@@ -68,16 +68,18 @@ def test_idata_layout():
 
 
 def test_log_likelihood_is_on_the_us_scale():
-    """log p(y) = StudentT logpdf of log y about log mu, minus log y (Jacobian)."""
+    """log p(y) = the noise family's log density of log y about log mu (calib.noise),
+    minus log y (Jacobian)."""
     idata = cached_mock()
     data, *_ = cached_data()
     c, d = 1, 7
     post = idata.posterior
     mu = predict_step_time_us(idata)[c * post.sizes["draw"] + d]
-    sigma = post["sigma"].values[c, d][np.asarray(data.model_idx)]
-    nu = float(post["nu"].values[c, d])
+    midx = np.asarray(data.model_idx)
+    draw = {k: post[k].values[c, d][None] for k in noise.NOISE_PARAMS if k in post}
+    params = [p[0, midx] for p in noise.posterior_params(draw, post.sizes["model"])]
     y = np.asarray(data.duration_us)
-    expected = scipy.stats.t.logpdf(np.log(y), nu, loc=np.log(mu), scale=sigma) - np.log(y)
+    expected = noise.log_density(np.log(y), np.log(mu), *params) - np.log(y)
     np.testing.assert_allclose(idata.log_likelihood["duration_us"].values[c, d], expected,
                                rtol=1e-9)
 
@@ -226,7 +228,7 @@ def test_pymc_backend_same_layout(tmp_path):
                          prior_draws=50, out_path=tmp_path / "pymc.nc", save_on_fail=True)
     idata = load_posterior(res.path)
     mock = cached_mock()
-    for name in ("b", "b_pop", "sigma", "alpha", "nu", "per_step_us"):
+    for name in ("b", "b_pop", "sigma", "alpha", "stall_prob", "per_step_us"):
         assert idata.posterior[name].dims == mock.posterior[name].dims, name
     for name in ("diverging", "energy", "tree_depth", "reached_max_treedepth"):
         assert name in idata.sample_stats, name

@@ -5,19 +5,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro.distributions as dist
 import pytest
 from fixtures.posteriors import model_design
 from numpyro import handlers
 
-from calib import config
+from calib import config, noise
 from calib.config import COMPONENTS
 from calib.errors import CalibError
 from calib.model import (
     HIERARCHIES,
     OBS_SITE,
     SITE_DIMS,
-    LogStudentT,
     get_model,
     make_model_data,
     model_coords,
@@ -67,7 +65,7 @@ def test_sites_shapes_and_dims(design, hierarchy, centered):
     assert latent == set(sample_sites(hierarchy, centered))
     assert tr[OBS_SITE]["is_observed"]
     for name in ("b", "sigma", "b_pop", "per_layer_us", "per_request_us", "per_step_us",
-                 "alpha", "nu"):
+                 "alpha", "stall_prob", "fast_prob", "mean_factor"):
         assert name in tr
     assert ("b_exp" in tr) == (hierarchy == "per-experiment")
     assert all(k.startswith("z_") for k in latent if k.startswith("z"))
@@ -152,18 +150,27 @@ def test_alpha_only_matters_for_mixed_batches(design):
     np.testing.assert_allclose((mu0 - mu1)[mixed], np.minimum(pf, dc)[mixed], rtol=1e-10)
 
 
-def test_log_student_t_equals_numpyro_student_t(design):
-    rng = np.random.default_rng(1)
-    n = design.components.shape[0]
-    loc = rng.normal(8, 1, n)
-    sigma = np.array([0.07, 0.2])
-    y = loc + rng.standard_t(5, n) * 0.1
-    from calib.model import _runs
-
-    for runs in (_runs(design.model_idx), None):
-        got = LogStudentT(6.5, loc, jnp.asarray(sigma), design.model_idx, runs).log_prob(y)
-        want = dist.StudentT(6.5, loc, sigma[design.model_idx]).log_prob(y)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-10)
+@pytest.mark.parametrize("hierarchy", ["pooled", "per-experiment"])
+def test_likelihood_is_the_noise_family(design, hierarchy):
+    """The observed site's log density is calib.noise.log_density with each step's model's
+    noise parameters (pooled stall, per-model sigma and fast component), and mean_factor
+    is E[y]/m of those parameters."""
+    y, _ = simulate_from_model(hierarchy, design, priors=PRIORS, seed=3)
+    data = design._replace(duration_us=y, log_duration=np.log(y))
+    with handlers.seed(rng_seed=1):
+        tr = handlers.trace(get_model(hierarchy)).get_trace(data, PRIORS)
+    v = {k: np.asarray(s["value"]) for k, s in tr.items()}
+    midx = np.asarray(design.model_idx)
+    params = [np.broadcast_to(v[k], (2,)) for k in noise.NOISE_PARAMS]
+    mu = np.asarray(step_time_us({**v, "b_exp": v.get("b_exp")}, design))
+    want = noise.log_density(np.log(y), np.log(mu), *(p[midx] for p in params))
+    got = np.asarray(tr[OBS_SITE]["fn"].log_prob(jnp.asarray(np.log(y))))
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    np.testing.assert_allclose(v["mean_factor"], noise.mean_factor(*params), rtol=1e-12)
+    assert np.all(v["stall_prob"] <= config.NOISE_MAX_TAIL_PROB)
+    assert np.all(v["fast_prob"] <= config.NOISE_MAX_TAIL_PROB)
+    assert np.all(v["fast_log_sd"] <= config.NOISE_MAX_TAIL_LOG_SD)
+    assert v["stall_log_sd"] <= config.NOISE_MAX_TAIL_LOG_SD
 
 
 def test_unknown_hierarchy_and_bad_data():
@@ -197,7 +204,8 @@ def test_prior_predictive_is_plausible(design, hierarchy):
 
 def test_simulate_from_model_uses_given_truth(design):
     truth = dict(b=np.full((2, 6), 1.2), per_layer_us=5.0, per_request_us=7.0,
-                 per_step_us=90.0, alpha=0.5, sigma=np.array([1e-9, 1e-9]), nu=10.0)
+                 per_step_us=90.0, alpha=0.5, sigma=np.array([1e-9, 1e-9]), stall_prob=0.0,
+                 stall_log_mult=0.7, stall_log_sd=0.3)
     y, t = simulate_from_model("per-model", design, params=truth, seed=0)
     np.testing.assert_allclose(y, np.asarray(step_time_us(truth, design)), rtol=1e-6)
     assert t["alpha"] == 0.5

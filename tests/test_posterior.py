@@ -100,7 +100,7 @@ def test_file_stores_named_natural_parameters_only(saved):
     assert raw, "the in-memory fit keeps the sampler's coordinates"
     loaded = load_posterior(path)
     assert set(loaded.posterior.data_vars) <= set(PARAMETER_SITES)
-    assert {"b", "b_pop", "tau", "sigma", "alpha", "nu"} <= set(loaded.posterior.data_vars)
+    assert {"b", "b_pop", "tau", "sigma", "alpha", "stall_prob", "mean_factor"} <= set(loaded.posterior.data_vars)
     assert set(idata.posterior.data_vars) >= set(raw)  # the caller's object is unchanged
 
 

@@ -42,7 +42,7 @@ def test_bundled_files_load_and_hash_differs():
 def test_hash_is_content_not_formatting(tmp_path, raw):
     assert priors_hash(load_priors(_write(tmp_path, raw))) == priors_hash(load_priors())
     changed = copy.deepcopy(raw)
-    changed["nu"]["rate"] = 0.2
+    changed["stall_log_sd"]["a"] = 4.0
     assert priors_hash(priors_from_dict(changed)) != priors_hash(load_priors())
 
 
@@ -53,7 +53,7 @@ def test_hash_is_content_not_formatting(tmp_path, raw):
     (lambda r: r["sigma"].__setitem__("loc", 0.1), "sigma.loc"),
     (lambda r: r["b_pop"].__setitem__("ep", r["b_pop"]["tp"]), "b_pop.ep"),
     (lambda r: r["tau"].pop("weight"), "tau.weight"),
-    (lambda r: r.pop("nu"), "nu"),
+    (lambda r: r.pop("stall_prob"), "stall_prob"),
     (lambda r: r["per_step_us"].__setitem__("median", -3), "per_step_us.median"),
     (lambda r: r["per_step_us"].__setitem__("median", "big"), "per_step_us.median"),
     (lambda r: r["per_step_us"].pop("log_sd"), "per_step_us"),

@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.slow,
 
 PRIORS = load_priors()
 NAMES = ["b_pop", "tau", "b", "per_layer_us", "per_request_us", "per_step_us", "alpha",
-         "sigma", "nu"]
+         "sigma", "stall_prob", "stall_log_mult", "stall_log_sd"]
 #: As in tests/test_recovery.py (now also the project default): small problems (wide
 #: posteriors) leave a few divergent transitions at 0.95.
 TARGET_ACCEPT = 0.99
@@ -53,7 +53,8 @@ def test_pymc_and_numpyro_agree(hierarchy):
     design = synthetic_model_data(400, 2, 2, seed=21, tp2_models=(1,))
     truth = dict(b=np.array([[1.8, 1.5, 2.5, 1.6, 1.15, 2.0], [1.6, 1.4, 2.2, 1.9, 1.3, 2.4]]),
                  per_layer_us=8.0, per_request_us=12.0, per_step_us=150.0, alpha=0.6,
-                 sigma=np.array([0.1, 0.15]), nu=8.0)
+                 sigma=np.array([0.1, 0.15]),
+                 stall_prob=0.02, stall_log_mult=0.7, stall_log_sd=0.3)
     y, _ = simulate_from_model(hierarchy, design, params=truth, seed=22)
     data = design._replace(duration_us=y, log_duration=np.log(y))
     coords = model_coords(data, ["m0", "m1"], [f"e{i}" for i in range(4)])

@@ -12,7 +12,8 @@ with mixed batches, 0.508 ± 0.209 (prior 0.5 ± 0.224) without.
 Coverage: truth is drawn per seed from a realistic generator (corrections ~1-3,
 overheads around the prior medians, noise 3-15 %), and the 90 % equal-tailed posterior
 intervals of every named parameter with a truth (``b`` of each active (model,
-component) pair, the three overheads, ``alpha``, ``sigma`` per model, ``nu``) must cover
+component) pair, the three overheads, ``alpha``, ``sigma`` per model, the pooled stall component ``stall_prob``, ``stall_log_mult``,
+``stall_log_sd``; the truth has no fast component) must cover
 it at a rate consistent with 90 % over 5 seeds: the count of covered intervals must not
 lie in either binomial tail of probability < 0.001 (Binomial(n, 0.9)), so a biased or
 over-/under-confident fit fails. The binomial treats the 90 intervals as independent;
@@ -74,7 +75,8 @@ def _scalars(values: dict, active: np.ndarray) -> dict[str, np.ndarray]:
     out = {}
     for m, k in zip(*np.nonzero(active), strict=True):
         out[f"b[{m},{config.COMPONENTS[k]}]"] = values["b"][..., m, k]
-    for name in ("per_layer_us", "per_request_us", "per_step_us", "alpha", "nu"):
+    for name in ("per_layer_us", "per_request_us", "per_step_us", "alpha", "stall_prob",
+                 "stall_log_mult", "stall_log_sd"):
         out[name] = values[name]
     for m in range(active.shape[0]):
         out[f"sigma[{m}]"] = values["sigma"][..., m]
@@ -89,7 +91,8 @@ def _truth(seed):
                 per_request_us=10.0 * np.exp(rng.normal(0, 0.5)),
                 per_step_us=100.0 * np.exp(rng.normal(0, 0.5)),
                 alpha=rng.uniform(0.2, 0.8), sigma=rng.uniform(0.03, 0.15, 2),
-                nu=rng.uniform(4.0, 30.0))
+                stall_prob=rng.uniform(0.005, 0.05), stall_log_mult=rng.uniform(0.4, 1.5),
+                stall_log_sd=rng.uniform(0.1, 0.5))
 
 
 def test_interval_coverage_over_seeds():
@@ -111,7 +114,7 @@ def test_interval_coverage_over_seeds():
             if not ok:
                 misses.append(f"seed {seed} {name}: truth {float(t[name]):.4g} "
                               f"outside [{lo:.4g}, {hi:.4g}]")
-    assert total == 18 * len(SEEDS)
+    assert total == 20 * len(SEEDS)
     binom = stats.binom(total, config.INTERVAL_PROB)
     low, high = binom.cdf(covered), binom.sf(covered - 1)  # P(X <= covered), P(X >= covered)
     msg = (f"coverage {covered}/{total} = {covered / total:.3f} (P(X<=k) {low:.2g}, "
@@ -127,7 +130,8 @@ def test_alpha_needs_mixed_batches(mixed_fraction):
     design = synthetic_model_data(3000, 2, 2, seed=5, mixed_fraction=mixed_fraction)
     truth = dict(b=np.array([[1.8, 1.5, 2.5, 1.6, 1.15, 2.0], [1.6, 1.4, 2.2, 1.9, 1.3, 2.4]]),
                  per_layer_us=8.0, per_request_us=12.0, per_step_us=150.0, alpha=0.8,
-                 sigma=np.array([0.05, 0.08]), nu=8.0)
+                 sigma=np.array([0.05, 0.08]), stall_prob=0.02,
+                 stall_log_mult=0.7, stall_log_sd=0.3)
     y, _ = simulate_from_model("per-model", design, params=truth, seed=6)
     post, div = _fit("per-model", design._replace(duration_us=y, log_duration=np.log(y)), 7)
     a = np.asarray(post["alpha"])

@@ -32,7 +32,9 @@ N_REPS = 80
 THIN = 3
 PARAMS = {"b_pop": (lambda v: v[..., 0]), "b_pop_dc_kv": (lambda v: v[..., 3]),
           "b_pop_weight": (lambda v: v[..., 4]), "per_request_us": None, "per_step_us": None,
-          "alpha": None, "sigma_pooled": None, "nu": None}
+          "alpha": None, "sigma_pooled": None,
+          "stall_frac": None, "stall_log_mult": None, "stall_sd_frac": None,
+          "fast_frac": None, "fast_log_mult": None, "fast_sd_frac": None}
 
 
 def _get(values, name):

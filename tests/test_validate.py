@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from fixtures.posteriors import mock_fit
 
-from calib import config
+from calib import config, noise
 from calib import validate as V
 from calib.simulate import ExperimentSpec, simulate_experiment, write_experiment
 
@@ -317,7 +317,7 @@ def test_results_section_from_validate_outputs(tmp_path):
     assert "| +7.50 | +2.00 | pass |" in block
     assert ("INV-M-6 (|MSPE| < 5 % on held-out steps) — exported BLIS predictor: PASS, 2/2 "
             "held-out parts within the bound") in block
-    assert "calib posterior median: 1/2 held-out parts within the bound, worst +7.50 % " \
+    assert "calib posterior predictive mean: 1/2 held-out parts within the bound, worst +7.50 % " \
            "(model=llama-2-7b, test)" in block
     # leave-one-model-out: observed, predicted and the population-level band in ms
     assert "| llama-2-7b | exp-a | 2000.0 | 2048.0 | [1800.0, 2200.0] | +2.4 | yes |" in block
@@ -363,11 +363,11 @@ def test_results_section_script_exit_codes(tmp_path):
 TRUE = {"b": {"llama-2-7b": [1.5, 1.3, 2.0, 1.2, 1.2, 1.0],
               "mixtral-8x7b": [1.3, 1.6, 1.7, 1.5, 1.3, 1.6]},
         "per_layer_us": 6.0, "per_request_us": 4.0, "per_step_us": 300.0, "alpha": 0.3,
-        "sigma": 0.06, "nu": 8.0}
+        "sigma": 0.06, "stall_prob": 0.02, "stall_log_mult": 0.7, "stall_log_sd": 0.3}
 
 
 class ModelFamilyStepTime:
-    """Simulator hook: the model's own mean step time times log-Student-t noise."""
+    """Simulator hook: the model's own body-median step time with its noise (calib.noise)."""
 
     def __init__(self, truth):
         self.truth = truth
@@ -392,7 +392,7 @@ class ModelFamilyStepTime:
         t = self.truth
         mu = plugin_step_time_us(np.asarray(t["b"][key]), t["per_layer_us"], t["per_request_us"],
                                  t["per_step_us"], t["alpha"], feats)
-        return mu * np.exp(t["sigma"] * rng.standard_t(t["nu"], size=mu.shape))
+        return noise.sample(rng, mu, *(t[k] for k in noise.NOISE_PARAMS[:4]))
 
 
 @pytest.mark.slow
@@ -425,10 +425,12 @@ def test_truth_in_family_held_out_e2e_and_coverage(tmp_path):
     assert (cal.mspe_pct.abs() < 3.0).all()
 
 
-def test_calib_step_point_is_the_median_over_draws(tiny):
-    """The ``calib`` step prediction is the median over posterior draws of ``mu`` (as
-    calib.e2e's point), not the mean: a right-skewed spread of corrections (as for an
-    unseen model) pulls the mean above it."""
+def test_calib_step_point_is_the_predictive_mean(tiny):
+    """The ``calib`` step prediction is the posterior predictive mean (as calib.e2e's
+    point): the mean over draws of ``mean_factor·mu``. It was the median of ``mu``, which
+    sits below the mean step time by the noise's mean factor and, for a right-skewed
+    spread of corrections (an unseen model), by the log-normal's exp(tau²/2) too: sums of
+    step times predicted from it were biased low (issue 16)."""
     from calib.predict import StepFeatures, step_time_draws_us
     from calib.validate import _calib_step_predictions, _meta
 
@@ -440,11 +442,15 @@ def test_calib_step_point_is_the_median_over_draws(tiny):
     b = np.exp(rng.normal(0.3, 0.4, (d, E, 6)))  # log-normal: mean well above median
     params = {"per_layer_us": np.full(d, 5.0), "per_request_us": np.full(d, 3.0),
               "per_step_us": np.full(d, 200.0), "alpha": np.full(d, 0.5),
-              "nu": np.full(d, 8.0)}
-    point, inside = _calib_step_predictions(params, b, np.full((d, E), 0.05), feats, steps,
+              }
+    noise_params = (np.full((d, E), 0.05), np.full((d, E), 0.02), np.full((d, E), 0.7),
+                    np.full((d, E), 0.3))
+    point, inside = _calib_step_predictions(params, b, noise_params, feats, steps,
                                             meta, 0.9, rng)
     D = step_time_draws_us(b, params["per_layer_us"], params["per_request_us"],
                            params["per_step_us"], params["alpha"], feats.take(steps),
                            meta.step_exp[steps])
-    np.testing.assert_allclose(point, np.median(D, axis=0), rtol=1e-12)
-    assert np.all(D.mean(axis=0) > 1.02 * point) and inside.dtype == bool
+    # the point is the posterior predictive mean: mean over draws of mean_factor·mu
+    factor = noise.mean_factor(0.05, 0.02, 0.7, 0.3)
+    np.testing.assert_allclose(point, factor * D.mean(axis=0), rtol=1e-12)
+    assert np.all(point > 1.02 * np.median(D, axis=0)) and inside.dtype == bool
