@@ -1,10 +1,10 @@
 """Posterior predictive group of a fitted posterior (for ``az.plot_ppc``).
 
 For ``draws`` posterior draws (thinned evenly over chain × draw) and every fitted step,
-one simulated duration from the model's likelihood: ``y = mu · exp(sigma[model] · t_nu)``
-with ``mu`` the draw's step time (:func:`calib.posterior.predict_step_time_us`) and the
-Student-t noise of :func:`calib.predict.student_t_log_noise` without clipping (the
-model's own distribution). Stored as ``posterior_predictive.duration_us`` with dims
+one simulated duration from the model's likelihood: the draw's body-median step time
+(:func:`calib.posterior.predict_step_time_us`) times the model's step noise
+(:func:`calib.noise.sample`: log-normal body, stall and fast components, the full
+tails, no clipping). Stored as ``posterior_predictive.duration_us`` with dims
 (chain=1, draw, step), the name and step coordinate of ``observed_data.duration_us``.
 Size: draws × steps float64 (200 × 10^4 steps = 16 MB); ``draws=0`` adds nothing.
 """
@@ -23,21 +23,17 @@ def add_posterior_predictive(idata, *, draws: int = config.PPC_DRAWS,
     """Add (or replace) ``idata.posterior_predictive``; returns ``idata``."""
     import arviz as az
 
+    from calib import noise
     from calib.posterior import flat_draws, model_data_from_idata, predict_step_time_us
-    from calib.predict import student_t_log_noise
 
     if draws <= 0:
         return idata
     data = model_data_from_idata(idata)
     mu = predict_step_time_us(idata, draws, data=data)                  # (d, steps)
     post = flat_draws(idata, draws)
-    sigma = np.asarray(post["sigma"], np.float64)
-    if sigma.ndim == 2:                                                 # (d, models)
-        sigma = sigma[:, np.asarray(data.model_idx)]
-    nu = np.asarray(post["nu"], np.float64).reshape(mu.shape[0])
-    noise = student_t_log_noise(np.random.default_rng(seed), sigma, nu, mu.shape,
-                                clip=np.inf)
-    y = (mu * noise)[None]                                               # (1, d, steps)
+    rows = np.asarray(data.model_idx)
+    params = noise.posterior_params(post, data.n_models)                # each (d, models)
+    y = noise.sample(np.random.default_rng(seed), mu, *(p[:, rows] for p in params))[None]
     step = idata.observed_data["duration_us"].coords["step"].values
     ds = az.dict_to_dataset({"duration_us": y}, coords={"step": step},
                             dims={"duration_us": ["step"]}, library=None)
