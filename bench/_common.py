@@ -16,8 +16,19 @@ import time
 from collections.abc import Callable
 from importlib import metadata
 
-LIBRARIES = ("jax", "jaxlib", "numpyro", "pymc", "nutpie", "arviz", "numpy", "scipy", "xarray",
-             "pandas", "netCDF4")
+LIBRARIES = (
+    "jax",
+    "jaxlib",
+    "numpyro",
+    "pymc",
+    "nutpie",
+    "arviz",
+    "numpy",
+    "scipy",
+    "xarray",
+    "pandas",
+    "netCDF4",
+)
 
 
 def cpu_model() -> str:
@@ -42,10 +53,14 @@ def versions() -> dict[str, str]:
 
 
 def machine() -> dict[str, str]:
-    return {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "host": platform.node(), "os": platform.platform(), "cpu": cpu_model(),
-            "cores": str(os.cpu_count()),
-            "load": " ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1/5/15 min)"}
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "host": platform.node(),
+        "os": platform.platform(),
+        "cpu": cpu_model(),
+        "cores": str(os.cpu_count()),
+        "load": " ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1/5/15 min)",
+    }
 
 
 def header(title: str) -> dict[str, str]:
@@ -63,8 +78,9 @@ def machine_cell(info: dict[str, str]) -> str:
     return f"{info['cpu']}, {info['cores']} cores"
 
 
-def median_time(fn: Callable[[], object], repeats: int,
-                inner: int = 1) -> tuple[float, list[float]]:
+def median_time(
+    fn: Callable[[], object], repeats: int, inner: int = 1
+) -> tuple[float, list[float]]:
     """Median seconds per call of ``fn`` over ``repeats`` timings of ``inner`` calls each."""
     times = []
     for _ in range(repeats):

@@ -45,14 +45,34 @@ from calib.e2e import replay  # noqa: E402
 def _synthetic(args):
     from fixtures.posteriors import make_replay_dataset, mock_posterior
 
-    truth = {"b": np.array([[1.6, 1.2, 2.5, 1.4, 1.15, 1.0], [1.3, 1.5, 2.0, 1.8, 1.25, 1.8],
-                            [1.4, 1.3, 2.2, 1.6, 1.2, 1.5], [1.5, 1.4, 2.4, 1.5, 1.1, 1.2]]),
-             "per_layer_us": 8.0, "per_request_us": 3.0, "per_step_us": 150.0, "alpha": 0.3,
-             "sigma": np.array([0.08, 0.1, 0.09, 0.07]), "stall_prob": 0.02, "stall_log_mult": 0.7, "stall_log_sd": 0.3}
-    ds, features, truth = make_replay_dataset(seed=0, n_models=2, exps_per_model=8,
-                                              steps_per_exp=args.steps_per_exp,
-                                              requests_per_exp=args.requests_per_exp,
-                                              truth=truth, gap_us=60.0, gap_sd_us=18.0)
+    truth = {
+        "b": np.array(
+            [
+                [1.6, 1.2, 2.5, 1.4, 1.15, 1.0],
+                [1.3, 1.5, 2.0, 1.8, 1.25, 1.8],
+                [1.4, 1.3, 2.2, 1.6, 1.2, 1.5],
+                [1.5, 1.4, 2.4, 1.5, 1.1, 1.2],
+            ]
+        ),
+        "per_layer_us": 8.0,
+        "per_request_us": 3.0,
+        "per_step_us": 150.0,
+        "alpha": 0.3,
+        "sigma": np.array([0.08, 0.1, 0.09, 0.07]),
+        "stall_prob": 0.02,
+        "stall_log_mult": 0.7,
+        "stall_log_sd": 0.3,
+    }
+    ds, features, truth = make_replay_dataset(
+        seed=0,
+        n_models=2,
+        exps_per_model=8,
+        steps_per_exp=args.steps_per_exp,
+        requests_per_exp=args.requests_per_exp,
+        truth=truth,
+        gap_us=60.0,
+        gap_sd_us=18.0,
+    )
     idata = mock_posterior(ds, features, truth, draws=args.draws // 4, chains=4)
     return ds, features, idata
 
@@ -73,8 +93,11 @@ def _real(args):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--posterior", default=None,
-                   help="a real posterior: bench on its dataset (--traces) instead of synthetic")
+    p.add_argument(
+        "--posterior",
+        default=None,
+        help="a real posterior: bench on its dataset (--traces) instead of synthetic",
+    )
     p.add_argument("--traces", default=None, help="dataset for --posterior (default: embedded)")
     p.add_argument("--steps-per-exp", type=int, default=7500)
     p.add_argument("--requests-per-exp", type=int, default=400)
@@ -88,19 +111,25 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     ds, features, idata = _real(args) if args.posterior else _synthetic(args)
     case = f"posterior {args.posterior}" if args.posterior else "synthetic"
-    print(f"setup ({case}): {ds.sizes['experiment']} experiments, {ds.sizes['step']} steps, "
-          f"{ds.sizes['request']} requests, {args.draws} draws "
-          f"({time.perf_counter() - t0:.1f} s)")
+    print(
+        f"setup ({case}): {ds.sizes['experiment']} experiments, {ds.sizes['step']} steps, "
+        f"{ds.sizes['request']} requests, {args.draws} draws "
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
     times = []
     for _ in range(args.repeats):
         t = time.perf_counter()
         res = replay(idata, ds, features=features, draws=args.draws, noise=True)
         times.append(time.perf_counter() - t)
-    print(f"replay (noise, baselines, measured host timing): median "
-          f"{statistics.median(times):.2f} s over {args.repeats} repeats "
-          f"(min {min(times):.2f}, max {max(times):.2f}); target <= 30 s")
-    print(f"load after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-          f"peak RSS {peak_rss_mib()[0]:.0f} MiB")
+    print(
+        f"replay (noise, baselines, measured host timing): median "
+        f"{statistics.median(times):.2f} s over {args.repeats} repeats "
+        f"(min {min(times):.2f}, max {max(times):.2f}); target <= 30 s"
+    )
+    print(
+        f"load after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+        f"peak RSS {peak_rss_mib()[0]:.0f} MiB"
+    )
     print(res.timing.describe())
     print(res.message)
     return 0

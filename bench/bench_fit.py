@@ -44,8 +44,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SAMPLERS = ("parallel", "vectorized", "sequential", "pymc", "nutpie")
-TRUTH_B = [[1.5, 1.3, 2.0, 1.2, 1.2, 1.0], [1.3, 1.6, 1.7, 1.5, 1.3, 1.6],
-           [1.1, 1.4, 1.9, 1.3, 1.1, 1.2], [1.7, 1.2, 2.2, 1.1, 1.4, 1.4]]
+TRUTH_B = [
+    [1.5, 1.3, 2.0, 1.2, 1.2, 1.0],
+    [1.3, 1.6, 1.7, 1.5, 1.3, 1.6],
+    [1.1, 1.4, 1.9, 1.3, 1.1, 1.2],
+    [1.7, 1.2, 2.2, 1.1, 1.4, 1.4],
+]
 
 
 class CellTimeout(Exception):
@@ -85,11 +89,17 @@ def parse_args(argv):
     p.add_argument("--draws", type=int, default=300)
     p.add_argument("--repeats", type=int, default=1, help="runs per cell (median reported)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pymc-cap", type=float, default=2700.0, metavar="SECONDS",
-                   help="stop a PyMC/nutpie cell after this long and report it as a bound "
-                        "(0: no cap; PyMC's 122,752-step cell takes over an hour on 2 cores)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: --steps 2000 --warmup 150 --draws 150")
+    p.add_argument(
+        "--pymc-cap",
+        type=float,
+        default=2700.0,
+        metavar="SECONDS",
+        help="stop a PyMC/nutpie cell after this long and report it as a bound "
+        "(0: no cap; PyMC's 122,752-step cell takes over an hour on 2 cores)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: --steps 2000 --warmup 150 --draws 150"
+    )
     p.add_argument("--out", default=None, help="also write the results as JSON")
     args = p.parse_args(argv)
     if args.quick:
@@ -100,8 +110,9 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # JAX set-up before JAX is imported: one host device per chain (parallel), float64
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                   os.environ.get("XLA_FLAGS", "")).strip()
+    flags = re.sub(
+        r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")
+    ).strip()
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.chains}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
@@ -116,36 +127,59 @@ def main(argv: list[str] | None = None) -> int:
     from calib.priors import load_priors
 
     info = header("calib fit benchmark: wall time and min ESS/s vs N")
-    print(f"{'setup':>9}: {args.hierarchy}, {args.chains} chains, {args.warmup} warmup + "
-          f"{args.draws} draws, synthetic design (4 models x 4 experiments), durations from "
-          f"the model; jax devices {jax.local_device_count()}; repeats {args.repeats}")
+    print(
+        f"{'setup':>9}: {args.hierarchy}, {args.chains} chains, {args.warmup} warmup + "
+        f"{args.draws} draws, synthetic design (4 models x 4 experiments), durations from "
+        f"the model; jax devices {jax.local_device_count()}; repeats {args.repeats}"
+    )
     sys.stdout.flush()
     priors = load_priors()
-    truth = {"b": np.array(TRUTH_B), "per_layer_us": 6.0, "per_request_us": 4.0,
-             "per_step_us": 300.0, "alpha": 0.3, "sigma": np.array([0.05, 0.07, 0.06, 0.08]),
-             "stall_prob": 0.02, "stall_log_mult": 0.7, "stall_log_sd": 0.3}
+    truth = {
+        "b": np.array(TRUTH_B),
+        "per_layer_us": 6.0,
+        "per_request_us": 4.0,
+        "per_step_us": 300.0,
+        "alpha": 0.3,
+        "sigma": np.array([0.05, 0.07, 0.06, 0.08]),
+        "stall_prob": 0.02,
+        "stall_log_mult": 0.7,
+        "stall_log_sd": 0.3,
+    }
     results = []
     for n in args.steps:
-        design = synthetic_model_data(n, n_models=4, experiments_per_model=4, seed=args.seed,
-                                      tp2_models=(1, 3))
+        design = synthetic_model_data(
+            n, n_models=4, experiments_per_model=4, seed=args.seed, tp2_models=(1, 3)
+        )
         y, _ = simulate_from_model(args.hierarchy, design, params=truth, seed=args.seed)
         data = design._replace(duration_us=y, log_duration=np.log(y))
-        coords = model_coords(data, [f"m{i}" for i in range(4)],
-                              [f"e{i}" for i in range(16)], np.arange(n))
+        coords = model_coords(
+            data, [f"m{i}" for i in range(4)], [f"e{i}" for i in range(16)], np.arange(n)
+        )
         for sampler in args.samplers:
             backend = sampler if sampler in ("pymc", "nutpie") else "numpyro"
             method = sampler if backend == "numpyro" else "parallel"
             cap = args.pymc_cap if backend != "numpyro" else None
             walls, esss, divs, verdicts, note, capped = [], [], [], [], "", None
             for r in range(args.repeats):
-                settings = SamplerSettings(chains=args.chains, warmup=args.warmup,
-                                           draws=args.draws, seed=args.seed + r,
-                                           chain_method=method)
+                settings = SamplerSettings(
+                    chains=args.chains,
+                    warmup=args.warmup,
+                    draws=args.draws,
+                    seed=args.seed + r,
+                    chain_method=method,
+                )
                 try:
                     with time_cap(cap):
-                        fit = fit_model_data(data, coords, hierarchy=args.hierarchy,
-                                             priors=priors, backend=backend, settings=settings,
-                                             progress=False, step_index=np.arange(n))
+                        fit = fit_model_data(
+                            data,
+                            coords,
+                            hierarchy=args.hierarchy,
+                            priors=priors,
+                            backend=backend,
+                            settings=settings,
+                            progress=False,
+                            step_index=np.arange(n),
+                        )
                 except CellTimeout:
                     capped, note = cap, f"not finished in {cap:.0f} s (capped)"
                     break
@@ -162,64 +196,110 @@ def main(argv: list[str] | None = None) -> int:
                 esss.append(float(vals.min()))
                 divs.append(int(np.asarray(fit.idata.sample_stats["diverging"]).sum()))
                 verdicts.append(fit.gate.verdict.split(":")[0])
-            row = {"steps": n, "sampler": sampler, "backend": backend, "note": note,
-                   "capped_s": capped}
+            row = {
+                "steps": n,
+                "sampler": sampler,
+                "backend": backend,
+                "note": note,
+                "capped_s": capped,
+            }
             if walls:
                 wall = statistics.median(walls)
                 ess_min = statistics.median(esss)
-                row.update(wall_s=wall, min_ess=ess_min, ess_per_s=ess_min / wall,
-                           divergences=int(statistics.median(divs)),
-                           gate="/".join(verdicts), walls=walls)
+                row.update(
+                    wall_s=wall,
+                    min_ess=ess_min,
+                    ess_per_s=ess_min / wall,
+                    divergences=int(statistics.median(divs)),
+                    gate="/".join(verdicts),
+                    walls=walls,
+                )
             results.append(row)
-            print(f"N={n:>7} {sampler:<10} " + (
-                f"wall {row['wall_s']:8.1f} s  min ESS {row['min_ess']:7.0f}  ESS/s "
-                f"{row['ess_per_s']:7.2f}  div {row['divergences']}  gate {row['gate']}"
-                if walls else note))
+            print(
+                f"N={n:>7} {sampler:<10} "
+                + (
+                    f"wall {row['wall_s']:8.1f} s  min ESS {row['min_ess']:7.0f}  ESS/s "
+                    f"{row['ess_per_s']:7.2f}  div {row['divergences']}  gate {row['gate']}"
+                    if walls
+                    else note
+                )
+            )
             sys.stdout.flush()
 
     for ref_name in ("pymc", "nutpie"):
-        print(f"\n# NumPyro / {ref_name} in this run (wall-time ratio < 1: NumPyro faster; "
-              "ESS/s ratio > 1: NumPyro better)")
+        print(
+            f"\n# NumPyro / {ref_name} in this run (wall-time ratio < 1: NumPyro faster; "
+            "ESS/s ratio > 1: NumPyro better)"
+        )
         for n in args.steps:
-            ref = next((r for r in results if r["steps"] == n and r["sampler"] == ref_name
-                        and "wall_s" in r), None)
-            capped = next((c["capped_s"] for c in results if c["steps"] == n
-                           and c["sampler"] == ref_name and c["capped_s"]), None)
+            ref = next(
+                (
+                    r
+                    for r in results
+                    if r["steps"] == n and r["sampler"] == ref_name and "wall_s" in r
+                ),
+                None,
+            )
+            capped = next(
+                (
+                    c["capped_s"]
+                    for c in results
+                    if c["steps"] == n and c["sampler"] == ref_name and c["capped_s"]
+                ),
+                None,
+            )
             for r in results:
                 if r["steps"] != n or r["backend"] != "numpyro" or "wall_s" not in r:
                     continue
                 if ref is None:
-                    print(f"N={n}: numpyro-{r['sampler']} / {ref_name}: " + (
-                        f"wall < {r['wall_s'] / capped:.2f}x ({ref_name} not finished in "
-                        f"{capped:.0f} s)" if capped else f"no {ref_name} result to compare"))
+                    print(
+                        f"N={n}: numpyro-{r['sampler']} / {ref_name}: "
+                        + (
+                            f"wall < {r['wall_s'] / capped:.2f}x ({ref_name} not finished in "
+                            f"{capped:.0f} s)"
+                            if capped
+                            else f"no {ref_name} result to compare"
+                        )
+                    )
                     continue
-                print(f"N={n}: numpyro-{r['sampler']} / {ref_name}: wall "
-                      f"{r['wall_s'] / ref['wall_s']:.2f}x, ESS/s "
-                      f"{r['ess_per_s'] / ref['ess_per_s']:.2f}x, min ESS "
-                      f"{r['min_ess'] / ref['min_ess']:.2f}x")
+                print(
+                    f"N={n}: numpyro-{r['sampler']} / {ref_name}: wall "
+                    f"{r['wall_s'] / ref['wall_s']:.2f}x, ESS/s "
+                    f"{r['ess_per_s'] / ref['ess_per_s']:.2f}x, min ESS "
+                    f"{r['min_ess'] / ref['min_ess']:.2f}x"
+                )
 
     print("\n# lines for BENCHMARKS.md")
-    print("| steps | sampler | chains x (warmup + draws) | wall (s) | min bulk ESS | ESS/s | "
-          "divergences | machine | date |")
+    print(
+        "| steps | sampler | chains x (warmup + draws) | wall (s) | min bulk ESS | ESS/s | "
+        "divergences | machine | date |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     m = machine_cell(info)
     for r in results:
         label = r["sampler"] if r["backend"] != "numpyro" else f"numpyro {r['sampler']}"
         if "wall_s" in r:
-            print(f"| {r['steps']:,} | {label} | {args.chains} x ({args.warmup} + {args.draws}) | "
-                  f"{r['wall_s']:.1f} | {r['min_ess']:.0f} | {r['ess_per_s']:.2f} | "
-                  f"{r['divergences']} | {m} | {info['date']} |")
+            print(
+                f"| {r['steps']:,} | {label} | {args.chains} x ({args.warmup} + {args.draws}) | "
+                f"{r['wall_s']:.1f} | {r['min_ess']:.0f} | {r['ess_per_s']:.2f} | "
+                f"{r['divergences']} | {m} | {info['date']} |"
+            )
         elif r["capped_s"]:
-            print(f"| {r['steps']:,} | {label} | {args.chains} x ({args.warmup} + {args.draws}) | "
-                  f"> {r['capped_s']:.0f} (capped) | - | - | - | {m} | {info['date']} |")
+            print(
+                f"| {r['steps']:,} | {label} | {args.chains} x ({args.warmup} + {args.draws}) | "
+                f"> {r['capped_s']:.0f} (capped) | - | - | - | {m} | {info['date']} |"
+            )
         else:
-            print(f"| {r['steps']:,} | {label} | - | - | - | - | - | {r['note']} | "
-                  f"{info['date']} |")
+            print(
+                f"| {r['steps']:,} | {label} | - | - | - | - | - | {r['note']} | {info['date']} |"
+            )
     if args.out:
         from calib.io import atomic_write_text
 
-        atomic_write_text(args.out, json.dumps({"machine": info, "args": vars(args),
-                                                "results": results}, indent=2))
+        atomic_write_text(
+            args.out,
+            json.dumps({"machine": info, "args": vars(args), "results": results}, indent=2),
+        )
     return 0
 
 

@@ -96,9 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", default="real", help="recipe scale: real (~1.2 M steps) or default")
     ap.add_argument("--recipe", type=Path, default=config.DEFAULT_RECIPE)
-    ap.add_argument("--root", type=Path, default=None,
-                    help="experiment root to import as it is (default: the recipe simulated "
-                         "into bench/out/import-data/<scale>, reused while unchanged)")
+    ap.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="experiment root to import as it is (default: the recipe simulated "
+        "into bench/out/import-data/<scale>, reused while unchanged)",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", default="auto", help="import processes (auto: calib default)")
     ap.add_argument("--quick", action="store_true", help="smoke run: --scale default --repeats 1")
@@ -118,41 +122,57 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --root {root} is not a directory", file=sys.stderr)
         return 2
     nbytes = trace_bytes(root)
-    print(f"{'data':>9}: {root} ({args.scale} scale), {nbytes / 1e6:.0f} MB of traces.json; "
-          f"workers {args.workers}; {args.repeats} repeat(s), each in a fresh process")
+    print(
+        f"{'data':>9}: {root} ({args.scale} scale), {nbytes / 1e6:.0f} MB of traces.json; "
+        f"workers {args.workers}; {args.repeats} repeat(s), each in a fresh process"
+    )
     runs = []
     for i in range(args.repeats):
-        out = subprocess.run([sys.executable, "-c", CHILD, str(root), str(args.workers)],
-                             capture_output=True, text=True, check=False)
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, str(root), str(args.workers)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if out.returncode != 0:
             print(out.stderr[-3000:], file=sys.stderr)
             return 1
         r = json.loads(out.stdout.strip().splitlines()[-1])
         runs.append(r)
-        print(f"repeat {i + 1}: {r['wall_s']:.1f} s, {r['steps'] / r['wall_s']:,.0f} steps/s, "
-              f"{nbytes / 1e6 / r['wall_s']:.1f} MB/s, peak RSS importer "
-              f"{r['rss_self_mib']:.0f} MiB, largest child {r['rss_children_mib']:.0f} MiB")
+        print(
+            f"repeat {i + 1}: {r['wall_s']:.1f} s, {r['steps'] / r['wall_s']:,.0f} steps/s, "
+            f"{nbytes / 1e6 / r['wall_s']:.1f} MB/s, peak RSS importer "
+            f"{r['rss_self_mib']:.0f} MiB, largest child {r['rss_children_mib']:.0f} MiB"
+        )
         sys.stdout.flush()
     wall = statistics.median(r["wall_s"] for r in runs)
     r0 = runs[0]
     rss = statistics.median(r["rss_self_mib"] for r in runs)
     rss_kids = statistics.median(r["rss_children_mib"] for r in runs)
-    print(f"\n{r0['experiments']} experiments, {r0['steps']:,} steps ({r0['sampled']:,} sampled), "
-          f"{r0['requests']:,} requests, {r0['slots']} slots; dataset in memory "
-          f"{r0['dataset_mib']:.0f} MiB")
-    print(f"median: {wall:.1f} s, {r0['steps'] / wall:,.0f} steps/s, "
-          f"{nbytes / 1e6 / wall:.1f} MB/s; peak RSS importer {rss:.0f} MiB, "
-          f"largest child process {rss_kids:.0f} MiB (a forked child reports at least the "
-          "parent's RSS at fork time)")
+    print(
+        f"\n{r0['experiments']} experiments, {r0['steps']:,} steps ({r0['sampled']:,} sampled), "
+        f"{r0['requests']:,} requests, {r0['slots']} slots; dataset in memory "
+        f"{r0['dataset_mib']:.0f} MiB"
+    )
+    print(
+        f"median: {wall:.1f} s, {r0['steps'] / wall:,.0f} steps/s, "
+        f"{nbytes / 1e6 / wall:.1f} MB/s; peak RSS importer {rss:.0f} MiB, "
+        f"largest child process {rss_kids:.0f} MiB (a forked child reports at least the "
+        "parent's RSS at fork time)"
+    )
 
     print("\n# lines for BENCHMARKS.md")
-    print("| benchmark | steps | MB traces | median wall (s) | steps/s | MB/s | peak RSS importer "
-          "(MiB) | peak RSS largest child (MiB) | machine | date |")
+    print(
+        "| benchmark | steps | MB traces | median wall (s) | steps/s | MB/s | peak RSS importer "
+        "(MiB) | peak RSS largest child (MiB) | machine | date |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| import_root ({args.scale} scale, workers {args.workers}, n={len(runs)}) | "
-          f"{r0['steps']:,} | {nbytes / 1e6:.0f} | {wall:.1f} | {r0['steps'] / wall:,.0f} | "
-          f"{nbytes / 1e6 / wall:.1f} | {rss:.0f} | {rss_kids:.0f} | {machine_cell(info)} | "
-          f"{info['date']} |")
+    print(
+        f"| import_root ({args.scale} scale, workers {args.workers}, n={len(runs)}) | "
+        f"{r0['steps']:,} | {nbytes / 1e6:.0f} | {wall:.1f} | {r0['steps'] / wall:,.0f} | "
+        f"{nbytes / 1e6 / wall:.1f} | {rss:.0f} | {rss_kids:.0f} | {machine_cell(info)} | "
+        f"{info['date']} |"
+    )
     return 0
 
 

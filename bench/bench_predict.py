@@ -34,8 +34,19 @@ import numpy as np  # noqa: E402
 from _common import header, machine_cell, median_time  # noqa: E402
 
 BUDGET_MS = 1.0
-ITER29 = [0.152128, 0.0, 1.36252915, 0.752037, 32.09546717, 4.41684444, 126.024825,
-          481.8613888, 0.0, 1.94710771, 0.752037]
+ITER29 = [
+    0.152128,
+    0.0,
+    1.36252915,
+    0.752037,
+    32.09546717,
+    4.41684444,
+    126.024825,
+    481.8613888,
+    0.0,
+    1.94710771,
+    0.752037,
+]
 
 
 def batch_128(rng: np.random.Generator, n_steps: int = 1, width: int = 128):
@@ -73,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     from calib.roofline import arch_consts, step_components
 
     info = header("calib prediction latency benchmark (INV-M-4)")
-    print(f"{'setup':>9}: {args.model} TP{args.tp} on H100-SXM, batch 128 (120 decodes + 8 "
-          f"prefill chunks), BLIS iter29 betas; median of {args.repeats} x {args.inner} calls")
+    print(
+        f"{'setup':>9}: {args.model} TP{args.tp} on H100-SXM, batch 128 (120 decodes + 8 "
+        f"prefill chunks), BLIS iter29 betas; median of {args.repeats} x {args.inner} calls"
+    )
     consts = arch_consts(load_architecture(args.model), load_hardware("H100-SXM"), args.tp)
     rng = np.random.default_rng(0)
     one = batch_128(rng)
@@ -82,21 +95,27 @@ def main(argv: list[str] | None = None) -> int:
 
     def feats_of(arrays):
         c = step_components(consts, *arrays, dtype=np.float64)
-        return StepFeatures(np.stack([np.asarray(getattr(c, k)) for k in config.COMPONENTS],
-                                     axis=1), np.asarray(c.num_layers),
-                            np.asarray(c.batch_size), np.asarray(c.num_moe_layers))
+        return StepFeatures(
+            np.stack([np.asarray(getattr(c, k)) for k in config.COMPONENTS], axis=1),
+            np.asarray(c.num_layers),
+            np.asarray(c.batch_size),
+            np.asarray(c.num_moe_layers),
+        )
 
     f1 = feats_of(one)
     results = {}
-    results["predict"], _ = median_time(lambda: blis_step_time_us(ITER29, f1), args.repeats,
-                                        args.inner)
+    results["predict"], _ = median_time(
+        lambda: blis_step_time_us(ITER29, f1), args.repeats, args.inner
+    )
     b = np.array([0.62, 0.35, 0.48, 1.21, 1.08, 0.83])
     results["plugin"], _ = median_time(
-        lambda: plugin_step_time_us(b, 7.9, 3.1, 148.0, 0.31, f1), args.repeats, args.inner)
+        lambda: plugin_step_time_us(b, 7.9, 3.1, 148.0, 0.31, f1), args.repeats, args.inner
+    )
     feats_of(one)  # compile
     inner_rf = max(1, args.inner // 10)
     results["roofline+predict"], _ = median_time(
-        lambda: blis_step_time_us(ITER29, feats_of(dev_one)), args.repeats, inner_rf)
+        lambda: blis_step_time_us(ITER29, feats_of(dev_one)), args.repeats, inner_rf
+    )
     many = batch_128(rng, n_steps=10_000)
     fm = feats_of(many)
     t_many, _ = median_time(lambda: blis_step_time_us(ITER29, fm), args.repeats, 3)
@@ -109,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in results.items():
         print(f"| {k} | {v * 1e6:.3g} | < {BUDGET_MS * 1e3:.0f} µs |")
     ok = max(results["predict"], results["roofline+predict"]) * 1e3 < BUDGET_MS
-    print(f"\nINV-M-4: {'PASS' if ok else 'FAIL'} (single-step predict "
-          f"{results['predict'] * 1e6:.1f} µs, with roofline "
-          f"{results['roofline+predict'] * 1e6:.1f} µs; budget 1000 µs)")
+    print(
+        f"\nINV-M-4: {'PASS' if ok else 'FAIL'} (single-step predict "
+        f"{results['predict'] * 1e6:.1f} µs, with roofline "
+        f"{results['roofline+predict'] * 1e6:.1f} µs; budget 1000 µs)"
+    )
 
     print("\n# lines for BENCHMARKS.md")
     print("| benchmark | median | machine | date |")

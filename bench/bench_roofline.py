@@ -66,15 +66,15 @@ def machine_info() -> dict[str, str]:
 def synthetic_batch(n_steps: int, n_slots: int, seed: int = 0):
     """Schema-shaped padded arrays: decode slots first, then prefill, then padding."""
     rng = np.random.default_rng(seed)
-    b = rng.integers(0, n_slots + 1, n_steps)                   # requests per step
-    n_pf = np.minimum(b, rng.poisson(1.0, n_steps))             # a few prefills
+    b = rng.integers(0, n_slots + 1, n_steps)  # requests per step
+    n_pf = np.minimum(b, rng.poisson(1.0, n_steps))  # a few prefills
     n_dc = b - n_pf
     slot = np.arange(n_slots)[None, :]
     is_dc = slot < n_dc[:, None]
     is_pf = (slot >= n_dc[:, None]) & (slot < b[:, None])
     mask = is_dc | is_pf
     prompt = rng.integers(1, 4096, (n_steps, n_slots)).astype(np.int32)
-    done = (rng.random((n_steps, n_slots)) * prompt).astype(np.int32)       # < prompt
+    done = (rng.random((n_steps, n_slots)) * prompt).astype(np.int32)  # < prompt
     chunk = np.minimum(prompt - done, rng.integers(1, 2048, (n_steps, n_slots))).astype(np.int32)
     out_k = rng.integers(1, 1024, (n_steps, n_slots)).astype(np.int32)
     phase = np.where(is_dc, 2, np.where(is_pf, 1, 0)).astype(np.int8)
@@ -121,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     consts = roofline.arch_consts(arch, hw, args.tp)
     host = synthetic_batch(args.steps, args.slots)
     nbytes = sum(a.nbytes for a in host)
-    print(f"data    : {args.steps:,} steps x {args.slots} slots, {args.model} TP{args.tp}, "
-          f"{int(host[4].sum()):,} requests, inputs {nbytes / 2**20:.0f} MiB")
+    print(
+        f"data    : {args.steps:,} steps x {args.slots} slots, {args.model} TP{args.tp}, "
+        f"{int(host[4].sum()):,} requests, inputs {nbytes / 2**20:.0f} MiB"
+    )
     dev = jax.device_put(host)
     jax.block_until_ready(dev)
 
@@ -133,18 +135,23 @@ def main(argv: list[str] | None = None) -> int:
         name = np.dtype(dtype).name
         t0 = time.perf_counter()
         compiled = roofline._components_jit.lower(
-            consts, *dev, dtype=np.dtype(dtype), block_rows=block_rows).compile()
+            consts, *dev, dtype=np.dtype(dtype), block_rows=block_rows
+        ).compile()
         compile_s = time.perf_counter() - t0
         del compiled
         jax.block_until_ready(roofline.step_components(consts, *dev, dtype=dtype))  # warm
-        t_dev = timed(lambda dtype=dtype: roofline.step_components(consts, *dev, dtype=dtype),
-                      args.repeats)
-        t_host = timed(lambda dtype=dtype: roofline.step_components(consts, *host, dtype=dtype),
-                       args.repeats)
+        t_dev = timed(
+            lambda dtype=dtype: roofline.step_components(consts, *dev, dtype=dtype), args.repeats
+        )
+        t_host = timed(
+            lambda dtype=dtype: roofline.step_components(consts, *host, dtype=dtype), args.repeats
+        )
         med_dev, med_host = statistics.median(t_dev), statistics.median(t_host)
-        print(f"{name}: compile {compile_s:.3f} s; step_components median {med_dev:.4f} s "
-              f"(min {min(t_dev):.4f}, max {max(t_dev):.4f}, n={args.repeats}) device-resident; "
-              f"{med_host:.4f} s from host NumPy")
+        print(
+            f"{name}: compile {compile_s:.3f} s; step_components median {med_dev:.4f} s "
+            f"(min {min(t_dev):.4f}, max {max(t_dev):.4f}, n={args.repeats}) device-resident; "
+            f"{med_host:.4f} s from host NumPy"
+        )
         rows.append((name, compile_s, med_dev, med_host))
 
     # the single-pass reduction, for comparison
@@ -155,36 +162,62 @@ def main(argv: list[str] | None = None) -> int:
     # dataset_components end to end (default float = float64 here), chunked
     ds = xr.Dataset(
         {
-            "exp_arch_json": (("experiment",), np.array([json.dumps(
-                arch.to_dict())], dtype=object)),
-            "exp_hardware_json": (("experiment",), np.array([json.dumps(
-                hw.to_dict())], dtype=object)),
+            "exp_arch_json": (
+                ("experiment",),
+                np.array([json.dumps(arch.to_dict())], dtype=object),
+            ),
+            "exp_hardware_json": (
+                ("experiment",),
+                np.array([json.dumps(hw.to_dict())], dtype=object),
+            ),
             "exp_tp": (("experiment",), np.array([args.tp], np.int32)),
             "step_experiment": (("step",), np.zeros(args.steps, np.int32)),
-            **{v: (("step", "slot"), a) for v, a in zip(
-                ("slot_new_tokens", "slot_progress", "slot_prompt_len", "slot_phase",
-                 "slot_mask"), host, strict=True)},
-        })
+            **{
+                v: (("step", "slot"), a)
+                for v, a in zip(
+                    (
+                        "slot_new_tokens",
+                        "slot_progress",
+                        "slot_prompt_len",
+                        "slot_phase",
+                        "slot_mask",
+                    ),
+                    host,
+                    strict=True,
+                )
+            },
+        }
+    )
     roofline.dataset_components(ds)  # compile the chunk shapes
     t_ds = timed(lambda: roofline.dataset_components(ds), max(5, args.repeats // 2 + 1))
     med_ds = statistics.median(t_ds)
-    print(f"float64: dataset_components (chunk {roofline.config.ROOFLINE_CHUNK_STEPS}) median "
-          f"{med_ds:.4f} s (n={len(t_ds)})")
+    print(
+        f"float64: dataset_components (chunk {roofline.config.ROOFLINE_CHUNK_STEPS}) median "
+        f"{med_ds:.4f} s (n={len(t_ds)})"
+    )
 
     ok = rows[0][2] <= BUDGET_S
-    print(f"budget  : float64 device-resident median {rows[0][2]:.4f} s "
-          f"{'<=' if ok else '>'} {BUDGET_S} s -> {'PASS' if ok else 'FAIL'}")
+    print(
+        f"budget  : float64 device-resident median {rows[0][2]:.4f} s "
+        f"{'<=' if ok else '>'} {BUDGET_S} s -> {'PASS' if ok else 'FAIL'}"
+    )
 
     print("\n# lines for BENCHMARKS.md")
-    print("| benchmark | dtype | compile (s) | median (s), device inputs | median (s), host "
-          "inputs | machine | date |")
+    print(
+        "| benchmark | dtype | compile (s) | median (s), device inputs | median (s), host "
+        "inputs | machine | date |"
+    )
     print("|---|---|---|---|---|---|---|")
     mach = f"{info['cpu']}, {info['cores']} cores, {info['jax']}"
     for name, compile_s, med_dev, med_host in rows:
-        print(f"| roofline step_components {args.steps:,}x{args.slots} | {name} | "
-              f"{compile_s:.2f} | {med_dev:.3f} | {med_host:.3f} | {mach} | {info['date']} |")
-    print(f"| roofline dataset_components {args.steps:,}x{args.slots} (xarray, chunked) | "
-          f"float64 | - | - | {med_ds:.3f} | {mach} | {info['date']} |")
+        print(
+            f"| roofline step_components {args.steps:,}x{args.slots} | {name} | "
+            f"{compile_s:.2f} | {med_dev:.3f} | {med_host:.3f} | {mach} | {info['date']} |"
+        )
+    print(
+        f"| roofline dataset_components {args.steps:,}x{args.slots} (xarray, chunked) | "
+        f"float64 | - | - | {med_ds:.3f} | {mach} | {info['date']} |"
+    )
     return 0 if ok else 1
 
 

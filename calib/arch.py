@@ -17,8 +17,7 @@ import yaml
 from calib.errors import CalibError
 
 _REQUIRED = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
-_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1, "fp8": 1,
-                "int8": 1}
+_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1, "fp8": 1, "int8": 1}
 
 
 @dataclass(frozen=True)
@@ -60,17 +59,26 @@ class Architecture:
     def check_tp(self, tp: int, *, source: str | Path | None = None) -> None:
         """Raise CalibError unless ``tp`` is a valid tensor-parallel degree for this model."""
         if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
-            raise CalibError(f"tensor_parallelism must be a positive integer, got {tp!r}",
-                             path=source, field="tensor_parallelism")
+            raise CalibError(
+                f"tensor_parallelism must be a positive integer, got {tp!r}",
+                path=source,
+                field="tensor_parallelism",
+            )
         if tp & (tp - 1) or tp > 64:
-            raise CalibError(f"tensor_parallelism {tp} is not a power of two (1, 2, 4, 8, ...)",
-                             path=source, field="tensor_parallelism",
-                             fix="use the TP degree vLLM ran with")
+            raise CalibError(
+                f"tensor_parallelism {tp} is not a power of two (1, 2, 4, 8, ...)",
+                path=source,
+                field="tensor_parallelism",
+                fix="use the TP degree vLLM ran with",
+            )
         if self.num_attention_heads % tp:
             raise CalibError(
                 f"tensor_parallelism {tp} does not divide the {self.num_attention_heads} attention "
-                f"heads of {self.name}", path=source, field="tensor_parallelism",
-                fix="check the model and TP in exp-config.yaml")
+                f"heads of {self.name}",
+                path=source,
+                field="tensor_parallelism",
+                fix="check the model and TP in exp-config.yaml",
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,12 +87,20 @@ class Architecture:
 def _from_mapping(name: str, cfg: dict, source: str | Path) -> Architecture:
     missing = [k for k in _REQUIRED if k not in cfg]
     if missing:
-        raise CalibError(f"config is missing required field(s) {', '.join(missing)}",
-                         path=source, field=missing[0],
-                         fix="use the model's Hugging Face config.json")
+        raise CalibError(
+            f"config is missing required field(s) {', '.join(missing)}",
+            path=source,
+            field=missing[0],
+            fix="use the model's Hugging Face config.json",
+        )
     vals = {}
-    for key in (*_REQUIRED, "num_key_value_heads", "num_local_experts", "num_experts_per_tok",
-                "vocab_size"):
+    for key in (
+        *_REQUIRED,
+        "num_key_value_heads",
+        "num_local_experts",
+        "num_experts_per_tok",
+        "vocab_size",
+    ):
         v = cfg.get(key)
         if v is None:
             continue
@@ -97,15 +113,24 @@ def _from_mapping(name: str, cfg: dict, source: str | Path) -> Architecture:
             raise CalibError("must be positive", path=source, field=key)
     h, kvh, d = vals["num_attention_heads"], vals["num_key_value_heads"], vals["hidden_size"]
     if d % h:
-        raise CalibError(f"hidden_size {d} is not a multiple of num_attention_heads {h}",
-                         path=source, field="num_attention_heads")
+        raise CalibError(
+            f"hidden_size {d} is not a multiple of num_attention_heads {h}",
+            path=source,
+            field="num_attention_heads",
+        )
     if kvh == 0 or h % kvh:
-        raise CalibError(f"num_key_value_heads {kvh} must divide num_attention_heads {h}",
-                         path=source, field="num_key_value_heads")
+        raise CalibError(
+            f"num_key_value_heads {kvh} must divide num_attention_heads {h}",
+            path=source,
+            field="num_key_value_heads",
+        )
     e, k = vals.get("num_local_experts", 0), vals.get("num_experts_per_tok", 0)
     if (e > 0) != (k > 0) or k > e:
-        raise CalibError(f"inconsistent MoE fields: num_local_experts={e}, "
-                         f"num_experts_per_tok={k}", path=source, field="num_experts_per_tok")
+        raise CalibError(
+            f"inconsistent MoE fields: num_local_experts={e}, num_experts_per_tok={k}",
+            path=source,
+            field="num_experts_per_tok",
+        )
     dtype = cfg.get("torch_dtype") or "bfloat16"
     return Architecture(name=name, torch_dtype=str(dtype), **vals)
 
@@ -154,7 +179,9 @@ def load_architecture(model: str, config_path: str | Path | None = None) -> Arch
     name = resolve_model_name(model)
     if name is None:
         raise CalibError(
-            f"unknown model {model!r}; bundled: {', '.join(bundled_models())}", field="model",
-            fix="pass the model's Hugging Face config.json (--model-config PATH)")
+            f"unknown model {model!r}; bundled: {', '.join(bundled_models())}",
+            field="model",
+            fix="pass the model's Hugging Face config.json (--model-config PATH)",
+        )
     entry = {k: v for k, v in _bundled()[name].items() if k != "hf_ids"}
     return _from_mapping(name, entry, f"calib/data/models.yaml[{name}]")

@@ -21,8 +21,14 @@ from scipy.optimize import nnls
 from calib.predict import StepFeatures
 from calib.vocab import fittable
 
-__all__ = ["BASELINES", "baseline_step_predictions", "blackbox_fit", "blackbox_predict",
-           "nnls_fit", "nnls_predict"]
+__all__ = [
+    "BASELINES",
+    "baseline_step_predictions",
+    "blackbox_fit",
+    "blackbox_predict",
+    "nnls_fit",
+    "nnls_predict",
+]
 
 #: Baseline names in table order.
 BASELINES = ("blackbox", "nnls")
@@ -54,9 +60,14 @@ def blackbox_predict(coef, prefill_tokens, decode_tokens) -> np.ndarray:
 
 def _nnls_design(features: StepFeatures) -> np.ndarray:
     B = np.asarray(features.batch_size, np.float64)
-    return np.column_stack([np.asarray(features.components, np.float64),
-                            np.asarray(features.num_layers, np.float64), B,
-                            (B > 0).astype(np.float64)])
+    return np.column_stack(
+        [
+            np.asarray(features.components, np.float64),
+            np.asarray(features.num_layers, np.float64),
+            B,
+            (B > 0).astype(np.float64),
+        ]
+    )
 
 
 def nnls_fit(features: StepFeatures, duration_us) -> np.ndarray:

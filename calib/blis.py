@@ -45,27 +45,68 @@ import yaml
 
 from calib.errors import CalibError
 
-__all__ = ["BLIS_ENV", "TRACE_COLUMNS", "blis_closed_loop", "blis_command", "defaults_files",
-           "find_blis", "parse_results", "run_blis",
-           "replay_means", "trace_csv", "trace_header", "write_replay_inputs"]
+__all__ = [
+    "BLIS_ENV",
+    "TRACE_COLUMNS",
+    "blis_closed_loop",
+    "blis_command",
+    "defaults_files",
+    "find_blis",
+    "parse_results",
+    "run_blis",
+    "replay_means",
+    "trace_csv",
+    "trace_header",
+    "write_replay_inputs",
+]
 
 #: Environment variable naming the BLIS binary when --blis is not given.
 BLIS_ENV = "CALIB_BLIS"
 #: TraceV2 CSV columns, in BLIS's order (``traceV2Columns``, sim/workload/tracev2.go).
 TRACE_COLUMNS = (
-    "request_id", "client_id", "tenant_id", "slo_class", "session_id", "round_index",
-    "prefix_group", "prefix_length", "streaming", "input_tokens", "output_tokens",
-    "text_tokens", "image_tokens", "audio_tokens", "video_tokens", "reason_ratio",
-    "model", "deadline_us", "server_input_tokens",
-    "arrival_time_us", "send_time_us", "first_chunk_time_us", "last_chunk_time_us",
-    "num_chunks", "status", "error_message", "finish_reason",
+    "request_id",
+    "client_id",
+    "tenant_id",
+    "slo_class",
+    "session_id",
+    "round_index",
+    "prefix_group",
+    "prefix_length",
+    "streaming",
+    "input_tokens",
+    "output_tokens",
+    "text_tokens",
+    "image_tokens",
+    "audio_tokens",
+    "video_tokens",
+    "reason_ratio",
+    "model",
+    "deadline_us",
+    "server_input_tokens",
+    "arrival_time_us",
+    "send_time_us",
+    "first_chunk_time_us",
+    "last_chunk_time_us",
+    "num_chunks",
+    "status",
+    "error_message",
+    "finish_reason",
 )
 #: Accelerator names of calib's bundled hardware -> BLIS's ``--hardware`` names.
 BLIS_HARDWARE = {"H100-SXM": "H100", "A100-SXM": "A100-80"}
 #: Keys of an HF ``config.json`` BLIS reads from ``--model-config-folder``.
-_HF_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
-            "num_key_value_heads", "vocab_size", "torch_dtype", "num_local_experts",
-            "num_experts_per_tok", "max_position_embeddings")
+_HF_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "num_key_value_heads",
+    "vocab_size",
+    "torch_dtype",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "max_position_embeddings",
+)
 
 
 def find_blis(explicit: str | None = None) -> Path:
@@ -75,27 +116,42 @@ def find_blis(explicit: str | None = None) -> Path:
             p = Path(cand)
             if p.is_file() and os.access(p, os.X_OK):
                 return p
-            raise CalibError(f"{cand} is not an executable file", field=source,
-                             fix="give the path of a BLIS binary built from "
-                                 "github.com/inference-sim/inference-sim (go build -o blis .)")
+            raise CalibError(
+                f"{cand} is not an executable file",
+                field=source,
+                fix="give the path of a BLIS binary built from "
+                "github.com/inference-sim/inference-sim (go build -o blis .)",
+            )
     found = shutil.which("blis")
     if found:
         return Path(found)
-    raise CalibError("no BLIS binary found (no --blis, no $CALIB_BLIS, no blis on PATH)",
-                     field="--blis",
-                     fix="build BLIS from github.com/inference-sim/inference-sim "
-                         "(go build -o blis .) and pass --blis PATH")
+    raise CalibError(
+        "no BLIS binary found (no --blis, no $CALIB_BLIS, no blis on PATH)",
+        field="--blis",
+        fix="build BLIS from github.com/inference-sim/inference-sim "
+        "(go build -o blis .) and pass --blis PATH",
+    )
 
 
 def trace_header(plan) -> dict:
     """The TraceV2 header (``TraceHeader`` YAML fields only) of one experiment."""
     spec = plan.spec
-    server = {"type": "vllm", "model": spec.model, "tensor_parallel": int(spec.tp),
-              "max_num_seqs": int(spec.max_num_seqs), "block_size": 16,
-              "max_model_len": int(spec.max_model_len)}
+    server = {
+        "type": "vllm",
+        "model": spec.model,
+        "tensor_parallel": int(spec.tp),
+        "max_num_seqs": int(spec.max_num_seqs),
+        "block_size": 16,
+        "max_model_len": int(spec.max_model_len),
+    }
     # mode "real": the records come from a measured run (blis observe writes "real")
-    return {"trace_version": 2, "time_unit": "microseconds", "mode": "real",
-            "warm_up_requests": 0, "server": server}
+    return {
+        "trace_version": 2,
+        "time_unit": "microseconds",
+        "mode": "real",
+        "warm_up_requests": 0,
+        "server": server,
+    }
 
 
 def trace_csv(plan) -> str:
@@ -113,17 +169,33 @@ def trace_csv(plan) -> str:
     for i in range(arrived.size):
         prefix = int(plan.prefix_len) if grouped else 0
         row = {
-            "request_id": i, "client_id": "", "tenant_id": "", "slo_class": "",
-            "session_id": "", "round_index": 0,
+            "request_id": i,
+            "client_id": "",
+            "tenant_id": "",
+            "slo_class": "",
+            "session_id": "",
+            "round_index": 0,
             "prefix_group": f"prefix-{int(plan.prefix_group[i])}" if grouped else "",
-            "prefix_length": prefix, "streaming": "true",
+            "prefix_length": prefix,
+            "streaming": "true",
             "input_tokens": int(plan.prompt_len[i]) - prefix,
-            "output_tokens": int(plan.output_len[i]), "text_tokens": 0, "image_tokens": 0,
-            "audio_tokens": 0, "video_tokens": 0, "reason_ratio": 0, "model": "",
-            "deadline_us": 0, "server_input_tokens": 0,
-            "arrival_time_us": int(rel[i]), "send_time_us": int(rel[i]),
-            "first_chunk_time_us": 0, "last_chunk_time_us": 0, "num_chunks": 0,
-            "status": "ok", "error_message": "", "finish_reason": "length",
+            "output_tokens": int(plan.output_len[i]),
+            "text_tokens": 0,
+            "image_tokens": 0,
+            "audio_tokens": 0,
+            "video_tokens": 0,
+            "reason_ratio": 0,
+            "model": "",
+            "deadline_us": 0,
+            "server_input_tokens": 0,
+            "arrival_time_us": int(rel[i]),
+            "send_time_us": int(rel[i]),
+            "first_chunk_time_us": 0,
+            "last_chunk_time_us": 0,
+            "num_chunks": 0,
+            "status": "ok",
+            "error_message": "",
+            "finish_reason": "length",
         }
         w.writerow([row[c] for c in TRACE_COLUMNS])
     return buf.getvalue()
@@ -134,8 +206,9 @@ def _model_config(arch_json: str) -> dict:
     return {k: arch[k] for k in _HF_KEYS if k in arch}
 
 
-def write_replay_inputs(plan, out_dir: str | Path, *, arch_json: str | None = None
-                        ) -> dict[str, Path]:
+def write_replay_inputs(
+    plan, out_dir: str | Path, *, arch_json: str | None = None
+) -> dict[str, Path]:
     """Write header YAML, data CSV (and ``config.json`` when ``arch_json``) into ``out_dir``."""
     from calib.io import atomic_write_text
 
@@ -152,25 +225,59 @@ def write_replay_inputs(plan, out_dir: str | Path, *, arch_json: str | None = No
     return paths
 
 
-def blis_command(blis: str | Path, plan, paths: dict[str, Path], *, alphas: Sequence[float],
-                 betas: Sequence[float], defaults: str | Path | None, results: str | Path,
-                 metrics: str | Path | None = None, seed: int = 42,
-                 extra: Sequence[str] = ()) -> list[str]:
+def blis_command(
+    blis: str | Path,
+    plan,
+    paths: dict[str, Path],
+    *,
+    alphas: Sequence[float],
+    betas: Sequence[float],
+    defaults: str | Path | None,
+    results: str | Path,
+    metrics: str | Path | None = None,
+    seed: int = 42,
+    extra: Sequence[str] = (),
+) -> list[str]:
     """``blis replay`` argument list for one experiment and coefficient set."""
     spec = plan.spec
 
     def fmt(xs) -> str:
         return ",".join(repr(float(x)) for x in xs)
 
-    cmd = [str(blis), "replay", "--trace-header", str(paths["header"]),
-           "--trace-data", str(paths["data"]), "--model", spec.model,
-           "--hardware", BLIS_HARDWARE.get(spec.hardware, spec.hardware),
-           "--tp", str(int(spec.tp)), "--latency-model", "trained-physics",
-           "--alpha-coeffs", fmt(alphas), "--beta-coeffs", fmt(betas),
-           "--max-num-seqs", str(int(spec.max_num_seqs)),
-           "--max-num-batched-tokens", str(int(spec.max_num_batched_tokens)),
-           "--block-size-in-tokens", "16", "--max-model-len", str(int(spec.max_model_len)),
-           "--seed", str(int(seed)), "--log", "error", "--results-path", str(results)]
+    cmd = [
+        str(blis),
+        "replay",
+        "--trace-header",
+        str(paths["header"]),
+        "--trace-data",
+        str(paths["data"]),
+        "--model",
+        spec.model,
+        "--hardware",
+        BLIS_HARDWARE.get(spec.hardware, spec.hardware),
+        "--tp",
+        str(int(spec.tp)),
+        "--latency-model",
+        "trained-physics",
+        "--alpha-coeffs",
+        fmt(alphas),
+        "--beta-coeffs",
+        fmt(betas),
+        "--max-num-seqs",
+        str(int(spec.max_num_seqs)),
+        "--max-num-batched-tokens",
+        str(int(spec.max_num_batched_tokens)),
+        "--block-size-in-tokens",
+        "16",
+        "--max-model-len",
+        str(int(spec.max_model_len)),
+        "--seed",
+        str(int(seed)),
+        "--log",
+        "error",
+        "--results-path",
+        str(results),
+    ]
     if defaults is not None:
         cmd += ["--defaults-filepath", str(defaults)]
     if plan.kv_blocks_total:
@@ -193,37 +300,49 @@ def parse_results(text: str, source: str = "results") -> dict[int, dict[str, flo
     out = {}
     for i, r in enumerate(rows):
         try:
-            out[int(r["request_id"])] = {"ttft": float(r["ttft_us"]), "e2e": float(r["e2e_us"]),
-                                         "itl": float(r.get("itl_mean_us", float("nan")))}
+            out[int(r["request_id"])] = {
+                "ttft": float(r["ttft_us"]),
+                "e2e": float(r["e2e_us"]),
+                "itl": float(r.get("itl_mean_us", float("nan"))),
+            }
         except (KeyError, TypeError, ValueError):
-            raise CalibError(f"entry {i} lacks request_id/ttft_us/e2e_us", path=source,
-                             field="request_id") from None
+            raise CalibError(
+                f"entry {i} lacks request_id/ttft_us/e2e_us", path=source, field="request_id"
+            ) from None
     return out
 
 
-def replay_means(plan, per_request: dict[int, dict[str, float]], source: str = "results"
-                 ) -> dict[str, float]:
+def replay_means(
+    plan, per_request: dict[int, dict[str, float]], source: str = "results"
+) -> dict[str, float]:
     """Mean E2E, TTFT and decode interval (µs) over the plan's compared requests."""
     idx = np.nonzero(plan.compared)[0]
     missing = [int(i) for i in idx if int(i) not in per_request]
     if missing:
-        raise CalibError(f"BLIS returned no result for {len(missing)} of {idx.size} requests "
-                         f"(first: request_{missing[0]}); they may have outlived the horizon",
-                         path=source, fix="pass a longer --horizon through --blis-arg")
+        raise CalibError(
+            f"BLIS returned no result for {len(missing)} of {idx.size} requests "
+            f"(first: request_{missing[0]}); they may have outlived the horizon",
+            path=source,
+            fix="pass a longer --horizon through --blis-arg",
+        )
     e2e = np.array([per_request[int(i)]["e2e"] for i in idx])
     ttft = np.array([per_request[int(i)]["ttft"] for i in idx])
     many = [int(i) for i in idx if plan.output_len[i] >= 2]
     itl = np.array([per_request[i]["itl"] for i in many])
-    return {"e2e": float(e2e.mean()), "ttft": float(ttft.mean()),
-            "itl": float(itl.mean()) if itl.size else float("nan")}
+    return {
+        "e2e": float(e2e.mean()),
+        "ttft": float(ttft.mean()),
+        "itl": float(itl.mean()) if itl.size else float("nan"),
+    }
 
 
 def run_blis(cmd: list[str], results: Path) -> dict[int, dict[str, float]]:
     """Run one ``blis replay``; its per-request results (CalibError with BLIS's last line)."""
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines()
-                or ["(no output)"])[-1]
+        tail = (
+            proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["(no output)"]
+        )[-1]
         raise CalibError(f"blis replay exited {proc.returncode}: {tail}", path=cmd[0])
     return parse_results(Path(results).read_text(), source=str(results))
 
@@ -238,9 +357,17 @@ def defaults_files(export_result) -> dict[str, Path]:
     return out
 
 
-def blis_closed_loop(blis: str | Path, plans, coeffs, export_result, work_dir: str | Path, *,
-                     arch_json: Sequence[str] | None = None, extra: Sequence[str] = (),
-                     progress=None) -> tuple[np.ndarray, list[str]]:
+def blis_closed_loop(
+    blis: str | Path,
+    plans,
+    coeffs,
+    export_result,
+    work_dir: str | Path,
+    *,
+    arch_json: Sequence[str] | None = None,
+    extra: Sequence[str] = (),
+    progress=None,
+) -> tuple[np.ndarray, list[str]]:
     """Replay every experiment in BLIS with the point set and each draw.
 
     Returns ``(results, basis)`` as :func:`calib.closed_loop.judge` takes them: results
@@ -258,13 +385,22 @@ def blis_closed_loop(blis: str | Path, plans, coeffs, export_result, work_dir: s
     for e, plan in enumerate(plans):
         name, b = set_name(plan, coeffs)
         basis.append(b)
-        paths = write_replay_inputs(plan, work / f"exp{e:03d}",
-                                    arch_json=None if arch_json is None else arch_json[e])
+        paths = write_replay_inputs(
+            plan, work / f"exp{e:03d}", arch_json=None if arch_json is None else arch_json[e]
+        )
         for k, s in enumerate(sets):
             alphas, betas = s[name]
             res_path = work / f"exp{e:03d}" / f"results-{k:03d}.json"
-            cmd = blis_command(blis, plan, paths, alphas=alphas, betas=betas,
-                               defaults=defaults[name], results=res_path, extra=extra)
+            cmd = blis_command(
+                blis,
+                plan,
+                paths,
+                alphas=alphas,
+                betas=betas,
+                defaults=defaults[name],
+                results=res_path,
+                extra=extra,
+            )
             means = replay_means(plan, run_blis(cmd, res_path), source=str(res_path))
             results[k, e] = [means[m] for m in METRICS]
             done += 1

@@ -112,10 +112,10 @@ def setup_jax(*, device: str, chain_method: str, chains: int, x64: bool) -> None
     """
     parallel_cpu = chain_method == "parallel" and device == "cpu"
     if parallel_cpu:
-        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                       os.environ.get("XLA_FLAGS", "")).strip()
-        os.environ["XLA_FLAGS"] = (
-            f"{flags} --xla_force_host_platform_device_count={chains}".strip())
+        flags = re.sub(
+            r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")
+        ).strip()
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={chains}".strip()
     import numpyro
 
     numpyro.set_platform(DEVICES[device])
@@ -131,10 +131,12 @@ def setup_jax(*, device: str, chain_method: str, chains: int, x64: bool) -> None
             from calib.errors import CalibError
 
             detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise CalibError(f"JAX finds no {DEVICES[device]} device here ({detail})",
-                             field="--device",
-                             fix="use --device cpu, or install JAX with CUDA support "
-                                 "(pip install 'jax[cuda13]')") from None
+            raise CalibError(
+                f"JAX finds no {DEVICES[device]} device here ({detail})",
+                field="--device",
+                fix="use --device cpu, or install JAX with CUDA support "
+                "(pip install 'jax[cuda13]')",
+            ) from None
 
 
 # ------------------------------------------------------------------ output checks
@@ -142,8 +144,15 @@ def setup_jax(*, device: str, chain_method: str, chains: int, x64: bool) -> None
 _OUTPUTS: list[Path] = []
 _START_TIME = time.time()
 
-def check_output(path: str | Path | None, *, flag: str, folder: bool = False,
-                 suffix: str | None = None, track: bool = True) -> None:
+
+def check_output(
+    path: str | Path | None,
+    *,
+    flag: str,
+    folder: bool = False,
+    suffix: str | None = None,
+    track: bool = True,
+) -> None:
     """Check an output path before any work; raise CalibError (one line) if unusable.
 
     A file output (``folder=False``) must not be an existing directory; a folder output
@@ -161,15 +170,24 @@ def check_output(path: str | Path | None, *, flag: str, folder: bool = False,
     if str(path).strip() == "":
         raise CalibError("empty output path", field=flag)
     if suffix is not None and p.suffix != suffix:
-        raise CalibError(f"output must be a {suffix} file", path=p, field=flag,
-                         fix=f"e.g. {flag} NAME{suffix}")
+        raise CalibError(
+            f"output must be a {suffix} file", path=p, field=flag, fix=f"e.g. {flag} NAME{suffix}"
+        )
     if folder:
         if p.exists() and not p.is_dir():
-            raise CalibError("exists and is not a directory, but a folder is expected",
-                             path=p, field=flag, fix="name a new or existing folder")
+            raise CalibError(
+                "exists and is not a directory, but a folder is expected",
+                path=p,
+                field=flag,
+                fix="name a new or existing folder",
+            )
     elif p.is_dir():
-        raise CalibError("is a directory, but a file is expected", path=p, field=flag,
-                         fix=f"name a file, e.g. {p / ('out' + (suffix or ''))}")
+        raise CalibError(
+            "is a directory, but a file is expected",
+            path=p,
+            field=flag,
+            fix=f"name a file, e.g. {p / ('out' + (suffix or ''))}",
+        )
     target = p if folder and p.is_dir() else p.parent
     probe = target.absolute()
     while not probe.exists():
@@ -177,12 +195,20 @@ def check_output(path: str | Path | None, *, flag: str, folder: bool = False,
             raise CalibError("is a broken symbolic link", path=probe, field=flag)
         probe = probe.parent
     if not probe.is_dir():
-        raise CalibError(f"{probe} is a file, so the output folder cannot be created",
-                         path=p, field=flag, fix="choose a path whose folders are folders")
+        raise CalibError(
+            f"{probe} is a file, so the output folder cannot be created",
+            path=p,
+            field=flag,
+            fix="choose a path whose folders are folders",
+        )
     if not os.access(probe, os.W_OK | os.X_OK):
         what = "the output folder" if probe == target.absolute() else "the nearest existing folder"
-        raise CalibError(f"{what} {probe} is not writable", path=p, field=flag,
-                         fix="choose a writable location or fix the folder's permissions")
+        raise CalibError(
+            f"{what} {probe} is not writable",
+            path=p,
+            field=flag,
+            fix="choose a writable location or fix the folder's permissions",
+        )
 
 
 def check_input(path: str | Path, *, flag: str, fix: str | None = None) -> None:
@@ -191,8 +217,12 @@ def check_input(path: str | Path, *, flag: str, fix: str | None = None) -> None:
     if not p.exists():
         raise CalibError("not found", path=p, field=flag, fix=fix)
     if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
-        raise CalibError("not readable (permission denied)", path=p, field=flag,
-                         fix="fix its permissions or copy it somewhere readable")
+        raise CalibError(
+            "not readable (permission denied)",
+            path=p,
+            field=flag,
+            fix="fix its permissions or copy it somewhere readable",
+        )
 
 
 # ------------------------------------------------------------------ interrupts
@@ -223,8 +253,10 @@ def _interrupted() -> None:
     if not written:
         msg = "interrupted: nothing written"
     else:
-        msg = (f"interrupted: {len(written)} file(s) already complete (last {written[-1]}); "
-               "the rest not written")
+        msg = (
+            f"interrupted: {len(written)} file(s) already complete (last {written[-1]}); "
+            "the rest not written"
+        )
     try:
         sys.stdout.flush()
     except Exception:  # noqa: BLE001
@@ -247,8 +279,7 @@ def _new_files(outputs: list[Path], limit: int = 10_000) -> list[Path]:
                 seen += 1
                 if seen > limit:
                     return found
-                if (f.is_file() and not f.name.endswith(".tmp")
-                        and f.stat().st_mtime >= _START_TIME):
+                if f.is_file() and not f.name.endswith(".tmp") and f.stat().st_mtime >= _START_TIME:
                     found.append(f)
         except OSError:
             continue
@@ -281,18 +312,19 @@ def install_interrupt_handler() -> None:
     import multiprocessing  # noqa: F401 - imported now: the handler must not import
 
     from calib import io  # noqa: F401
+
     # multiprocessing's resource tracker (a helper process of spawn/forkserver workers)
     # frees the semaphores of workers stopped on an interrupt and would warn about them.
     filt = "ignore::UserWarning:multiprocessing.resource_tracker"
     if filt not in os.environ.get("PYTHONWARNINGS", ""):
         os.environ["PYTHONWARNINGS"] = ",".join(
-            x for x in (os.environ.get("PYTHONWARNINGS"), filt) if x)
+            x for x in (os.environ.get("PYTHONWARNINGS"), filt) if x
+        )
     signal.signal(signal.SIGINT, _on_sigint)
     r, w = os.pipe()
     os.set_blocking(w, False)
     signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-    threading.Thread(target=_watch_wakeup, args=(r,), daemon=True,
-                     name="calib-interrupt").start()
+    threading.Thread(target=_watch_wakeup, args=(r,), daemon=True, name="calib-interrupt").start()
 
 
 def run_script(main: Callable[[], int]) -> int:
@@ -330,15 +362,22 @@ def posterior_manifest_of(path: str | Path) -> dict:
         with netCDF4.Dataset(str(p), "r") as f:
             text = f.getncattr("manifest") if "manifest" in f.ncattrs() else None
     except OSError as err:
-        raise CalibError(f"cannot read as a NetCDF posterior ({err})", path=p,
-                         fix="pass a file written by scripts/fit.py") from None
+        raise CalibError(
+            f"cannot read as a NetCDF posterior ({err})",
+            path=p,
+            fix="pass a file written by scripts/fit.py",
+        ) from None
     try:
         m = json.loads(text) if isinstance(text, str) else None
     except ValueError:
         m = None
     if not isinstance(m, dict):
-        raise CalibError("manifest attribute missing or not JSON", path=p, field="manifest",
-                         fix="re-fit with scripts/fit.py")
+        raise CalibError(
+            "manifest attribute missing or not JSON",
+            path=p,
+            field="manifest",
+            fix="re-fit with scripts/fit.py",
+        )
     return m
 
 
@@ -352,8 +391,7 @@ class DataChoice:
     the posterior's ``data_hash``.
     """
 
-    def __init__(self, posterior: str | Path, traces: str | Path | None, *,
-                 flag: str = "--traces"):
+    def __init__(self, posterior: str | Path, traces: str | Path | None, *, flag: str = "--traces"):
         from calib import config
 
         m = posterior_manifest_of(posterior)
@@ -367,14 +405,21 @@ class DataChoice:
         elif self.fitted_path:
             self.path = Path(self.fitted_path)
             if not self.path.exists():
-                raise CalibError(f"the posterior was fitted on {self.fitted_path}, which no "
-                                 "longer exists", path=self.posterior, field="data_path",
-                                 fix=f"pass {flag} <the same data>")
+                raise CalibError(
+                    f"the posterior was fitted on {self.fitted_path}, which no longer exists",
+                    path=self.posterior,
+                    field="data_path",
+                    fix=f"pass {flag} <the same data>",
+                )
         else:
             self.path = config.DEFAULT_TRACES
         if not self.path.exists():
-            raise CalibError("dataset not found", path=self.path, field=flag,
-                             fix="pass a dataset (.nc) or a folder of experiment directories")
+            raise CalibError(
+                "dataset not found",
+                path=self.path,
+                field=flag,
+                fix="pass a dataset (.nc) or a folder of experiment directories",
+            )
         check_input(self.path, flag=flag)
 
     def verify(self, ds, *, need_same: bool = False) -> str | None:
@@ -390,16 +435,27 @@ class DataChoice:
         if self.fitted_hash is None or h == self.fitted_hash:
             return None
         if not self.named:
-            where = ("the data the posterior records" if self.fitted_path
-                     else "the embedded default data (the posterior records no data path)")
-            raise CalibError(f"{self.path} is {where} but its content hash {h[:12]} differs "
-                             f"from the posterior's data_hash {self.fitted_hash[:12]}",
-                             path=self.posterior, field="data_hash",
-                             fix=f"pass {self.flag} <the data it was fitted on>, or re-fit")
+            where = (
+                "the data the posterior records"
+                if self.fitted_path
+                else "the embedded default data (the posterior records no data path)"
+            )
+            raise CalibError(
+                f"{self.path} is {where} but its content hash {h[:12]} differs "
+                f"from the posterior's data_hash {self.fitted_hash[:12]}",
+                path=self.posterior,
+                field="data_hash",
+                fix=f"pass {self.flag} <the data it was fitted on>, or re-fit",
+            )
         if need_same:
-            raise CalibError(f"not the data the posterior was fitted on (content hash "
-                             f"{h[:12]}, posterior data_hash {self.fitted_hash[:12]})",
-                             path=self.path, field=self.flag,
-                             fix="pass the fitted data, or re-fit on this data")
-        return (f"note: {self.path} is not the data the posterior was fitted on "
-                f"(data_hash differs): an out-of-sample check")
+            raise CalibError(
+                f"not the data the posterior was fitted on (content hash "
+                f"{h[:12]}, posterior data_hash {self.fitted_hash[:12]})",
+                path=self.path,
+                field=self.flag,
+                fix="pass the fitted data, or re-fit on this data",
+            )
+        return (
+            f"note: {self.path} is not the data the posterior was fitted on "
+            f"(data_hash differs): an out-of-sample check"
+        )

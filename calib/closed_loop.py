@@ -70,11 +70,23 @@ from calib.errors import CalibError
 if TYPE_CHECKING:
     from calib.simulate import ExperimentSpec
 
-__all__ = ["ClosedLoopResult", "ExperimentPlan", "LinearStepTime", "closed_loop",
-           "exported_coefficients", "experiment_plans", "format_table", "judge",
-           "latency_means", "probe_features", "set_name", "add_check_arguments",
-           "write_table_csv",
-           "replay_experiment", "step_time_weights"]
+__all__ = [
+    "ClosedLoopResult",
+    "ExperimentPlan",
+    "LinearStepTime",
+    "closed_loop",
+    "exported_coefficients",
+    "experiment_plans",
+    "format_table",
+    "judge",
+    "latency_means",
+    "probe_features",
+    "set_name",
+    "add_check_arguments",
+    "write_table_csv",
+    "replay_experiment",
+    "step_time_weights",
+]
 
 METRICS = ("e2e", "ttft", "itl")
 #: Probe batches for :func:`step_time_weights`: (phase, new_tokens, progress, prompt_len) rows.
@@ -98,8 +110,16 @@ def _slot_sums(phase, new_tokens, progress, prompt_len, mask) -> np.ndarray:
     t = np.where(pf, new_tokens, 0).astype(np.float64)
     s = np.where(pf, prompt_len, 0).astype(np.float64)
     c = np.where(dc, progress, 0).astype(np.float64)
-    return np.column_stack([t.sum(-1), (t * (s + 0.5 * t)).sum(-1), dc.sum(-1), c.sum(-1),
-                            mask.sum(-1), np.ones(len(t))])
+    return np.column_stack(
+        [
+            t.sum(-1),
+            (t * (s + 0.5 * t)).sum(-1),
+            dc.sum(-1),
+            c.sum(-1),
+            mask.sum(-1),
+            np.ones(len(t)),
+        ]
+    )
 
 
 def _probe_arrays():
@@ -120,11 +140,13 @@ def probe_features(arch, hardware, tp: int):
 
     phase, new, prog, plen, mask = _probe_arrays()
     comps = step_components(arch_consts(arch, hardware, tp), new, prog, plen, phase, mask)
-    mat = np.column_stack([np.asarray(getattr(comps, c), np.float64)
-                           for c in config.COMPONENTS])
-    feats = StepFeatures(mat, np.asarray(comps.num_layers, np.float64),
-                         np.asarray(comps.batch_size, np.float64),
-                         np.asarray(comps.num_moe_layers, np.float64))
+    mat = np.column_stack([np.asarray(getattr(comps, c), np.float64) for c in config.COMPONENTS])
+    feats = StepFeatures(
+        mat,
+        np.asarray(comps.num_layers, np.float64),
+        np.asarray(comps.batch_size, np.float64),
+        np.asarray(comps.num_moe_layers, np.float64),
+    )
     return feats, _slot_sums(phase, new, prog, plen, mask)
 
 
@@ -154,8 +176,12 @@ class LinearStepTime:
 
     def __call__(self, batch, arch, hardware, tp, rng) -> np.ndarray:
         if len(batch.phase) != 1:
-            v = _slot_sums(batch.phase, batch.new_tokens, batch.progress, batch.prompt_len,
-                           batch.mask) @ self.weights
+            v = (
+                _slot_sums(
+                    batch.phase, batch.new_tokens, batch.progress, batch.prompt_len, batch.mask
+                )
+                @ self.weights
+            )
             return np.maximum(1.0, np.trunc(v))
         # the scheduler's one-step call: the same sums on 1-D rows, without temporaries
         m = batch.mask[0]
@@ -164,8 +190,14 @@ class LinearStepTime:
         t = batch.new_tokens[0][pf].astype(np.float64)
         s = batch.prompt_len[0][pf]
         w = self.weights
-        v = (w[0] * t.sum() + w[1] * float(t @ (s + 0.5 * t)) + w[2] * int(dc.sum())
-             + w[3] * float(batch.progress[0][dc].sum()) + w[4] * int(m.sum()) + w[5])
+        v = (
+            w[0] * t.sum()
+            + w[1] * float(t @ (s + 0.5 * t))
+            + w[2] * int(dc.sum())
+            + w[3] * float(batch.progress[0][dc].sum())
+            + w[4] * int(m.sum())
+            + w[5]
+        )
         return np.array([max(1.0, float(np.trunc(v)))])
 
 
@@ -177,14 +209,14 @@ class ExperimentPlan:
     name: str
     model: str
     spec: ExperimentSpec
-    arrived_us: np.ndarray             # (N,) observed (or inferred) arrival, µs
-    has_api: np.ndarray                # (N,) bool: API labels present (client-side basis)
+    arrived_us: np.ndarray  # (N,) observed (or inferred) arrival, µs
+    has_api: np.ndarray  # (N,) bool: API labels present (client-side basis)
     prompt_len: np.ndarray
     output_len: np.ndarray
     prefix_group: np.ndarray
     prefix_len: int
     kv_blocks_total: int | None
-    compared: np.ndarray               # (N,) bool: completed, finite labels
+    compared: np.ndarray  # (N,) bool: completed, finite labels
     observed_us: dict = field(default_factory=dict)  # metric -> observed mean, µs
 
 
@@ -195,8 +227,9 @@ def experiment_plans(ds, *, seed: int = config.E2E_SEED) -> list[ExperimentPlan]
     names = [str(x) for x in np.asarray(ds["experiment"].values)]
     req_exp = np.asarray(ds["req_experiment"].values)
     step_exp = np.asarray(ds["step_experiment"].values)
-    kv_total = np.asarray(ds["bs_kv_blocks_total_gpu"].values) if "bs_kv_blocks_total_gpu" in ds \
-        else None
+    kv_total = (
+        np.asarray(ds["bs_kv_blocks_total_gpu"].values) if "bs_kv_blocks_total_gpu" in ds else None
+    )
     rng = np.random.default_rng(seed)
 
     def v(name):
@@ -205,13 +238,15 @@ def experiment_plans(ds, *, seed: int = config.E2E_SEED) -> list[ExperimentPlan]
     plans = []
     for e, name in enumerate(names):
         sel = np.nonzero(req_exp == e)[0]
-        profile = json.loads(str(v("exp_profile_json")[e]) or "{}") if "exp_profile_json" in ds \
-            else {}
+        profile = (
+            json.loads(str(v("exp_profile_json")[e]) or "{}") if "exp_profile_json" in ds else {}
+        )
         sp = (profile.get("data") or {}).get("shared_prefix") or {}
         n_groups = int(sp.get("num_unique_system_prompts") or 1)
         prefix_len = int(sp.get("system_prompt_len") or 0)
-        out = np.where(v("req_output_len")[sel] > 0, v("req_output_len")[sel],
-                       v("req_max_tokens")[sel]).astype(np.int64)
+        out = np.where(
+            v("req_output_len")[sel] > 0, v("req_output_len")[sel], v("req_max_tokens")[sel]
+        ).astype(np.int64)
         plen = v("req_prompt_len")[sel].astype(np.int64)
         q_ts = v("req_queued_ts_us")[sel].astype(np.float64)
         api_q = v("req_api_queue_us")[sel].astype(np.float64)
@@ -219,41 +254,71 @@ def experiment_plans(ds, *, seed: int = config.E2E_SEED) -> list[ExperimentPlan]
         has_api = np.isfinite(api_q) & np.isfinite(api_d)
         keep = np.isfinite(q_ts) & (plen > 0) & (out > 0)
         if not keep.any():
-            raise CalibError("no request with a QUEUED time and token counts", path=name,
-                             field="req_queued_ts_us")
+            raise CalibError(
+                "no request with a QUEUED time and token counts",
+                path=name,
+                field="req_queued_ts_us",
+            )
         e2e, ttft = v("req_e2e_us")[sel], v("req_ttft_us")[sel]
         itl = v("req_decode_interval_us")[sel]
-        compared = (keep & ~v("req_failed")[sel] & np.isfinite(e2e) & np.isfinite(ttft))
+        compared = keep & ~v("req_failed")[sel] & np.isfinite(e2e) & np.isfinite(ttft)
         client = np.where(has_api, 1.0, 0.0)
-        obs = {"e2e": float(np.mean((np.nan_to_num(api_q) * client + e2e
-                                     + np.nan_to_num(api_d) * client)[compared])),
-               "ttft": float(np.mean((np.nan_to_num(api_q) * client + ttft)[compared])),
-               "itl": float(np.nanmean(np.where(compared & (out >= 2), itl, np.nan)))}
+        obs = {
+            "e2e": float(
+                np.mean(
+                    (np.nan_to_num(api_q) * client + e2e + np.nan_to_num(api_d) * client)[compared]
+                )
+            ),
+            "ttft": float(np.mean((np.nan_to_num(api_q) * client + ttft)[compared])),
+            "itl": float(np.nanmean(np.where(compared & (out >= 2), itl, np.nan))),
+        }
         arrived = np.where(has_api, q_ts - np.nan_to_num(api_q), q_ts)
         kv = None
         if kv_total is not None:
             k = kv_total[step_exp == e]
             k = k[k > 0]
             kv = int(k.max()) if k.size else None
-        stages = tuple((float(s["rate"]), float(s["duration"]))
-                       for s in (profile.get("load") or {}).get("stages") or []) or ((1.0, 1.0),)
+        stages = tuple(
+            (float(s["rate"]), float(s["duration"]))
+            for s in (profile.get("load") or {}).get("stages") or []
+        ) or ((1.0, 1.0),)
         total = int((plen[keep] + out[keep]).max())
         # the spec's own workload is not replayed (the RequestPlan replaces it); these
         # values only pass its checks
-        shared = {"num_unique_system_prompts": n_groups, "num_users_per_system_prompt": 1,
-                  "system_prompt_len": prefix_len, "question_len": 1, "output_len": 1}
-        spec = ExperimentSpec(model=str(v("exp_model_id")[e]), tp=int(v("exp_tp")[e]),
-                              workload=str(v("exp_workload")[e]), shared_prefix=shared,
-                              stages=stages, hardware=str(v("exp_hardware")[e]),
-                              max_num_batched_tokens=int(v("exp_max_num_batched_tokens")[e]),
-                              max_num_seqs=int(v("exp_max_num_seqs")[e]),
-                              max_model_len=max(int(v("exp_max_model_len")[e]), total))
-        plans.append(ExperimentPlan(
-            name=name, model=str(v("exp_model")[e]), spec=spec, arrived_us=arrived[keep],
-            has_api=has_api[keep], prompt_len=plen[keep], output_len=out[keep],
-            prefix_group=rng.integers(0, n_groups, size=int(keep.sum())),
-            prefix_len=prefix_len if prefix_len < int(plen[keep].min()) else 0,
-            kv_blocks_total=kv, compared=compared[keep], observed_us=obs))
+        shared = {
+            "num_unique_system_prompts": n_groups,
+            "num_users_per_system_prompt": 1,
+            "system_prompt_len": prefix_len,
+            "question_len": 1,
+            "output_len": 1,
+        }
+        spec = ExperimentSpec(
+            model=str(v("exp_model_id")[e]),
+            tp=int(v("exp_tp")[e]),
+            workload=str(v("exp_workload")[e]),
+            shared_prefix=shared,
+            stages=stages,
+            hardware=str(v("exp_hardware")[e]),
+            max_num_batched_tokens=int(v("exp_max_num_batched_tokens")[e]),
+            max_num_seqs=int(v("exp_max_num_seqs")[e]),
+            max_model_len=max(int(v("exp_max_model_len")[e]), total),
+        )
+        plans.append(
+            ExperimentPlan(
+                name=name,
+                model=str(v("exp_model")[e]),
+                spec=spec,
+                arrived_us=arrived[keep],
+                has_api=has_api[keep],
+                prompt_len=plen[keep],
+                output_len=out[keep],
+                prefix_group=rng.integers(0, n_groups, size=int(keep.sum())),
+                prefix_len=prefix_len if prefix_len < int(plen[keep].min()) else 0,
+                kv_blocks_total=kv,
+                compared=compared[keep],
+                observed_us=obs,
+            )
+        )
     return plans
 
 
@@ -262,8 +327,9 @@ def latency_means(plan: ExperimentPlan, res, alphas: Sequence[float]) -> dict[st
     """Mean E2E, TTFT and decode interval (µs) of a scheduler result, BLIS accounting."""
     a0, a1, a2 = (float(a) for a in alphas)
     rq = res.requests
-    q, ft, fin = (rq[k].astype(np.float64) / 1e3 for k in
-                  ("queued_ns", "first_token_ns", "finished_ns"))
+    q, ft, fin = (
+        rq[k].astype(np.float64) / 1e3 for k in ("queued_ns", "first_token_ns", "finished_ns")
+    )
     out = plan.output_len.astype(np.float64)
     api = np.where(plan.has_api, 1.0, 0.0)
     c = plan.compared
@@ -271,22 +337,36 @@ def latency_means(plan: ExperimentPlan, res, alphas: Sequence[float]) -> dict[st
     e2e = api * a0 + (fin - q) + out * a2 + api * a1
     itl_ok = c & (out >= 2)
     itl = (fin - ft) / np.maximum(out - 1.0, 1.0) + a2
-    return {"e2e": float(e2e[c].mean()), "ttft": float(ttft[c].mean()),
-            "itl": float(itl[itl_ok].mean()) if itl_ok.any() else float("nan")}
+    return {
+        "e2e": float(e2e[c].mean()),
+        "ttft": float(ttft[c].mean()),
+        "itl": float(itl[itl_ok].mean()) if itl_ok.any() else float("nan"),
+    }
 
 
-def replay_experiment(plan: ExperimentPlan, weights: np.ndarray, alphas: Sequence[float],
-                      seed: int = config.E2E_SEED) -> dict[str, float]:
+def replay_experiment(
+    plan: ExperimentPlan, weights: np.ndarray, alphas: Sequence[float], seed: int = config.E2E_SEED
+) -> dict[str, float]:
     """Replay one experiment with one coefficient set; its mean latencies (µs)."""
     from calib.simulate import RequestPlan, simulate_experiment
 
     a0 = float(alphas[0])
-    rp = RequestPlan(queued_us=plan.arrived_us + np.where(plan.has_api, a0, 0.0),
-                     prompt_len=plan.prompt_len, output_len=plan.output_len,
-                     prefix_group=plan.prefix_group, prefix_len=plan.prefix_len,
-                     kv_blocks_total=plan.kv_blocks_total)
-    res = simulate_experiment(plan.spec, seed=seed, step_time=LinearStepTime(weights),
-                              requests=rp, batch_summary_rate=0.0, snapshot_rate=0.0)
+    rp = RequestPlan(
+        queued_us=plan.arrived_us + np.where(plan.has_api, a0, 0.0),
+        prompt_len=plan.prompt_len,
+        output_len=plan.output_len,
+        prefix_group=plan.prefix_group,
+        prefix_len=plan.prefix_len,
+        kv_blocks_total=plan.kv_blocks_total,
+    )
+    res = simulate_experiment(
+        plan.spec,
+        seed=seed,
+        step_time=LinearStepTime(weights),
+        requests=rp,
+        batch_summary_rate=0.0,
+        snapshot_rate=0.0,
+    )
     return latency_means(plan, res, alphas)
 
 
@@ -300,12 +380,13 @@ def _replay_job(job) -> tuple[int, int, dict]:
 class Coefficients:
     """Exported BLIS coefficients per model: the point set and per-draw sets."""
 
-    point: dict[str, tuple[list[float], list[float]]]         # model -> (alphas, betas)
-    draws: list[dict[str, tuple[list[float], list[float]]]]   # per draw, same shape
+    point: dict[str, tuple[list[float], list[float]]]  # model -> (alphas, betas)
+    draws: list[dict[str, tuple[list[float], list[float]]]]  # per draw, same shape
 
 
-def exported_coefficients(idata, *, draws: int, out_dir=None, seed: int = config.E2E_SEED,
-                          alpha_coeffs=None) -> tuple[Coefficients, object]:
+def exported_coefficients(
+    idata, *, draws: int, out_dir=None, seed: int = config.E2E_SEED, alpha_coeffs=None
+) -> tuple[Coefficients, object]:
     """The export's coefficients (in memory) and ``draws`` evenly thinned posterior sets.
 
     Runs :func:`calib.export.export_posterior` (files into ``out_dir``, a temporary
@@ -333,26 +414,31 @@ def exported_coefficients(idata, *, draws: int, out_dir=None, seed: int = config
             tmp.cleanup()
     api = None if alpha_coeffs is not None else api_overheads(idata)
     rng = np.random.default_rng(seed)
-    point = {name: (list(doc[BLIS_BLOCK]["alpha_coeffs"]), list(doc[BLIS_BLOCK]["beta_coeffs"]))
-             for name, doc in res.documents.items()}
+    point = {
+        name: (list(doc[BLIS_BLOCK]["alpha_coeffs"]), list(doc[BLIS_BLOCK]["beta_coeffs"]))
+        for name, doc in res.documents.items()
+    }
     post = flat_draws(idata)
     models = model_coords(idata)["model"]
     n = post["b"].shape[0]
-    idx: np.ndarray = (np.unique(np.linspace(0, n - 1, num=min(draws, n)).round().astype(int))
-                       if draws else np.zeros(0, dtype=int))
+    idx: np.ndarray = (
+        np.unique(np.linspace(0, n - 1, num=min(draws, n)).round().astype(int))
+        if draws
+        else np.zeros(0, dtype=int)
+    )
     sets = []
     for d in idx:
         one = {}
         for m, name in enumerate([*models, population_name()]):
             b = post["b"][d, m] if m < len(models) else post["b_pop"][d]
-            betas = betas_from_params(b, post["per_layer_us"][d], post["per_request_us"][d],
-                                      post["per_step_us"][d])
+            betas = betas_from_params(
+                b, post["per_layer_us"][d], post["per_request_us"][d], post["per_step_us"][d]
+            )
             if api is None:
                 alphas = point[name][0]
             else:
                 a = overhead_alphas(api, name if m < len(models) else None)
-                alphas = [max(0.0, float(v)) for v in
-                          rng.normal(a["raw_mean"], a["sd"])]
+                alphas = [max(0.0, float(v)) for v in rng.normal(a["raw_mean"], a["sd"])]
             one[name] = (alphas, betas)
         sets.append(one)
     return Coefficients(point=point, draws=sets), res
@@ -375,12 +461,16 @@ def _targets(e2e_pct: float, ttft_itl_pct: float) -> dict[str, float]:
     return {"e2e": e2e_pct, "ttft": ttft_itl_pct, "itl": ttft_itl_pct}
 
 
-def closed_loop(plans: Sequence[ExperimentPlan], coeffs: Coefficients, *,
-                prob: float = config.INTERVAL_PROB,
-                e2e_target_pct: float = config.CLOSED_LOOP_E2E_TARGET_PCT,
-                ttft_itl_target_pct: float = config.CLOSED_LOOP_TTFT_ITL_TARGET_PCT,
-                workers: int | None = None,
-                progress: Callable[[int, int], None] | None = None) -> ClosedLoopResult:
+def closed_loop(
+    plans: Sequence[ExperimentPlan],
+    coeffs: Coefficients,
+    *,
+    prob: float = config.INTERVAL_PROB,
+    e2e_target_pct: float = config.CLOSED_LOOP_E2E_TARGET_PCT,
+    ttft_itl_target_pct: float = config.CLOSED_LOOP_TTFT_ITL_TARGET_PCT,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ClosedLoopResult:
     """Replay every experiment with the point coefficients and each draw; judge (see module)."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
@@ -419,8 +509,14 @@ def closed_loop(plans: Sequence[ExperimentPlan], coeffs: Coefficients, *,
     finally:
         if ex is not None:
             ex.shutdown(cancel_futures=True)
-    return judge(plans, results, basis, prob=prob, e2e_target_pct=e2e_target_pct,
-                 ttft_itl_target_pct=ttft_itl_target_pct)
+    return judge(
+        plans,
+        results,
+        basis,
+        prob=prob,
+        e2e_target_pct=e2e_target_pct,
+        ttft_itl_target_pct=ttft_itl_target_pct,
+    )
 
 
 def set_name(plan: ExperimentPlan, coeffs: Coefficients) -> tuple[str, str]:
@@ -432,11 +528,15 @@ def set_name(plan: ExperimentPlan, coeffs: Coefficients) -> tuple[str, str]:
     return population_name(), "population"
 
 
-def judge(plans: Sequence[ExperimentPlan], results: np.ndarray, basis: Sequence[str], *,
-          prob: float = config.INTERVAL_PROB,
-          e2e_target_pct: float = config.CLOSED_LOOP_E2E_TARGET_PCT,
-          ttft_itl_target_pct: float = config.CLOSED_LOOP_TTFT_ITL_TARGET_PCT
-          ) -> ClosedLoopResult:
+def judge(
+    plans: Sequence[ExperimentPlan],
+    results: np.ndarray,
+    basis: Sequence[str],
+    *,
+    prob: float = config.INTERVAL_PROB,
+    e2e_target_pct: float = config.CLOSED_LOOP_E2E_TARGET_PCT,
+    ttft_itl_target_pct: float = config.CLOSED_LOOP_TTFT_ITL_TARGET_PCT,
+) -> ClosedLoopResult:
     """Table and verdict from replayed means ``results`` (sets × experiments × METRICS, µs).
 
     Set 0 is the point (exported) coefficients, sets 1.. the posterior draws.
@@ -449,23 +549,39 @@ def judge(plans: Sequence[ExperimentPlan], results: np.ndarray, basis: Sequence[
             obs = plan.observed_us[m]
             pred = results[0, e, i]
             band = results[1:, e, i]
-            lo, hi = ((float(np.quantile(band, (1 - prob) / 2)),
-                       float(np.quantile(band, (1 + prob) / 2))) if band.size
-                      else (float("nan"), float("nan")))
+            lo, hi = (
+                (float(np.quantile(band, (1 - prob) / 2)), float(np.quantile(band, (1 + prob) / 2)))
+                if band.size
+                else (float("nan"), float("nan"))
+            )
             err = 100.0 * (pred - obs) / obs
             inside = bool(lo <= obs <= hi) if band.size else True
             ok = bool(abs(err) < targets[m]) and inside
-            rows.append({"experiment": plan.name, "model": plan.model, "basis": basis[e],
-                         "metric": m, "observed_us": obs, "predicted_us": pred,
-                         "lower_us": lo, "upper_us": hi, "error_pct": err,
-                         "target_pct": targets[m], "inside": inside, "passed": ok})
+            rows.append(
+                {
+                    "experiment": plan.name,
+                    "model": plan.model,
+                    "basis": basis[e],
+                    "metric": m,
+                    "observed_us": obs,
+                    "predicted_us": pred,
+                    "lower_us": lo,
+                    "upper_us": hi,
+                    "error_pct": err,
+                    "target_pct": targets[m],
+                    "inside": inside,
+                    "passed": ok,
+                }
+            )
     table = pd.DataFrame(rows)
     failed = table[~table.passed]
     n_exp = len(plans)
     if failed.empty:
-        msg = (f"PASS: all {n_exp} experiments within target (E2E < {e2e_target_pct:g} %, "
-               f"TTFT/ITL < {ttft_itl_target_pct:g} %)"
-               + (f" and inside their {100 * prob:.0f}% band" if n_draws else ""))
+        msg = (
+            f"PASS: all {n_exp} experiments within target (E2E < {e2e_target_pct:g} %, "
+            f"TTFT/ITL < {ttft_itl_target_pct:g} %)"
+            + (f" and inside their {100 * prob:.0f}% band" if n_draws else "")
+        )
     else:
         bad = sorted(set(failed.experiment))
         why = []
@@ -474,13 +590,20 @@ def judge(plans: Sequence[ExperimentPlan], results: np.ndarray, basis: Sequence[
         miss = failed[failed.error_pct.abs() >= failed.target_pct]
         if len(miss):
             why.append(f"{len(miss)} over the target")
-        msg = (f"FAIL: {len(bad)} of {n_exp} experiments miss ({', '.join(why)} "
-               "experiment×metric)")
-    return ClosedLoopResult(table=table, prob=prob, draws=n_draws,
-                            passed=failed.empty, message=msg,
-                            settings={"e2e_target_pct": e2e_target_pct,
-                                      "ttft_itl_target_pct": ttft_itl_target_pct,
-                                      "draws": n_draws, "prob": prob})
+        msg = f"FAIL: {len(bad)} of {n_exp} experiments miss ({', '.join(why)} experiment×metric)"
+    return ClosedLoopResult(
+        table=table,
+        prob=prob,
+        draws=n_draws,
+        passed=failed.empty,
+        message=msg,
+        settings={
+            "e2e_target_pct": e2e_target_pct,
+            "ttft_itl_target_pct": ttft_itl_target_pct,
+            "draws": n_draws,
+            "prob": prob,
+        },
+    )
 
 
 def format_table(result: ClosedLoopResult, simulator: str = "calib scheduler") -> str:
@@ -489,24 +612,33 @@ def format_table(result: ClosedLoopResult, simulator: str = "calib scheduler") -
     pct = f"{100 * result.prob:.0f}%"
     band = f"{pct} band of {result.draws} draws" if result.draws else "no band (--draws 0)"
     lines = [f"closed loop in {simulator}: exported coefficients; {band}", ""]
-    labels = {"e2e": "E2E latency, ARRIVED→DEPARTED", "ttft": "time to first token",
-              "itl": "decode interval (E2E−TTFT)/(output−1)"}
+    labels = {
+        "e2e": "E2E latency, ARRIVED→DEPARTED",
+        "ttft": "time to first token",
+        "itl": "decode interval (E2E−TTFT)/(output−1)",
+    }
     for m in METRICS:
         sub = t[t.metric == m]
         lines.append(f"== {labels[m]} (ms; target |err| < {sub.target_pct.iloc[0]:g} %) ==")
-        lines.append(f"{'experiment':<44} {'basis':<10} {'observed':>10} {'predicted':>10} "
-                     f"{'lower':>10} {'upper':>10} {'err%':>7} {'in':>3} {'ok':>3}")
+        lines.append(
+            f"{'experiment':<44} {'basis':<10} {'observed':>10} {'predicted':>10} "
+            f"{'lower':>10} {'upper':>10} {'err%':>7} {'in':>3} {'ok':>3}"
+        )
         for _, r in sub.iterrows():
-            lines.append(f"{str(r.experiment)[:44]:<44} {r.basis:<10} "
-                         f"{r.observed_us / 1e3:>10.2f} {r.predicted_us / 1e3:>10.2f} "
-                         f"{r.lower_us / 1e3:>10.2f} {r.upper_us / 1e3:>10.2f} "
-                         f"{r.error_pct:>+7.1f} {'yes' if r.inside else 'NO':>3} "
-                         f"{'yes' if r.passed else 'NO':>3}")
+            lines.append(
+                f"{str(r.experiment)[:44]:<44} {r.basis:<10} "
+                f"{r.observed_us / 1e3:>10.2f} {r.predicted_us / 1e3:>10.2f} "
+                f"{r.lower_us / 1e3:>10.2f} {r.upper_us / 1e3:>10.2f} "
+                f"{r.error_pct:>+7.1f} {'yes' if r.inside else 'NO':>3} "
+                f"{'yes' if r.passed else 'NO':>3}"
+            )
         err = sub.error_pct.abs()
-        lines.append(f"mean err {sub.error_pct.mean():+.1f} % (|err| mean "
-                     f"{err.mean():.1f} %, max {err.max():.1f} %); "
-                     f"inside band {int(sub.inside.sum())}/{len(sub)}; "
-                     f"within target {int((err < sub.target_pct).sum())}/{len(sub)}")
+        lines.append(
+            f"mean err {sub.error_pct.mean():+.1f} % (|err| mean "
+            f"{err.mean():.1f} %, max {err.max():.1f} %); "
+            f"inside band {int(sub.inside.sum())}/{len(sub)}; "
+            f"within target {int((err < sub.target_pct).sum())}/{len(sub)}"
+        )
         lines.append("")
     lines.append(result.message)
     return "\n".join(lines)
@@ -520,17 +652,32 @@ def add_check_arguments(p: argparse.ArgumentParser) -> None:
     percent = finite_float(0.0, 1000.0)
 
     p.add_argument("posterior", help="posterior NetCDF written by scripts/fit.py")
-    p.add_argument("--traces", default=None,
-                   help="dataset to replay (.nc or a folder of experiment directories; "
-                        "default: the data the posterior was fitted on, from its manifest)")
-    p.add_argument("--prob", type=probability, default=config.INTERVAL_PROB,
-                   help="central band probability (default %(default)s)")
-    p.add_argument("--e2e-target", type=percent, default=config.CLOSED_LOOP_E2E_TARGET_PCT,
-                   metavar="PCT", help="largest |E2E error| %% that passes (default %(default)s)")
-    p.add_argument("--ttft-itl-target", type=percent,
-                   default=config.CLOSED_LOOP_TTFT_ITL_TARGET_PCT, metavar="PCT",
-                   help="largest |TTFT| and |decode-interval error| %% that passes "
-                        "(default %(default)s)")
+    p.add_argument(
+        "--traces",
+        default=None,
+        help="dataset to replay (.nc or a folder of experiment directories; "
+        "default: the data the posterior was fitted on, from its manifest)",
+    )
+    p.add_argument(
+        "--prob",
+        type=probability,
+        default=config.INTERVAL_PROB,
+        help="central band probability (default %(default)s)",
+    )
+    p.add_argument(
+        "--e2e-target",
+        type=percent,
+        default=config.CLOSED_LOOP_E2E_TARGET_PCT,
+        metavar="PCT",
+        help="largest |E2E error| %% that passes (default %(default)s)",
+    )
+    p.add_argument(
+        "--ttft-itl-target",
+        type=percent,
+        default=config.CLOSED_LOOP_TTFT_ITL_TARGET_PCT,
+        metavar="PCT",
+        help="largest |TTFT| and |decode-interval error| %% that passes (default %(default)s)",
+    )
     p.add_argument("--csv", default=None, help="also write the table as CSV (with manifest)")
 
 
@@ -541,7 +688,13 @@ def write_table_csv(path: str, result, posterior: str, ds, kind: str) -> None:
     from calib.io import atomic_write_text, file_sha256, manifest
     from calib.traces import dataset_hash
 
-    m = manifest(kind=kind, data_hash=dataset_hash(ds), settings=result.settings,
-                 diagnostics=result.message, source_posterior_sha256=file_sha256(posterior))
-    atomic_write_text(path, f"# manifest: {json.dumps(m, sort_keys=True)}\n"
-                      + result.table.to_csv(index=False))
+    m = manifest(
+        kind=kind,
+        data_hash=dataset_hash(ds),
+        settings=result.settings,
+        diagnostics=result.message,
+        source_posterior_sha256=file_sha256(posterior),
+    )
+    atomic_write_text(
+        path, f"# manifest: {json.dumps(m, sort_keys=True)}\n" + result.table.to_csv(index=False)
+    )

@@ -54,11 +54,18 @@ class ModelData(NamedTuple):
 
 
 # ------------------------------------------------------------------ data building
-def make_model_data(components: Array, num_layers: Array, batch_size: Array,
-                    model_idx: Array, experiment_idx: Array | None = None,
-                    duration_us: Array | None = None, *, n_models: int | None = None,
-                    n_experiments: int | None = None,
-                    experiment_model: Array | None = None) -> ModelData:
+def make_model_data(
+    components: Array,
+    num_layers: Array,
+    batch_size: Array,
+    model_idx: Array,
+    experiment_idx: Array | None = None,
+    duration_us: Array | None = None,
+    *,
+    n_models: int | None = None,
+    n_experiments: int | None = None,
+    experiment_model: Array | None = None,
+) -> ModelData:
     """Validate arrays and precompute the static parts of :class:`ModelData`.
 
     ``experiment_idx`` defaults to ``model_idx`` (one experiment per model);
@@ -73,18 +80,27 @@ def make_model_data(components: Array, num_layers: Array, batch_size: Array,
     """
     comps = np.asarray(components, dtype=np.float64)
     if comps.ndim != 2 or comps.shape[1] != len(COMPONENTS):
-        raise CalibError(f"components must have shape (n, {len(COMPONENTS)}), got {comps.shape}",
-                         field="components")
+        raise CalibError(
+            f"components must have shape (n, {len(COMPONENTS)}), got {comps.shape}",
+            field="components",
+        )
     n = comps.shape[0]
     if not np.all(np.isfinite(comps)) or np.any(comps < 0):
         raise CalibError("roofline components must be finite and >= 0", field="components")
     L = np.asarray(num_layers, dtype=np.float64).reshape(-1)
     B = np.asarray(batch_size, dtype=np.float64).reshape(-1)
     midx = np.asarray(model_idx).astype(np.int32).reshape(-1)
-    eidx = (midx.copy() if experiment_idx is None
-            else np.asarray(experiment_idx).astype(np.int32).reshape(-1))
-    for name, arr in (("num_layers", L), ("batch_size", B), ("model_idx", midx),
-                      ("experiment_idx", eidx)):
+    eidx = (
+        midx.copy()
+        if experiment_idx is None
+        else np.asarray(experiment_idx).astype(np.int32).reshape(-1)
+    )
+    for name, arr in (
+        ("num_layers", L),
+        ("batch_size", B),
+        ("model_idx", midx),
+        ("experiment_idx", eidx),
+    ):
         if arr.shape != (n,):
             raise CalibError(f"{name} must have shape ({n},), got {arr.shape}", field=name)
     M = int(n_models if n_models is not None else (midx.max() + 1 if n else 1))
@@ -101,8 +117,9 @@ def make_model_data(components: Array, num_layers: Array, batch_size: Array,
         if em.shape != (E,):
             raise CalibError(f"experiment_model must have shape ({E},)", field="experiment_model")
         if n and np.any(em[eidx] != midx):
-            raise CalibError("experiment_model disagrees with model_idx of the steps",
-                             field="experiment_model")
+            raise CalibError(
+                "experiment_model disagrees with model_idx of the steps", field="experiment_model"
+            )
     nz = comps > 0
     active = np.zeros((M, len(COMPONENTS)), dtype=bool)
     np.logical_or.at(active, midx, nz)
@@ -112,23 +129,35 @@ def make_model_data(components: Array, num_layers: Array, batch_size: Array,
     if duration_us is not None:
         dur = np.asarray(duration_us, dtype=np.float64).reshape(-1)
         if dur.shape != (n,):
-            raise CalibError(f"duration_us must have shape ({n},), got {dur.shape}",
-                             field="duration_us")
+            raise CalibError(
+                f"duration_us must have shape ({n},), got {dur.shape}", field="duration_us"
+            )
         bad = ~(np.isfinite(dur) & (dur > 0))
         if bad.any():
-            raise CalibError(f"{int(bad.sum())} step duration(s) are not finite positive µs "
-                             f"(first at row {int(np.argmax(bad))})", field="duration_us",
-                             fix="select sampled steps with a measured duration")
+            raise CalibError(
+                f"{int(bad.sum())} step duration(s) are not finite positive µs "
+                f"(first at row {int(np.argmax(bad))})",
+                field="duration_us",
+                fix="select sampled steps with a measured duration",
+            )
         if np.any(B <= 0):
-            raise CalibError(f"{int((B <= 0).sum())} observed step(s) have an empty batch "
-                             "(their mean step time is 0)", field="batch_size",
-                             fix="fit only steps that scheduled at least one request")
+            raise CalibError(
+                f"{int((B <= 0).sum())} observed step(s) have an empty batch "
+                "(their mean step time is 0)",
+                field="batch_size",
+                fix="fit only steps that scheduled at least one request",
+            )
         log_dur = np.log(dur)
     return ModelData(comps, L, B, midx, eidx, dur, M, E, em, active, active_exp, log_dur)
 
 
-def step_layout(step_exp: np.ndarray, exp_model: Sequence[str] | np.ndarray,
-                steps: np.ndarray, *, present_only: bool = False) -> StepLayout:
+def step_layout(
+    step_exp: np.ndarray,
+    exp_model: Sequence[str] | np.ndarray,
+    steps: np.ndarray,
+    *,
+    present_only: bool = False,
+) -> StepLayout:
     """The row order and indices of the model data of ``steps``.
 
     Rows are sorted by (model, experiment, step): one contiguous run per experiment,
@@ -139,8 +168,7 @@ def step_layout(step_exp: np.ndarray, exp_model: Sequence[str] | np.ndarray,
     """
     exp_names = np.asarray(exp_model).astype(str)
     steps = np.asarray(steps, dtype=np.int64)
-    exps = (np.unique(step_exp[steps]) if present_only
-            else np.arange(exp_names.size, dtype=np.int64))
+    exps = np.unique(step_exp[steps]) if present_only else np.arange(exp_names.size, dtype=np.int64)
     models = list(dict.fromkeys(exp_names[exps].tolist()))
     e_local = np.full(exp_names.size, -1, np.int64)
     e_local[exps] = np.arange(exps.size)
@@ -153,24 +181,36 @@ def step_layout(step_exp: np.ndarray, exp_model: Sequence[str] | np.ndarray,
 class StepLayout(NamedTuple):
     """Result of :func:`step_layout`."""
 
-    steps: np.ndarray             # (n,) dataset step positions, in row order
-    experiment_idx: np.ndarray    # (n,) int32 local experiment index per row
+    steps: np.ndarray  # (n,) dataset step positions, in row order
+    experiment_idx: np.ndarray  # (n,) int32 local experiment index per row
     experiment_model: np.ndarray  # (E,) int32 model index per local experiment
     models: list[str]
-    experiments: np.ndarray       # (E,) dataset experiment positions
+    experiments: np.ndarray  # (E,) dataset experiment positions
 
 
-def layout_model_data(layout: StepLayout, components: Array, num_layers: Array,
-                      batch_size: Array, duration_us: Array | None) -> ModelData:
+def layout_model_data(
+    layout: StepLayout,
+    components: Array,
+    num_layers: Array,
+    batch_size: Array,
+    duration_us: Array | None,
+) -> ModelData:
     """:class:`ModelData` of a :class:`StepLayout`; the arrays are given in its row order."""
     em = layout.experiment_model
-    return make_model_data(components, num_layers, batch_size, em[layout.experiment_idx],
-                           layout.experiment_idx, duration_us, n_models=len(layout.models),
-                           n_experiments=int(em.size), experiment_model=em)
+    return make_model_data(
+        components,
+        num_layers,
+        batch_size,
+        em[layout.experiment_idx],
+        layout.experiment_idx,
+        duration_us,
+        n_models=len(layout.models),
+        n_experiments=int(em.size),
+        experiment_model=em,
+    )
 
 
-def build_model_data(ds, steps: np.ndarray | None = None
-                     ) -> tuple[ModelData, dict[str, list]]:
+def build_model_data(ds, steps: np.ndarray | None = None) -> tuple[ModelData, dict[str, list]]:
     """Model data and coordinates from a canonical dataset (``calib.traces.schema``).
 
     Parameters
@@ -194,32 +234,50 @@ def build_model_data(ds, steps: np.ndarray | None = None
 
     for v in ("exp_model", "step_experiment", "duration_us", "sampled"):
         if v not in ds:
-            raise CalibError(f"dataset lacks variable {v!r}", field=v,
-                             fix="import the traces with calib.traces")
+            raise CalibError(
+                f"dataset lacks variable {v!r}", field=v, fix="import the traces with calib.traces"
+            )
     steps = fittable_steps(ds) if steps is None else np.asarray(steps, dtype=np.int64)
     if steps.ndim != 1:
         raise CalibError("steps must be a 1-D array of step indices", field="steps")
     if steps.size == 0:
-        raise CalibError("no sampled steps with a measured duration", field="duration_us",
-                         fix="import traces with step.BATCH_SUMMARY events")
+        raise CalibError(
+            "no sampled steps with a measured duration",
+            field="duration_us",
+            fix="import traces with step.BATCH_SUMMARY events",
+        )
     step_exp = np.asarray(ds["step_experiment"].values)
     if steps.min() < 0 or steps.max() >= step_exp.size:
         raise CalibError(f"step indices must lie in [0, {step_exp.size})", field="steps")
     exp_model = [str(x) for x in np.asarray(ds["exp_model"].values)]
-    experiments = ([str(x) for x in np.asarray(ds["experiment"].values)]
-                   if "experiment" in ds.coords else [str(i) for i in range(len(exp_model))])
+    experiments = (
+        [str(x) for x in np.asarray(ds["experiment"].values)]
+        if "experiment" in ds.coords
+        else [str(i) for i in range(len(exp_model))]
+    )
     lay = step_layout(step_exp, exp_model, steps)
     comps = dataset_components(ds, lay.steps)
     dur = np.asarray(ds["duration_us"].values, dtype=np.float64)[lay.steps]
-    data = layout_model_data(lay, components_matrix(comps), np.asarray(comps["num_layers"].values),
-                             np.asarray(comps["batch_size"].values), dur)
+    data = layout_model_data(
+        lay,
+        components_matrix(comps),
+        np.asarray(comps["num_layers"].values),
+        np.asarray(comps["batch_size"].values),
+        dur,
+    )
     return data, model_coords(data, lay.models, experiments, lay.steps)
 
 
 # ------------------------------------------------------------------ synthetic design
-def synthetic_model_data(n_steps: int = 2000, n_models: int = 2, experiments_per_model: int = 2,
-                         *, seed: int = 0, mixed_fraction: float = 0.3,
-                         tp2_models: Sequence[int] = (1,)) -> ModelData:
+def synthetic_model_data(
+    n_steps: int = 2000,
+    n_models: int = 2,
+    experiments_per_model: int = 2,
+    *,
+    seed: int = 0,
+    mixed_fraction: float = 0.3,
+    tp2_models: Sequence[int] = (1,),
+) -> ModelData:
     """A synthetic design (components, layers, batch sizes) of realistic magnitude.
 
     For tests and ``bench/bench_geometry.py`` only (no durations: simulate them with
@@ -261,5 +319,13 @@ def synthetic_model_data(n_steps: int = 2000, n_models: int = 2, experiments_per
     is_tp2 = np.isin(midx, np.asarray(tp2_models, dtype=int))
     comps[:, TP] = np.where(is_tp2, (pf_tok + n_dec) * 0.5 + 20.0, 0.0)
     B = (n_dec + has_pf).astype(np.float64)
-    return make_model_data(comps, layers[midx].astype(np.float64), B, midx, eidx,
-                           n_models=n_models, n_experiments=E, experiment_model=em)
+    return make_model_data(
+        comps,
+        layers[midx].astype(np.float64),
+        B,
+        midx,
+        eidx,
+        n_models=n_models,
+        n_experiments=E,
+        experiment_model=em,
+    )

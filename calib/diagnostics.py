@@ -71,9 +71,13 @@ class GateResult:
         """``"pass"`` or ``"fail: <failed checks with worst values>"``."""
         if self.passed:
             return "pass"
-        bad = [f"{r.name} {_fmt(r.value)} (need {r.comparison} {_fmt(r.threshold)}"
-               + (f", worst {r.worst}" if r.worst else "") + ")"
-               for r in self.rows if not r.ok]
+        bad = [
+            f"{r.name} {_fmt(r.value)} (need {r.comparison} {_fmt(r.threshold)}"
+            + (f", worst {r.worst}" if r.worst else "")
+            + ")"
+            for r in self.rows
+            if not r.ok
+        ]
         return "fail: " + "; ".join(bad)
 
     def to_dict(self) -> dict:
@@ -89,9 +93,16 @@ class GateResult:
 
     @classmethod
     def from_dict(cls, d: dict) -> GateResult:
-        rows = [CheckRow(**{**r, "value": math.nan if r["value"] is None else r["value"],
-                            "threshold": math.nan if r["threshold"] is None else r["threshold"]})
-                for r in d["rows"]]
+        rows = [
+            CheckRow(
+                **{
+                    **r,
+                    "value": math.nan if r["value"] is None else r["value"],
+                    "threshold": math.nan if r["threshold"] is None else r["threshold"],
+                }
+            )
+            for r in d["rows"]
+        ]
         return cls(passed=bool(d["passed"]), rows=rows)
 
 
@@ -150,8 +161,13 @@ def _worst(values: np.ndarray, labels: list[str], largest: bool) -> tuple[float,
     return float(values[i]), labels[i]
 
 
-def check(idata, max_tree_depth: int, *, thresholds: config.GateThresholds = config.GATE,
-          var_names: list[str] | None = None) -> GateResult:
+def check(
+    idata,
+    max_tree_depth: int,
+    *,
+    thresholds: config.GateThresholds = config.GATE,
+    var_names: list[str] | None = None,
+) -> GateResult:
     """Run the diagnostics gate on a fitted posterior.
 
     Parameters
@@ -197,18 +213,36 @@ def check(idata, max_tree_depth: int, *, thresholds: config.GateThresholds = con
     # R-hat (rank-normalised)
     rhat_vals, labels = _flat(quiet(az.rhat, post, method="rank"), varying)
     value, worst = _worst(rhat_vals, labels, largest=True)
-    rows.append(CheckRow("rhat", value, thresholds.max_rhat, "<",
-                         ok=bool(np.isfinite(value) and value < thresholds.max_rhat),
-                         worst=worst, note=skip_note))
+    rows.append(
+        CheckRow(
+            "rhat",
+            value,
+            thresholds.max_rhat,
+            "<",
+            ok=bool(np.isfinite(value) and value < thresholds.max_rhat),
+            worst=worst,
+            note=skip_note,
+        )
+    )
 
     # bulk and tail ESS per chain
-    for method, thr in (("bulk", thresholds.min_ess_bulk_per_chain),
-                        ("tail", thresholds.min_ess_tail_per_chain)):
+    for method, thr in (
+        ("bulk", thresholds.min_ess_bulk_per_chain),
+        ("tail", thresholds.min_ess_tail_per_chain),
+    ):
         ess_vals, labels = _flat(quiet(az.ess, post, method=method), varying)
         value, worst = _worst(ess_vals / n_chains, labels, largest=False)
-        rows.append(CheckRow(f"ess_{method}", value, thr, ">=",
-                             ok=bool(np.isfinite(value) and value >= thr), worst=worst,
-                             note=f"per chain ({n_chains} chains x {n_draws} draws)"))
+        rows.append(
+            CheckRow(
+                f"ess_{method}",
+                value,
+                thr,
+                ">=",
+                ok=bool(np.isfinite(value) and value >= thr),
+                worst=worst,
+                note=f"per chain ({n_chains} chains x {n_draws} draws)",
+            )
+        )
 
     # divergences
     if stats is not None and "diverging" in stats:
@@ -216,12 +250,28 @@ def check(idata, max_tree_depth: int, *, thresholds: config.GateThresholds = con
         per_chain = div.reshape(div.shape[0], -1).sum(axis=1)
         n_div = int(per_chain.sum())
         worst = f"chain {int(np.argmax(per_chain))}" if n_div else ""
-        rows.append(CheckRow("divergences", float(n_div), float(thresholds.max_divergences),
-                             "<=", ok=n_div <= thresholds.max_divergences, worst=worst,
-                             note=f"{n_div / div.size:.2%} of draws"))
+        rows.append(
+            CheckRow(
+                "divergences",
+                float(n_div),
+                float(thresholds.max_divergences),
+                "<=",
+                ok=n_div <= thresholds.max_divergences,
+                worst=worst,
+                note=f"{n_div / div.size:.2%} of draws",
+            )
+        )
     else:
-        rows.append(CheckRow("divergences", math.nan, float(thresholds.max_divergences), "<=",
-                             ok=False, note="sample_stats.diverging not recorded"))
+        rows.append(
+            CheckRow(
+                "divergences",
+                math.nan,
+                float(thresholds.max_divergences),
+                "<=",
+                ok=False,
+                note="sample_stats.diverging not recorded",
+            )
+        )
 
     # E-BFMI
     if stats is not None and "energy" in stats:
@@ -230,12 +280,27 @@ def check(idata, max_tree_depth: int, *, thresholds: config.GateThresholds = con
         bfmi = np.atleast_1d(np.asarray(quiet(az.bfmi, energy), dtype=float))
         i = int(np.nanargmin(bfmi)) if np.isfinite(bfmi).any() else 0
         value = float(bfmi[i])
-        rows.append(CheckRow("ebfmi", value, thresholds.min_ebfmi, ">=",
-                             ok=bool(np.isfinite(value) and value >= thresholds.min_ebfmi),
-                             worst=f"chain {i}"))
+        rows.append(
+            CheckRow(
+                "ebfmi",
+                value,
+                thresholds.min_ebfmi,
+                ">=",
+                ok=bool(np.isfinite(value) and value >= thresholds.min_ebfmi),
+                worst=f"chain {i}",
+            )
+        )
     else:
-        rows.append(CheckRow("ebfmi", math.nan, thresholds.min_ebfmi, ">=", ok=False,
-                             note="sample_stats.energy not recorded"))
+        rows.append(
+            CheckRow(
+                "ebfmi",
+                math.nan,
+                thresholds.min_ebfmi,
+                ">=",
+                ok=False,
+                note="sample_stats.energy not recorded",
+            )
+        )
 
     # saturated tree depth
     sat = None
@@ -246,13 +311,28 @@ def check(idata, max_tree_depth: int, *, thresholds: config.GateThresholds = con
     if sat is not None:
         per_chain = sat.reshape(sat.shape[0], -1).sum(axis=1)
         frac = float(sat.mean())
-        rows.append(CheckRow("tree_depth", frac, thresholds.max_treedepth_fraction, "<=",
-                             ok=frac <= thresholds.max_treedepth_fraction,
-                             worst=f"chain {int(np.argmax(per_chain))}" if per_chain.sum() else "",
-                             note=f"fraction of draws at max depth {max_tree_depth}"))
+        rows.append(
+            CheckRow(
+                "tree_depth",
+                frac,
+                thresholds.max_treedepth_fraction,
+                "<=",
+                ok=frac <= thresholds.max_treedepth_fraction,
+                worst=f"chain {int(np.argmax(per_chain))}" if per_chain.sum() else "",
+                note=f"fraction of draws at max depth {max_tree_depth}",
+            )
+        )
     else:
-        rows.append(CheckRow("tree_depth", math.nan, thresholds.max_treedepth_fraction, "<=",
-                             ok=False, note="sample_stats.tree_depth not recorded"))
+        rows.append(
+            CheckRow(
+                "tree_depth",
+                math.nan,
+                thresholds.max_treedepth_fraction,
+                "<=",
+                ok=False,
+                note="sample_stats.tree_depth not recorded",
+            )
+        )
 
     return GateResult(passed=all(r.ok for r in rows), rows=rows)
 
@@ -260,11 +340,22 @@ def check(idata, max_tree_depth: int, *, thresholds: config.GateThresholds = con
 def format_table(result: GateResult) -> str:
     """Plain-text table of the gate for the CLI (one row per check, then the verdict)."""
     header = ("check", "value", "threshold", "ok", "worst", "note")
-    body = [(r.name, _fmt(r.value), f"{r.comparison} {_fmt(r.threshold)}",
-             "ok" if r.ok else "FAIL", r.worst, r.note) for r in result.rows]
+    body = [
+        (
+            r.name,
+            _fmt(r.value),
+            f"{r.comparison} {_fmt(r.threshold)}",
+            "ok" if r.ok else "FAIL",
+            r.worst,
+            r.note,
+        )
+        for r in result.rows
+    ]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(),
-             "  ".join("-" * w for w in widths)]
+    lines = [
+        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(),
+        "  ".join("-" * w for w in widths),
+    ]
     lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)).rstrip() for b in body]
     lines.append(f"verdict: {result.verdict}")
     return "\n".join(lines)

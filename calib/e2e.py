@@ -95,9 +95,19 @@ from calib.vocab import fittable
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["METRICS", "E2EResult", "HostTiming", "ReplayDesign", "correction_draws",
-           "experiment_means", "format_table", "means_with_host_time", "measure_host_timing",
-           "replay", "replay_design"]
+__all__ = [
+    "METRICS",
+    "E2EResult",
+    "HostTiming",
+    "ReplayDesign",
+    "correction_draws",
+    "experiment_means",
+    "format_table",
+    "means_with_host_time",
+    "measure_host_timing",
+    "replay",
+    "replay_design",
+]
 
 #: Metrics in table order: end-to-end latency, time to first token, decode interval.
 METRICS = ("e2e", "ttft", "itl")
@@ -138,10 +148,13 @@ class HostTiming:
             gap = "host gap 0 µs (dataset has no step timestamps)"
         else:
             n_pool = sum(s == "pooled" for s in self.gap_source)
-            gap = (f"host gap measured per experiment (mean {np.mean(self.gap_us):.1f} µs, "
-                   f"range {np.min(self.gap_us):.1f}-{np.max(self.gap_us):.1f}; "
-                   f"{int(np.sum(self.gap_pairs))} consecutive sampled step pairs"
-                   + (f"; {n_pool} experiment(s) use the pooled value" if n_pool else "") + ")")
+            gap = (
+                f"host gap measured per experiment (mean {np.mean(self.gap_us):.1f} µs, "
+                f"range {np.min(self.gap_us):.1f}-{np.max(self.gap_us):.1f}; "
+                f"{int(np.sum(self.gap_pairs))} consecutive sampled step pairs"
+                + (f"; {n_pool} experiment(s) use the pooled value" if n_pool else "")
+                + ")"
+            )
         q = f"QUEUED step share {self.queued_step_weight:.3f} ({self.queued_source}"
         q += f", {self.queued_n} requests)" if self.queued_source == "measured" else ")"
         return f"{gap}; {q}"
@@ -191,17 +204,22 @@ def _share(value, field: str):
         try:
             value = float(value)
         except ValueError:
-            raise CalibError(f"{field} must be 'measured' or a number, got {value!r}",
-                             field=field) from None
+            raise CalibError(
+                f"{field} must be 'measured' or a number, got {value!r}", field=field
+            ) from None
     value = float(value)
     if not 0.0 <= value <= 1.0:
-        raise CalibError(f"queued-step weight must be in [0, 1], got {value}", field=field,
-                         fix="use a share in [0, 1] or 'measured'")
+        raise CalibError(
+            f"queued-step weight must be in [0, 1], got {value}",
+            field=field,
+            fix="use a share in [0, 1] or 'measured'",
+        )
     return value
 
 
-def _measure(ds, step_exp, step_id, order, pos_q, lo_q, hi_fin, valid, n_exp: int,
-             queued_step_weight) -> HostTiming:
+def _measure(
+    ds, step_exp, step_id, order, pos_q, lo_q, hi_fin, valid, n_exp: int, queued_step_weight
+) -> HostTiming:
     """Host gap per experiment and the QUEUED share (see :func:`measure_host_timing`)."""
     n = order.size
     has_ts = all(v in ds for v in ("bs_ts_start_ns", "bs_ts_end_ns", "sampled"))
@@ -220,9 +238,14 @@ def _measure(ds, step_exp, step_id, order, pos_q, lo_q, hi_fin, valid, n_exp: in
         ok = valid & (hi_fin - lo_q >= 2)
         np.add.at(cov, lo_q[ok], 1)
         np.add.at(cov, hi_fin[ok] - 1, -1)
-        inside = np.cumsum(cov)[:n - 1] > 0
-        pair = (inside & timed[:-1] & timed[1:] & (step_exp[:-1] == step_exp[1:])
-                & (step_id[1:] == step_id[:-1] + 1))
+        inside = np.cumsum(cov)[: n - 1] > 0
+        pair = (
+            inside
+            & timed[:-1]
+            & timed[1:]
+            & (step_exp[:-1] == step_exp[1:])
+            & (step_id[1:] == step_id[:-1] + 1)
+        )
         i = np.flatnonzero(pair)
         g = (t0[i + 1] - t1[i]) / 1e3
         ge = step_exp[i]
@@ -239,8 +262,9 @@ def _measure(ds, step_exp, step_id, order, pos_q, lo_q, hi_fin, valid, n_exp: in
             pooled = g.mean()
             # an experiment without its own estimate: the pooled mean, uncertain by its
             # standard error and by the spread between experiments
-            pooled_se = np.sqrt(g.var(ddof=1) / g.size
-                                + (np.var(means, ddof=1) if len(means) >= 2 else 0.0))
+            pooled_se = np.sqrt(
+                g.var(ddof=1) / g.size + (np.var(means, ddof=1) if len(means) >= 2 else 0.0)
+            )
             for e in range(n_exp):
                 if source[e] != "measured":
                     gap[e], se[e], source[e] = pooled, pooled_se, "pooled"
@@ -250,25 +274,38 @@ def _measure(ds, step_exp, step_id, order, pos_q, lo_q, hi_fin, valid, n_exp: in
             r = np.flatnonzero(valid & (pos_q >= 0) & np.isfinite(tq))
             r = r[timed[pos_q[r]] & (t1[pos_q[r]] > t0[pos_q[r]])]
             if r.size < config.E2E_QUEUED_MIN_REQUESTS:
-                q_src = (f"default ({r.size} requests with a sampled QUEUED step < "
-                         f"{config.E2E_QUEUED_MIN_REQUESTS})")
+                q_src = (
+                    f"default ({r.size} requests with a sampled QUEUED step < "
+                    f"{config.E2E_QUEUED_MIN_REQUESTS})"
+                )
             else:
                 end, start = t1[pos_q[r]] / 1e3, t0[pos_q[r]] / 1e3
                 raw = (end - tq[r]) / (end - start)
                 agree = float(np.mean((raw >= -0.5) & (raw <= 1.5)))
                 if agree < config.E2E_QUEUED_CLOCK_AGREE:
-                    q_src = (f"default (QUEUED timestamps fall inside their step for only "
-                             f"{100 * agree:.0f} % of {r.size} requests: clocks disagree?)")
+                    q_src = (
+                        f"default (QUEUED timestamps fall inside their step for only "
+                        f"{100 * agree:.0f} % of {r.size} requests: clocks disagree?)"
+                    )
                 else:
-                    q_w, q_n, q_src = float(np.mean(np.clip(raw, 0.0, 1.0))), int(r.size), \
-                        "measured"
+                    q_w, q_n, q_src = (
+                        float(np.mean(np.clip(raw, 0.0, 1.0))),
+                        int(r.size),
+                        "measured",
+                    )
         else:
             q_src = "default (no QUEUED timestamps)"
     if queued_step_weight != "measured":
         q_w, q_n, q_src = float(queued_step_weight), 0, "given"
-    return HostTiming(gap_us=gap, gap_se_us=se, gap_pairs=np.asarray(pairs, np.int64),
-                      gap_source=tuple(source), queued_step_weight=q_w, queued_n=q_n,
-                      queued_source=q_src)
+    return HostTiming(
+        gap_us=gap,
+        gap_se_us=se,
+        gap_pairs=np.asarray(pairs, np.int64),
+        gap_source=tuple(source),
+        queued_step_weight=q_w,
+        queued_n=q_n,
+        queued_source=q_src,
+    )
 
 
 def replay_design(ds, queued_step_weight: float | str = "measured") -> ReplayDesign:
@@ -279,13 +316,26 @@ def replay_design(ds, queued_step_weight: float | str = "measured") -> ReplayDes
     :data:`calib.config.E2E_QUEUED_STEP_WEIGHT`) or a number in [0, 1].
     """
     queued_step_weight = _share(queued_step_weight, "--queued-step-weight")
-    need = ("step_experiment", "step_id", "req_experiment", "req_queued_step",
-            "req_first_token_step", "req_finished_step", "req_failed", "req_output_len",
-            "req_e2e_us", "req_ttft_us", "exp_model")
+    need = (
+        "step_experiment",
+        "step_id",
+        "req_experiment",
+        "req_queued_step",
+        "req_first_token_step",
+        "req_finished_step",
+        "req_failed",
+        "req_output_len",
+        "req_e2e_us",
+        "req_ttft_us",
+        "exp_model",
+    )
     missing = [v for v in need if v not in ds]
     if missing:
-        raise CalibError(f"dataset lacks variable(s) {', '.join(missing)}", field=missing[0],
-                         fix="import the traces with calib.traces (schema.py)")
+        raise CalibError(
+            f"dataset lacks variable(s) {', '.join(missing)}",
+            field=missing[0],
+            fix="import the traces with calib.traces (schema.py)",
+        )
     step_exp_raw = np.asarray(ds["step_experiment"].values).astype(np.int64)
     step_id_raw = np.asarray(ds["step_id"].values).astype(np.int64)
     order = np.lexsort((step_id_raw, step_exp_raw))
@@ -302,8 +352,14 @@ def replay_design(ds, queued_step_weight: float | str = "measured") -> ReplayDes
     out_len = np.asarray(ds["req_output_len"].values).astype(np.int64)
     e2e = np.asarray(ds["req_e2e_us"].values, np.float64)
     ttft = np.asarray(ds["req_ttft_us"].values, np.float64)
-    valid = (~np.asarray(ds["req_failed"].values, bool) & (q >= 0) & (ft >= q) & (fin >= ft)
-             & np.isfinite(e2e) & np.isfinite(ttft))
+    valid = (
+        ~np.asarray(ds["req_failed"].values, bool)
+        & (q >= 0)
+        & (ft >= q)
+        & (fin >= ft)
+        & np.isfinite(e2e)
+        & np.isfinite(ttft)
+    )
     itl_valid = valid & (out_len >= 2)
     with np.errstate(divide="ignore", invalid="ignore"):
         itl = np.where(itl_valid, (e2e - ttft) / (out_len - 1), np.nan)
@@ -317,24 +373,28 @@ def replay_design(ds, queued_step_weight: float | str = "measured") -> ReplayDes
         r = np.nonzero(r_exp == e)[0]
         if r.size == 0:
             continue
-        ids = step_id[bounds[e]:bounds[e + 1]]
+        ids = step_id[bounds[e] : bounds[e + 1]]
         lo_q[r] = bounds[e] + np.searchsorted(ids, q[r], side="left")
         hi_ft[r] = bounds[e] + np.searchsorted(ids, ft[r], side="right")
         hi_fin[r] = bounds[e] + np.searchsorted(ids, fin[r], side="right")
         hit = (lo_q[r] < bounds[e + 1]) & (step_id[np.minimum(lo_q[r], max(n - 1, 0))] == q[r])
         pos_q[r[hit]] = lo_q[r[hit]]
-    timing = _measure(ds, step_exp, step_id, order, pos_q, lo_q, hi_fin, valid, n_exp,
-                      queued_step_weight)
+    timing = _measure(
+        ds, step_exp, step_id, order, pos_q, lo_q, hi_fin, valid, n_exp, queued_step_weight
+    )
     share = timing.queued_step_weight
 
     observed = np.full((3, n_exp), np.nan)
     counts = np.zeros((3, n_exp), np.int64)
     gap_counts = np.zeros((3, n_exp))
     diff = np.zeros((n + 1, 3))
-    for k, (ok, vals, lo, hi, per) in enumerate((
+    for k, (ok, vals, lo, hi, per) in enumerate(
+        (
             (valid, e2e, lo_q, hi_fin, np.ones(r_exp.size)),
             (valid, ttft, lo_q, hi_ft, np.ones(r_exp.size)),
-            (itl_valid, itl, hi_ft, hi_fin, 1.0 / np.maximum(out_len - 1, 1)))):
+            (itl_valid, itl, hi_ft, hi_fin, 1.0 / np.maximum(out_len - 1, 1)),
+        )
+    ):
         counts[k] = np.bincount(r_exp[ok], minlength=n_exp)
         sums = np.bincount(r_exp[ok], weights=vals[ok], minlength=n_exp)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -352,11 +412,18 @@ def replay_design(ds, queued_step_weight: float | str = "measured") -> ReplayDes
             np.add.at(diff[:, k], first + 1, cut)
     weights = np.cumsum(diff, axis=0)[:n]
     weights[np.abs(weights) < 1e-15] = 0.0
-    return ReplayDesign(order=order, step_exp=step_exp, bounds=bounds, weights=weights,
-                        observed_us=observed, n_requests=counts,
-                        experiments=tuple(_names(ds, "experiment")),
-                        models=tuple(str(m) for m in np.asarray(ds["exp_model"].values)),
-                        gap_counts=gap_counts, timing=timing)
+    return ReplayDesign(
+        order=order,
+        step_exp=step_exp,
+        bounds=bounds,
+        weights=weights,
+        observed_us=observed,
+        n_requests=counts,
+        experiments=tuple(_names(ds, "experiment")),
+        models=tuple(str(m) for m in np.asarray(ds["exp_model"].values)),
+        gap_counts=gap_counts,
+        timing=timing,
+    )
 
 
 def measure_host_timing(ds, queued_step_weight: float | str = "measured") -> HostTiming:
@@ -385,15 +452,22 @@ def experiment_means(step_us: np.ndarray, design: ReplayDesign) -> np.ndarray:
 
 @dataclass
 class _Groups:
-    b: np.ndarray        # (d, E, 6)
-    noise: tuple         # calib.noise.NoiseParams order, each (d, E)
+    b: np.ndarray  # (d, E, 6)
+    noise: tuple  # calib.noise.NoiseParams order, each (d, E)
     basis: list[str]
 
 
-def correction_draws(params: dict, post_models: list[str], post_experiments: list[str],
-                     experiments, models, *, new_experiments: bool = False,
-                     population_models=(), rng: np.random.Generator
-                     ) -> tuple[np.ndarray, tuple, list[str]]:
+def correction_draws(
+    params: dict,
+    post_models: list[str],
+    post_experiments: list[str],
+    experiments,
+    models,
+    *,
+    new_experiments: bool = False,
+    population_models=(),
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, tuple, list[str]]:
     """Per-draw corrections and noise parameters of each experiment to predict (``basis`` rules).
 
     Parameters
@@ -448,26 +522,43 @@ def correction_draws(params: dict, post_models: list[str], post_experiments: lis
     return b, pars, basis
 
 
-def _correction_groups(params: dict, idata, design: ReplayDesign, *, new_experiments: bool,
-                       population_models, rng: np.random.Generator) -> _Groups:
+def _correction_groups(
+    params: dict,
+    idata,
+    design: ReplayDesign,
+    *,
+    new_experiments: bool,
+    population_models,
+    rng: np.random.Generator,
+) -> _Groups:
     from calib.posterior import model_coords
 
     coords = model_coords(idata)
     forced_pop = set(population_models or ())
     unknown = forced_pop - set(design.models)
     if unknown:
-        raise CalibError(f"--population-models names model(s) not in the dataset: "
-                         f"{', '.join(sorted(unknown))}", field="--population-models",
-                         fix="use model names of the dataset: "
-                             f"{', '.join(sorted(set(design.models)))}")
-    return _Groups(*correction_draws(params, coords["model"], coords["experiment"],
-                                     design.experiments, design.models,
-                                     new_experiments=new_experiments,
-                                     population_models=forced_pop, rng=rng))
+        raise CalibError(
+            f"--population-models names model(s) not in the dataset: {', '.join(sorted(unknown))}",
+            field="--population-models",
+            fix=f"use model names of the dataset: {', '.join(sorted(set(design.models)))}",
+        )
+    return _Groups(
+        *correction_draws(
+            params,
+            coords["model"],
+            coords["experiment"],
+            design.experiments,
+            design.models,
+            new_experiments=new_experiments,
+            population_models=forced_pop,
+            rng=rng,
+        )
+    )
 
 
-def means_with_host_time(step_us: np.ndarray, design: ReplayDesign,
-                         gap_us: np.ndarray | None = None) -> np.ndarray:
+def means_with_host_time(
+    step_us: np.ndarray, design: ReplayDesign, gap_us: np.ndarray | None = None
+) -> np.ndarray:
     """Predicted experiment means ``(draws, 3, E)``: step durations plus host gaps.
 
     ``step_us`` (draws, n) or (n,) in replay order (:func:`experiment_means`);
@@ -517,12 +608,22 @@ class E2EResult:
     timing: HostTiming | None = None
 
 
-def replay(idata, ds, *, features: StepFeatures | None = None, prob: float = config.INTERVAL_PROB,
-           draws: int | None = config.E2E_DRAWS, noise: bool = True,
-           new_experiments: bool = False, population_models=(), seed: int = config.E2E_SEED,
-           baselines: bool = True, design: ReplayDesign | None = None,
-           step_gap_us: float | str = "measured",
-           queued_step_weight: float | str = "measured") -> E2EResult:
+def replay(
+    idata,
+    ds,
+    *,
+    features: StepFeatures | None = None,
+    prob: float = config.INTERVAL_PROB,
+    draws: int | None = config.E2E_DRAWS,
+    noise: bool = True,
+    new_experiments: bool = False,
+    population_models=(),
+    seed: int = config.E2E_SEED,
+    baselines: bool = True,
+    design: ReplayDesign | None = None,
+    step_gap_us: float | str = "measured",
+    queued_step_weight: float | str = "measured",
+) -> E2EResult:
     """Teacher-forced replay of every experiment of ``ds`` under the posterior ``idata``.
 
     Parameters
@@ -559,17 +660,26 @@ def replay(idata, ds, *, features: StepFeatures | None = None, prob: float = con
         except (TypeError, ValueError):
             gap_value = float("nan")
         if not np.isfinite(gap_value):
-            raise CalibError(f"step gap must be 'measured' or a finite number of µs, got "
-                             f"{step_gap_us!r}", field="--step-gap-us")
-        timing = replace(timing, gap_us=np.full(E, gap_value), gap_se_us=np.zeros(E),
-                         gap_source=("given",) * E)
+            raise CalibError(
+                f"step gap must be 'measured' or a finite number of µs, got {step_gap_us!r}",
+                field="--step-gap-us",
+            )
+        timing = replace(
+            timing, gap_us=np.full(E, gap_value), gap_se_us=np.zeros(E), gap_source=("given",) * E
+        )
     if features is None:
         features = StepFeatures.from_dataset(ds)
     feats = features.take(design.order)
     rng = np.random.default_rng(seed)
     params = flat_draws(idata, draws)
-    groups = _correction_groups(params, idata, design, new_experiments=new_experiments,
-                                population_models=population_models, rng=rng)
+    groups = _correction_groups(
+        params,
+        idata,
+        design,
+        new_experiments=new_experiments,
+        population_models=population_models,
+        rng=rng,
+    )
     n = design.order.size
     d = params["b"].shape[0]
     # host gaps: the measured mean per experiment, uncertain by its standard error
@@ -585,9 +695,15 @@ def replay(idata, ds, *, features: StepFeatures | None = None, prob: float = con
     pred = np.empty((d, 3, E))
     for a in range(0, d, chunk):
         sl = slice(a, min(d, a + chunk))
-        D = step_time_draws_us(groups.b[sl], params["per_layer_us"][sl],
-                               params["per_request_us"][sl], params["per_step_us"][sl],
-                               params["alpha"][sl], feats, design.step_exp)
+        D = step_time_draws_us(
+            groups.b[sl],
+            params["per_layer_us"][sl],
+            params["per_request_us"][sl],
+            params["per_step_us"][sl],
+            params["alpha"][sl],
+            feats,
+            design.step_exp,
+        )
         if noise:
             D = stepnoise.sample(rng, D, *(p[sl][:, design.step_exp] for p in groups.noise))
         pred_sp += D[:, sp].sum(axis=0)
@@ -606,8 +722,7 @@ def replay(idata, ds, *, features: StepFeatures | None = None, prob: float = con
         from calib.baselines import baseline_step_predictions
 
         for name, step_us in baseline_step_predictions(ds, features).items():
-            base[name] = means_with_host_time(step_us[design.order], design,
-                                              timing.gap_us)[0]
+            base[name] = means_with_host_time(step_us[design.order], design, timing.gap_us)[0]
 
     lo_q, hi_q = (1 - prob) / 2, (1 + prob) / 2
     rows = []
@@ -618,14 +733,22 @@ def replay(idata, ds, *, features: StepFeatures | None = None, prob: float = con
             finite = np.isfinite(obs) and np.all(np.isfinite(col))
             lo, hi = np.quantile(col, [lo_q, hi_q]) if finite else (np.nan,) * 2
             point = float(np.mean(col)) if finite else np.nan
-            row = {"metric": metric, "experiment": name, "model": design.models[e],
-                   "basis": groups.basis[e], "n_requests": int(design.n_requests[k, e]),
-                   "observed_us": obs, "predicted_us": float(point), "lower_us": float(lo),
-                   "upper_us": float(hi),
-                   "error_pct": 100.0 * (point - obs) / obs if finite else np.nan,
-                   "bias_us": float(point - obs) if finite else np.nan,
-                   "inside": bool(finite and lo <= obs <= hi),
-                   "gap_us": float(timing.gap_us[e]), "step_bias_pct": float(step_bias[k, e])}
+            row = {
+                "metric": metric,
+                "experiment": name,
+                "model": design.models[e],
+                "basis": groups.basis[e],
+                "n_requests": int(design.n_requests[k, e]),
+                "observed_us": obs,
+                "predicted_us": float(point),
+                "lower_us": float(lo),
+                "upper_us": float(hi),
+                "error_pct": 100.0 * (point - obs) / obs if finite else np.nan,
+                "bias_us": float(point - obs) if finite else np.nan,
+                "inside": bool(finite and lo <= obs <= hi),
+                "gap_us": float(timing.gap_us[e]),
+                "step_bias_pct": float(step_bias[k, e]),
+            }
             for bname, vals in base.items():
                 v = float(vals[k, e])
                 row[f"{bname}_us"] = v
@@ -641,8 +764,14 @@ def replay(idata, ds, *, features: StepFeatures | None = None, prob: float = con
         p_low = float(binom.cdf(k_in, n_e, prob)) if n_e else float("nan")
         checked = metric in config.E2E_CHECK_METRICS
         fails = bool(checked and (n_e == 0 or p_low < config.E2E_COVERAGE_FAIL_TAIL))
-        coverage[metric] = {"n": n_e, "inside": k_in, "rate": k_in / n_e if n_e else np.nan,
-                            "p_low": p_low, "checked": checked, "fails": fails}
+        coverage[metric] = {
+            "n": n_e,
+            "inside": k_in,
+            "rate": k_in / n_e if n_e else np.nan,
+            "p_low": p_low,
+            "checked": checked,
+            "fails": fails,
+        }
     e2e_rows = table[(table.metric == "e2e") & np.isfinite(table.error_pct)]
     if len(e2e_rows):
         w = e2e_rows.loc[e2e_rows.error_pct.abs().idxmax()]
@@ -650,41 +779,74 @@ def replay(idata, ds, *, features: StepFeatures | None = None, prob: float = con
     else:
         worst = ("e2e", "", float("nan"))
     failed = [m for m, c in coverage.items() if c["fails"]]
-    parts = [f"{m} coverage {c['inside']}/{c['n']} ({100 * c['rate']:.0f} %)"
-             for m, c in coverage.items() if c["n"]]
+    parts = [
+        f"{m} coverage {c['inside']}/{c['n']} ({100 * c['rate']:.0f} %)"
+        for m, c in coverage.items()
+        if c["n"]
+    ]
     # A checked metric with too few experiments for the test to ever fail (even 0 inside
     # is plausible) cannot pass either: the verdict is INCONCLUSIVE (not a pass).
-    powerless = [m for m, c in coverage.items() if c["checked"] and not c["fails"]
-                 and binom.cdf(0, c["n"], prob) >= config.E2E_COVERAGE_FAIL_TAIL]
+    powerless = [
+        m
+        for m, c in coverage.items()
+        if c["checked"]
+        and not c["fails"]
+        and binom.cdf(0, c["n"], prob) >= config.E2E_COVERAGE_FAIL_TAIL
+    ]
     passed = not failed and not powerless
     verdict = "FAIL" if failed else ("INCONCLUSIVE" if powerless else "PASS")
-    msg = (verdict + f": nominal {100 * prob:.0f} % intervals; "
-           + "; ".join(parts) + f"; worst E2E error {worst[2]:+.1f} % ({worst[1]})")
+    msg = (
+        verdict
+        + f": nominal {100 * prob:.0f} % intervals; "
+        + "; ".join(parts)
+        + f"; worst E2E error {worst[2]:+.1f} % ({worst[1]})"
+    )
     if failed:
-        msg += (f"; failing: {', '.join(failed)} (P(Binomial(n, {prob}) <= inside) < "
-                f"{config.E2E_COVERAGE_FAIL_TAIL})")
+        msg += (
+            f"; failing: {', '.join(failed)} (P(Binomial(n, {prob}) <= inside) < "
+            f"{config.E2E_COVERAGE_FAIL_TAIL})"
+        )
     if powerless:
-        msg += (f"; too few experiments to test {', '.join(powerless)} coverage (even 0 "
-                f"inside has P >= {config.E2E_COVERAGE_FAIL_TAIL})")
-    levels = {b: sorted({design.models[e] for e, x in enumerate(groups.basis) if x == b})
-              for b in ("population", "new-experiment")}
+        msg += (
+            f"; too few experiments to test {', '.join(powerless)} coverage (even 0 "
+            f"inside has P >= {config.E2E_COVERAGE_FAIL_TAIL})"
+        )
+    levels = {
+        b: sorted({design.models[e] for e, x in enumerate(groups.basis) if x == b})
+        for b in ("population", "new-experiment")
+    }
     if levels["population"]:
-        msg += (f"; population-level prediction (not fitted per model) for "
-                f"{', '.join(levels['population'])}")
+        msg += (
+            f"; population-level prediction (not fitted per model) for "
+            f"{', '.join(levels['population'])}"
+        )
     if levels["new-experiment"]:
         msg += f"; new-experiment prediction for {', '.join(levels['new-experiment'])}"
-    return E2EResult(table=table, coverage=coverage, passed=passed, message=msg, worst=worst,
-                     draws_us=pred, prob=prob, noise=noise, timing=timing,
-                     settings={"draws": int(d), "noise": noise, "prob": prob, "seed": seed,
-                               "step_gap_us": (step_gap_us if isinstance(step_gap_us, str)
-                                               else float(step_gap_us)),
-                               "gap_us": [round(float(g), 3) for g in timing.gap_us],
-                               "gap_se_us": [round(float(g), 3) for g in timing.gap_se_us],
-                               "gap_source": list(timing.gap_source),
-                               "queued_step_weight": round(timing.queued_step_weight, 4),
-                               "queued_step_weight_source": timing.queued_source,
-                               "new_experiments": new_experiments,
-                               "population_models": sorted(population_models or ())})
+    return E2EResult(
+        table=table,
+        coverage=coverage,
+        passed=passed,
+        message=msg,
+        worst=worst,
+        draws_us=pred,
+        prob=prob,
+        noise=noise,
+        timing=timing,
+        settings={
+            "draws": int(d),
+            "noise": noise,
+            "prob": prob,
+            "seed": seed,
+            "step_gap_us": (step_gap_us if isinstance(step_gap_us, str) else float(step_gap_us)),
+            "gap_us": [round(float(g), 3) for g in timing.gap_us],
+            "gap_se_us": [round(float(g), 3) for g in timing.gap_se_us],
+            "gap_source": list(timing.gap_source),
+            "queued_step_weight": round(timing.queued_step_weight, 4),
+            "queued_step_weight_source": timing.queued_source,
+            "new_experiments": new_experiments,
+            "population_models": sorted(population_models or ()),
+        },
+    )
 
 
 def format_table(result: E2EResult) -> str:
@@ -703,22 +865,31 @@ def format_table(result: E2EResult) -> str:
     has_extra = "step_bias_pct" in t and "gap_us" in t
     for metric in METRICS:
         sub = t[t.metric == metric]
-        label = {"e2e": "E2E latency", "ttft": "time to first token",
-                 "itl": "decode interval (E2E−TTFT)/(output−1)"}[metric]
-        lines.append(f"== {label} (ms; {pct} interval; "
-                     f"{'with' if result.noise else 'without'} step noise) ==")
-        head = (f"{'experiment':<44} {'basis':<14} {'observed':>10} {'predicted':>10} "
-                f"{'lower':>10} {'upper':>10} {'err%':>7} {'bias':>9} {'in':>3}")
+        label = {
+            "e2e": "E2E latency",
+            "ttft": "time to first token",
+            "itl": "decode interval (E2E−TTFT)/(output−1)",
+        }[metric]
+        lines.append(
+            f"== {label} (ms; {pct} interval; "
+            f"{'with' if result.noise else 'without'} step noise) =="
+        )
+        head = (
+            f"{'experiment':<44} {'basis':<14} {'observed':>10} {'predicted':>10} "
+            f"{'lower':>10} {'upper':>10} {'err%':>7} {'bias':>9} {'in':>3}"
+        )
         if has_extra:
             head += f" {'gap µs':>7} {'step-bias%':>10}"
         for b in bnames:
             head += f" {b + ' err%':>14}"
         lines.append(head)
         for _, r in sub.iterrows():
-            line = (f"{str(r.experiment)[:44]:<44} {r.basis:<14} {r.observed_us / 1e3:>10.2f} "
-                    f"{r.predicted_us / 1e3:>10.2f} {r.lower_us / 1e3:>10.2f} "
-                    f"{r.upper_us / 1e3:>10.2f} {r.error_pct:>+7.1f} {r.bias_us / 1e3:>+9.2f} "
-                    f"{'yes' if r.inside else 'NO':>3}")
+            line = (
+                f"{str(r.experiment)[:44]:<44} {r.basis:<14} {r.observed_us / 1e3:>10.2f} "
+                f"{r.predicted_us / 1e3:>10.2f} {r.lower_us / 1e3:>10.2f} "
+                f"{r.upper_us / 1e3:>10.2f} {r.error_pct:>+7.1f} {r.bias_us / 1e3:>+9.2f} "
+                f"{'yes' if r.inside else 'NO':>3}"
+            )
             if has_extra:
                 line += f" {r.gap_us:>7.1f} {r.step_bias_pct:>+10.1f}"
             for b in bnames:
@@ -726,8 +897,10 @@ def format_table(result: E2EResult) -> str:
             lines.append(line)
         c = result.coverage[metric]
         mean_abs = sub.error_pct.abs().mean()
-        summary = (f"coverage {c['inside']}/{c['n']}; mean err {sub.error_pct.mean():+.1f} % "
-                   f"(|err| {mean_abs:.1f} %)")
+        summary = (
+            f"coverage {c['inside']}/{c['n']}; mean err {sub.error_pct.mean():+.1f} % "
+            f"(|err| {mean_abs:.1f} %)"
+        )
         if has_extra:
             summary += f"; mean step-bias {sub.step_bias_pct.mean():+.1f} %"
         for b in bnames:
@@ -735,8 +908,11 @@ def format_table(result: E2EResult) -> str:
         lines.append(summary + ("" if c["checked"] else " (reported, not checked)"))
         lines.append("")
     if has_extra:
-        lines += ["step-bias%: predicted/observed − 1 of the step durations on each experiment's "
-                  "sampled steps, weighted as in the metric (the step model's own misfit; an "
-                  "err% close to it is explained by step-time misfit, not by the replay)", ""]
+        lines += [
+            "step-bias%: predicted/observed − 1 of the step durations on each experiment's "
+            "sampled steps, weighted as in the metric (the step model's own misfit; an "
+            "err% close to it is explained by step-time misfit, not by the replay)",
+            "",
+        ]
     lines.append(result.message)
     return "\n".join(lines)

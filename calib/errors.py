@@ -13,8 +13,15 @@ from pathlib import Path
 class CalibError(Exception):
     """A problem with the user's input (files, flags, data), not a bug in calib."""
 
-    def __init__(self, message: str, *, path: str | Path | None = None,
-                 line: int | None = None, field: str | None = None, fix: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | Path | None = None,
+        line: int | None = None,
+        field: str | None = None,
+        fix: str | None = None,
+    ):
         where = []
         if path is not None:
             where.append(f"{path}" + (f":{line}" if line is not None else ""))

@@ -85,31 +85,44 @@ from calib.predict import (
     plugin_step_time_us,
 )
 
-__all__ = ["BLIS_BLOCK", "ExportResult", "blis_flags", "export_posterior", "model_export",
-           "population_name"]
+__all__ = [
+    "BLIS_BLOCK",
+    "ExportResult",
+    "blis_flags",
+    "export_posterior",
+    "model_export",
+    "population_name",
+]
 
 #: The top-level key of BLIS's defaults file that holds the coefficients.
 BLIS_BLOCK = "trained_physics_coefficients"
 POPULATION = "population"
 
 _MAPPING = {
-    "pf_compute": "F·b[model, pf_compute]", "dc_compute": "F·b[model, dc_compute]",
-    "weight": "F·b[model, weight]", "tp": "F·b[model, tp]", "per_layer_us": "F·per_layer_us",
-    "per_request_us": "F·per_request_us", "per_step_us": "F·per_step_us",
+    "pf_compute": "F·b[model, pf_compute]",
+    "dc_compute": "F·b[model, dc_compute]",
+    "weight": "F·b[model, weight]",
+    "tp": "F·b[model, tp]",
+    "per_layer_us": "F·per_layer_us",
+    "per_request_us": "F·per_request_us",
+    "per_step_us": "F·per_step_us",
     "per_moe_layer_us": "0 (not fitted; BLIS applies it to interleaved MoE only)",
-    "pf_kv": "F·b[model, pf_kv]", "dc_kv": "F·b[model, dc_kv]",
+    "pf_kv": "F·b[model, pf_kv]",
+    "dc_kv": "F·b[model, dc_kv]",
     "F": "mean_factor[model] = E[step time]/mu, the noise's mean over the body median "
-         "(population: the mean over fitted models, per draw)",
+    "(population: the mean over fitted models, per draw)",
 }
 #: The exported statistic (YAML ``statistic`` and the manifest).
-STATISTIC = ("posterior predictive mean step time (posterior means of mean_factor·coefficient; "
-             "alpha dropped, as BLIS adds prefill and decode)")
+STATISTIC = (
+    "posterior predictive mean step time (posterior means of mean_factor·coefficient; "
+    "alpha dropped, as BLIS adds prefill and decode)"
+)
 _ALPHA_MEANING = {
     "queueing_us": "α₀ QueueingTime: ARRIVED→QUEUED per request (req_api_queue_us)",
     "post_decode_us": "α₁ PostDecodeFixedOverhead: FINISHED→DEPARTED once per request "
-                      "(req_api_depart_us)",
+    "(req_api_depart_us)",
     "per_output_token_us": "α₂ OutputTokenProcessingTime: host time per output token, "
-                           "added by BLIS to every inter-token latency",
+    "added by BLIS to every inter-token latency",
 }
 
 
@@ -120,54 +133,78 @@ def population_name() -> str:
 
 def blis_flags(alpha_coeffs, beta_coeffs) -> str:
     """BLIS command-line flags carrying the same numbers as the YAML block."""
+
     def fmt(xs) -> str:
         return ",".join(repr(float(x)) for x in xs)
 
-    return (f"--latency-model trained-physics --alpha-coeffs {fmt(alpha_coeffs)} "
-            f"--beta-coeffs {fmt(beta_coeffs)}")
+    return (
+        f"--latency-model trained-physics --alpha-coeffs {fmt(alpha_coeffs)} "
+        f"--beta-coeffs {fmt(beta_coeffs)}"
+    )
 
 
 def _summary(draws: np.ndarray, prob: float) -> dict:
     draws = np.asarray(draws, np.float64).reshape(-1)
-    return {"mean": float(draws.mean()), "median": float(np.median(draws)),
-            "sd": float(draws.std(ddof=1)) if draws.size > 1 else 0.0,
-            "lower": float(np.quantile(draws, (1 - prob) / 2)),
-            "upper": float(np.quantile(draws, (1 + prob) / 2))}
+    return {
+        "mean": float(draws.mean()),
+        "median": float(np.median(draws)),
+        "sd": float(draws.std(ddof=1)) if draws.size > 1 else 0.0,
+        "lower": float(np.quantile(draws, (1 - prob) / 2)),
+        "upper": float(np.quantile(draws, (1 + prob) / 2)),
+    }
 
 
-def _beta_draws(b: np.ndarray, post: dict, factor: np.ndarray | float = 1.0
-                ) -> dict[str, np.ndarray]:
+def _beta_draws(
+    b: np.ndarray, post: dict, factor: np.ndarray | float = 1.0
+) -> dict[str, np.ndarray]:
     """Draws of each BLIS beta from corrections ``b`` (draws, 6), all scaled by ``factor``
     (draws,) (the mean factor: the betas of the mean step time)."""
     f = np.asarray(factor, np.float64)
     named = {c: f * b[:, i] for i, c in enumerate(config.COMPONENTS)}
     d = b.shape[0]
-    return {"pf_compute": named["pf_compute"], "dc_compute": named["dc_compute"],
-            "weight": named["weight"], "tp": named["tp"],
-            "per_layer_us": f * post["per_layer_us"], "per_request_us": f * post["per_request_us"],
-            "per_step_us": f * post["per_step_us"], "per_moe_layer_us": np.zeros(d),
-            "pf_kv": named["pf_kv"], "dc_kv": named["dc_kv"]}
+    return {
+        "pf_compute": named["pf_compute"],
+        "dc_compute": named["dc_compute"],
+        "weight": named["weight"],
+        "tp": named["tp"],
+        "per_layer_us": f * post["per_layer_us"],
+        "per_request_us": f * post["per_request_us"],
+        "per_step_us": f * post["per_step_us"],
+        "per_moe_layer_us": np.zeros(d),
+        "pf_kv": named["pf_kv"],
+        "dc_kv": named["dc_kv"],
+    }
 
 
-def _approximation(b_mean, post_means: dict, features: StepFeatures,
-                   duration_us: np.ndarray | None) -> dict:
+def _approximation(
+    b_mean, post_means: dict, features: StepFeatures, duration_us: np.ndarray | None
+) -> dict:
     """Cost of BLIS's additive prefill+decode (alpha = 0) on the fitted steps."""
     alpha = float(post_means["alpha"])
-    betas = betas_from_params(b_mean, post_means["per_layer_us"], post_means["per_request_us"],
-                              post_means["per_step_us"])
+    betas = betas_from_params(
+        b_mean, post_means["per_layer_us"], post_means["per_request_us"], post_means["per_step_us"]
+    )
     out: dict = {
         "posterior_mean_alpha": alpha,
-        "how": ("The fitted model mixes prefill and decode as prefill + decode − "
-                "alpha·min(prefill, decode); BLIS adds them (alpha = 0). The BLIS block keeps "
-                "the fitted corrections and drops the −alpha·min term, so it predicts mixed "
-                "batches slower by alpha·min(prefill, decode); prefill-only and decode-only "
-                "batches are unchanged."),
+        "how": (
+            "The fitted model mixes prefill and decode as prefill + decode − "
+            "alpha·min(prefill, decode); BLIS adds them (alpha = 0). The BLIS block keeps "
+            "the fitted corrections and drops the −alpha·min term, so it predicts mixed "
+            "batches slower by alpha·min(prefill, decode); prefill-only and decode-only "
+            "batches are unchanged."
+        ),
         "n_steps": int(len(features)),
     }
     if len(features) == 0:
         return out
-    full = plugin_step_time_us(b_mean, post_means["per_layer_us"], post_means["per_request_us"],
-                               post_means["per_step_us"], alpha, features)
+    full = plugin_step_time_us(
+        b_mean,
+        post_means["per_layer_us"],
+        post_means["per_request_us"],
+        post_means["per_step_us"],
+        alpha,
+        features,
+    )
     blis = blis_step_time_us(betas, features)
     rel = 100.0 * (blis - full) / full
     kinds = batch_type(features.components)
@@ -175,12 +212,19 @@ def _approximation(b_mean, post_means: dict, features: StepFeatures,
     for k in ("prefill-only", "decode-only", "mixed"):
         sel = kinds == k
         if sel.any():
-            by[k] = {"n_steps": int(sel.sum()), "mean_pct": float(rel[sel].mean()),
-                     "max_pct": float(rel[sel].max())}
+            by[k] = {
+                "n_steps": int(sel.sum()),
+                "mean_pct": float(rel[sel].mean()),
+                "max_pct": float(rel[sel].max()),
+            }
     out["blis_vs_fitted_step_time_pct"] = {
         "definition": "100·(BLIS − fitted plug-in)/fitted plug-in, on the posterior's fitted steps",
-        "mean": float(rel.mean()), "median": float(np.median(rel)),
-        "p95": float(np.quantile(rel, 0.95)), "max": float(rel.max()), "by_batch_type": by}
+        "mean": float(rel.mean()),
+        "median": float(np.median(rel)),
+        "p95": float(np.quantile(rel, 0.95)),
+        "max": float(rel.max()),
+        "by_batch_type": by,
+    }
     if duration_us is not None and np.all(np.isfinite(duration_us)):
         y = np.asarray(duration_us, np.float64)
         out["error_vs_observed_pct"] = {
@@ -188,7 +232,8 @@ def _approximation(b_mean, post_means: dict, features: StepFeatures,
             "fitted_plugin": float(np.mean(100.0 * np.abs(full - y) / y)),
             "blis_block": float(np.mean(100.0 * np.abs(blis - y) / y)),
             "fitted_plugin_mean_signed": float(np.mean(100.0 * (full - y) / y)),
-            "blis_block_mean_signed": float(np.mean(100.0 * (blis - y) / y))}
+            "blis_block_mean_signed": float(np.mean(100.0 * (blis - y) / y)),
+        }
     return out
 
 
@@ -201,10 +246,21 @@ class ExportResult:
     documents: dict[str, dict]
 
 
-def model_export(post: dict, *, model: str | None, b_draws: np.ndarray, factor: np.ndarray,
-                 noise_draws: dict, alphas: dict, features: StepFeatures,
-                 duration_us: np.ndarray | None, prob: float, source: dict,
-                 export_manifest: dict, b_point: np.ndarray | None = None) -> dict:
+def model_export(
+    post: dict,
+    *,
+    model: str | None,
+    b_draws: np.ndarray,
+    factor: np.ndarray,
+    noise_draws: dict,
+    alphas: dict,
+    features: StepFeatures,
+    duration_us: np.ndarray | None,
+    prob: float,
+    source: dict,
+    export_manifest: dict,
+    b_point: np.ndarray | None = None,
+) -> dict:
     """The export document of one model (``model=None``: the population set).
 
     ``b_draws`` (draws, 6) are the corrections (population: the predictive draws of a new
@@ -218,16 +274,22 @@ def model_export(post: dict, *, model: str | None, b_draws: np.ndarray, factor: 
     scaled = _beta_draws(b_point, post, factor)
     betas = [float(np.mean(scaled[k])) for k in BLIS_BETA_NAMES]
     b_mean = np.array([np.mean(scaled[c]) for c in config.COMPONENTS])
-    mean_point = {**means, **{k: float(np.mean(scaled[k])) for k in
-                              ("per_layer_us", "per_request_us", "per_step_us")}}
+    mean_point = {
+        **means,
+        **{k: float(np.mean(scaled[k])) for k in ("per_layer_us", "per_request_us", "per_step_us")},
+    }
     median_b = b_point.mean(axis=0)
-    median_betas = betas_from_params(median_b, means["per_layer_us"], means["per_request_us"],
-                                     means["per_step_us"])
+    median_betas = betas_from_params(
+        median_b, means["per_layer_us"], means["per_request_us"], means["per_step_us"]
+    )
     alpha_coeffs = [float(a) for a in alphas["mean"]]
     bad = [v for v in betas + alpha_coeffs if not (np.isfinite(v) and v >= 0)]
     if bad:
-        raise CalibError(f"exported coefficients must be finite and >= 0, got {bad}",
-                         field="posterior", fix="check the fit's diagnostics and re-fit")
+        raise CalibError(
+            f"exported coefficients must be finite and >= 0, got {bad}",
+            field="posterior",
+            fix="check the fit's diagnostics and re-fit",
+        )
     beta_draws = _beta_draws(b_draws, post, factor)
     name = model or POPULATION
     notes = [
@@ -239,11 +301,13 @@ def model_export(post: dict, *, model: str | None, b_draws: np.ndarray, factor: 
         "with >= 10 betas BLIS splits prefill and decode into compute and KV terms, as fitted",
     ]
     if model is None:
-        notes.append("population set for an unseen model: a new model's corrections follow "
-                     "log b_new ~ N(log b_pop, tau); the point is their predictive mean "
-                     "b_pop·exp(tau²/2) (times the mean over fitted models of mean_factor), "
-                     "averaged over posterior draws; uncertainty.beta_coeffs gives the "
-                     "quantiles of the predictive draws mean_factor·b_pop·exp(tau·z)")
+        notes.append(
+            "population set for an unseen model: a new model's corrections follow "
+            "log b_new ~ N(log b_pop, tau); the point is their predictive mean "
+            "b_pop·exp(tau²/2) (times the mean over fitted models of mean_factor), "
+            "averaged over posterior draws; uncertainty.beta_coeffs gives the "
+            "quantiles of the predictive draws mean_factor·b_pop·exp(tau·z)"
+        )
     if alphas.get("source"):
         notes.append(f"alpha_coeffs: {alphas['source']}")
     if alphas.get("clipped"):
@@ -253,30 +317,47 @@ def model_export(post: dict, *, model: str | None, b_draws: np.ndarray, factor: 
         "interval": {"kind": config.INTERVAL_KIND, "probability": prob},
         "statistic": STATISTIC,
         "beta_coeffs": {k: _summary(v, prob) for k, v in beta_draws.items()},
-        "alpha_coeffs": ({n: {"estimate": alphas["raw_mean"][i], "sd": alphas["sd"][i],
-                              "lower": alphas["lower"][i], "upper": alphas["upper"][i]}
-                          for i, n in enumerate(ALPHA_NAMES)}
-                         if "sd" in alphas else "given explicitly (no uncertainty)"),
-        "mixing_alpha": {**_summary(post["alpha"], prob),
-                         "meaning": "mu = prefill + decode − alpha·min(prefill, decode) + ..."},
-        "mean_factor": {**_summary(factor, prob),
-                        "meaning": "E[step time]/mu: predictive mean over the body median"
-                                   + pop},
+        "alpha_coeffs": (
+            {
+                n: {
+                    "estimate": alphas["raw_mean"][i],
+                    "sd": alphas["sd"][i],
+                    "lower": alphas["lower"][i],
+                    "upper": alphas["upper"][i],
+                }
+                for i, n in enumerate(ALPHA_NAMES)
+            }
+            if "sd" in alphas
+            else "given explicitly (no uncertainty)"
+        ),
+        "mixing_alpha": {
+            **_summary(post["alpha"], prob),
+            "meaning": "mu = prefill + decode − alpha·min(prefill, decode) + ...",
+        },
+        "mean_factor": {
+            **_summary(factor, prob),
+            "meaning": "E[step time]/mu: predictive mean over the body median" + pop,
+        },
         "body_median_plugin_beta_coeffs": {
             "values": median_betas,
             "meaning": "posterior means of the unscaled coefficients: the body-median step "
-                       "time mu at the plug-in point (not a mean; BLIS adding these would be "
-                       "biased low by mean_factor)"},
-        "noise": {k: {**_summary(v, prob), "meaning": _NOISE_MEANING[k] + pop}
-                  for k, v in noise_draws.items()},
+            "time mu at the plug-in point (not a mean; BLIS adding these would be "
+            "biased low by mean_factor)",
+        },
+        "noise": {
+            k: {**_summary(v, prob), "meaning": _NOISE_MEANING[k] + pop}
+            for k, v in noise_draws.items()
+        },
     }
     return {
         "model": name,
         "statistic": STATISTIC,
         BLIS_BLOCK: {"alpha_coeffs": alpha_coeffs, "beta_coeffs": betas},
         "blis_flags": blis_flags(alpha_coeffs, betas),
-        "coefficient_names": {"alpha_coeffs": list(ALPHA_NAMES),
-                              "beta_coeffs": list(BLIS_BETA_NAMES)},
+        "coefficient_names": {
+            "alpha_coeffs": list(ALPHA_NAMES),
+            "beta_coeffs": list(BLIS_BETA_NAMES),
+        },
         "alpha_meaning": dict(_ALPHA_MEANING),
         "beta_mapping": dict(_MAPPING),
         "notes": notes,
@@ -313,8 +394,9 @@ def _defaults_text(doc: dict) -> str:
         "# alpha_coeffs [µs]: " + ", ".join(ALPHA_NAMES),
         "# beta_coeffs: " + ", ".join(BLIS_BETA_NAMES),
     ]
-    body = yaml.safe_dump({BLIS_BLOCK: doc[BLIS_BLOCK]}, sort_keys=False,
-                          default_flow_style=None, allow_unicode=True)
+    body = yaml.safe_dump(
+        {BLIS_BLOCK: doc[BLIS_BLOCK]}, sort_keys=False, default_flow_style=None, allow_unicode=True
+    )
     return "\n".join(lines) + "\n" + body
 
 
@@ -327,9 +409,15 @@ def _fitted_steps(idata):
     return feats, np.asarray(data.model_idx), dur
 
 
-def export_posterior(idata, out_dir: str | Path, *, alpha_coeffs=None,
-                     source_path: str | Path | None = None, prob: float = config.INTERVAL_PROB,
-                     command: list[str] | None = None) -> ExportResult:
+def export_posterior(
+    idata,
+    out_dir: str | Path,
+    *,
+    alpha_coeffs=None,
+    source_path: str | Path | None = None,
+    prob: float = config.INTERVAL_PROB,
+    command: list[str] | None = None,
+) -> ExportResult:
     """Write the BLIS exports of every model and of the population (see module docstring).
 
     A pure function of the posterior: no inference, no other data.
@@ -351,31 +439,43 @@ def export_posterior(idata, out_dir: str | Path, *, alpha_coeffs=None,
     if alpha_coeffs is None:
         api = api_overheads(idata)
         if api is None:
-            raise CalibError("the posterior carries no API-overhead estimate (fitted without "
-                             "the dataset's request labels)", field="api_overheads",
-                             fix="re-fit with scripts/fit.py on the dataset, or give "
-                                 "--alpha-coeffs a,b,c")
+            raise CalibError(
+                "the posterior carries no API-overhead estimate (fitted without "
+                "the dataset's request labels)",
+                field="api_overheads",
+                fix="re-fit with scripts/fit.py on the dataset, or give --alpha-coeffs a,b,c",
+            )
     else:
         alpha_coeffs = [float(a) for a in alpha_coeffs]
         if len(alpha_coeffs) != 3 or not all(np.isfinite(a) and a >= 0 for a in alpha_coeffs):
-            raise CalibError(f"need 3 finite non-negative values (µs), got {alpha_coeffs}",
-                             field="--alpha-coeffs", fix="e.g. --alpha-coeffs 15563,777,46")
+            raise CalibError(
+                f"need 3 finite non-negative values (µs), got {alpha_coeffs}",
+                field="--alpha-coeffs",
+                fix="e.g. --alpha-coeffs 15563,777,46",
+            )
     if not 0 < prob < 1:
         raise CalibError(f"interval probability must be in (0, 1), got {prob}", field="--prob")
     post = flat_draws(idata)
     models = model_coords(idata)["model"]
     pm = posterior_manifest(idata)
-    source = {"file": None if source_path is None else str(source_path),
-              "sha256": None if source_path is None else file_sha256(source_path),
-              "diagnostics": pm.get("diagnostics"),
-              "hierarchy": idata.attrs.get("hierarchy", pm.get("hierarchy")),
-              "manifest": pm}
-    export_manifest = manifest(kind="blis-export", seed=pm.get("seed"),
-                               data_hash=pm.get("data_hash"), priors_hash=pm.get("priors_hash"),
-                               command=command, diagnostics=pm.get("diagnostics"),
-                               source_posterior_sha256=source["sha256"],
-                               statistic=STATISTIC,
-                               interval={"kind": config.INTERVAL_KIND, "probability": prob})
+    source = {
+        "file": None if source_path is None else str(source_path),
+        "sha256": None if source_path is None else file_sha256(source_path),
+        "diagnostics": pm.get("diagnostics"),
+        "hierarchy": idata.attrs.get("hierarchy", pm.get("hierarchy")),
+        "manifest": pm,
+    }
+    export_manifest = manifest(
+        kind="blis-export",
+        seed=pm.get("seed"),
+        data_hash=pm.get("data_hash"),
+        priors_hash=pm.get("priors_hash"),
+        command=command,
+        diagnostics=pm.get("diagnostics"),
+        source_posterior_sha256=source["sha256"],
+        statistic=STATISTIC,
+        interval={"kind": config.INTERVAL_KIND, "probability": prob},
+    )
     feats, model_idx, dur = _fitted_steps(idata)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -386,51 +486,75 @@ def export_posterior(idata, out_dir: str | Path, *, alpha_coeffs=None,
         assert api is not None  # read above whenever alpha_coeffs is None
         a = overheads.alphas(api, model)
         pooled = [q for q, h in api["heterogeneity"].items() if h["pooled"]]
-        a["source"] = (f"the posterior's API-overhead estimate ({api['method']}; "
-                       f"{api['prob']:g} intervals from {api['replicates']} replicates) for "
-                       f"{a['set']!r}; pooled across the models of the server: "
-                       f"{', '.join(pooled) or 'none'}")
+        a["source"] = (
+            f"the posterior's API-overhead estimate ({api['method']}; "
+            f"{api['prob']:g} intervals from {api['replicates']} replicates) for "
+            f"{a['set']!r}; pooled across the models of the server: "
+            f"{', '.join(pooled) or 'none'}"
+        )
         return a
 
     docs: dict[str, dict] = {}
     d = post["b"].shape[0]
-    per_model = dict(zip(noise.NOISE_PARAMS, noise.posterior_params(post, len(models)),
-                         strict=False))
+    per_model = dict(
+        zip(noise.NOISE_PARAMS, noise.posterior_params(post, len(models)), strict=False)
+    )
     factor = noise.mean_factor(*per_model.values())  # (draws, models)
     for m, name in enumerate(models):
         sel = model_idx == m
-        docs[name] = model_export(post, model=name, b_draws=post["b"][:, m, :],
-                                  factor=factor[:, m],
-                                  noise_draws={k: v[:, m] for k, v in per_model.items()},
-                                  alphas=alphas_for(name),
-                                  features=feats.take(np.nonzero(sel)[0]),
-                                  duration_us=None if dur is None else dur[sel], prob=prob,
-                                  source=source, export_manifest=export_manifest)
+        docs[name] = model_export(
+            post,
+            model=name,
+            b_draws=post["b"][:, m, :],
+            factor=factor[:, m],
+            noise_draws={k: v[:, m] for k, v in per_model.items()},
+            alphas=alphas_for(name),
+            features=feats.take(np.nonzero(sel)[0]),
+            duration_us=None if dur is None else dur[sel],
+            prob=prob,
+            source=source,
+            export_manifest=export_manifest,
+        )
     tau = post.get("tau", np.zeros((d, len(config.COMPONENTS))))
     z = np.random.default_rng(config.E2E_SEED).standard_normal(tau.shape)
     b_new = post["b_pop"] * np.exp(tau * z)
     docs[POPULATION] = model_export(
-        post, model=None, b_draws=b_new, b_point=post["b_pop"] * np.exp(0.5 * tau * tau),
-        factor=factor.mean(axis=1), noise_draws={k: v.mean(axis=1) for k, v in
-                                                 per_model.items()},
-        alphas=alphas_for(None), features=feats, duration_us=dur, prob=prob, source=source,
-        export_manifest=export_manifest)
+        post,
+        model=None,
+        b_draws=b_new,
+        b_point=post["b_pop"] * np.exp(0.5 * tau * tau),
+        factor=factor.mean(axis=1),
+        noise_draws={k: v.mean(axis=1) for k, v in per_model.items()},
+        alphas=alphas_for(None),
+        features=feats,
+        duration_us=dur,
+        prob=prob,
+        source=source,
+        export_manifest=export_manifest,
+    )
 
     paths = []
     for name, doc in docs.items():
         stem = _safe_stem(name)
-        header = (f"# calib BLIS export for {name!r}: the `{BLIS_BLOCK}` block is BLIS's "
-                  "trained-physics coefficients (posterior predictive mean step time); "
-                  "everything else is context.\n")
-        text = header + yaml.safe_dump(json.loads(json.dumps(doc, default=_jsonable)),
-                                       sort_keys=False, allow_unicode=True, width=100)
+        header = (
+            f"# calib BLIS export for {name!r}: the `{BLIS_BLOCK}` block is BLIS's "
+            "trained-physics coefficients (posterior predictive mean step time); "
+            "everything else is context.\n"
+        )
+        text = header + yaml.safe_dump(
+            json.loads(json.dumps(doc, default=_jsonable)),
+            sort_keys=False,
+            allow_unicode=True,
+            width=100,
+        )
         p = out_dir / f"{stem}.yaml"
         atomic_write_text(p, text)
         q = out_dir / f"{stem}.defaults.yaml"
         atomic_write_text(q, _defaults_text(doc))
         paths += [p, q]
-    return ExportResult(paths=tuple(paths), flags={k: v["blis_flags"] for k, v in docs.items()},
-                        documents=docs)
+    return ExportResult(
+        paths=tuple(paths), flags={k: v["blis_flags"] for k, v in docs.items()}, documents=docs
+    )
 
 
 def _jsonable(x):

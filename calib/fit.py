@@ -45,16 +45,32 @@ from calib.vocab import HIERARCHIES, fittable_steps
 if TYPE_CHECKING:
     from calib.diagnostics import GateResult
 
-__all__ = ["BACKENDS", "CHAIN_METHODS", "FitResult", "SamplerSettings", "fit",
-           "fit_model_data", "numpyro_to_idata", "pymc_prior_draws",
-           "release_compiled_near_map_limit", "run_nuts", "run_pymc"]
+__all__ = [
+    "BACKENDS",
+    "CHAIN_METHODS",
+    "FitResult",
+    "SamplerSettings",
+    "fit",
+    "fit_model_data",
+    "numpyro_to_idata",
+    "pymc_prior_draws",
+    "release_compiled_near_map_limit",
+    "run_nuts",
+    "run_pymc",
+]
 
 BACKENDS = ("numpyro", "pymc", "nutpie")
 CHAIN_METHODS = ("parallel", "sequential", "vectorized")
 
 #: NumPyro fields recorded per draw (E-BFMI needs energy, the tree-depth check num_steps).
-NUMPYRO_EXTRA_FIELDS = ("diverging", "energy", "num_steps", "accept_prob",
-                        "adapt_state.step_size", "potential_energy")
+NUMPYRO_EXTRA_FIELDS = (
+    "diverging",
+    "energy",
+    "num_steps",
+    "accept_prob",
+    "adapt_state.step_size",
+    "potential_energy",
+)
 
 
 @dataclass(frozen=True)
@@ -78,20 +94,33 @@ class SamplerSettings:
         """Raise :class:`CalibError` for values no sampler accepts."""
         for name in ("chains", "draws", "max_tree_depth"):
             if getattr(self, name) < 1:
-                raise CalibError(f"must be at least 1, got {getattr(self, name)}",
-                                 field=name, fix=f"pass --{name.replace('_', '-')} >= 1")
+                raise CalibError(
+                    f"must be at least 1, got {getattr(self, name)}",
+                    field=name,
+                    fix=f"pass --{name.replace('_', '-')} >= 1",
+                )
         if self.warmup < 0:
-            raise CalibError(f"must be >= 0, got {self.warmup}", field="warmup",
-                             fix="pass --warmup >= 0")
+            raise CalibError(
+                f"must be >= 0, got {self.warmup}", field="warmup", fix="pass --warmup >= 0"
+            )
         if not 0.0 < self.target_accept < 1.0:
-            raise CalibError(f"must be in (0, 1), got {self.target_accept}",
-                             field="target_accept", fix="pass e.g. --target-accept 0.85")
+            raise CalibError(
+                f"must be in (0, 1), got {self.target_accept}",
+                field="target_accept",
+                fix="pass e.g. --target-accept 0.85",
+            )
         if self.init not in config.INIT_METHODS:
-            raise CalibError(f"unknown start {self.init!r}", field="init",
-                             fix=f"use one of {list(config.INIT_METHODS)}")
+            raise CalibError(
+                f"unknown start {self.init!r}",
+                field="init",
+                fix=f"use one of {list(config.INIT_METHODS)}",
+            )
         if self.chain_method not in CHAIN_METHODS:
-            raise CalibError(f"unknown chain method {self.chain_method!r}",
-                             field="chain_method", fix=f"use one of {list(CHAIN_METHODS)}")
+            raise CalibError(
+                f"unknown chain method {self.chain_method!r}",
+                field="chain_method",
+                fix=f"use one of {list(CHAIN_METHODS)}",
+            )
 
 
 @dataclass(frozen=True)
@@ -132,18 +161,22 @@ def _site_dims(name: str, shape: tuple[int, ...], site_dims: dict, sizes: dict) 
         want = tuple(want)
         cands = [want]
         if len(want) > len(shape):  # e.g. pooled: ("model", "component") stored as (component,)
-            cands.append(want[len(want) - len(shape):])
+            cands.append(want[len(want) - len(shape) :])
         for cand in cands:
-            if len(cand) == len(shape) and all(sizes.get(d, s) == s
-                                               for d, s in zip(cand, shape, strict=True)):
+            if len(cand) == len(shape) and all(
+                sizes.get(d, s) == s for d, s in zip(cand, shape, strict=True)
+            ):
                 return cand
     return tuple(f"{name}_dim_{i}" for i in range(len(shape)))
 
 
 def _step_index(data, step_index) -> np.ndarray:
     n = int(np.shape(data.components)[0])
-    return np.arange(n, dtype=np.int64) if step_index is None else np.asarray(step_index,
-                                                                                dtype=np.int64)
+    return (
+        np.arange(n, dtype=np.int64)
+        if step_index is None
+        else np.asarray(step_index, dtype=np.int64)
+    )
 
 
 def _coords_for(coords: dict, step_index: np.ndarray) -> dict:
@@ -157,16 +190,23 @@ def _check_model_data(data, coords) -> None:
         if key not in coords:
             raise ValueError(f"coords lack {key!r}")
     if data.duration_us is None:
-        raise CalibError("no measured step durations to fit", field="duration_us",
-                         fix="use a dataset with sampled steps (steps with step.duration_us)")
+        raise CalibError(
+            "no measured step durations to fit",
+            field="duration_us",
+            fix="use a dataset with sampled steps (steps with step.duration_us)",
+        )
     y = np.asarray(data.duration_us)
     if y.size == 0:
-        raise CalibError("no sampled steps to fit", field="duration_us",
-                         fix="use a dataset with sampled steps")
+        raise CalibError(
+            "no sampled steps to fit", field="duration_us", fix="use a dataset with sampled steps"
+        )
     if not np.all(np.isfinite(y) & (y > 0)):
-        raise CalibError(f"{int((~(np.isfinite(y) & (y > 0))).sum())} step duration(s) are "
-                         "not finite and positive", field="duration_us",
-                         fix="fit only sampled steps with positive durations")
+        raise CalibError(
+            f"{int((~(np.isfinite(y) & (y > 0))).sum())} step duration(s) are "
+            "not finite and positive",
+            field="duration_us",
+            fix="fit only sampled steps with positive durations",
+        )
 
 
 def _observed_sites(model_fn, data, priors) -> dict[str, np.ndarray]:
@@ -222,8 +262,16 @@ def _jacobian(obs_value: np.ndarray, duration_us: np.ndarray) -> np.ndarray | No
     return None
 
 
-def _posterior_dataset(samples: dict, *, drop: set, site_dims: dict, coords: dict,
-                       sizes: dict, library, group_by_chain: bool = True):
+def _posterior_dataset(
+    samples: dict,
+    *,
+    drop: set,
+    site_dims: dict,
+    coords: dict,
+    sizes: dict,
+    library,
+    group_by_chain: bool = True,
+):
     """Dataset of (chain, draw, ...) samples; step-shaped and dropped sites left out."""
     import arviz as az
 
@@ -258,8 +306,16 @@ def _sample_stats_numpyro(extra: dict, max_tree_depth: int, library):
     return az.dict_to_dataset(stats, library=library)
 
 
-def _log_likelihood_numpyro(model_fn, flat_samples: dict, data, priors, obs_names,
-                            n_chains: int, n_draws: int, max_elements: int = 2**24) -> dict:
+def _log_likelihood_numpyro(
+    model_fn,
+    flat_samples: dict,
+    data,
+    priors,
+    obs_names,
+    n_chains: int,
+    n_draws: int,
+    max_elements: int = 2**24,
+) -> dict:
     """Pointwise log-likelihood per observed site, (chain, draw, ...) arrays, in batches."""
     import jax
     import jax.numpy as jnp
@@ -271,16 +327,19 @@ def _log_likelihood_numpyro(model_fn, flat_samples: dict, data, priors, obs_name
     fn = jax.jit(lambda s: np_log_likelihood(model_fn, s, data, priors))
     parts: dict[str, list] = {k: [] for k in obs_names}
     for start in range(0, n_total, batch):
-        chunk = {k: jnp.asarray(v[start:start + batch]) for k, v in flat_samples.items()}
+        chunk = {k: jnp.asarray(v[start : start + batch]) for k, v in flat_samples.items()}
         if chunk and next(iter(chunk.values())).shape[0] < batch:  # pad: one compilation
             pad = batch - next(iter(chunk.values())).shape[0]
-            chunk = {k: jnp.concatenate([v, jnp.repeat(v[-1:], pad, axis=0)])
-                     for k, v in chunk.items()}
+            chunk = {
+                k: jnp.concatenate([v, jnp.repeat(v[-1:], pad, axis=0)]) for k, v in chunk.items()
+            }
         out = fn(chunk)
         for k in obs_names:
             parts[k].append(np.asarray(out[k]))
-    return {k: np.concatenate(v)[:n_total].reshape(n_chains, n_draws, *v[0].shape[1:])
-            for k, v in parts.items()}
+    return {
+        k: np.concatenate(v)[:n_total].reshape(n_chains, n_draws, *v[0].shape[1:])
+        for k, v in parts.items()
+    }
 
 
 def release_compiled_near_map_limit(fraction: float = config.MAP_COUNT_CLEAR_FRACTION) -> bool:
@@ -318,10 +377,13 @@ def _pmap_of_vmap(n_devices: int):
     def wrap(fn):
         def run(args):
             split = jax.tree_util.tree_map(
-                lambda x: x.reshape(n_devices, x.shape[0] // n_devices, *x.shape[1:]), args)
+                lambda x: x.reshape(n_devices, x.shape[0] // n_devices, *x.shape[1:]), args
+            )
             out = jax.pmap(jax.vmap(fn))(split)
             return jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), out)
+
         return run
+
     return wrap
 
 
@@ -331,8 +393,12 @@ def _assemble(*, posterior, sample_stats, data, coords, step_index, log_lik, pri
     from calib.posterior import modeldata_to_constant_data
 
     const, obs = modeldata_to_constant_data(data, coords, step_index)
-    groups = {"posterior": posterior, "sample_stats": sample_stats,
-              "observed_data": obs, "constant_data": const}
+    groups = {
+        "posterior": posterior,
+        "sample_stats": sample_stats,
+        "observed_data": obs,
+        "constant_data": const,
+    }
     if log_lik is not None:
         groups["log_likelihood"] = log_lik
     if prior is not None:
@@ -345,15 +411,28 @@ def _log_lik_dataset(values: np.ndarray, jac: np.ndarray | None, step_index, lib
 
     if jac is not None:
         values = values + jac
-    return az.dict_to_dataset({"duration_us": values}, library=library,
-                              coords={"step": step_index}, dims={"duration_us": ["step"]})
+    return az.dict_to_dataset(
+        {"duration_us": values},
+        library=library,
+        coords={"step": step_index},
+        dims={"duration_us": ["step"]},
+    )
 
 
 # ------------------------------------------------------------------------- samplers
-def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
-             settings: SamplerSettings = SamplerSettings(), progress: bool = True,
-             log_likelihood: bool = False, prior_draws: int = 0,
-             step_index: np.ndarray | None = None, site_dims: dict | None = None):
+def run_nuts(
+    model_fn,
+    data,
+    priors,
+    *,
+    coords: dict[str, list[str]],
+    settings: SamplerSettings = SamplerSettings(),
+    progress: bool = True,
+    log_likelihood: bool = False,
+    prior_draws: int = 0,
+    step_index: np.ndarray | None = None,
+    site_dims: dict | None = None,
+):
     """Sample ``model_fn(data, priors)`` with NumPyro NUTS.
 
     Parameters
@@ -410,8 +489,7 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
             progress = False  # NumPyro has no progress bar for a callable chain method
         else:
             method = run_method = "vectorized"
-            note = (f"parallel asked with {n_dev} device(s) for {chains} chains: "
-                    "ran vectorized")
+            note = f"parallel asked with {n_dev} device(s) for {chains} chains: ran vectorized"
 
     # Whitened coordinates and dispersed starts (calib.start): NumPyro's uniform(-2, 2)
     # start can land outside the support of the pinned constants, and its mass-matrix
@@ -419,18 +497,29 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
     from calib.start import laplace_start, median_start
 
     make_start = laplace_start if settings.init == "laplace" else median_start
-    start = make_start(model_fn, data, priors, chains=chains, key=key_start,
-                       dense_mass=settings.dense_mass)
+    start = make_start(
+        model_fn, data, priors, chains=chains, key=key_start, dense_mass=settings.dense_mass
+    )
 
     def sampler(n_chains, n_warmup, inverse_mass_matrix=None, step_size=1.0):
-        kernel = NUTS(potential_fn=start.potential_fn,
-                      target_accept_prob=settings.target_accept,
-                      max_tree_depth=settings.max_tree_depth, dense_mass=settings.dense_mass,
-                      inverse_mass_matrix=inverse_mass_matrix, step_size=step_size,
-                      adapt_mass_matrix=inverse_mass_matrix is None)
-        return MCMC(kernel, num_warmup=n_warmup, num_samples=draws, num_chains=n_chains,
-                    chain_method=run_method if n_chains > 1 else "sequential",
-                    progress_bar=progress, postprocess_fn=start.postprocess_fn)
+        kernel = NUTS(
+            potential_fn=start.potential_fn,
+            target_accept_prob=settings.target_accept,
+            max_tree_depth=settings.max_tree_depth,
+            dense_mass=settings.dense_mass,
+            inverse_mass_matrix=inverse_mass_matrix,
+            step_size=step_size,
+            adapt_mass_matrix=inverse_mass_matrix is None,
+        )
+        return MCMC(
+            kernel,
+            num_warmup=n_warmup,
+            num_samples=draws,
+            num_chains=n_chains,
+            chain_method=run_method if n_chains > 1 else "sequential",
+            progress_bar=progress,
+            postprocess_fn=start.postprocess_fn,
+        )
 
     adapt = config.ADAPTATION
     adaptation = None
@@ -444,12 +533,16 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
         t_pilot = time.perf_counter()
         pilot.warmup(key_pilot, init_params=start.init_params[0])
         tuned = pilot.post_warmup_state.adapt_state
-        adaptation = {"method": "pilot chain", "pilot_warmup": warmup,
-                      "pilot_seconds": round(time.perf_counter() - t_pilot, 3),
-                      "pilot_step_size": float(tuned.step_size),
-                      "step_size_warmup": adapt.step_size_warmup}
-        mcmc = sampler(chains, adapt.step_size_warmup, tuned.inverse_mass_matrix,
-                       float(tuned.step_size))
+        adaptation = {
+            "method": "pilot chain",
+            "pilot_warmup": warmup,
+            "pilot_seconds": round(time.perf_counter() - t_pilot, 3),
+            "pilot_step_size": float(tuned.step_size),
+            "step_size_warmup": adapt.step_size_warmup,
+        }
+        mcmc = sampler(
+            chains, adapt.step_size_warmup, tuned.inverse_mass_matrix, float(tuned.step_size)
+        )
     else:
         mcmc = sampler(chains, warmup)
     mcmc.run(key_mcmc, extra_fields=NUMPYRO_EXTRA_FIELDS, init_params=start.init_params)
@@ -462,26 +555,52 @@ def run_nuts(model_fn, data, priors, *, coords: dict[str, list[str]],
         # coordinates); keep the named parameters, whose dims do not depend on that.
         from calib.vocab import PARAMETER_SITES
 
-        prior_samples = jax.device_get(Predictive(model_fn, num_samples=prior_draws)(
-            key_prior, data._replace(duration_us=None, log_duration=None), priors))
+        prior_samples = jax.device_get(
+            Predictive(model_fn, num_samples=prior_draws)(
+                key_prior, data._replace(duration_us=None, log_duration=None), priors
+            )
+        )
         prior_samples = {k: v for k, v in prior_samples.items() if k in PARAMETER_SITES}
-    attrs = {"sampler": "numpyro-nuts", "chain_method_run": method,
-             "start": json.dumps(start.report)}
+    attrs = {
+        "sampler": "numpyro-nuts",
+        "chain_method_run": method,
+        "start": json.dumps(start.report),
+    }
     if adaptation is not None:
         attrs["adaptation"] = json.dumps(adaptation)
     if note:
         attrs["sampler_note"] = note
-    return numpyro_to_idata(samples, extra, model_fn, data, priors, coords=coords,
-                            max_tree_depth=settings.max_tree_depth, step_index=step_index,
-                            log_likelihood=log_likelihood, prior_samples=prior_samples,
-                            site_dims=site_dims, attrs=attrs)
+    return numpyro_to_idata(
+        samples,
+        extra,
+        model_fn,
+        data,
+        priors,
+        coords=coords,
+        max_tree_depth=settings.max_tree_depth,
+        step_index=step_index,
+        log_likelihood=log_likelihood,
+        prior_samples=prior_samples,
+        site_dims=site_dims,
+        attrs=attrs,
+    )
 
 
-def numpyro_to_idata(samples: dict, extra_fields: dict, model_fn, data, priors, *,
-                     coords: dict[str, list[str]], max_tree_depth: int,
-                     step_index: np.ndarray | None = None, log_likelihood: bool = False,
-                     prior_samples: dict | None = None, site_dims: dict | None = None,
-                     attrs: dict | None = None):
+def numpyro_to_idata(
+    samples: dict,
+    extra_fields: dict,
+    model_fn,
+    data,
+    priors,
+    *,
+    coords: dict[str, list[str]],
+    max_tree_depth: int,
+    step_index: np.ndarray | None = None,
+    log_likelihood: bool = False,
+    prior_samples: dict | None = None,
+    site_dims: dict | None = None,
+    attrs: dict | None = None,
+):
     """InferenceData (layout in the module docstring) from NumPyro samples.
 
     Parameters
@@ -506,8 +625,14 @@ def numpyro_to_idata(samples: dict, extra_fields: dict, model_fn, data, priors, 
     xcoords = _coords_for(coords, step_index)
     obs_sites = _observed_sites(model_fn, data, priors)
     samples = {k: np.asarray(v) for k, v in samples.items()}
-    posterior = _posterior_dataset(samples, drop=set(obs_sites), site_dims=site_dims,
-                                   coords=xcoords, sizes=sizes, library=numpyro)
+    posterior = _posterior_dataset(
+        samples,
+        drop=set(obs_sites),
+        site_dims=site_dims,
+        coords=xcoords,
+        sizes=sizes,
+        library=numpyro,
+    )
     stats = _sample_stats_numpyro(extra_fields, max_tree_depth, numpyro)
     n_chains, n_draws = next(iter(samples.values())).shape[:2]
 
@@ -515,28 +640,54 @@ def numpyro_to_idata(samples: dict, extra_fields: dict, model_fn, data, priors, 
     if log_likelihood:
         obs_name = _likelihood_site(obs_sites)
         obs_value = obs_sites[obs_name]
-        flat = {k: v.reshape(n_chains * n_draws, *v.shape[2:]) for k, v in samples.items()
-                if k not in obs_sites}
-        ll = _log_likelihood_numpyro(model_fn, flat, data, priors, [obs_name], n_chains,
-                                     n_draws)
-        log_lik = _log_lik_dataset(ll[obs_name], _jacobian(obs_value, data.duration_us),
-                                   step_index, numpyro)
+        flat = {
+            k: v.reshape(n_chains * n_draws, *v.shape[2:])
+            for k, v in samples.items()
+            if k not in obs_sites
+        }
+        ll = _log_likelihood_numpyro(model_fn, flat, data, priors, [obs_name], n_chains, n_draws)
+        log_lik = _log_lik_dataset(
+            ll[obs_name], _jacobian(obs_value, data.duration_us), step_index, numpyro
+        )
 
     prior = None
     if prior_samples is not None:
         pred = {k: np.asarray(v)[None] for k, v in prior_samples.items()}
-        prior = _posterior_dataset(pred, drop=set(obs_sites), site_dims=site_dims,
-                                   coords=xcoords, sizes=sizes, library=numpyro)
-    return _assemble(posterior=posterior, sample_stats=stats, data=data, coords=coords,
-                     step_index=step_index, log_lik=log_lik, prior=prior,
-                     attrs=dict(attrs or {}))
+        prior = _posterior_dataset(
+            pred,
+            drop=set(obs_sites),
+            site_dims=site_dims,
+            coords=xcoords,
+            sizes=sizes,
+            library=numpyro,
+        )
+    return _assemble(
+        posterior=posterior,
+        sample_stats=stats,
+        data=data,
+        coords=coords,
+        step_index=step_index,
+        log_lik=log_lik,
+        prior=prior,
+        attrs=dict(attrs or {}),
+    )
 
 
-def run_pymc(model_fn, data, priors, *, coords: dict[str, list[str]],
-             settings: SamplerSettings = SamplerSettings(), progress: bool = True,
-             log_likelihood: bool = False, prior_draws: int = 0,
-             step_index: np.ndarray | None = None, site_dims: dict | None = None,
-             hierarchy: str = "per-model", nuts_sampler: str = "pymc"):
+def run_pymc(
+    model_fn,
+    data,
+    priors,
+    *,
+    coords: dict[str, list[str]],
+    settings: SamplerSettings = SamplerSettings(),
+    progress: bool = True,
+    log_likelihood: bool = False,
+    prior_draws: int = 0,
+    step_index: np.ndarray | None = None,
+    site_dims: dict | None = None,
+    hierarchy: str = "per-model",
+    nuts_sampler: str = "pymc",
+):
     """Same as :func:`run_nuts` with PyMC's NUTS (``nuts_sampler="pymc"``) or nutpie.
 
     ``model_fn`` is unused except for documentation symmetry: the PyMC model comes
@@ -554,18 +705,24 @@ def run_pymc(model_fn, data, priors, *, coords: dict[str, list[str]],
         try:
             import nutpie  # noqa: F401
         except ImportError:
-            raise CalibError("backend nutpie needs the nutpie package, which is not installed",
-                             field="backend",
-                             fix="pip install -e '.[nutpie]', or use --backend numpyro / pymc"
-                             ) from None
+            raise CalibError(
+                "backend nutpie needs the nutpie package, which is not installed",
+                field="backend",
+                fix="pip install -e '.[nutpie]', or use --backend numpyro / pymc",
+            ) from None
         if log_likelihood:
-            raise CalibError("backend nutpie does not store the pointwise log-likelihood",
-                             field="log_likelihood",
-                             fix="use --backend numpyro or pymc with --log-likelihood")
+            raise CalibError(
+                "backend nutpie does not store the pointwise log-likelihood",
+                field="log_likelihood",
+                fix="use --backend numpyro or pymc with --log-likelihood",
+            )
     settings.validate()
     if settings.chain_method == "vectorized":
-        raise CalibError("chain method 'vectorized' exists only for the numpyro backend",
-                         field="chain_method", fix="use --chain-method parallel or sequential")
+        raise CalibError(
+            "chain method 'vectorized' exists only for the numpyro backend",
+            field="chain_method",
+            fix="use --chain-method parallel or sequential",
+        )
     from calib.model_pymc import build_pymc_model
 
     if site_dims is None:
@@ -577,23 +734,33 @@ def run_pymc(model_fn, data, priors, *, coords: dict[str, list[str]],
     n_steps = step_index.shape[0]
     sizes = _sizes(coords, n_steps)
     xcoords = _coords_for(coords, step_index)
-    seed_mcmc, seed_prior = (int(s.generate_state(1)[0])
-                             for s in np.random.SeedSequence(settings.seed).spawn(2))
+    seed_mcmc, seed_prior = (
+        int(s.generate_state(1)[0]) for s in np.random.SeedSequence(settings.seed).spawn(2)
+    )
     centered, chains = settings.centered, settings.chains
     max_tree_depth, dense_mass = settings.max_tree_depth, settings.dense_mass
 
-    model = build_pymc_model(hierarchy, data, priors, {**coords, "step": list(step_index)},
-                             centered=centered)
+    model = build_pymc_model(
+        hierarchy, data, priors, {**coords, "step": list(step_index)}, centered=centered
+    )
     obs_names = [rv.name for rv in model.observed_RVs]
     cores = 1 if settings.chain_method == "sequential" else min(chains, os.cpu_count() or 1)
-    kwargs = dict(draws=settings.draws, tune=settings.warmup, chains=chains, cores=cores,
-                  random_seed=seed_mcmc, progressbar=progress, nuts_sampler=nuts_sampler,
-                  compute_convergence_checks=False,
-                  idata_kwargs={"log_likelihood": bool(log_likelihood)})
+    kwargs = dict(
+        draws=settings.draws,
+        tune=settings.warmup,
+        chains=chains,
+        cores=cores,
+        random_seed=seed_mcmc,
+        progressbar=progress,
+        nuts_sampler=nuts_sampler,
+        compute_convergence_checks=False,
+        idata_kwargs={"log_likelihood": bool(log_likelihood)},
+    )
     if nuts_sampler == "pymc":
-        kwargs.update(init="jitter+adapt_full" if dense_mass else "jitter+adapt_diag",
-                      nuts={"target_accept": settings.target_accept,
-                            "max_treedepth": max_tree_depth})
+        kwargs.update(
+            init="jitter+adapt_full" if dense_mass else "jitter+adapt_diag",
+            nuts={"target_accept": settings.target_accept, "max_treedepth": max_tree_depth},
+        )
         if cores > 1:
             # PyMC forks its chain processes on Linux; this process has usually started
             # JAX's runtime (the roofline components), whose threads make a fork liable
@@ -609,27 +776,46 @@ def run_pymc(model_fn, data, priors, *, coords: dict[str, list[str]],
             # PyMC flags its full-mass adaptation as experimental on every call
             warnings.filterwarnings("ignore", message="QuadPotentialFullAdapt is an experimental")
             trace = pm.sample(**kwargs)
-    prior_samples = (pymc_prior_draws(hierarchy, data, priors, coords, prior_draws,
-                                      seed=seed_prior, centered=centered)
-                     if prior_draws > 0 else None)
+    prior_samples = (
+        pymc_prior_draws(
+            hierarchy, data, priors, coords, prior_draws, seed=seed_prior, centered=centered
+        )
+        if prior_draws > 0
+        else None
+    )
 
     def to_dataset(group):
         samples = {k: v.values for k, v in group.data_vars.items()}
-        return _posterior_dataset(samples, drop=set(obs_names), site_dims=site_dims,
-                                  coords=xcoords, sizes=sizes, library=pm)
+        return _posterior_dataset(
+            samples,
+            drop=set(obs_names),
+            site_dims=site_dims,
+            coords=xcoords,
+            sizes=sizes,
+            library=pm,
+        )
 
     posterior = to_dataset(trace.posterior)
     st = trace.sample_stats
-    stats_keep = ("diverging", "energy", "n_steps", "tree_depth", "reached_max_treedepth",
-                  "acceptance_rate", "step_size", "lp")
+    stats_keep = (
+        "diverging",
+        "energy",
+        "n_steps",
+        "tree_depth",
+        "reached_max_treedepth",
+        "acceptance_rate",
+        "step_size",
+        "lp",
+    )
     stats = st[[k for k in stats_keep if k in st]]
     if "reached_max_treedepth" not in stats and "tree_depth" in stats:
         stats["reached_max_treedepth"] = stats["tree_depth"] >= max_tree_depth
 
     log_lik = None
     if log_likelihood:
-        obs_name = _likelihood_site({k: trace.observed_data[k].values for k in obs_names
-                                     if k in trace.observed_data})
+        obs_name = _likelihood_site(
+            {k: trace.observed_data[k].values for k in obs_names if k in trace.observed_data}
+        )
         ll = np.asarray(trace.log_likelihood[obs_name].values)
         ll = ll.reshape(ll.shape[0], ll.shape[1], -1)
         obs_value = np.asarray(trace.observed_data[obs_name].values).reshape(-1)
@@ -637,18 +823,36 @@ def run_pymc(model_fn, data, priors, *, coords: dict[str, list[str]],
 
     prior = None
     if prior_samples is not None:
-        prior = _posterior_dataset({k: v[None] for k, v in prior_samples.items()},
-                                   drop=set(obs_names), site_dims=site_dims, coords=xcoords,
-                                   sizes=sizes, library=pm)
-    return _assemble(posterior=posterior, sample_stats=stats, data=data, coords=coords,
-                     step_index=step_index, log_lik=log_lik, prior=prior,
-                     attrs={"sampler": f"{nuts_sampler}-nuts",
-                            "chain_method_run": "sequential" if cores == 1 else "parallel"})
+        prior = _posterior_dataset(
+            {k: v[None] for k, v in prior_samples.items()},
+            drop=set(obs_names),
+            site_dims=site_dims,
+            coords=xcoords,
+            sizes=sizes,
+            library=pm,
+        )
+    return _assemble(
+        posterior=posterior,
+        sample_stats=stats,
+        data=data,
+        coords=coords,
+        step_index=step_index,
+        log_lik=log_lik,
+        prior=prior,
+        attrs={
+            "sampler": f"{nuts_sampler}-nuts",
+            "chain_method_run": "sequential" if cores == 1 else "parallel",
+        },
+    )
 
 
 #: nutpie's sample-statistic names -> the names PyMC (and the gate) use.
-_NUTPIE_STATS = {"depth": "tree_depth", "maxdepth_reached": "reached_max_treedepth",
-                 "mean_tree_accept": "acceptance_rate", "logp": "lp"}
+_NUTPIE_STATS = {
+    "depth": "tree_depth",
+    "maxdepth_reached": "reached_max_treedepth",
+    "mean_tree_accept": "acceptance_rate",
+    "logp": "lp",
+}
 
 
 def _sample_nutpie(model, settings: SamplerSettings, *, cores: int, seed: int, progress: bool):
@@ -663,10 +867,19 @@ def _sample_nutpie(model, settings: SamplerSettings, *, cores: int, seed: int, p
     import nutpie
 
     compiled = nutpie.compile_pymc_model(model, backend="jax", gradient_backend="jax")
-    trace = nutpie.sample(compiled, draws=settings.draws, tune=settings.warmup,
-                          chains=settings.chains, cores=cores, seed=seed, progress_bar=progress,
-                          save_warmup=False, low_rank_modified_mass_matrix=settings.dense_mass,
-                          target_accept=settings.target_accept, maxdepth=settings.max_tree_depth)
+    trace = nutpie.sample(
+        compiled,
+        draws=settings.draws,
+        tune=settings.warmup,
+        chains=settings.chains,
+        cores=cores,
+        seed=seed,
+        progress_bar=progress,
+        save_warmup=False,
+        low_rank_modified_mass_matrix=settings.dense_mass,
+        target_accept=settings.target_accept,
+        maxdepth=settings.max_tree_depth,
+    )
     st = trace.sample_stats
     trace.sample_stats = st.rename({k: v for k, v in _NUTPIE_STATS.items() if k in st})
     # nutpie also stores the transformed values (``tau_log__``); PyMC's traces do not
@@ -675,8 +888,16 @@ def _sample_nutpie(model, settings: SamplerSettings, *, cores: int, seed: int, p
     return trace
 
 
-def pymc_prior_draws(hierarchy: str, data, priors, coords: dict[str, list], draws: int, *,
-                     seed: int = 0, centered: bool | None = None) -> dict[str, np.ndarray]:
+def pymc_prior_draws(
+    hierarchy: str,
+    data,
+    priors,
+    coords: dict[str, list],
+    draws: int,
+    *,
+    seed: int = 0,
+    centered: bool | None = None,
+) -> dict[str, np.ndarray]:
     """Exact prior draws of the named parameters from the PyMC model.
 
     The model is built WITHOUT observations, i.e. in its natural coordinates: with
@@ -720,8 +941,7 @@ def pymc_prior_draws(hierarchy: str, data, priors, coords: dict[str, list], draw
     with model, warnings.catch_warnings():
         if constant:
             warnings.filterwarnings("ignore", message="The effect of Potentials on other")
-        idata = pm.sample_prior_predictive(draws=int(draws), var_names=names,
-                                           random_seed=int(seed))
+        idata = pm.sample_prior_predictive(draws=int(draws), var_names=names, random_seed=int(seed))
     return {k: np.asarray(idata.prior[k].values)[0] for k in names}
 
 
@@ -730,8 +950,16 @@ def _model_data_hash(data) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for name in ("components", "num_layers", "batch_size", "model_idx", "experiment_idx",
-                 "experiment_model", "active", "duration_us"):
+    for name in (
+        "components",
+        "num_layers",
+        "batch_size",
+        "model_idx",
+        "experiment_idx",
+        "experiment_model",
+        "active",
+        "duration_us",
+    ):
         v = getattr(data, name)
         if v is not None:
             a = np.ascontiguousarray(np.asarray(v))
@@ -740,16 +968,27 @@ def _model_data_hash(data) -> str:
     return h.hexdigest()
 
 
-def fit_model_data(data, coords: dict[str, list[str]], *, hierarchy: str = "per-model",
-                   priors=None, priors_path: str | Path | None = None,
-                   backend: str = "numpyro", settings: SamplerSettings = SamplerSettings(),
-                   step_index: np.ndarray | None = None, data_hash: str | None = None,
-                   data_path: str | Path | None = None, out_path: str | Path | None = None,
-                   save_on_fail: bool = False,
-                   log_likelihood: bool = False, prior_draws: int = 0, progress: bool = True,
-                   command: list[str] | None = None,
-                   api_overheads: dict | None = None,
-                   ppc_draws: int = config.PPC_DRAWS) -> FitResult:
+def fit_model_data(
+    data,
+    coords: dict[str, list[str]],
+    *,
+    hierarchy: str = "per-model",
+    priors=None,
+    priors_path: str | Path | None = None,
+    backend: str = "numpyro",
+    settings: SamplerSettings = SamplerSettings(),
+    step_index: np.ndarray | None = None,
+    data_hash: str | None = None,
+    data_path: str | Path | None = None,
+    out_path: str | Path | None = None,
+    save_on_fail: bool = False,
+    log_likelihood: bool = False,
+    prior_draws: int = 0,
+    progress: bool = True,
+    command: list[str] | None = None,
+    api_overheads: dict | None = None,
+    ppc_draws: int = config.PPC_DRAWS,
+) -> FitResult:
     """Fit prepared model data: sampler -> gate -> manifest -> (file).
 
     ``ppc_draws``: draws in the ``posterior_predictive`` group (:mod:`calib.ppc`; 0: none).
@@ -778,11 +1017,15 @@ def fit_model_data(data, coords: dict[str, list[str]], *, hierarchy: str = "per-
     from calib.priors import load_priors, priors_hash
 
     if hierarchy not in HIERARCHIES:
-        raise CalibError(f"unknown hierarchy {hierarchy!r}", field="hierarchy",
-                         fix=f"use one of {list(HIERARCHIES)}")
+        raise CalibError(
+            f"unknown hierarchy {hierarchy!r}",
+            field="hierarchy",
+            fix=f"use one of {list(HIERARCHIES)}",
+        )
     if backend not in BACKENDS:
-        raise CalibError(f"unknown backend {backend!r}", field="backend",
-                         fix=f"use one of {list(BACKENDS)}")
+        raise CalibError(
+            f"unknown backend {backend!r}", field="backend", fix=f"use one of {list(BACKENDS)}"
+        )
     if prior_draws < 0:
         raise CalibError(f"must be >= 0, got {prior_draws}", field="prior_draws")
     if priors is None:
@@ -791,30 +1034,49 @@ def fit_model_data(data, coords: dict[str, list[str]], *, hierarchy: str = "per-
     model_fn = get_model(hierarchy)
     if settings.centered is not None:
         model_fn = functools.partial(model_fn, centered=settings.centered)
-    common: dict[str, Any] = dict(coords=coords, settings=settings, progress=progress,
-                  log_likelihood=log_likelihood, prior_draws=prior_draws, step_index=step_index)
+    common: dict[str, Any] = dict(
+        coords=coords,
+        settings=settings,
+        progress=progress,
+        log_likelihood=log_likelihood,
+        prior_draws=prior_draws,
+        step_index=step_index,
+    )
     t0 = time.perf_counter()
     if backend == "numpyro":
         idata = run_nuts(model_fn, data, priors, **common)
     else:
-        idata = run_pymc(model_fn, data, priors, hierarchy=hierarchy, nuts_sampler=backend,
-                         **common)
+        idata = run_pymc(
+            model_fn, data, priors, hierarchy=hierarchy, nuts_sampler=backend, **common
+        )
     sampling_s = time.perf_counter() - t0
 
     gate = diagnostics.check(idata, settings.max_tree_depth)
-    m = manifest(kind="posterior", seed=settings.seed, data_hash=data_hash,
-                 data_path=None if data_path is None else str(Path(data_path).resolve()),
-                 priors_hash=priors_hash(priors), command=command,
-                 diagnostics=gate.verdict, hierarchy=hierarchy, backend=backend,
-                 sampler={**asdict(settings),
-                          "chain_method_run": idata.attrs.get("chain_method_run"),
-                          "parameterisation": ("centered" if (config.MODEL_CENTERED
-                                                              if settings.centered is None
-                                                              else settings.centered)
-                                               else "noncentered"),
-                          "mass_matrix": "dense" if settings.dense_mass else "diagonal"},
-                 model_data_hash=_model_data_hash(data), n_steps=int(np.shape(data.components)[0]),
-                 priors_source=priors.source, sampling_s=round(sampling_s, 3))
+    m = manifest(
+        kind="posterior",
+        seed=settings.seed,
+        data_hash=data_hash,
+        data_path=None if data_path is None else str(Path(data_path).resolve()),
+        priors_hash=priors_hash(priors),
+        command=command,
+        diagnostics=gate.verdict,
+        hierarchy=hierarchy,
+        backend=backend,
+        sampler={
+            **asdict(settings),
+            "chain_method_run": idata.attrs.get("chain_method_run"),
+            "parameterisation": (
+                "centered"
+                if (config.MODEL_CENTERED if settings.centered is None else settings.centered)
+                else "noncentered"
+            ),
+            "mass_matrix": "dense" if settings.dense_mass else "diagonal",
+        },
+        model_data_hash=_model_data_hash(data),
+        n_steps=int(np.shape(data.components)[0]),
+        priors_source=priors.source,
+        sampling_s=round(sampling_s, 3),
+    )
     idata.attrs["manifest"] = m
     idata.attrs["diagnostics"] = diagnostics.gate_to_attr(gate)
     idata.attrs["hierarchy"] = hierarchy
@@ -834,11 +1096,21 @@ def fit_model_data(data, coords: dict[str, list[str]], *, hierarchy: str = "per-
     return FitResult(idata=idata, gate=gate, path=path, sampling_s=sampling_s)
 
 
-def fit(dataset, *, hierarchy: str = "per-model", priors_path: str | Path | None = None,
-        backend: str = "numpyro", settings: SamplerSettings = SamplerSettings(),
-        out_path: str | Path | None = None, save_on_fail: bool = False,
-        log_likelihood: bool = False, prior_draws: int = 0, progress: bool = True,
-        command: list[str] | None = None, ppc_draws: int = config.PPC_DRAWS) -> FitResult:
+def fit(
+    dataset,
+    *,
+    hierarchy: str = "per-model",
+    priors_path: str | Path | None = None,
+    backend: str = "numpyro",
+    settings: SamplerSettings = SamplerSettings(),
+    out_path: str | Path | None = None,
+    save_on_fail: bool = False,
+    log_likelihood: bool = False,
+    prior_draws: int = 0,
+    progress: bool = True,
+    command: list[str] | None = None,
+    ppc_draws: int = config.PPC_DRAWS,
+) -> FitResult:
     """Fit the step-time model to a canonical dataset and write the posterior.
 
     Parameters
@@ -869,10 +1141,12 @@ def fit(dataset, *, hierarchy: str = "per-model", priors_path: str | Path | None
     data_hash = dataset_hash(ds)
     steps = fittable_steps(ds)
     if steps.size == 0:
-        raise CalibError("the dataset has no sampled steps with a positive duration",
-                         path=dataset if isinstance(dataset, str | Path) else None,
-                         field="duration_us",
-                         fix="import experiments whose traces carry step.BATCH_SUMMARY durations")
+        raise CalibError(
+            "the dataset has no sampled steps with a positive duration",
+            path=dataset if isinstance(dataset, str | Path) else None,
+            field="duration_us",
+            fix="import experiments whose traces carry step.BATCH_SUMMARY durations",
+        )
     data, coords = build_model_data(ds, steps=steps)
     try:
         api = overheads.estimate(ds)
@@ -880,20 +1154,39 @@ def fit(dataset, *, hierarchy: str = "per-model", priors_path: str | Path | None
         print(f"warning: no API-overhead estimate: {err}", file=sys.stderr)
         api = None
     del ds  # the sampler needs only the model data (a real-size dataset is GBs)
-    return fit_model_data(data, coords, hierarchy=hierarchy, priors=priors, backend=backend,
-                          settings=settings, step_index=steps, data_hash=data_hash,
-                          data_path=dataset if isinstance(dataset, str | Path) else None,
-                          out_path=out_path, save_on_fail=save_on_fail,
-                          log_likelihood=log_likelihood, prior_draws=prior_draws,
-                          progress=progress, command=command, api_overheads=api,
-                          ppc_draws=ppc_draws)
-
+    return fit_model_data(
+        data,
+        coords,
+        hierarchy=hierarchy,
+        priors=priors,
+        backend=backend,
+        settings=settings,
+        step_index=steps,
+        data_hash=data_hash,
+        data_path=dataset if isinstance(dataset, str | Path) else None,
+        out_path=out_path,
+        save_on_fail=save_on_fail,
+        log_likelihood=log_likelihood,
+        prior_draws=prior_draws,
+        progress=progress,
+        command=command,
+        api_overheads=api,
+        ppc_draws=ppc_draws,
+    )
 
 
 # ------------------------------------------------------------------- prior check
-def prior_check(data, coords: dict[str, list[str]], *, hierarchy: str, priors,
-                num_samples: int = 200, seed: int = 0, max_steps: int = 20000,
-                out_png: str | Path | None = None):
+def prior_check(
+    data,
+    coords: dict[str, list[str]],
+    *,
+    hierarchy: str,
+    priors,
+    num_samples: int = 200,
+    seed: int = 0,
+    max_steps: int = 20000,
+    out_png: str | Path | None = None,
+):
     """Prior predictive check: step times the priors imply vs the observed ones.
 
     Parameters
@@ -917,13 +1210,17 @@ def prior_check(data, coords: dict[str, list[str]], *, hierarchy: str, priors,
     n = int(np.shape(data.components)[0])
     if n > max_steps:
         idx = np.linspace(0, n - 1, max_steps).round().astype(np.int64)
-        data = make_model_data(np.asarray(data.components)[idx],
-                               np.asarray(data.num_layers)[idx], np.asarray(data.batch_size)[idx],
-                               np.asarray(data.model_idx)[idx],
-                               np.asarray(data.experiment_idx)[idx],
-                               np.asarray(data.duration_us)[idx], n_models=data.n_models,
-                               n_experiments=data.n_experiments,
-                               experiment_model=data.experiment_model)
+        data = make_model_data(
+            np.asarray(data.components)[idx],
+            np.asarray(data.num_layers)[idx],
+            np.asarray(data.batch_size)[idx],
+            np.asarray(data.model_idx)[idx],
+            np.asarray(data.experiment_idx)[idx],
+            np.asarray(data.duration_us)[idx],
+            n_models=data.n_models,
+            n_experiments=data.n_experiments,
+            experiment_model=data.experiment_model,
+        )
     pred = prior_predictive(hierarchy, data, priors, num_samples=num_samples, seed=seed)
     sim = np.asarray(pred["duration_us"])  # (draws, steps)
     obs = np.asarray(data.duration_us)
@@ -963,8 +1260,9 @@ def _plot_prior_check(sim, obs, midx, models, hierarchy, out_png) -> None:
         lo = np.log10(max(min(np.quantile(s, 0.001), o.min()), 1e-3))
         hi = np.log10(max(np.quantile(s, 0.999), o.max()))
         bins = np.logspace(lo, hi, 60)
-        ax.hist(s, bins=bins, weights=np.full(s.size, 1 / s.size), alpha=0.5,
-                label="prior predictive")
+        ax.hist(
+            s, bins=bins, weights=np.full(s.size, 1 / s.size), alpha=0.5, label="prior predictive"
+        )
         ax.hist(o, bins=bins, weights=np.full(o.size, 1 / o.size), alpha=0.6, label="observed")
         ax.set_xscale("log")
         ax.set_title(f"{models[m]} ({hierarchy})", fontsize=9)

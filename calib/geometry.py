@@ -75,8 +75,11 @@ class SoftplusLogNormal(dist.Distribution):
 
     def log_prob(self, z):
         x = self.value(z)
-        return (dist.LogNormal(self.loc, self.scale).log_prob(x) + jnp.log(self.unit)
-                + jax.nn.log_sigmoid(z))
+        return (
+            dist.LogNormal(self.loc, self.scale).log_prob(x)
+            + jnp.log(self.unit)
+            + jax.nn.log_sigmoid(z)
+        )
 
 
 # ------------------------------------------------------------------ prior pieces
@@ -117,13 +120,23 @@ def noncentered_columns(cols: np.ndarray) -> np.ndarray:
 
 def _static_pairs(mask: Array, what: str) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(mask, jax.core.Tracer):
-        raise CalibError(f"ModelData.{what} must be concrete", field=what,
-                         fix="run the model with jit_model_args=False (NumPyro's default)")
+        raise CalibError(
+            f"ModelData.{what} must be concrete",
+            field=what,
+            fix="run the model with jit_model_args=False (NumPyro's default)",
+        )
     return tuple(np.nonzero(np.asarray(mask)))  # type: ignore[return-value]
 
 
-def _nested(name_z: str, name_c: str, parent_log: Array, rows: np.ndarray, cols: np.ndarray,
-            scale: Array, centered: bool) -> Array:
+def _nested(
+    name_z: str,
+    name_c: str,
+    parent_log: Array,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    scale: Array,
+    centered: bool,
+) -> Array:
     """Log values for active pairs around ``parent_log[rows, cols]`` with spread ``scale[cols]``.
 
     Centred mode keeps the components of ``config.NONCENTERED_COMPONENTS`` non-centred
@@ -160,7 +173,7 @@ class Pinned(NamedTuple):
     """What the data pin for one pinned component (:func:`_pinned_pairs`)."""
 
     models: np.ndarray  # (p,) model indices
-    scale: np.ndarray   # (p,) basis per unit (µs)
+    scale: np.ndarray  # (p,) basis per unit (µs)
     counts: np.ndarray  # (p, 3) overhead units per unit (per_layer, per_request, per_step)
     shares: np.ndarray  # (p, 6) basis of collinear components per unit (µs)
 
@@ -202,12 +215,15 @@ def _pinned_pairs(data: ModelData, k: int) -> Pinned:
     (:func:`pinned`) or the data carry no observations.
     """
     if k not in pinned() or not _observed(data):
-        return Pinned(np.zeros(0, int), np.zeros(0), np.zeros((0, 3)),
-                      np.zeros((0, len(COMPONENTS))))
+        return Pinned(
+            np.zeros(0, int), np.zeros(0), np.zeros((0, 3)), np.zeros((0, len(COMPONENTS)))
+        )
     if k not in PINNABLE:  # pragma: no cover - config names only pinnable components
-        raise CalibError(f"component {COMPONENTS[k]!r} cannot be pinned",
-                         field="PINNED_COMPONENTS",
-                         fix=f"use {', '.join(COMPONENTS[i] for i in PINNABLE)}")
+        raise CalibError(
+            f"component {COMPONENTS[k]!r} cannot be pinned",
+            field="PINNED_COMPONENTS",
+            fix=f"use {', '.join(COMPONENTS[i] for i in PINNABLE)}",
+        )
     act = np.asarray(data.active)
     models = np.flatnonzero(act[:, k])
     midx = np.asarray(data.model_idx)
@@ -230,8 +246,12 @@ def _pinned_pairs(data: ModelData, k: int) -> Pinned:
             scale.append(1.0)
             counts.append([0.0, 0.0, 0.0])
         shares.append(share * act[m])
-    return Pinned(models, np.asarray(scale, float), np.asarray(counts, float).reshape(-1, 3),
-                  np.asarray(shares, float).reshape(-1, len(COMPONENTS)))
+    return Pinned(
+        models,
+        np.asarray(scale, float),
+        np.asarray(counts, float).reshape(-1, 3),
+        np.asarray(shares, float).reshape(-1, len(COMPONENTS)),
+    )
 
 
 def active_pairs(data: ModelData) -> tuple[np.ndarray, np.ndarray]:
@@ -247,8 +267,9 @@ def active_pairs(data: ModelData) -> tuple[np.ndarray, np.ndarray]:
     return am[keep], ak[keep]
 
 
-def _pinned_log_b(k: int, data: ModelData, priors: Priors, log_b: Array,
-                  per: dict[str, Array]) -> tuple[np.ndarray, Array]:
+def _pinned_log_b(
+    k: int, data: ModelData, priors: Priors, log_b: Array, per: dict[str, Array]
+) -> tuple[np.ndarray, Array]:
     """Sample ``z_c_<k>`` for the pinned models; return (models, log b[models, k]).
 
     Records the Jacobian factor of ``log c -> log b`` (``c_<k>_jacobian``); the
@@ -308,8 +329,9 @@ def recentred_columns(data: ModelData, cols: np.ndarray, centered: bool) -> np.n
     return ~noncentered_columns(cols)
 
 
-def _recentred_population(k: int, log_bk: Array, z_k: Array, tau_k: Array,
-                          priors: Priors, base_lp: Array | float = 0.0) -> Array:
+def _recentred_population(
+    k: int, log_bk: Array, z_k: Array, tau_k: Array, priors: Priors, base_lp: Array | float = 0.0
+) -> Array:
     """log b_pop[k], sampled relative to its models' mean.
 
     The data pin each model's log b[m, k], so with a small spread ``tau[k]`` the
@@ -326,10 +348,14 @@ def _recentred_population(k: int, log_bk: Array, z_k: Array, tau_k: Array,
     M = log_bk.shape[0]
     log_b_pop_k = jnp.mean(log_bk) + tau_k / math.sqrt(M) * z_k
     loc, scale = (np.asarray(a)[k] for a in priors.lognormal_loc_scale("b_pop"))
-    lp = (jnp.sum(dist.Normal(log_b_pop_k, tau_k).log_prob(log_bk))
-          + dist.Normal(float(loc), float(scale)).log_prob(log_b_pop_k)
-          + jnp.log(tau_k) - 0.5 * math.log(M) - dist.Normal(0.0, 1.0).log_prob(z_k)
-          - base_lp)
+    lp = (
+        jnp.sum(dist.Normal(log_b_pop_k, tau_k).log_prob(log_bk))
+        + dist.Normal(float(loc), float(scale)).log_prob(log_b_pop_k)
+        + jnp.log(tau_k)
+        - 0.5 * math.log(M)
+        - dist.Normal(0.0, 1.0).log_prob(z_k)
+        - base_lp
+    )
     numpyro.factor(f"b_pop_{COMPONENTS[k]}_jacobian", lp)
     return log_b_pop_k
 
@@ -361,14 +387,19 @@ def _overhead_below(site: str, log_bound: Array, prior: Prior) -> Array:
     base = dist.Normal(0.0, BOUNDED_BASE_SD)
     u = numpyro.sample(f"z_{site}", base)
     log_r = log_bound + jax.nn.log_sigmoid(u)
-    lp = (dist.LogNormal(math.log(prior["median"]), prior["log_sd"]).log_prob(jnp.exp(log_r))
-          + log_r + jax.nn.log_sigmoid(-u) - base.log_prob(u))
+    lp = (
+        dist.LogNormal(math.log(prior["median"]), prior["log_sd"]).log_prob(jnp.exp(log_r))
+        + log_r
+        + jax.nn.log_sigmoid(-u)
+        - base.log_prob(u)
+    )
     numpyro.factor(f"{site}_jacobian", lp)
     return numpyro.deterministic(site, jnp.exp(log_r))
 
 
-def _per_model_log_b(data: ModelData, priors: Priors, centered: bool,
-                     per: dict[str, Array]) -> Array:
+def _per_model_log_b(
+    data: ModelData, priors: Priors, centered: bool, per: dict[str, Array]
+) -> Array:
     """Per-model log corrections (M, 6); records ``b``.
 
     Pinned components (``config.PINNED_COMPONENTS``): within one model, ``b_w·T_weight``,
@@ -396,8 +427,9 @@ def _per_model_log_b(data: ModelData, priors: Priors, centered: bool,
         rc = np.isin(np.arange(len(COMPONENTS)), ak[recentred_columns(data, ak, centered)])
         loc, scale = (jnp.asarray(a) for a in priors.lognormal_loc_scale("b_pop"))
         parent = jnp.broadcast_to(jnp.where(rc, loc, log_b_pop), full.shape)
-        log_b_act = _nested("z_b", "log_b_active", parent, am, ak, jnp.where(rc, scale, tau),
-                            centered)
+        log_b_act = _nested(
+            "z_b", "log_b_active", parent, am, ak, jnp.where(rc, scale, tau), centered
+        )
         full = full.at[am, ak].set(log_b_act)
         for k in np.flatnonzero(rc).tolist():
             sel = ak == k
@@ -420,12 +452,15 @@ def _overheads(priors: Priors, data: ModelData | None = None) -> dict[str, Array
     """Sample the shared overheads (µs) that are not bounded by pinned constants
     (:func:`bounded_overheads`: those are sampled in :func:`_pinned_log_b`)."""
     skip = bounded_overheads(data) if data is not None else ()
-    return {site: _overhead(site, priors[site]) for site, _ in OVERHEAD_SITES
-            if site not in skip}
+    return {site: _overhead(site, priors[site]) for site, _ in OVERHEAD_SITES if site not in skip}
 
 
 def bounded_overheads(data: ModelData) -> tuple[str, ...]:
     """Overheads sampled below the pinned constants (:func:`_overhead_below`): those of
     :data:`BOUNDED_OVERHEADS` whose component is pinned, with observations."""
-    return tuple(site for k, sites in BOUNDED_OVERHEADS.items()
-                 if k in pinned() and _pinned_pairs(data, k).models.size for site in sites)
+    return tuple(
+        site
+        for k, sites in BOUNDED_OVERHEADS.items()
+        if k in pinned() and _pinned_pairs(data, k).models.size
+        for site in sites
+    )

@@ -66,8 +66,12 @@ def _from_mapping(name: str, entry: dict, source: str | Path) -> Hardware:
     for key in _FIELDS:
         v = entry.get(key)
         if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
-            raise CalibError(f"must be a positive number, got {v!r}", path=source, field=key,
-                             fix=f"give {', '.join(_FIELDS)} for the accelerator")
+            raise CalibError(
+                f"must be a positive number, got {v!r}",
+                path=source,
+                field=key,
+                fix=f"give {', '.join(_FIELDS)} for the accelerator",
+            )
         vals[key] = float(v)
     return Hardware(name=name, description=str(entry.get("description", "")), **vals)
 
@@ -87,5 +91,8 @@ def load_hardware(name_or_path: str | Path) -> Hardware:
         if not isinstance(entry, dict):
             raise CalibError("hardware file must hold a mapping", path=path)
         return _from_mapping(str(entry.get("name", path.stem)), entry, path)
-    raise CalibError(f"unknown hardware {key!r}; bundled: {', '.join(bundled_hardware())}",
-                     field="hardware", fix="name a bundled accelerator or give a YAML file path")
+    raise CalibError(
+        f"unknown hardware {key!r}; bundled: {', '.join(bundled_hardware())}",
+        field="hardware",
+        fix="name a bundled accelerator or give a YAML file path",
+    )

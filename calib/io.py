@@ -24,8 +24,18 @@ from calib import __version__
 from calib.errors import CalibError
 
 #: Libraries whose versions are recorded in every manifest.
-TRACKED_LIBRARIES = ("jax", "jaxlib", "numpyro", "arviz", "pymc", "numpy", "xarray",
-                     "pandas", "netCDF4", "scipy")
+TRACKED_LIBRARIES = (
+    "jax",
+    "jaxlib",
+    "numpyro",
+    "arviz",
+    "pymc",
+    "numpy",
+    "xarray",
+    "pandas",
+    "netCDF4",
+    "scipy",
+)
 
 
 #: Temporary files of :func:`atomic_path` not yet renamed into place (this process).
@@ -38,8 +48,11 @@ WRITTEN: list[Path] = []
 
 def _os_error(err: OSError, path: Path, what: str) -> CalibError:
     reason = err.strerror or type(err).__name__
-    return CalibError(f"cannot {what} ({reason})", path=path,
-                      fix="choose a writable location or fix its permissions")
+    return CalibError(
+        f"cannot {what} ({reason})",
+        path=path,
+        fix="choose a writable location or fix its permissions",
+    )
 
 
 @contextlib.contextmanager
@@ -53,8 +66,9 @@ def atomic_path(path: str | Path, *, record: bool = True) -> Iterator[Path]:
     """
     path = Path(path)
     if path.is_dir():
-        raise CalibError("is a directory, expected a file path", path=path,
-                         fix="name a file inside it")
+        raise CalibError(
+            "is a directory, expected a file path", path=path, fix="name a file inside it"
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -126,8 +140,11 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
             while block := f.read(chunk):
                 h.update(block)
     except OSError as err:
-        raise CalibError(f"cannot read ({err.strerror or type(err).__name__})", path=path,
-                         fix="fix its permissions or copy it somewhere readable") from None
+        raise CalibError(
+            f"cannot read ({err.strerror or type(err).__name__})",
+            path=path,
+            fix="fix its permissions or copy it somewhere readable",
+        ) from None
     return h.hexdigest()
 
 
@@ -156,18 +173,36 @@ def git_sha(cwd: str | Path | None = None) -> str | None:
     """The checkout's commit (with ``-dirty`` if modified), or None outside git."""
     cwd = Path(cwd) if cwd else Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
-                             text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=cwd, capture_output=True, text=True, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return sha + ("-dirty" if dirty else "")
 
 
-def manifest(*, kind: str, seed: int | None = None, data_hash: str | None = None,
-             priors_hash: str | None = None, command: list[str] | None = None,
-             diagnostics: str | None = None, **extra) -> dict:
+def manifest(
+    *,
+    kind: str,
+    seed: int | None = None,
+    data_hash: str | None = None,
+    priors_hash: str | None = None,
+    command: list[str] | None = None,
+    diagnostics: str | None = None,
+    **extra,
+) -> dict:
     """Provenance record stored (as JSON) in every artifact calib writes.
 
     Parameters

@@ -136,16 +136,23 @@ SITE_DIMS: dict[str, tuple[str, ...]] = {
 }
 
 
-def model_coords(data: ModelData, models: Sequence[str], experiments: Sequence[str],
-                 steps: Sequence[int] | np.ndarray | None = None) -> dict[str, list]:
+def model_coords(
+    data: ModelData,
+    models: Sequence[str],
+    experiments: Sequence[str],
+    steps: Sequence[int] | np.ndarray | None = None,
+) -> dict[str, list]:
     """Coordinates for :data:`SITE_DIMS` (labels of active pairs included)."""
     am, ak = active_pairs(data)
     ae, aek = np.nonzero(np.asarray(data.active_exp))
     coords: dict[str, list] = {
-        "model": list(models), "component": list(COMPONENTS), "experiment": list(experiments),
+        "model": list(models),
+        "component": list(COMPONENTS),
+        "experiment": list(experiments),
         "active": [f"{models[m]}/{COMPONENTS[k]}" for m, k in zip(am, ak, strict=True)],
-        "active_exp": [f"{experiments[int(e)]}/{COMPONENTS[k]}"
-                       for e, k in zip(ae, aek, strict=True)],
+        "active_exp": [
+            f"{experiments[int(e)]}/{COMPONENTS[k]}" for e, k in zip(ae, aek, strict=True)
+        ],
     }
     for k in pinned():
         coords[f"{COMPONENTS[k]}_model"] = [models[m] for m in _pinned_pairs(data, k).models]
@@ -193,8 +200,9 @@ def _per_row(values: Array, idx: Array, runs: list[tuple[int, int, int]] | None)
     return jnp.concatenate([jnp.broadcast_to(values[v], (e - s,)) for s, e, v in runs])
 
 
-def _mu(table: Array, idx: Array, data: ModelData, per_layer_us, per_request_us,
-        per_step_us, alpha) -> Array:
+def _mu(
+    table: Array, idx: Array, data: ModelData, per_layer_us, per_request_us, per_step_us, alpha
+) -> Array:
     """Mean step time (µs); ``table`` (rows, 6) are the corrections indexed by ``idx``."""
     runs = _runs(idx) if _is_concrete(data.components) else None
     if runs is None:
@@ -204,12 +212,18 @@ def _mu(table: Array, idx: Array, data: ModelData, per_layer_us, per_request_us,
     else:
         # column-major constant, sliced per run at trace time (contiguous, no gather)
         CT = np.ascontiguousarray(np.asarray(data.components, dtype=np.float64).T)
-        pieces = [[CT[k, s:e] * table[v, k] for s, e, v in runs]
-                  for k in range(len(COMPONENTS))]
+        pieces = [[CT[k, s:e] * table[v, k] for s, e, v in runs] for k in range(len(COMPONENTS))]
         cols = [p[0] if len(p) == 1 else jnp.concatenate(p) for p in pieces]
-    return steptime.step_time_us(jnp, cols, jnp.asarray(data.num_layers),
-                                 jnp.asarray(data.batch_size), per_layer_us, per_request_us,
-                                 per_step_us, alpha)
+    return steptime.step_time_us(
+        jnp,
+        cols,
+        jnp.asarray(data.num_layers),
+        jnp.asarray(data.batch_size),
+        per_layer_us,
+        per_request_us,
+        per_step_us,
+        alpha,
+    )
 
 
 def step_time_us(params: Mapping[str, Array], data: ModelData) -> Array:
@@ -232,8 +246,15 @@ def step_time_us(params: Mapping[str, Array], data: ModelData) -> Array:
         table, idx = jnp.asarray(params["b_exp"]), data.experiment_idx
     else:
         table, idx = jnp.asarray(params["b"]), data.model_idx
-    return _mu(table, idx, data, params["per_layer_us"], params["per_request_us"],
-               params["per_step_us"], params["alpha"])
+    return _mu(
+        table,
+        idx,
+        data,
+        params["per_layer_us"],
+        params["per_request_us"],
+        params["per_step_us"],
+        params["alpha"],
+    )
 
 
 # ------------------------------------------------------------------ likelihood
@@ -255,29 +276,51 @@ def _noise_params(data: ModelData, priors: Priors, sigma: Array) -> tuple[Array,
     M = data.n_models
     cap = config.NOISE_MAX_TAIL_PROB
     stall_prob = numpyro.deterministic(
-        "stall_prob", cap * numpyro.sample("stall_frac", priors["stall_prob"].numpyro()))
+        "stall_prob", cap * numpyro.sample("stall_frac", priors["stall_prob"].numpyro())
+    )
     stall_log_mult = numpyro.sample("stall_log_mult", priors["stall_log_mult"].numpyro())
     sd_cap = config.NOISE_MAX_TAIL_LOG_SD
     stall_log_sd = numpyro.deterministic(
-        "stall_log_sd", sd_cap * numpyro.sample("stall_sd_frac", priors["stall_log_sd"].numpyro()))
+        "stall_log_sd", sd_cap * numpyro.sample("stall_sd_frac", priors["stall_log_sd"].numpyro())
+    )
     fast_prob = numpyro.deterministic(
-        "fast_prob", cap * numpyro.sample("fast_frac", priors["fast_prob"].numpyro().expand([M])))
+        "fast_prob", cap * numpyro.sample("fast_frac", priors["fast_prob"].numpyro().expand([M]))
+    )
     fast_log_mult = numpyro.sample("fast_log_mult", priors["fast_log_mult"].numpyro().expand([M]))
-    fast_log_sd = numpyro.deterministic("fast_log_sd", sd_cap * numpyro.sample(
-        "fast_sd_frac", priors["fast_log_sd"].numpyro().expand([M])))
-    params = tuple(jnp.broadcast_to(v, (M,)) for v in (
-        sigma, stall_prob, stall_log_mult, stall_log_sd, fast_prob, fast_log_mult, fast_log_sd))
+    fast_log_sd = numpyro.deterministic(
+        "fast_log_sd",
+        sd_cap * numpyro.sample("fast_sd_frac", priors["fast_log_sd"].numpyro().expand([M])),
+    )
+    params = tuple(
+        jnp.broadcast_to(v, (M,))
+        for v in (
+            sigma,
+            stall_prob,
+            stall_log_mult,
+            stall_log_sd,
+            fast_prob,
+            fast_log_mult,
+            fast_log_sd,
+        )
+    )
     numpyro.deterministic("mean_factor", noise.mean_factor(*params, xp=jnp))
     return params
 
 
-def _noise_and_likelihood(data: ModelData, priors: Priors, per: Mapping[str, Array],
-                          table: Array, idx: Array, sigma: Array) -> None:
+def _noise_and_likelihood(
+    data: ModelData,
+    priors: Priors,
+    per: Mapping[str, Array],
+    table: Array,
+    idx: Array,
+    sigma: Array,
+) -> None:
     """The one likelihood of every hierarchy: ``log y ~ LogStallNormal(log mu, noise[m])``."""
     alpha = numpyro.sample("alpha", priors["alpha"].numpyro())
     params = _noise_params(data, priors, sigma)
-    mu = _mu(table, idx, data, per["per_layer_us"], per["per_request_us"], per["per_step_us"],
-             alpha)
+    mu = _mu(
+        table, idx, data, per["per_layer_us"], per["per_request_us"], per["per_step_us"], alpha
+    )
     if data.duration_us is None:
         obs = None
     else:
@@ -302,8 +345,9 @@ def pooled(data: ModelData, priors: Priors, *, centered: bool | None = None) -> 
     per = _overheads(priors)
     _, log_b_pop = _population(priors)
     numpyro.deterministic("b_pop", jnp.exp(log_b_pop))
-    b = numpyro.deterministic("b", jnp.broadcast_to(jnp.exp(log_b_pop),
-                                                    (data.n_models, len(COMPONENTS))))
+    b = numpyro.deterministic(
+        "b", jnp.broadcast_to(jnp.exp(log_b_pop), (data.n_models, len(COMPONENTS)))
+    )
     s = numpyro.sample("sigma_pooled", priors["sigma"].numpyro())
     numpyro.deterministic("sigma", jnp.broadcast_to(s, (data.n_models,)))
     _noise_and_likelihood(data, priors, per, b, data.model_idx, s)
@@ -337,15 +381,18 @@ def per_experiment(data: ModelData, priors: Priors, *, centered: bool | None = N
     full = log_b[em]
     ae, ak = _static_pairs(data.active_exp, "active_exp")
     if ae.size:
-        full = full.at[ae, ak].set(_nested("z_b_exp", "log_b_exp_active", full, ae, ak,
-                                           tau_exp, centered))
+        full = full.at[ae, ak].set(
+            _nested("z_b_exp", "log_b_exp_active", full, ae, ak, tau_exp, centered)
+        )
     b_exp = numpyro.deterministic("b_exp", jnp.exp(full))
     sigma = _sigma_per_model(data, priors)
     _noise_and_likelihood(data, priors, per, b_exp, data.experiment_idx, sigma)
 
 
 _MODELS: dict[str, Callable[..., None]] = {
-    "pooled": pooled, "per-model": per_model, "per-experiment": per_experiment,
+    "pooled": pooled,
+    "per-model": per_model,
+    "per-experiment": per_experiment,
 }
 
 
@@ -359,8 +406,11 @@ def get_model(hierarchy: str) -> Callable[..., None]:
     """
     key = str(hierarchy).replace("_", "-")
     if key not in _MODELS:
-        raise CalibError(f"unknown hierarchy {hierarchy!r}", field="--hierarchy",
-                         fix=f"use one of {', '.join(HIERARCHIES)}")
+        raise CalibError(
+            f"unknown hierarchy {hierarchy!r}",
+            field="--hierarchy",
+            fix=f"use one of {', '.join(HIERARCHIES)}",
+        )
     return _MODELS[key]
 
 
@@ -369,8 +419,19 @@ def sample_sites(hierarchy: str, centered: bool | None = None) -> tuple[str, ...
     centered = config.MODEL_CENTERED if centered is None else centered
     key = str(hierarchy).replace("_", "-")
     get_model(key)
-    base = ["z_b_pop", "z_per_layer_us", "z_per_request_us", "z_per_step_us", "alpha", "stall_frac",
-            "stall_log_mult", "stall_sd_frac", "fast_frac", "fast_log_mult", "fast_sd_frac"]
+    base = [
+        "z_b_pop",
+        "z_per_layer_us",
+        "z_per_request_us",
+        "z_per_step_us",
+        "alpha",
+        "stall_frac",
+        "stall_log_mult",
+        "stall_sd_frac",
+        "fast_frac",
+        "fast_log_mult",
+        "fast_sd_frac",
+    ]
     if key == "pooled":
         return tuple(base + ["sigma_pooled"])
     base += ["tau", "sigma", "log_b_active" if centered else "z_b"]
@@ -385,8 +446,15 @@ def _without_obs(data: ModelData) -> ModelData:
     return data._replace(duration_us=None, log_duration=None)
 
 
-def prior_predictive(hierarchy: str, data: ModelData, priors: Priors, num_samples: int = 500,
-                     seed: int = 0, *, centered: bool | None = None) -> dict[str, np.ndarray]:
+def prior_predictive(
+    hierarchy: str,
+    data: ModelData,
+    priors: Priors,
+    num_samples: int = 500,
+    seed: int = 0,
+    *,
+    centered: bool | None = None,
+) -> dict[str, np.ndarray]:
     """Prior draws and the step times they imply.
 
     Returns
@@ -402,17 +470,26 @@ def prior_predictive(hierarchy: str, data: ModelData, priors: Priors, num_sample
     pred = Predictive(model, num_samples=int(num_samples))
     out = pred(jax.random.key(int(seed)), _without_obs(data), priors, centered=centered)
     res = {k: np.asarray(v) for k, v in out.items()}
-    params = {k: out[k] for k in ("b", "b_exp", "per_layer_us", "per_request_us",
-                                  "per_step_us", "alpha") if k in out}
+    params = {
+        k: out[k]
+        for k in ("b", "b_exp", "per_layer_us", "per_request_us", "per_step_us", "alpha")
+        if k in out
+    }
     res["mu_us"] = np.asarray(jax.vmap(step_time_us, (0, None))(params, data))
     with np.errstate(over="ignore"):  # heavy-tailed prior draws may overflow: inf µs
         res["duration_us"] = np.exp(res.pop(OBS_SITE))
     return res
 
 
-def simulate_from_model(hierarchy: str, data: ModelData, *, priors: Priors | None = None,
-                        params: Mapping[str, Array] | None = None, seed: int = 0,
-                        centered: bool | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def simulate_from_model(
+    hierarchy: str,
+    data: ModelData,
+    *,
+    priors: Priors | None = None,
+    params: Mapping[str, Array] | None = None,
+    seed: int = 0,
+    centered: bool | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Simulate step durations (µs) from the model itself.
 
     With ``params`` (``b``, optional ``b_exp``, the overheads, ``alpha``, ``sigma``
@@ -428,14 +505,17 @@ def simulate_from_model(hierarchy: str, data: ModelData, *, priors: Priors | Non
         from numpyro.infer import Predictive
 
         draw = Predictive(get_model(hierarchy), num_samples=1)(
-            key_prior, _without_obs(data), priors, centered=centered)
+            key_prior, _without_obs(data), priors, centered=centered
+        )
         truth = {k: np.asarray(v[0]) for k, v in draw.items() if k != OBS_SITE}
     else:
         truth = {k: np.asarray(v) for k, v in params.items()}
     mu = np.asarray(step_time_us(truth, data))
     midx = np.asarray(data.model_idx)
-    rows = [None if truth.get(k) is None else np.broadcast_to(truth[k], (data.n_models,))[midx]
-            for k in noise.NOISE_PARAMS]
+    rows = [
+        None if truth.get(k) is None else np.broadcast_to(truth[k], (data.n_models,))[midx]
+        for k in noise.NOISE_PARAMS
+    ]
     rng = np.random.default_rng(np.asarray(jax.random.key_data(key_noise)).ravel())
     with np.errstate(over="ignore"):
         return noise.sample(rng, mu, *(r for r in rows if r is not None)), truth

@@ -44,11 +44,18 @@ def _overhead(name: str, prior: Prior):
     med, sd = prior["median"], prior["log_sd"]
     loc = math.log(med)
     if config.OVERHEAD_COORDINATES == "softplus":
+
         def logp(z, loc, sd, unit):
             x = unit * pt.softplus(z)
             lx = pt.log(x)
-            return (-0.5 * ((lx - loc) / sd) ** 2 - lx - pt.log(sd) - 0.5 * np.log(2 * np.pi)
-                    + pt.log(unit) + pt.log(pt.sigmoid(z)))
+            return (
+                -0.5 * ((lx - loc) / sd) ** 2
+                - lx
+                - pt.log(sd)
+                - 0.5 * np.log(2 * np.pi)
+                + pt.log(unit)
+                + pt.log(pt.sigmoid(z))
+            )
 
         def random(loc, sd, unit, rng=None, size=None):
             x = np.exp(rng.normal(loc, sd, size=size)) / unit
@@ -78,14 +85,24 @@ def _overhead_below(site: str, log_bound, prior: Prior):
     loc, sd = math.log(prior["median"]), prior["log_sd"]
     # log-normal density of r (normal in log r, minus log r) + log |dr/du| (log r + log
     # sigmoid(-u)), minus the raw site's own density
-    lp = ((_normal_logp(log_r, loc, sd) - log_r) + log_r + pt.log(pt.sigmoid(-u))
-          - _normal_logp(u, 0.0, BOUNDED_BASE_SD))
+    lp = (
+        (_normal_logp(log_r, loc, sd) - log_r)
+        + log_r
+        + pt.log(pt.sigmoid(-u))
+        - _normal_logp(u, 0.0, BOUNDED_BASE_SD)
+    )
     pm.Potential(f"{site}_jacobian", lp)
     return pm.Deterministic(site, pt.exp(log_r))
 
 
-def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
-                     coords: Mapping[str, Sequence[Any]], *, centered: bool | None = None):
+def build_pymc_model(
+    hierarchy: str,
+    data: ModelData,
+    priors: Priors,
+    coords: Mapping[str, Sequence[Any]],
+    *,
+    centered: bool | None = None,
+):
     """The PyMC model of ``hierarchy`` (``pm.Model``; sample it with ``pm.sample``).
 
     Parameters
@@ -115,8 +132,9 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
     M = data.n_models
     with pm.Model(coords=coords) as model:
         bounded = bounded_overheads(data) if key != "pooled" else ()
-        per = {site: _overhead(site, priors[site]) for site, _ in OVERHEAD_SITES
-               if site not in bounded}
+        per = {
+            site: _overhead(site, priors[site]) for site, _ in OVERHEAD_SITES if site not in bounded
+        }
         loc, scale = (np.asarray(a) for a in priors.lognormal_loc_scale("b_pop"))
         z_b_pop = pm.Normal("z_b_pop", 0.0, 1.0, dims="component")
         log_b_pop = loc + scale * z_b_pop
@@ -137,8 +155,12 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
                 spread = pt.switch(rc, scale[ak], tau[ak])
                 if centered:  # same mixed form as calib.geometry._nested
                     nc = noncentered_columns(ak)
-                    raw = pm.Normal("log_b_active", pt.switch(nc, 0.0, mloc),
-                                    pt.switch(nc, 1.0, spread), dims="active")
+                    raw = pm.Normal(
+                        "log_b_active",
+                        pt.switch(nc, 0.0, mloc),
+                        pt.switch(nc, 1.0, spread),
+                        dims="active",
+                    )
                     act = pt.switch(nc, mloc + spread * raw, raw)
                 else:
                     act = mloc + spread * pm.Normal("z_b", 0.0, 1.0, dims="active")
@@ -155,8 +177,7 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
                 if not wm.size:
                     continue
                 comp = COMPONENTS[k]
-                base_loc = np.log(b_med[k] * pin.scale + pin.counts @ medians
-                                  + pin.shares @ b_med)
+                base_loc = np.log(b_med[k] * pin.scale + pin.counts @ medians + pin.shares @ b_med)
                 z = pm.Normal(name, 0.0, 1.0, dims=f"{comp}_model")
                 log_c = base_loc + z
                 c = pt.exp(log_c)
@@ -179,10 +200,14 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
                 # as calib.geometry._recentred_population: b_pop relative to the models' mean
                 tau_k, z_k, n = tau[k], z_b_pop[k], models.size
                 pop_k = pt.mean(log_bk) + tau_k / np.sqrt(n) * z_k
-                lp_pop = (pt.sum(_normal_logp(log_bk, pop_k, tau_k))
-                          + _normal_logp(pop_k, loc[k], scale[k])
-                          + pt.log(tau_k) - 0.5 * np.log(n) - _normal_logp(z_k, 0.0, 1.0)
-                          - base)
+                lp_pop = (
+                    pt.sum(_normal_logp(log_bk, pop_k, tau_k))
+                    + _normal_logp(pop_k, loc[k], scale[k])
+                    + pt.log(tau_k)
+                    - 0.5 * np.log(n)
+                    - _normal_logp(z_k, 0.0, 1.0)
+                    - base
+                )
                 pm.Potential(f"b_pop_{COMPONENTS[k]}_jacobian", lp_pop)
                 log_b_pop = pt.set_subtensor(pt.as_tensor(log_b_pop)[k], pop_k)
                 log_b = pt.set_subtensor(pt.as_tensor(log_b)[:, k], pop_k)
@@ -200,26 +225,42 @@ def build_pymc_model(hierarchy: str, data: ModelData, priors: Priors,
                 eloc = full[ae, aek]
                 if centered:
                     nc = noncentered_columns(aek)
-                    raw = pm.Normal("log_b_exp_active", pt.switch(nc, 0.0, eloc),
-                                    pt.switch(nc, 1.0, tau_exp[aek]), dims="active_exp")
+                    raw = pm.Normal(
+                        "log_b_exp_active",
+                        pt.switch(nc, 0.0, eloc),
+                        pt.switch(nc, 1.0, tau_exp[aek]),
+                        dims="active_exp",
+                    )
                     act = pt.switch(nc, eloc + tau_exp[aek] * raw, raw)
                 else:
-                    act = eloc + tau_exp[aek] * pm.Normal("z_b_exp", 0.0, 1.0,
-                                                          dims="active_exp")
+                    act = eloc + tau_exp[aek] * pm.Normal("z_b_exp", 0.0, 1.0, dims="active_exp")
                 full = pt.set_subtensor(full[ae, aek], act)
             table = pm.Deterministic("b_exp", pt.exp(full), dims=("experiment", "component"))
             idx = eidx
         alpha = priors["alpha"].pymc("alpha")
         params = _noise_params(priors, sigma, M)
         terms = C * table[idx]
-        mu = steptime.step_time_us(pt, [terms[:, k] for k in range(len(COMPONENTS))],
-                                   np.asarray(data.num_layers), np.asarray(data.batch_size),
-                                   per["per_layer_us"], per["per_request_us"],
-                                   per["per_step_us"], alpha)
+        mu = steptime.step_time_us(
+            pt,
+            [terms[:, k] for k in range(len(COMPONENTS))],
+            np.asarray(data.num_layers),
+            np.asarray(data.batch_size),
+            per["per_layer_us"],
+            per["per_request_us"],
+            per["per_step_us"],
+            alpha,
+        )
         obs = None if data.duration_us is None else np.log(np.asarray(data.duration_us))
         kw = {"dims": SITE_DIMS[OBS_SITE]} if "step" in coords else {}
-        pm.CustomDist(OBS_SITE, pt.log(mu), *(p[midx] for p in params),
-                      logp=noise.pymc_log_density, random=_noise_random, observed=obs, **kw)
+        pm.CustomDist(
+            OBS_SITE,
+            pt.log(mu),
+            *(p[midx] for p in params),
+            logp=noise.pymc_log_density,
+            random=_noise_random,
+            observed=obs,
+            **kw,
+        )
     return model
 
 
@@ -232,15 +273,30 @@ def _noise_params(priors: Priors, sigma, M: int) -> tuple:
     stall_prob = pm.Deterministic("stall_prob", cap * priors["stall_prob"].pymc("stall_frac"))
     stall_log_mult = priors["stall_log_mult"].pymc("stall_log_mult")
     sd_cap = config.NOISE_MAX_TAIL_LOG_SD
-    stall_log_sd = pm.Deterministic("stall_log_sd",
-                                    sd_cap * priors["stall_log_sd"].pymc("stall_sd_frac"))
-    fast_prob = pm.Deterministic("fast_prob", cap * priors["fast_prob"].pymc(
-        "fast_frac", dims="model"), dims="model")
+    stall_log_sd = pm.Deterministic(
+        "stall_log_sd", sd_cap * priors["stall_log_sd"].pymc("stall_sd_frac")
+    )
+    fast_prob = pm.Deterministic(
+        "fast_prob", cap * priors["fast_prob"].pymc("fast_frac", dims="model"), dims="model"
+    )
     fast_log_mult = priors["fast_log_mult"].pymc("fast_log_mult", dims="model")
-    fast_log_sd = pm.Deterministic("fast_log_sd", sd_cap * priors["fast_log_sd"].pymc(
-        "fast_sd_frac", dims="model"), dims="model")
-    params = tuple(pt.broadcast_to(v, (M,)) for v in (
-        sigma, stall_prob, stall_log_mult, stall_log_sd, fast_prob, fast_log_mult, fast_log_sd))
+    fast_log_sd = pm.Deterministic(
+        "fast_log_sd",
+        sd_cap * priors["fast_log_sd"].pymc("fast_sd_frac", dims="model"),
+        dims="model",
+    )
+    params = tuple(
+        pt.broadcast_to(v, (M,))
+        for v in (
+            sigma,
+            stall_prob,
+            stall_log_mult,
+            stall_log_sd,
+            fast_prob,
+            fast_log_mult,
+            fast_log_sd,
+        )
+    )
     pm.Deterministic("mean_factor", noise.mean_factor(*params, xp=pt), dims="model")
     return params
 

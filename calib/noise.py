@@ -61,8 +61,15 @@ from calib import config
 Array = Any  # numpy, jax or pytensor array
 
 #: Parameter names, in the order every function takes them (also the model's site names).
-NOISE_PARAMS = ("sigma", "stall_prob", "stall_log_mult", "stall_log_sd", "fast_prob",
-                "fast_log_mult", "fast_log_sd")
+NOISE_PARAMS = (
+    "sigma",
+    "stall_prob",
+    "stall_log_mult",
+    "stall_log_sd",
+    "fast_prob",
+    "fast_log_mult",
+    "fast_log_sd",
+)
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 #: Upper bound on ``stall_prob`` and ``fast_prob`` in a model (defined in calib.config).
 MAX_TAIL_PROB = config.NOISE_MAX_TAIL_PROB
@@ -95,8 +102,10 @@ def posterior_params(draws: dict, n_models: int) -> tuple[np.ndarray, ...]:
     scalars broadcast). A posterior without the fast component gives the four others."""
     d = np.shape(draws["sigma"])[0]
     names = NOISE_PARAMS if "fast_prob" in draws else NOISE_PARAMS[:4]
-    return tuple(np.broadcast_to(np.asarray(draws[k], np.float64).reshape(d, -1),
-                                 (d, n_models)) for k in names)
+    return tuple(
+        np.broadcast_to(np.asarray(draws[k], np.float64).reshape(d, -1), (d, n_models))
+        for k in names
+    )
 
 
 def stall_scale(sigma: Array, stall_log_sd: Array, xp: Any = np) -> Array:
@@ -112,18 +121,26 @@ def _tails(stall_prob, stall_log_mult, stall_log_sd, fast_prob, fast_log_mult, f
     return out
 
 
-def log_density(log_y: Array, log_m: Array, sigma: Array, stall_prob: Array,
-                stall_log_mult: Array, stall_log_sd: Array, fast_prob: Array | None = None,
-                fast_log_mult: Array | None = None, fast_log_sd: Array | None = None, *,
-                xp: Any = np) -> Array:
+def log_density(
+    log_y: Array,
+    log_m: Array,
+    sigma: Array,
+    stall_prob: Array,
+    stall_log_mult: Array,
+    stall_log_sd: Array,
+    fast_prob: Array | None = None,
+    fast_log_mult: Array | None = None,
+    fast_log_sd: Array | None = None,
+    *,
+    xp: Any = np,
+) -> Array:
     """Log density of ``log y`` (not of ``y``: subtract ``log y`` for that).
 
     ``xp`` is the array namespace: ``numpy``, ``jax.numpy`` or ``pytensor.tensor``;
     the one formula of the family, used by every backend.
     """
     r = log_y - log_m
-    tails = _tails(stall_prob, stall_log_mult, stall_log_sd, fast_prob, fast_log_mult,
-                   fast_log_sd)
+    tails = _tails(stall_prob, stall_log_mult, stall_log_sd, fast_prob, fast_log_mult, fast_log_sd)
     p_tail = stall_prob if fast_prob is None else stall_prob + fast_prob
     zb = r / sigma
     out = xp.log1p(-p_tail) - 0.5 * zb * zb - xp.log(sigma)
@@ -134,16 +151,25 @@ def log_density(log_y: Array, log_m: Array, sigma: Array, stall_prob: Array,
     return out - _HALF_LOG_2PI
 
 
-def moment(k: float, sigma: Array, stall_prob: Array, stall_log_mult: Array,
-           stall_log_sd: Array, fast_prob: Array | None = None,
-           fast_log_mult: Array | None = None, fast_log_sd: Array | None = None, *,
-           xp: Any = np) -> Array:
+def moment(
+    k: float,
+    sigma: Array,
+    stall_prob: Array,
+    stall_log_mult: Array,
+    stall_log_sd: Array,
+    fast_prob: Array | None = None,
+    fast_log_mult: Array | None = None,
+    fast_log_sd: Array | None = None,
+    *,
+    xp: Any = np,
+) -> Array:
     """``E[(y/m)^k]`` (any real ``k``), exactly:
     ``exp(k²σ²/2)·(1 + Σ_c π_c·expm1(k·shift_c + k²ω_c²/2))`` over the stall (shift δ_s)
     and fast (shift −δ_f) components."""
     acc = 1.0
-    for prob, shift, sd in _tails(stall_prob, stall_log_mult, stall_log_sd, fast_prob,
-                                  fast_log_mult, fast_log_sd):
+    for prob, shift, sd in _tails(
+        stall_prob, stall_log_mult, stall_log_sd, fast_prob, fast_log_mult, fast_log_sd
+    ):
         acc = acc + prob * xp.expm1(k * shift + 0.5 * k * k * sd * sd)
     return xp.exp(0.5 * k * k * sigma * sigma) * acc
 
@@ -174,15 +200,22 @@ def sum_mean_var(m: Array, *params: Array, axis: int = -1) -> tuple[np.ndarray, 
     return mean, var
 
 
-def cdf(log_y: Array, log_m: Array, sigma: Array, stall_prob: Array, stall_log_mult: Array,
-        stall_log_sd: Array, fast_prob: Array | None = None, fast_log_mult: Array | None = None,
-        fast_log_sd: Array | None = None) -> np.ndarray:
+def cdf(
+    log_y: Array,
+    log_m: Array,
+    sigma: Array,
+    stall_prob: Array,
+    stall_log_mult: Array,
+    stall_log_sd: Array,
+    fast_prob: Array | None = None,
+    fast_log_mult: Array | None = None,
+    fast_log_sd: Array | None = None,
+) -> np.ndarray:
     """``P(log Y ≤ log_y)`` (NumPy)."""
     from scipy.special import ndtr
 
     r = np.asarray(log_y, dtype=np.float64) - log_m
-    tails = _tails(stall_prob, stall_log_mult, stall_log_sd, fast_prob, fast_log_mult,
-                   fast_log_sd)
+    tails = _tails(stall_prob, stall_log_mult, stall_log_sd, fast_prob, fast_log_mult, fast_log_sd)
     p_tail = stall_prob if fast_prob is None else stall_prob + fast_prob
     out = (1.0 - p_tail) * ndtr(r / sigma)
     for prob, shift, sd in tails:
@@ -214,8 +247,9 @@ def quantile(q: Array, *params: Array) -> np.ndarray:
     return np.exp(0.5 * (lo + hi))
 
 
-def sample(rng: np.random.Generator, m: Array, *params: Array,
-           size: tuple[int, ...] | None = None) -> np.ndarray:
+def sample(
+    rng: np.random.Generator, m: Array, *params: Array, size: tuple[int, ...] | None = None
+) -> np.ndarray:
     """Step times ``y`` (same units as ``m``) with the full tails, no clipping (NumPy;
     parameters as :class:`NoiseParams`, positionally).
 
@@ -262,12 +296,28 @@ def _numpyro_distribution():
             "fast_log_sd": constraints.positive,
         }
         support = constraints.real
-        reparametrized_params = ["loc", "sigma", "stall_log_mult", "stall_log_sd",
-                                 "fast_log_mult", "fast_log_sd"]
+        reparametrized_params = [
+            "loc",
+            "sigma",
+            "stall_log_mult",
+            "stall_log_sd",
+            "fast_log_mult",
+            "fast_log_sd",
+        ]
 
-        def __init__(self, loc, sigma, stall_prob, stall_log_mult, stall_log_sd,
-                     fast_prob=None, fast_log_mult=None, fast_log_sd=None, *,
-                     validate_args=None):
+        def __init__(
+            self,
+            loc,
+            sigma,
+            stall_prob,
+            stall_log_mult,
+            stall_log_sd,
+            fast_prob=None,
+            fast_log_mult=None,
+            fast_log_sd=None,
+            *,
+            validate_args=None,
+        ):
             fast = (fast_prob, fast_log_mult, fast_log_sd)
             if any(a is None for a in fast) and not all(a is None for a in fast):
                 raise ValueError("give all three fast-component parameters or none")
@@ -275,13 +325,16 @@ def _numpyro_distribution():
             if fast_prob is not None:
                 args += list(fast)
             args = promote_shapes(*args)
-            (self.loc, self.sigma, self.stall_prob, self.stall_log_mult,
-             self.stall_log_sd) = args[:5]
+            (self.loc, self.sigma, self.stall_prob, self.stall_log_mult, self.stall_log_sd) = args[
+                :5
+            ]
             self.fast_prob, self.fast_log_mult, self.fast_log_sd = (
-                args[5:] if fast_prob is not None else fast)
+                args[5:] if fast_prob is not None else fast
+            )
             if fast_prob is None:  # validate only the parameters given
-                self.arg_constraints = {k: v for k, v in type(self).arg_constraints.items()
-                                        if not k.startswith("fast_")}
+                self.arg_constraints = {
+                    k: v for k, v in type(self).arg_constraints.items() if not k.startswith("fast_")
+                }
             batch_shape = jax.lax.broadcast_shapes(*(jnp.shape(a) for a in args))
             super().__init__(batch_shape=batch_shape, validate_args=validate_args)
 
@@ -322,8 +375,9 @@ def _numpyro_distribution():
         def variance(self):
             tails = self._tails()
             mean = sum(prob * shift for prob, shift, _ in tails)
-            second = self.sigma**2 + sum(prob * (sd * sd + shift * shift)
-                                         for prob, shift, sd in tails)
+            second = self.sigma**2 + sum(
+                prob * (sd * sd + shift * shift) for prob, shift, sd in tails
+            )
             return jnp.broadcast_to(second - mean * mean, self.batch_shape)
 
     return LogStallNormal

@@ -55,8 +55,11 @@ __all__ = ["QUANTITIES", "alphas", "estimate", "observations"]
 #: Quantities in BLIS ``alpha_coeffs`` order.
 QUANTITIES = ("queue", "depart", "per_token")
 #: Dataset variables each quantity is read from (for error messages).
-_FIELDS = {"queue": "req_api_queue_us", "depart": "req_api_depart_us",
-           "per_token": "bs_ts_start_ns/bs_ts_end_ns"}
+_FIELDS = {
+    "queue": "req_api_queue_us",
+    "depart": "req_api_depart_us",
+    "per_token": "bs_ts_start_ns/bs_ts_end_ns",
+}
 
 
 def observations(ds) -> dict[str, Any]:
@@ -66,22 +69,31 @@ def observations(ds) -> dict[str, Any]:
     each ``per_token`` value."""
     from calib.e2e import measure_host_timing
 
-    missing = [v for v in ("req_experiment", "req_api_queue_us", "req_api_depart_us")
-               if v not in ds]
+    missing = [
+        v for v in ("req_experiment", "req_api_queue_us", "req_api_depart_us") if v not in ds
+    ]
     if missing:
-        raise CalibError(f"dataset lacks variable(s) {', '.join(missing)}", field=missing[0],
-                         fix="import traces that include the vllm.api span, or give the "
-                             "alphas explicitly (--alpha-coeffs a,b,c)")
+        raise CalibError(
+            f"dataset lacks variable(s) {', '.join(missing)}",
+            field=missing[0],
+            fix="import traces that include the vllm.api span, or give the "
+            "alphas explicitly (--alpha-coeffs a,b,c)",
+        )
     req_exp = np.asarray(ds["req_experiment"].values)
     gap = measure_host_timing(ds)
     out: dict[str, Any] = {}
-    for q, v in (("queue", np.asarray(ds["req_api_queue_us"].values, np.float64)),
-                 ("depart", np.asarray(ds["req_api_depart_us"].values, np.float64))):
+    for q, v in (
+        ("queue", np.asarray(ds["req_api_queue_us"].values, np.float64)),
+        ("depart", np.asarray(ds["req_api_depart_us"].values, np.float64)),
+    ):
         ok = np.isfinite(v)
         out[q] = (v[ok], np.ones(int(ok.sum())), req_exp[ok])
     ok = np.asarray(gap.gap_pairs) > 0
-    out["per_token"] = (gap.gap_us[ok], np.asarray(gap.gap_pairs, np.float64)[ok],
-                        np.flatnonzero(ok))
+    out["per_token"] = (
+        gap.gap_us[ok],
+        np.asarray(gap.gap_pairs, np.float64)[ok],
+        np.flatnonzero(ok),
+    )
     out["per_token_se"] = gap.gap_se_us[ok]
     return out
 
@@ -98,13 +110,18 @@ def _random_effects(mean: np.ndarray, se2: np.ndarray) -> tuple:
     denom = w.sum(-1) - (w * w).sum(-1) / w.sum(-1)
     tau2 = np.maximum(0.0, (q - (mean.shape[-1] - 1)) / np.maximum(denom, 1e-300))
     wr = 1.0 / (se2 + tau2[..., None])
-    mu = (wr * mean).sum(-1) / wr.sum(-1)                  # random-effects mean
+    mu = (wr * mean).sum(-1) / wr.sum(-1)  # random-effects mean
     shrink = tau2[..., None] / (tau2[..., None] + se2)
     return mu[..., None] + shrink * (mean - mu[..., None]), mu, np.sqrt(tau2), q
 
 
-def estimate(ds, *, replicates: int = config.OVERHEAD_BOOTSTRAP,
-             seed: int = config.OVERHEAD_SEED, prob: float = config.INTERVAL_PROB) -> dict:
+def estimate(
+    ds,
+    *,
+    replicates: int = config.OVERHEAD_BOOTSTRAP,
+    seed: int = config.OVERHEAD_SEED,
+    prob: float = config.INTERVAL_PROB,
+) -> dict:
     """API-overhead estimates per model and for a new model (see the module docstring).
 
     Returns
@@ -126,20 +143,29 @@ def estimate(ds, *, replicates: int = config.OVERHEAD_BOOTSTRAP,
     models = list(dict.fromkeys(exp_model.tolist()))
     obs = observations(ds)
     rng = np.random.default_rng(seed)
-    out: dict = {"quantities": list(QUANTITIES), "models": models, "replicates": int(replicates),
-                 "prob": float(prob), "heterogeneity": {}, "n_observations": {},
-                 "method": "mean per model (per_token: mean host gap between consecutive "
-                           "steps), DerSimonian-Laird pooling across models, bootstrap of "
-                           "requests within experiments (per_token: of experiment means by "
-                           "their standard errors)"}
+    out: dict = {
+        "quantities": list(QUANTITIES),
+        "models": models,
+        "replicates": int(replicates),
+        "prob": float(prob),
+        "heterogeneity": {},
+        "n_observations": {},
+        "method": "mean per model (per_token: mean host gap between consecutive "
+        "steps), DerSimonian-Laird pooling across models, bootstrap of "
+        "requests within experiments (per_token: of experiment means by "
+        "their standard errors)",
+    }
     per: dict[str, dict] = {m: {} for m in [*models, "population"]}
     lo_q, hi_q = (1 - prob) / 2, (1 + prob) / 2
     for q in QUANTITIES:
         v, w, e = obs[q]
         if v.size == 0:
-            raise CalibError(f"no usable observation of the API overhead {q!r}", field=_FIELDS[q],
-                             fix="import traces that include the vllm.api span and sampled "
-                                 "steps, or give the alphas explicitly (--alpha-coeffs a,b,c)")
+            raise CalibError(
+                f"no usable observation of the API overhead {q!r}",
+                field=_FIELDS[q],
+                fix="import traces that include the vllm.api span and sampled "
+                "steps, or give the alphas explicitly (--alpha-coeffs a,b,c)",
+            )
         # sums of w·v and w per model: point (row 0) and bootstrap replicates
         sums = np.zeros((replicates + 1, len(models), 2))
         for ei in np.unique(e):
@@ -152,20 +178,25 @@ def estimate(ds, *, replicates: int = config.OVERHEAD_BOOTSTRAP,
                 sums[1:, mi, 0] += rep @ ww
                 sums[1:, mi, 1] += ww.sum()
                 continue
-            counts = rng.multinomial(sel.sum(), np.full(sel.sum(), 1.0 / sel.sum()),
-                                     size=replicates)
+            counts = rng.multinomial(
+                sel.sum(), np.full(sel.sum(), 1.0 / sel.sum()), size=replicates
+            )
             sums[1:, mi, 0] += counts @ wv
             sums[1:, mi, 1] += counts @ ww
         present = sums[0, :, 1] > 0
         with np.errstate(invalid="ignore", divide="ignore"):
-            means = sums[..., 0] / sums[..., 1]                  # (R+1, M)
+            means = sums[..., 0] / sums[..., 1]  # (R+1, M)
         mp = means[:, present]
         se2 = np.var(mp[1:], axis=0, ddof=1)[None, :] * np.ones((replicates + 1, 1))
         if mp.shape[1] > 1:
             shrunk, pooled, tau, qstat = _random_effects(mp, se2)
         else:
-            shrunk, pooled, tau, qstat = mp, mp[:, 0], np.zeros(replicates + 1), np.zeros(
-                replicates + 1)
+            shrunk, pooled, tau, qstat = (
+                mp,
+                mp[:, 0],
+                np.zeros(replicates + 1),
+                np.zeros(replicates + 1),
+            )
         full = np.repeat(pooled[:, None], len(models), axis=1)  # a model without data: pooled
         full[:, present] = shrunk
         z = np.random.default_rng(seed + 1).standard_normal(replicates)
@@ -173,16 +204,24 @@ def estimate(ds, *, replicates: int = config.OVERHEAD_BOOTSTRAP,
         for mi, m in enumerate(models):
             per[m][q] = _summary(full[0, mi], full[1:, mi], lo_q, hi_q)
         per["population"][q] = _summary(float(pooled[0]), new, lo_q, hi_q)
-        out["heterogeneity"][q] = {"tau_us": float(tau[0]), "Q": float(qstat[0]),
-                                   "df": int(present.sum() - 1), "pooled": bool(tau[0] == 0)}
+        out["heterogeneity"][q] = {
+            "tau_us": float(tau[0]),
+            "Q": float(qstat[0]),
+            "df": int(present.sum() - 1),
+            "pooled": bool(tau[0] == 0),
+        }
         out["n_observations"][q] = {m: int(np.sum(exp_model[e] == m)) for m in models}
     out["estimates"] = per
     return out
 
 
 def _summary(point: float, reps: np.ndarray, lo_q: float, hi_q: float) -> dict:
-    return {"mean": float(point), "sd": float(np.std(reps, ddof=1)),
-            "lower": float(np.quantile(reps, lo_q)), "upper": float(np.quantile(reps, hi_q))}
+    return {
+        "mean": float(point),
+        "sd": float(np.std(reps, ddof=1)),
+        "lower": float(np.quantile(reps, lo_q)),
+        "upper": float(np.quantile(reps, hi_q)),
+    }
 
 
 def alphas(record: dict, model: str | None) -> dict:
@@ -194,9 +233,12 @@ def alphas(record: dict, model: str | None) -> dict:
     key = model if model in record["estimates"] and model is not None else "population"
     est = record["estimates"][key]
     raw = [est[q]["mean"] for q in QUANTITIES]
-    return {"mean": [max(0.0, v) for v in raw], "raw_mean": raw,
-            "sd": [est[q]["sd"] for q in QUANTITIES],
-            "lower": [est[q]["lower"] for q in QUANTITIES],
-            "upper": [est[q]["upper"] for q in QUANTITIES],
-            "clipped": [q for q, v in zip(QUANTITIES, raw, strict=True) if v < 0],
-            "set": key}
+    return {
+        "mean": [max(0.0, v) for v in raw],
+        "raw_mean": raw,
+        "sd": [est[q]["sd"] for q in QUANTITIES],
+        "lower": [est[q]["lower"] for q in QUANTITIES],
+        "upper": [est[q]["upper"] for q in QUANTITIES],
+        "clipped": [q for q, v in zip(QUANTITIES, raw, strict=True) if v < 0],
+        "set": key,
+    }

@@ -60,8 +60,9 @@ API_OVERHEADS_ATTR = "api_overheads"
 
 
 # ------------------------------------------------------------------ model data <-> xarray
-def modeldata_to_constant_data(data, coords: dict[str, list[str]],
-                               step_index: np.ndarray | None = None):
+def modeldata_to_constant_data(
+    data, coords: dict[str, list[str]], step_index: np.ndarray | None = None
+):
     """``constant_data`` and ``observed_data`` Datasets of one ModelData.
 
     Parameters
@@ -82,17 +83,22 @@ def modeldata_to_constant_data(data, coords: dict[str, list[str]],
     if step_index.shape != (n,):
         raise ValueError(f"step_index has shape {step_index.shape}, expected ({n},)")
     xcoords: dict[str, list | np.ndarray] = {
-        "step": step_index, "component": list(coords["component"]),
-        "model": list(coords["model"]), "experiment": list(coords["experiment"])}
+        "step": step_index,
+        "component": list(coords["component"]),
+        "model": list(coords["model"]),
+        "experiment": list(coords["experiment"]),
+    }
     if len(xcoords["model"]) != data.n_models or len(xcoords["experiment"]) != data.n_experiments:
         raise ValueError("coords do not match ModelData.n_models / n_experiments")
     const = xr.Dataset(
         {name: (dims, np.asarray(getattr(data, name))) for name, dims in CONSTANT_VARS.items()},
-        coords=xcoords)
+        coords=xcoords,
+    )
     obs = None
     if data.duration_us is not None:
-        obs = xr.Dataset({"duration_us": (("step",), np.asarray(data.duration_us))},
-                         coords={"step": step_index})
+        obs = xr.Dataset(
+            {"duration_us": (("step",), np.asarray(data.duration_us))}, coords={"step": step_index}
+        )
     return const, obs
 
 
@@ -110,9 +116,13 @@ def model_data_from_idata(idata):
     if "observed_data" in idata.groups() and "duration_us" in idata.observed_data:
         duration = np.asarray(idata.observed_data["duration_us"].values)
         log_duration = np.log(duration)  # as calib.data.make_model_data computes it
-    return ModelData(**fields, duration_us=duration, log_duration=log_duration,
-                     n_models=int(cd.sizes["model"]),
-                     n_experiments=int(cd.sizes["experiment"]))
+    return ModelData(
+        **fields,
+        duration_us=duration,
+        log_duration=log_duration,
+        n_models=int(cd.sizes["model"]),
+        n_experiments=int(cd.sizes["experiment"]),
+    )
 
 
 def model_coords(idata) -> dict[str, list[str]]:
@@ -189,8 +199,15 @@ def predict_step_time_us(idata, draws: int | None = None, *, data=None) -> np.nd
         b, group = p["b_exp"], np.asarray(data.experiment_idx)
     else:
         b, group = p["b"], np.asarray(data.model_idx)
-    return step_time_draws_us(b, p["per_layer_us"], p["per_request_us"], p["per_step_us"],
-                              p["alpha"], StepFeatures.from_model_data(data), group)
+    return step_time_draws_us(
+        b,
+        p["per_layer_us"],
+        p["per_request_us"],
+        p["per_step_us"],
+        p["alpha"],
+        StepFeatures.from_model_data(data),
+        group,
+    )
 
 
 # ------------------------------------------------------------------------ save / load
@@ -244,8 +261,9 @@ def save_posterior(idata, path: str | Path, *, manifest: dict | None = None) -> 
         ds.attrs = _json_safe_attrs(ds.attrs)
         groups[g] = ds
     post = groups["posterior"]
-    groups["posterior"] = post[[v for v in post.data_vars
-                                if v in PARAMETER_SITES or "step" in post[v].dims]]
+    groups["posterior"] = post[
+        [v for v in post.data_vars if v in PARAMETER_SITES or "step" in post[v].dims]
+    ]
     out = az.InferenceData(attrs=_json_safe_attrs(attrs), **groups)
     with atomic_path(path) as tmp:
         out.to_netcdf(str(tmp), engine="netcdf4")
@@ -265,45 +283,75 @@ def load_posterior(path: str | Path):
 
     path = Path(path)
     if not path.is_file():
-        raise CalibError("posterior file not found", path=path,
-                         fix="run scripts/fit.py to create it, or pass the right --posterior")
+        raise CalibError(
+            "posterior file not found",
+            path=path,
+            fix="run scripts/fit.py to create it, or pass the right --posterior",
+        )
     try:
         with az.rc_context({"data.load": "eager"}):
             idata = az.from_netcdf(str(path), engine="netcdf4")
     except (OSError, ValueError, KeyError) as err:
-        raise CalibError(f"cannot read as a NetCDF posterior ({type(err).__name__}: {err})",
-                         path=path, fix="pass a file written by scripts/fit.py") from None
+        raise CalibError(
+            f"cannot read as a NetCDF posterior ({type(err).__name__}: {err})",
+            path=path,
+            fix="pass a file written by scripts/fit.py",
+        ) from None
     missing = [g for g in REQUIRED_GROUPS if g not in idata.groups()]
     if missing:
-        raise CalibError(f"not a calib posterior: missing group(s) {', '.join(missing)}",
-                         path=path, fix="pass a file written by scripts/fit.py")
+        raise CalibError(
+            f"not a calib posterior: missing group(s) {', '.join(missing)}",
+            path=path,
+            fix="pass a file written by scripts/fit.py",
+        )
     attrs = idata.attrs
     version = attrs.get(MODEL_VERSION_ATTR)
     if version is None:
-        raise CalibError(f"not a calib posterior: no {MODEL_VERSION_ATTR} attribute",
-                         path=path, fix="pass a file written by scripts/fit.py")
+        raise CalibError(
+            f"not a calib posterior: no {MODEL_VERSION_ATTR} attribute",
+            path=path,
+            fix="pass a file written by scripts/fit.py",
+        )
     if int(version) != calib.MODEL_VERSION:
         raise CalibError(
             f"written by model version {int(version)}, this calib has model version "
-            f"{calib.MODEL_VERSION}", path=path, field=MODEL_VERSION_ATTR,
-            fix="re-fit with scripts/fit.py using this calib version")
+            f"{calib.MODEL_VERSION}",
+            path=path,
+            field=MODEL_VERSION_ATTR,
+            fix="re-fit with scripts/fit.py using this calib version",
+        )
     try:
         json.loads(attrs["manifest"])
     except (KeyError, TypeError, ValueError):
-        raise CalibError("manifest attribute missing or not JSON", path=path,
-                         field="manifest", fix="re-fit with scripts/fit.py") from None
+        raise CalibError(
+            "manifest attribute missing or not JSON",
+            path=path,
+            field="manifest",
+            fix="re-fit with scripts/fit.py",
+        ) from None
     cd = idata.constant_data
     for name, dims in CONSTANT_VARS.items():
         if name not in cd:
-            raise CalibError(f"constant_data lacks variable {name!r}", path=path,
-                             field=f"constant_data.{name}", fix="re-fit with scripts/fit.py")
+            raise CalibError(
+                f"constant_data lacks variable {name!r}",
+                path=path,
+                field=f"constant_data.{name}",
+                fix="re-fit with scripts/fit.py",
+            )
         if tuple(cd[name].dims) != dims:
-            raise CalibError(f"constant_data.{name} has dims {tuple(cd[name].dims)}, "
-                             f"expected {dims}", path=path, field=f"constant_data.{name}",
-                             fix="re-fit with scripts/fit.py")
+            raise CalibError(
+                f"constant_data.{name} has dims {tuple(cd[name].dims)}, expected {dims}",
+                path=path,
+                field=f"constant_data.{name}",
+                fix="re-fit with scripts/fit.py",
+            )
     if "duration_us" not in idata.observed_data:
-        raise CalibError("observed_data lacks duration_us", path=path,
-                         field="observed_data.duration_us", fix="re-fit with scripts/fit.py")
+        raise CalibError(
+            "observed_data lacks duration_us",
+            path=path,
+            field="observed_data.duration_us",
+            fix="re-fit with scripts/fit.py",
+        )
     if len(idata.posterior.data_vars) == 0:
         raise CalibError("posterior group is empty", path=path, fix="re-fit with scripts/fit.py")
     return idata

@@ -18,8 +18,7 @@ from calib import config
 __all__ = ["add_posterior_predictive"]
 
 
-def add_posterior_predictive(idata, *, draws: int = config.PPC_DRAWS,
-                             seed: int = config.E2E_SEED):
+def add_posterior_predictive(idata, *, draws: int = config.PPC_DRAWS, seed: int = config.E2E_SEED):
     """Add (or replace) ``idata.posterior_predictive``; returns ``idata``."""
     import arviz as az
 
@@ -29,14 +28,15 @@ def add_posterior_predictive(idata, *, draws: int = config.PPC_DRAWS,
     if draws <= 0:
         return idata
     data = model_data_from_idata(idata)
-    mu = predict_step_time_us(idata, draws, data=data)                  # (d, steps)
+    mu = predict_step_time_us(idata, draws, data=data)  # (d, steps)
     post = flat_draws(idata, draws)
     rows = np.asarray(data.model_idx)
-    params = noise.posterior_params(post, data.n_models)                # each (d, models)
+    params = noise.posterior_params(post, data.n_models)  # each (d, models)
     y = noise.sample(np.random.default_rng(seed), mu, *(p[:, rows] for p in params))[None]
     step = idata.observed_data["duration_us"].coords["step"].values
-    ds = az.dict_to_dataset({"duration_us": y}, coords={"step": step},
-                            dims={"duration_us": ["step"]}, library=None)
+    ds = az.dict_to_dataset(
+        {"duration_us": y}, coords={"step": step}, dims={"duration_us": ["step"]}, library=None
+    )
     if "posterior_predictive" in idata.groups():
         del idata.posterior_predictive
     idata.add_groups(posterior_predictive=ds)

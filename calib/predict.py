@@ -44,13 +44,22 @@ __all__ = [
 ]
 
 #: BLIS ``beta_coeffs`` order (trained-physics backend, 10 coefficients).
-BLIS_BETA_NAMES = ("pf_compute", "dc_compute", "weight", "tp", "per_layer_us",
-                   "per_request_us", "per_step_us", "per_moe_layer_us", "pf_kv", "dc_kv")
+BLIS_BETA_NAMES = (
+    "pf_compute",
+    "dc_compute",
+    "weight",
+    "tp",
+    "per_layer_us",
+    "per_request_us",
+    "per_step_us",
+    "per_moe_layer_us",
+    "pf_kv",
+    "dc_kv",
+)
 #: BLIS's optional 11th beta (MoE dispatch/combine under DP > 1); not fitted, not exported.
 BLIS_EP_NAME = "ep"
 #: BLIS ``alpha_coeffs`` order (µs): ARRIVED→QUEUED, FINISHED→DEPARTED, per output token.
 ALPHA_NAMES = ("queueing_us", "post_decode_us", "per_output_token_us")
-
 
 
 class StepFeatures(NamedTuple):
@@ -84,8 +93,12 @@ class StepFeatures(NamedTuple):
     def from_model_data(cls, data) -> StepFeatures:
         """The steps of a :class:`calib.data.ModelData` (no MoE layer counts)."""
         comps = np.asarray(data.components, np.float64)
-        return cls(comps, np.asarray(data.num_layers, np.float64),
-                   np.asarray(data.batch_size, np.float64), np.zeros(len(comps)))
+        return cls(
+            comps,
+            np.asarray(data.num_layers, np.float64),
+            np.asarray(data.batch_size, np.float64),
+            np.zeros(len(comps)),
+        )
 
     @classmethod
     def from_dataset(cls, ds) -> StepFeatures:
@@ -103,15 +116,21 @@ class StepFeatures(NamedTuple):
 
 
 def batch_type(components) -> np.ndarray:
-    """"prefill-only", "decode-only" or "mixed" per step, from its (n, 6) roofline terms."""
+    """ "prefill-only", "decode-only" or "mixed" per step, from its (n, 6) roofline terms."""
     c = np.asarray(components, np.float64)
     pf = (c[:, PF_C] + c[:, PF_KV]) > 0
     dc = (c[:, DC_C] + c[:, DC_KV]) > 0
     return np.where(pf & dc, "mixed", np.where(pf, "prefill-only", "decode-only"))
 
 
-def plugin_step_time_us(b, per_layer_us: float, per_request_us: float, per_step_us: float,
-                        alpha: float, features: StepFeatures) -> np.ndarray:
+def plugin_step_time_us(
+    b,
+    per_layer_us: float,
+    per_request_us: float,
+    per_step_us: float,
+    alpha: float,
+    features: StepFeatures,
+) -> np.ndarray:
     """Model step time (µs, the median under the model) at one parameter set
     (:func:`calib.steptime.step_time_us`).
 
@@ -128,13 +147,21 @@ def plugin_step_time_us(b, per_layer_us: float, per_request_us: float, per_step_
     (n,) float64 µs.
     """
     bc = np.asarray(features.components, dtype=np.float64) * np.asarray(b, dtype=np.float64)
-    return steptime.step_time_us(np, bc.T, np.asarray(features.num_layers, np.float64),
-                                 np.asarray(features.batch_size, np.float64), per_layer_us,
-                                 per_request_us, per_step_us, alpha)
+    return steptime.step_time_us(
+        np,
+        bc.T,
+        np.asarray(features.num_layers, np.float64),
+        np.asarray(features.batch_size, np.float64),
+        per_layer_us,
+        per_request_us,
+        per_step_us,
+        alpha,
+    )
 
 
-def betas_from_params(b: Sequence[float], per_layer_us: float, per_request_us: float,
-                      per_step_us: float) -> list[float]:
+def betas_from_params(
+    b: Sequence[float], per_layer_us: float, per_request_us: float, per_step_us: float
+) -> list[float]:
     """The 10 BLIS ``beta_coeffs`` (order :data:`BLIS_BETA_NAMES`) of one parameter set.
 
     ``per_moe_layer_us`` is 0: the model does not fit BLIS's β₈ (it applies only to
@@ -143,8 +170,13 @@ def betas_from_params(b: Sequence[float], per_layer_us: float, per_request_us: f
     """
     b = [float(x) for x in b]
     named = dict(zip(COMPONENTS, b, strict=True))
-    vals = {**named, "per_layer_us": float(per_layer_us), "per_request_us": float(per_request_us),
-            "per_step_us": float(per_step_us), "per_moe_layer_us": 0.0}
+    vals = {
+        **named,
+        "per_layer_us": float(per_layer_us),
+        "per_request_us": float(per_request_us),
+        "per_step_us": float(per_step_us),
+        "per_moe_layer_us": 0.0,
+    }
     return [vals[k] for k in BLIS_BETA_NAMES]
 
 
@@ -154,14 +186,23 @@ def params_from_betas(betas: Sequence[float]) -> dict:
     if len(betas) < 10:
         raise ValueError(f"need at least 10 betas (prefill and decode split), got {len(betas)}")
     named = dict(zip(BLIS_BETA_NAMES, betas[:10], strict=True))
-    return {"b": np.array([named[c] for c in COMPONENTS]),
-            "per_layer_us": named["per_layer_us"], "per_request_us": named["per_request_us"],
-            "per_step_us": named["per_step_us"], "per_moe_layer_us": named["per_moe_layer_us"],
-            "alpha": 0.0}
+    return {
+        "b": np.array([named[c] for c in COMPONENTS]),
+        "per_layer_us": named["per_layer_us"],
+        "per_request_us": named["per_request_us"],
+        "per_step_us": named["per_step_us"],
+        "per_moe_layer_us": named["per_moe_layer_us"],
+        "alpha": 0.0,
+    }
 
 
-def blis_step_time_us(beta_coeffs: Sequence[float], features: StepFeatures, *,
-                      interleaved_moe: bool = False, integer: bool = False) -> np.ndarray:
+def blis_step_time_us(
+    beta_coeffs: Sequence[float],
+    features: StepFeatures,
+    *,
+    interleaved_moe: bool = False,
+    integer: bool = False,
+) -> np.ndarray:
     """BLIS trained-physics ``StepTime`` (µs) from ``beta_coeffs`` on our roofline terms.
 
     Follows BLIS's rules: with fewer than 9 betas the prefill term is
@@ -182,7 +223,7 @@ def blis_step_time_us(beta_coeffs: Sequence[float], features: StepFeatures, *,
     given = np.asarray(beta_coeffs, dtype=np.float64)
     if given.ndim != 1 or not 7 <= given.size <= 11:
         raise ValueError(f"BLIS takes 7 to 11 beta coefficients, got shape {given.shape}")
-    beta[:given.size] = given
+    beta[: given.size] = given
     C = np.asarray(features.components, dtype=np.float64)
     named = dict(zip(BLIS_BETA_NAMES, beta[:10], strict=True))
     terms = C * np.array([named[c] for c in COMPONENTS])
@@ -192,19 +233,33 @@ def blis_step_time_us(beta_coeffs: Sequence[float], features: StepFeatures, *,
     if given.size < 10:  # β₂·max(T_dc_compute, T_dc_kv)
         terms[:, DC_C] = beta[1] * np.maximum(C[:, DC_C], C[:, DC_KV])
         terms[:, DC_KV] = 0.0
-    per_step = beta[6] + (beta[7] * np.asarray(features.num_moe_layers, np.float64)
-                          if interleaved_moe else 0.0)
-    out = steptime.step_time_us(np, terms.T, np.asarray(features.num_layers, np.float64),
-                                np.asarray(features.batch_size, np.float64), beta[4], beta[5],
-                                per_step, 0.0)
+    per_step = beta[6] + (
+        beta[7] * np.asarray(features.num_moe_layers, np.float64) if interleaved_moe else 0.0
+    )
+    out = steptime.step_time_us(
+        np,
+        terms.T,
+        np.asarray(features.num_layers, np.float64),
+        np.asarray(features.batch_size, np.float64),
+        beta[4],
+        beta[5],
+        per_step,
+        0.0,
+    )
     if integer:
         return np.maximum(1, np.trunc(out)).astype(np.int64)
     return out
 
 
-def step_time_draws_us(b: np.ndarray, per_layer_us: np.ndarray, per_request_us: np.ndarray,
-                       per_step_us: np.ndarray, alpha: np.ndarray, features: StepFeatures,
-                       group: np.ndarray) -> np.ndarray:
+def step_time_draws_us(
+    b: np.ndarray,
+    per_layer_us: np.ndarray,
+    per_request_us: np.ndarray,
+    per_step_us: np.ndarray,
+    alpha: np.ndarray,
+    features: StepFeatures,
+    group: np.ndarray,
+) -> np.ndarray:
     """Model step time (µs) for every draw and step: shape ``(draws, n)``.
 
     Parameters
@@ -224,8 +279,9 @@ def step_time_draws_us(b: np.ndarray, per_layer_us: np.ndarray, per_request_us: 
     L = np.asarray(features.num_layers, np.float64)[:, None]
     B = np.asarray(features.batch_size, np.float64)[:, None]
     per_layer_us, per_request_us, per_step_us, alpha = (
-        np.asarray(v, np.float64)[None, :] for v in (per_layer_us, per_request_us, per_step_us,
-                                                     alpha))
+        np.asarray(v, np.float64)[None, :]
+        for v in (per_layer_us, per_request_us, per_step_us, alpha)
+    )
     out = np.empty((len(features), b.shape[0]))  # steps x draws: contiguous per group
     for g in np.unique(group):
         idx = np.nonzero(group == g)[0]
@@ -233,6 +289,7 @@ def step_time_draws_us(b: np.ndarray, per_layer_us: np.ndarray, per_request_us: 
         if idx.size and idx[-1] - idx[0] + 1 == idx.size:
             sel = slice(int(idx[0]), int(idx[-1]) + 1)
         terms = [comps[sel, k, None] * b[None, :, g, k] for k in range(len(COMPONENTS))]
-        out[sel] = steptime.step_time_us(np, terms, L[sel], B[sel], per_layer_us,
-                                         per_request_us, per_step_us, alpha)
+        out[sel] = steptime.step_time_us(
+            np, terms, L[sel], B[sel], per_layer_us, per_request_us, per_step_us, alpha
+        )
     return out.T

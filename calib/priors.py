@@ -75,8 +75,19 @@ META_FIELDS = ("family", "units", "rationale")
 #: Per-component parameters: one entry per component.
 PER_COMPONENT = ("b_pop", "tau", "tau_exp")
 #: Scalar parameters.
-SCALARS = ("per_layer_us", "per_request_us", "per_step_us", "alpha", "sigma", "stall_prob",
-           "stall_log_mult", "stall_log_sd", "fast_prob", "fast_log_mult", "fast_log_sd")
+SCALARS = (
+    "per_layer_us",
+    "per_request_us",
+    "per_step_us",
+    "alpha",
+    "sigma",
+    "stall_prob",
+    "stall_log_mult",
+    "stall_log_sd",
+    "fast_prob",
+    "fast_log_mult",
+    "fast_log_sd",
+)
 
 #: Families allowed for each parameter (the model's parameterisation needs them).
 ALLOWED: dict[str, tuple[str, ...]] = {
@@ -160,8 +171,10 @@ def distribution_args(priors, asarray=None, log=None) -> tuple[str, tuple]:
     """
     fam = {p.family for p in priors}
     if len(fam) != 1:
-        raise CalibError("priors of one parameter must share a family, got "
-                         f"{sorted(fam)}", fix="use the same family for every component")
+        raise CalibError(
+            f"priors of one parameter must share a family, got {sorted(fam)}",
+            fix="use the same family for every component",
+        )
     family = fam.pop()
     if len(priors) == 1:
         cols = {n: v for n, v in priors[0].params}
@@ -203,8 +216,10 @@ def pymc_variable(name: str, priors, **kw):
 
         a, b = (float(v) for v in args)
         n = int(np.prod(rv.shape.eval())) if rv.ndim else 1
-        pm.Potential(name + EXACT_BETALN_SUFFIX, n * (pt.gammaln(a) + pt.gammaln(b) - pt.gammaln(a + b)
-                                            - betaln(a, b)))
+        pm.Potential(
+            name + EXACT_BETALN_SUFFIX,
+            n * (pt.gammaln(a) + pt.gammaln(b) - pt.gammaln(a + b) - betaln(a, b)),
+        )
     return rv
 
 
@@ -253,8 +268,12 @@ class Priors:
         """The canonical nested dict (what :func:`priors_hash` hashes)."""
         out: dict[str, Any] = {}
         for key, p in self.entries:
-            entry = {"family": p.family, **dict(p.params), "units": p.units,
-                     "rationale": p.rationale}
+            entry = {
+                "family": p.family,
+                **dict(p.params),
+                "units": p.units,
+                "rationale": p.rationale,
+            }
             if "." in key:
                 top, comp = key.split(".", 1)
                 out.setdefault(top, {})[comp] = entry
@@ -266,8 +285,12 @@ class Priors:
 
 def _number(value: Any, path: str, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise CalibError(f"parameter must be a number, got {value!r}", path=path, field=key,
-                         fix="write a plain number")
+        raise CalibError(
+            f"parameter must be a number, got {value!r}",
+            path=path,
+            field=key,
+            fix="write a plain number",
+        )
     v = float(value)
     if not math.isfinite(v):
         raise CalibError(f"parameter must be finite, got {value!r}", path=path, field=key)
@@ -276,38 +299,58 @@ def _number(value: Any, path: str, key: str) -> float:
 
 def _parse_entry(raw: Any, path: str, key: str, top: str) -> Prior:
     if not isinstance(raw, Mapping):
-        raise CalibError("expected a mapping with family, its parameters, units and rationale",
-                         path=path, field=key)
+        raise CalibError(
+            "expected a mapping with family, its parameters, units and rationale",
+            path=path,
+            field=key,
+        )
     for meta in META_FIELDS:
         if meta not in raw:
-            raise CalibError(f"missing field {meta!r}", path=path, field=key,
-                             fix=f"add `{meta}:` to the entry")
+            raise CalibError(
+                f"missing field {meta!r}", path=path, field=key, fix=f"add `{meta}:` to the entry"
+            )
     family = raw["family"]
     if family not in FAMILIES:
-        raise CalibError(f"unknown family {family!r}", path=path, field=f"{key}.family",
-                         fix=f"use one of {sorted(FAMILIES)}")
+        raise CalibError(
+            f"unknown family {family!r}",
+            path=path,
+            field=f"{key}.family",
+            fix=f"use one of {sorted(FAMILIES)}",
+        )
     if family not in ALLOWED[top]:
-        raise CalibError(f"family {family!r} is not supported for {top}", path=path,
-                         field=f"{key}.family", fix=f"use one of {list(ALLOWED[top])}")
+        raise CalibError(
+            f"family {family!r} is not supported for {top}",
+            path=path,
+            field=f"{key}.family",
+            fix=f"use one of {list(ALLOWED[top])}",
+        )
     names = FAMILIES[family]
     for extra in raw:
         if extra not in names and extra not in META_FIELDS:
-            raise CalibError(f"unknown parameter {extra!r} for family {family!r}", path=path,
-                             field=f"{key}.{extra}", fix=f"{family} takes {list(names)}")
+            raise CalibError(
+                f"unknown parameter {extra!r} for family {family!r}",
+                path=path,
+                field=f"{key}.{extra}",
+                fix=f"{family} takes {list(names)}",
+            )
     params = []
     for n in names:
         if n not in raw:
-            raise CalibError(f"missing parameter {n!r} of family {family!r}", path=path,
-                             field=key, fix=f"{family} takes {list(names)}")
+            raise CalibError(
+                f"missing parameter {n!r} of family {family!r}",
+                path=path,
+                field=key,
+                fix=f"{family} takes {list(names)}",
+            )
         v = _number(raw[n], path, f"{key}.{n}")
         if n != "loc" and v <= 0:
-            raise CalibError(f"parameter {n!r} must be > 0, got {v}", path=path,
-                             field=f"{key}.{n}")
+            raise CalibError(f"parameter {n!r} must be > 0, got {v}", path=path, field=f"{key}.{n}")
         params.append((n, v))
     for meta in ("units", "rationale"):
         if not isinstance(raw[meta], str) or not raw[meta].strip():
-            raise CalibError(f"{meta!r} must be a non-empty string", path=path,
-                             field=f"{key}.{meta}")
+            raise CalibError(
+                f"{meta!r} must be a non-empty string", path=path, field=f"{key}.{meta}"
+            )
     return Prior(family, tuple(params), raw["units"].strip(), raw["rationale"].strip())
 
 
@@ -318,26 +361,35 @@ def priors_from_dict(raw: Any, source: str = "<dict>") -> Priors:
     known = set(PER_COMPONENT) | set(SCALARS) | set(OPTIONAL_KEYS)
     for key in raw:
         if key not in known:
-            raise CalibError(f"unknown key {key!r}", path=source, field=str(key),
-                             fix=f"keys are {sorted(known)}")
+            raise CalibError(
+                f"unknown key {key!r}", path=source, field=str(key), fix=f"keys are {sorted(known)}"
+            )
     entries: list[tuple[str, Prior]] = []
     for top in PER_COMPONENT:
         if top not in raw:
-            raise CalibError(f"missing key {top!r}", path=source, field=top,
-                             fix=f"give one entry per component {list(COMPONENTS)}")
+            raise CalibError(
+                f"missing key {top!r}",
+                path=source,
+                field=top,
+                fix=f"give one entry per component {list(COMPONENTS)}",
+            )
         block = raw[top]
         if not isinstance(block, Mapping):
             raise CalibError("expected one entry per component", path=source, field=top)
         for comp in block:
             if comp not in COMPONENTS:
-                raise CalibError(f"unknown component {comp!r}", path=source,
-                                 field=f"{top}.{comp}", fix=f"components are {list(COMPONENTS)}")
+                raise CalibError(
+                    f"unknown component {comp!r}",
+                    path=source,
+                    field=f"{top}.{comp}",
+                    fix=f"components are {list(COMPONENTS)}",
+                )
         for comp in COMPONENTS:
             if comp not in block:
-                raise CalibError(f"missing component {comp!r}", path=source,
-                                 field=f"{top}.{comp}")
-            entries.append((f"{top}.{comp}", _parse_entry(block[comp], source,
-                                                          f"{top}.{comp}", top)))
+                raise CalibError(f"missing component {comp!r}", path=source, field=f"{top}.{comp}")
+            entries.append(
+                (f"{top}.{comp}", _parse_entry(block[comp], source, f"{top}.{comp}", top))
+            )
     for top in SCALARS:
         if top not in raw:
             raise CalibError(f"missing key {top!r}", path=source, field=top)
@@ -362,14 +414,20 @@ def load_priors(path: str | Path | None = None) -> Priors:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise CalibError(f"cannot read prior file: {exc.strerror}", path=path,
-                         fix="pass an existing YAML file to --priors") from None
+        raise CalibError(
+            f"cannot read prior file: {exc.strerror}",
+            path=path,
+            fix="pass an existing YAML file to --priors",
+        ) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        raise CalibError(f"invalid YAML: {getattr(exc, 'problem', exc)}", path=path,
-                         line=None if line is None else line + 1) from None
+        raise CalibError(
+            f"invalid YAML: {getattr(exc, 'problem', exc)}",
+            path=path,
+            line=None if line is None else line + 1,
+        ) from None
     return priors_from_dict(raw, str(path))
 
 

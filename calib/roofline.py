@@ -118,13 +118,25 @@ class Components(NamedTuple):
 
 
 #: Units of the :class:`Components` fields (attrs of :func:`dataset_components`).
-UNITS = {**{f: "us" for f in config.COMPONENTS}, "num_layers": "count", "batch_size": "count",
-         "num_moe_layers": "count"}
+UNITS = {
+    **{f: "us" for f in config.COMPONENTS},
+    "num_layers": "count",
+    "batch_size": "count",
+    "num_moe_layers": "count",
+}
 
 #: Variables of the canonical dataset that :func:`dataset_components` reads.
-DATASET_VARIABLES = ("exp_arch_json", "exp_hardware_json", "exp_tp", "step_experiment",
-                     "slot_new_tokens", "slot_progress", "slot_prompt_len", "slot_phase",
-                     "slot_mask")
+DATASET_VARIABLES = (
+    "exp_arch_json",
+    "exp_hardware_json",
+    "exp_tp",
+    "step_experiment",
+    "slot_new_tokens",
+    "slot_progress",
+    "slot_prompt_len",
+    "slot_phase",
+    "slot_mask",
+)
 
 
 def arch_consts(arch: Architecture, hw: Hardware, tp: int) -> ArchConsts:
@@ -169,16 +181,18 @@ def _slot_sums(new_tokens, progress, prompt_len, phase, mask, *, dtype):
     is_pf = mask & (phase == PHASE_PREFILL)
     is_dc = mask & (phase == PHASE_DECODE)
     zero = jnp.zeros((), dtype)
-    t = jnp.where(is_pf, new_tokens.astype(dtype), zero)      # t_i
-    s = jnp.where(is_pf, prompt_len.astype(dtype), zero)      # s_i
-    ctx = jnp.where(is_dc, progress.astype(dtype), zero)      # c_j
-    return jnp.stack([
-        t.sum(axis=-1),                                       # T_pf  [tokens]
-        (t * (s + 0.5 * t)).sum(axis=-1),                     # Σ t_i (s_i + t_i/2)  [token²]
-        is_dc.sum(axis=-1).astype(dtype),                     # T_dc  [requests]
-        ctx.sum(axis=-1),                                     # Σ c_j [tokens]
-        mask.sum(axis=-1).astype(dtype),                      # B     [requests]
-    ])
+    t = jnp.where(is_pf, new_tokens.astype(dtype), zero)  # t_i
+    s = jnp.where(is_pf, prompt_len.astype(dtype), zero)  # s_i
+    ctx = jnp.where(is_dc, progress.astype(dtype), zero)  # c_j
+    return jnp.stack(
+        [
+            t.sum(axis=-1),  # T_pf  [tokens]
+            (t * (s + 0.5 * t)).sum(axis=-1),  # Σ t_i (s_i + t_i/2)  [token²]
+            is_dc.sum(axis=-1).astype(dtype),  # T_dc  [requests]
+            ctx.sum(axis=-1),  # Σ c_j [tokens]
+            mask.sum(axis=-1).astype(dtype),  # B     [requests]
+        ]
+    )
 
 
 def _blocked_slot_sums(arrays, dtype, block_rows):
@@ -200,12 +214,17 @@ def _blocked_slot_sums(arrays, dtype, block_rows):
     return jnp.concatenate([main, rest], axis=1)
 
 
-def _components(consts: ArchConsts, new_tokens, progress, prompt_len, phase, mask,
-                dtype, block_rows) -> Components:
+def _components(
+    consts: ArchConsts, new_tokens, progress, prompt_len, phase, mask, dtype, block_rows
+) -> Components:
     c = ArchConsts._make(jnp.asarray(v, dtype) for v in consts)
-    arrays = jnp.broadcast_arrays(jnp.asarray(new_tokens), jnp.asarray(progress),
-                                  jnp.asarray(prompt_len), jnp.asarray(phase),
-                                  jnp.asarray(mask).astype(bool))
+    arrays = jnp.broadcast_arrays(
+        jnp.asarray(new_tokens),
+        jnp.asarray(progress),
+        jnp.asarray(prompt_len),
+        jnp.asarray(phase),
+        jnp.asarray(mask).astype(bool),
+    )
     lead, n_slots = arrays[0].shape[:-1], arrays[0].shape[-1]
     arrays = [a.reshape(-1, n_slots) for a in arrays]
     sums = _blocked_slot_sums(arrays, dtype, block_rows).reshape(5, *lead)
@@ -218,8 +237,10 @@ def _components(consts: ArchConsts, new_tokens, progress, prompt_len, phase, mas
     attn_flop = c.L * 4.0 * (c.H / c.tp) * c.d_h
     # HBM bytes per KV token, weight bytes per step, all-reduce bytes per token.
     kv_byte = c.L * 2.0 * (c.d_kv / c.tp) * c.kv_bytes
-    weight_byte = (c.L * c.d * (2.0 * c.d + 2.0 * c.d_kv) * c.bpp / c.tp
-                   + c.L * 3.0 * c.d * c.d_ff * c.bpp * jnp.maximum(1.0, c.E) / c.tp)
+    weight_byte = (
+        c.L * c.d * (2.0 * c.d + 2.0 * c.d_kv) * c.bpp / c.tp
+        + c.L * 3.0 * c.d * c.d_ff * c.bpp * jnp.maximum(1.0, c.E) / c.tp
+    )
     tp_byte = 2.0 * c.L * c.d * c.act_bytes * 2.0 * (c.tp - 1.0) / c.tp
 
     return Components(
@@ -238,8 +259,17 @@ def _components(consts: ArchConsts, new_tokens, progress, prompt_len, phase, mas
 _components_jit = jax.jit(_components, static_argnames=("dtype", "block_rows"))
 
 
-def step_components(consts: ArchConsts, new_tokens, progress, prompt_len, phase, mask, *,
-                    dtype=None, block_rows: int | None = None) -> Components:
+def step_components(
+    consts: ArchConsts,
+    new_tokens,
+    progress,
+    prompt_len,
+    phase,
+    mask,
+    *,
+    dtype=None,
+    block_rows: int | None = None,
+) -> Components:
     """Roofline terms (µs) and counts per step, for padded ``(n_steps, n_slots)`` arrays.
 
     Parameters
@@ -267,8 +297,9 @@ def step_components(consts: ArchConsts, new_tokens, progress, prompt_len, phase,
     dt = _float_dtype(new_tokens, dtype)
     if block_rows is None:
         block_rows = config.ROOFLINE_CPU_BLOCK_ROWS if jax.default_backend() == "cpu" else 0
-    return _components_jit(consts, new_tokens, progress, prompt_len, phase, mask, dtype=dt,
-                           block_rows=int(block_rows))
+    return _components_jit(
+        consts, new_tokens, progress, prompt_len, phase, mask, dtype=dt, block_rows=int(block_rows)
+    )
 
 
 # ------------------------------------------------------------------------ datasets
@@ -278,13 +309,19 @@ def _experiment_consts(ds: xr.Dataset, e: int) -> ArchConsts:
     try:
         arch = Architecture(**json.loads(str(ds["exp_arch_json"].values[e])))
     except (json.JSONDecodeError, TypeError) as exc:
-        raise CalibError(f"{where}: cannot rebuild the architecture ({exc})",
-                         field="exp_arch_json", fix="re-import the traces") from None
+        raise CalibError(
+            f"{where}: cannot rebuild the architecture ({exc})",
+            field="exp_arch_json",
+            fix="re-import the traces",
+        ) from None
     try:
         hw = Hardware(**json.loads(str(ds["exp_hardware_json"].values[e])))
     except (json.JSONDecodeError, TypeError) as exc:
-        raise CalibError(f"{where}: cannot rebuild the hardware ({exc})",
-                         field="exp_hardware_json", fix="re-import the traces") from None
+        raise CalibError(
+            f"{where}: cannot rebuild the hardware ({exc})",
+            field="exp_hardware_json",
+            fix="re-import the traces",
+        ) from None
     tp = int(ds["exp_tp"].values[e])
     arch.check_tp(tp, source=where)
     return arch_consts(arch, hw, tp)
@@ -300,12 +337,13 @@ def _bucket(n: int, chunk: int) -> int:
 
 def _rows(var: xr.DataArray, sel: np.ndarray) -> np.ndarray:
     if sel.size and sel[-1] - sel[0] == sel.size - 1 and np.all(np.diff(sel) == 1):
-        return var[int(sel[0]):int(sel[-1]) + 1].values  # contiguous: cheap slice
+        return var[int(sel[0]) : int(sel[-1]) + 1].values  # contiguous: cheap slice
     return var[sel].values
 
 
-def dataset_components(ds: xr.Dataset, steps: np.ndarray | None = None, *,
-                       chunk: int | None = None) -> xr.Dataset:
+def dataset_components(
+    ds: xr.Dataset, steps: np.ndarray | None = None, *, chunk: int | None = None
+) -> xr.Dataset:
     """Roofline :class:`Components` for steps of a canonical dataset (``calib.traces.schema``).
 
     Reads only :data:`DATASET_VARIABLES`: ``exp_arch_json``, ``exp_hardware_json``,
@@ -340,8 +378,11 @@ def dataset_components(ds: xr.Dataset, steps: np.ndarray | None = None, *,
     """
     missing = [v for v in DATASET_VARIABLES if v not in ds]
     if missing:
-        raise CalibError(f"dataset lacks variable(s) {', '.join(missing)}", field=missing[0],
-                         fix="import the traces with `calib.traces` (schema.py)")
+        raise CalibError(
+            f"dataset lacks variable(s) {', '.join(missing)}",
+            field=missing[0],
+            fix="import the traces with `calib.traces` (schema.py)",
+        )
     n_total = ds.sizes["step"]
     if steps is None:
         steps = np.arange(n_total, dtype=np.int64)
@@ -351,15 +392,18 @@ def dataset_components(ds: xr.Dataset, steps: np.ndarray | None = None, *,
             raise CalibError("steps must be a 1-D array of integer step indices", field="steps")
         steps = steps.astype(np.int64)
         if steps.size and (steps.min() < 0 or steps.max() >= n_total):
-            raise CalibError(f"step indices must lie in [0, {n_total}), got "
-                             f"{steps.min()}..{steps.max()}", field="steps")
+            raise CalibError(
+                f"step indices must lie in [0, {n_total}), got {steps.min()}..{steps.max()}",
+                field="steps",
+            )
     chunk = int(chunk or config.ROOFLINE_CHUNK_STEPS)
     if chunk < 1:
         raise CalibError(f"chunk must be a positive integer, got {chunk}", field="chunk")
 
-    slot_vars = [ds[v].transpose("step", "slot") for v in
-                 ("slot_new_tokens", "slot_progress", "slot_prompt_len", "slot_phase",
-                  "slot_mask")]
+    slot_vars = [
+        ds[v].transpose("step", "slot")
+        for v in ("slot_new_tokens", "slot_progress", "slot_prompt_len", "slot_phase", "slot_mask")
+    ]
     n_slots = ds.sizes["slot"]
     step_exp = np.asarray(ds["step_experiment"].values)[steps]
     out = np.zeros((len(Components._fields), steps.size), dtype=np.float64)
@@ -367,28 +411,37 @@ def dataset_components(ds: xr.Dataset, steps: np.ndarray | None = None, *,
         consts = _experiment_consts(ds, int(e))
         pos = np.nonzero(step_exp == e)[0]
         for start in range(0, pos.size, chunk):
-            p = pos[start:start + chunk]
+            p = pos[start : start + chunk]
             order = np.argsort(steps[p], kind="stable")  # sorted rows read contiguously
             p = p[order]
             rows = [_rows(v, steps[p]) for v in slot_vars]
             size = _bucket(p.size, chunk)
             if size > p.size:
-                rows = [np.concatenate([r, np.zeros((size - p.size, n_slots), r.dtype)])
-                        for r in rows]
+                rows = [
+                    np.concatenate([r, np.zeros((size - p.size, n_slots), r.dtype)]) for r in rows
+                ]
             comps = step_components(consts, *rows)
-            out[:, p] = np.asarray(jnp.stack(comps))[:, :p.size]
-    data = {f: xr.Variable(("step",), out[i], attrs={"units": UNITS[f]})
-            for i, f in enumerate(Components._fields)}
-    return xr.Dataset(data, coords={"step": steps},
-                      attrs={"description": "BLIS trained-physics roofline terms per step "
-                                            "(calib.roofline)"})
+            out[:, p] = np.asarray(jnp.stack(comps))[:, : p.size]
+    data = {
+        f: xr.Variable(("step",), out[i], attrs={"units": UNITS[f]})
+        for i, f in enumerate(Components._fields)
+    }
+    return xr.Dataset(
+        data,
+        coords={"step": steps},
+        attrs={"description": "BLIS trained-physics roofline terms per step (calib.roofline)"},
+    )
 
 
 def components_matrix(comps: xr.Dataset) -> np.ndarray:
     """The ``(n_steps, 6)`` float64 matrix of time components in ``config.COMPONENTS`` order."""
     missing = [c for c in config.COMPONENTS if c not in comps]
     if missing:
-        raise CalibError(f"components dataset lacks {', '.join(missing)}", field=missing[0],
-                         fix="build it with calib.roofline.dataset_components")
-    return np.stack([np.asarray(comps[c].values, dtype=np.float64)
-                     for c in config.COMPONENTS], axis=1)
+        raise CalibError(
+            f"components dataset lacks {', '.join(missing)}",
+            field=missing[0],
+            fix="build it with calib.roofline.dataset_components",
+        )
+    return np.stack(
+        [np.asarray(comps[c].values, dtype=np.float64) for c in config.COMPONENTS], axis=1
+    )

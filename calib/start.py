@@ -84,8 +84,11 @@ def _covariance(hessian: np.ndarray, floor: float) -> tuple[np.ndarray, dict[str
         return np.eye(h.shape[0]), {"hessian": "non-finite: identity used"}
     w, v = np.linalg.eigh(h)
     wc = np.maximum(w, floor)
-    return (v / wc) @ v.T, {"min_eigenvalue": float(w.min()), "max_eigenvalue": float(w.max()),
-                            "floored_eigenvalues": int(np.sum(w < floor))}
+    return (v / wc) @ v.T, {
+        "min_eigenvalue": float(w.min()),
+        "max_eigenvalue": float(w.max()),
+        "floored_eigenvalues": int(np.sum(w < floor)),
+    }
 
 
 def _model_info(model_fn, data, priors, key):
@@ -94,11 +97,11 @@ def _model_info(model_fn, data, priors, key):
     from numpyro.infer import init_to_median
     from numpyro.infer.util import initialize_model
 
-    info = initialize_model(key, model_fn, model_args=(data, priors),
-                            init_strategy=init_to_median(num_samples=15))
+    info = initialize_model(
+        key, model_fn, model_args=(data, priors), init_strategy=init_to_median(num_samples=15)
+    )
     z = info.param_info.z
-    flat, unravel = ravel_pytree(z if np.ndim(key) == 0 else
-                                 {k: v[0] for k, v in z.items()})
+    flat, unravel = ravel_pytree(z if np.ndim(key) == 0 else {k: v[0] for k, v in z.items()})
     return info, flat, unravel
 
 
@@ -118,8 +121,16 @@ def _whitened(info, unravel, shift: np.ndarray, chol: np.ndarray, dtype):
     return potential_fn, postprocess_fn
 
 
-def laplace_start(model_fn, data, priors, *, chains: int, key, dense_mass: bool = True,
-                  settings: config.StartDefaults = config.START) -> Start:
+def laplace_start(
+    model_fn,
+    data,
+    priors,
+    *,
+    chains: int,
+    key,
+    dense_mass: bool = True,
+    settings: config.StartDefaults = config.START,
+) -> Start:
     """Whitened coordinates and starts from the Laplace approximation of ``model_fn``.
 
     Parameters
@@ -158,8 +169,9 @@ def laplace_start(model_fn, data, priors, *, chains: int, key, dense_mass: bool 
         return v, g
 
     x0 = np.asarray(flat0, np.float64)
-    res = scipy.optimize.minimize(fun, x0, jac=True, method="L-BFGS-B",
-                                  options={"maxiter": settings.max_iter})
+    res = scipy.optimize.minimize(
+        fun, x0, jac=True, method="L-BFGS-B", options={"maxiter": settings.max_iter}
+    )
     ok = bool(np.isfinite(res.fun))
     mode = res.x if ok and res.fun <= fun(x0)[0] else x0
     hess = np.asarray(jax.jit(jax.hessian(potential))(jnp.asarray(mode, dtype)), np.float64)
@@ -180,16 +192,21 @@ def laplace_start(model_fn, data, priors, *, chains: int, key, dense_mass: bool 
             starts[c] = 0.0
     potential_fn, postprocess_fn = _whitened(info, unravel, mode, chol, dtype)
     init = jnp.asarray(starts[0] if chains == 1 else starts, dtype)
-    report = {"method": "laplace", "iterations": int(res.nit), "evaluations": int(res.nfev),
-              "converged": bool(res.success), "message": str(res.message),
-              "log_density_at_mode": -float(res.fun) if ok else None,
-              "whitening": "dense" if dense_mass else "diagonal",
-              "seconds": round(time.perf_counter() - t0, 3), **eig}
+    report = {
+        "method": "laplace",
+        "iterations": int(res.nit),
+        "evaluations": int(res.nfev),
+        "converged": bool(res.success),
+        "message": str(res.message),
+        "log_density_at_mode": -float(res.fun) if ok else None,
+        "whitening": "dense" if dense_mass else "diagonal",
+        "seconds": round(time.perf_counter() - t0, 3),
+        **eig,
+    }
     return Start(init, potential_fn, postprocess_fn, mode, chol, report)
 
 
-def median_start(model_fn, data, priors, *, chains: int, key,
-                 dense_mass: bool = True) -> Start:
+def median_start(model_fn, data, priors, *, chains: int, key, dense_mass: bool = True) -> Start:
     """Every chain at its own estimate of the prior median (NumPyro's ``init_to_median``
     of 15 draws), in NumPyro's unconstrained coordinates (no whitening).
 
@@ -204,8 +221,6 @@ def median_start(model_fn, data, priors, *, chains: int, key,
     info, flat0, unravel = _model_info(model_fn, data, priors, keys)
     starts = jax.vmap(lambda z: ravel_pytree(z)[0])(info.param_info.z)
     d = flat0.size
-    potential_fn, postprocess_fn = _whitened(info, unravel, np.zeros(d), np.eye(d),
-                                             flat0.dtype)
+    potential_fn, postprocess_fn = _whitened(info, unravel, np.zeros(d), np.eye(d), flat0.dtype)
     init = jnp.asarray(starts[0] if chains == 1 else starts, flat0.dtype)
-    return Start(init, potential_fn, postprocess_fn, np.zeros(d), np.eye(d),
-                 {"method": "median"})
+    return Start(init, potential_fn, postprocess_fn, np.zeros(d), np.eye(d), {"method": "median"})

@@ -33,9 +33,16 @@ from calib.vocab import DC_C, DC_KV, PF_C, PF_KV, TP, WEIGHT
 Array = Any  # numpy, JAX or PyTensor
 
 
-def step_time_us(xp, terms: Sequence[Array] | Array, num_layers: Array, batch_size: Array,
-                 per_layer_us: Array, per_request_us: Array, per_step_us: Array,
-                 alpha: Array) -> Array:
+def step_time_us(
+    xp,
+    terms: Sequence[Array] | Array,
+    num_layers: Array,
+    batch_size: Array,
+    per_layer_us: Array,
+    per_request_us: Array,
+    per_step_us: Array,
+    alpha: Array,
+) -> Array:
     """Mean step time (µs) from the corrected roofline terms.
 
     Parameters
@@ -50,6 +57,12 @@ def step_time_us(xp, terms: Sequence[Array] | Array, num_layers: Array, batch_si
     prefill = terms[PF_C] + terms[PF_KV]
     decode = terms[DC_C] + terms[DC_KV]
     mix = prefill + decode - alpha * xp.minimum(prefill, decode)
-    mu = (mix + terms[WEIGHT] + terms[TP] + per_layer_us * num_layers
-          + per_request_us * batch_size + per_step_us)
+    mu = (
+        mix
+        + terms[WEIGHT]
+        + terms[TP]
+        + per_layer_us * num_layers
+        + per_request_us * batch_size
+        + per_step_us
+    )
     return xp.where(batch_size > 0, mu, 0.0)

@@ -77,11 +77,29 @@ if TYPE_CHECKING:
 
     import pandas as pd
 
-__all__ = ["PARTS", "PREDICTORS", "SPLITS", "Fold", "FoldResult", "ValidationResult",
-           "evaluate_fold", "inv_m6_line", "inv_m6_verdict", "make_folds", "markdown_report",
-           "replace_results_section", "request_hash_bucket", "request_hash_split",
-           "results_markdown", "run_validation", "step_metrics", "summary_table",
-           "temporal_split", "write_reports", "write_results_section"]
+__all__ = [
+    "PARTS",
+    "PREDICTORS",
+    "SPLITS",
+    "Fold",
+    "FoldResult",
+    "ValidationResult",
+    "evaluate_fold",
+    "inv_m6_line",
+    "inv_m6_verdict",
+    "make_folds",
+    "markdown_report",
+    "replace_results_section",
+    "request_hash_bucket",
+    "request_hash_split",
+    "results_markdown",
+    "run_validation",
+    "step_metrics",
+    "summary_table",
+    "temporal_split",
+    "write_reports",
+    "write_results_section",
+]
 
 #: Split names accepted by ``--split`` (``all`` runs each).
 #: Part codes: index into this tuple; −1 = excluded.
@@ -91,12 +109,39 @@ TRAIN, VAL, TEST, EXCLUDED = 0, 1, 2, -1
 PREDICTORS = ("calib", "blis", "blackbox", "nnls")
 
 #: Columns of the per-step table.
-STEP_COLUMNS = ("split", "fold", "part", "predictor", "n_steps", "mape_pct", "median_ape_pct",
-                "pearson_r", "mspe_pct", "coverage_pct")
+STEP_COLUMNS = (
+    "split",
+    "fold",
+    "part",
+    "predictor",
+    "n_steps",
+    "mape_pct",
+    "median_ape_pct",
+    "pearson_r",
+    "mspe_pct",
+    "coverage_pct",
+)
 #: Columns of the per-experiment table.
-E2E_COLUMNS = ("split", "fold", "part", "experiment", "model", "workload", "basis", "metric",
-               "n_requests", "observed_us", "predicted_us", "lower_us", "upper_us",
-               "error_pct", "inside", "blis_error_pct", "blackbox_error_pct", "nnls_error_pct")
+E2E_COLUMNS = (
+    "split",
+    "fold",
+    "part",
+    "experiment",
+    "model",
+    "workload",
+    "basis",
+    "metric",
+    "n_requests",
+    "observed_us",
+    "predicted_us",
+    "lower_us",
+    "upper_us",
+    "error_pct",
+    "inside",
+    "blis_error_pct",
+    "blackbox_error_pct",
+    "nnls_error_pct",
+)
 
 
 # ------------------------------------------------------------------------ splits
@@ -127,8 +172,9 @@ class Fold:
         return np.flatnonzero(sel)
 
 
-def temporal_split(ds, fractions: Sequence[float] = config.VALIDATE_TEMPORAL
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def temporal_split(
+    ds, fractions: Sequence[float] = config.VALIDATE_TEMPORAL
+) -> tuple[np.ndarray, np.ndarray]:
     """``(step_part, request_part)`` of the temporal split (module docstring).
 
     ``fractions`` (train, val, test) must sum to 1. Boundaries are taken on the rank
@@ -136,8 +182,11 @@ def temporal_split(ds, fractions: Sequence[float] = config.VALIDATE_TEMPORAL
     """
     f = np.asarray(fractions, np.float64)
     if f.shape != (3,) or np.any(f < 0) or abs(f.sum() - 1) > 1e-9:
-        raise CalibError(f"temporal fractions must be 3 non-negative numbers summing to 1, "
-                         f"got {list(fractions)}", field="fractions")
+        raise CalibError(
+            f"temporal fractions must be 3 non-negative numbers summing to 1, "
+            f"got {list(fractions)}",
+            field="fractions",
+        )
     step_exp = np.asarray(ds["step_experiment"].values).astype(np.int64)
     step_id = np.asarray(ds["step_id"].values).astype(np.int64)
     n_exp = ds.sizes["experiment"]
@@ -152,8 +201,11 @@ def temporal_split(ds, fractions: Sequence[float] = config.VALIDATE_TEMPORAL
             continue
         pos = pos[np.argsort(step_id[pos], kind="stable")]
         rank = np.arange(pos.size)
-        part = np.where(rank < np.floor(cum[0] * pos.size), TRAIN,
-                        np.where(rank < np.floor(cum[1] * pos.size), VAL, TEST))
+        part = np.where(
+            rank < np.floor(cum[0] * pos.size),
+            TRAIN,
+            np.where(rank < np.floor(cum[1] * pos.size), VAL, TEST),
+        )
         step_part[pos] = part
         ids = step_id[pos]
         if (part == TRAIN).any():
@@ -175,12 +227,18 @@ def temporal_split(ds, fractions: Sequence[float] = config.VALIDATE_TEMPORAL
 
 def request_hash_bucket(req_ids: Iterable[str]) -> np.ndarray:
     """``int(SHA-256(id), big-endian) mod 100`` of each request id (UTF-8)."""
-    return np.array([int.from_bytes(hashlib.sha256(str(r).encode("utf-8")).digest(), "big") % 100
-                     for r in req_ids], dtype=np.int64)
+    return np.array(
+        [
+            int.from_bytes(hashlib.sha256(str(r).encode("utf-8")).digest(), "big") % 100
+            for r in req_ids
+        ],
+        dtype=np.int64,
+    )
 
 
-def request_hash_split(ds, bounds: Sequence[int] = config.VALIDATE_HASH_SPLIT
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def request_hash_split(
+    ds, bounds: Sequence[int] = config.VALIDATE_HASH_SPLIT
+) -> tuple[np.ndarray, np.ndarray]:
     """``(step_part, request_part)`` of the request-hash split (module docstring).
 
     ``bounds`` = (train end, val end) on the bucket scale 0..100: bucket < bounds[0]
@@ -188,8 +246,9 @@ def request_hash_split(ds, bounds: Sequence[int] = config.VALIDATE_HASH_SPLIT
     """
     lo, hi = (int(b) for b in bounds)
     if not 0 <= lo <= hi <= 100:
-        raise CalibError(f"hash bounds must satisfy 0 <= train <= val <= 100, got {list(bounds)}",
-                         field="bounds")
+        raise CalibError(
+            f"hash bounds must satisfy 0 <= train <= val <= 100, got {list(bounds)}", field="bounds"
+        )
     bucket = request_hash_bucket(np.asarray(ds["req_id"].values))
     request_part = np.where(bucket < lo, TRAIN, np.where(bucket < hi, VAL, TEST)).astype(np.int8)
     slot_req = np.asarray(ds["slot_request"].values)
@@ -212,9 +271,12 @@ def _leave_one_out(ds, key: str, split: str) -> list[Fold]:
     for value in dict.fromkeys(labels.tolist()):
         held = labels == value
         if held.all():
-            raise CalibError(f"leave-one-{split}-out needs at least two {split}s; the dataset "
-                             f"has only {value!r}", field=key,
-                             fix=f"use a dataset with several {split}s or another --split")
+            raise CalibError(
+                f"leave-one-{split}-out needs at least two {split}s; the dataset "
+                f"has only {value!r}",
+                field=key,
+                fix=f"use a dataset with several {split}s or another --split",
+            )
         step_part = np.where(held[step_exp], TEST, TRAIN).astype(np.int8)
         request_part = np.where(held[r_exp], TEST, TRAIN).astype(np.int8)
         folds.append(Fold(split, f"{split}={value}", step_part, request_part, held_out=value))
@@ -231,8 +293,9 @@ def make_folds(ds, split: str) -> list[Fold]:
         return _leave_one_out(ds, "exp_workload", "workload")
     if split == "model":
         return _leave_one_out(ds, "exp_model", "model")
-    raise CalibError(f"unknown split {split!r}", field="--split",
-                     fix=f"use one of {', '.join(SPLITS)} or all")
+    raise CalibError(
+        f"unknown split {split!r}", field="--split", fix=f"use one of {', '.join(SPLITS)} or all"
+    )
 
 
 # ------------------------------------------------------------------------ metrics
@@ -243,39 +306,56 @@ def step_metrics(pred_us, obs_us) -> dict[str, float]:
     ok = np.isfinite(p) & np.isfinite(o) & (o > 0)
     p, o = p[ok], o[ok]
     if o.size == 0:
-        return {"n_steps": 0, "mape_pct": np.nan, "median_ape_pct": np.nan,
-                "pearson_r": np.nan, "mspe_pct": np.nan}
+        return {
+            "n_steps": 0,
+            "mape_pct": np.nan,
+            "median_ape_pct": np.nan,
+            "pearson_r": np.nan,
+            "mspe_pct": np.nan,
+        }
     rel = 100.0 * (p - o) / o
     r = float(np.corrcoef(p, o)[0, 1]) if o.size > 1 and p.std() > 0 and o.std() > 0 else np.nan
-    return {"n_steps": int(o.size), "mape_pct": float(np.mean(np.abs(rel))),
-            "median_ape_pct": float(np.median(np.abs(rel))), "pearson_r": r,
-            "mspe_pct": float(np.mean(rel))}
+    return {
+        "n_steps": int(o.size),
+        "mape_pct": float(np.mean(np.abs(rel))),
+        "median_ape_pct": float(np.median(np.abs(rel))),
+        "pearson_r": r,
+        "mspe_pct": float(np.mean(rel)),
+    }
 
 
 # ------------------------------------------------------------------------ dataset facts
 @dataclass(frozen=True)
 class _Meta:
     experiments: tuple[str, ...]
-    exp_model: np.ndarray      # (E,) str
-    exp_workload: np.ndarray   # (E,) str
-    step_exp: np.ndarray       # (n,) int64
-    duration_us: np.ndarray    # (n,) float, NaN where not sampled
-    sampled: np.ndarray        # (n,) bool
+    exp_model: np.ndarray  # (E,) str
+    exp_workload: np.ndarray  # (E,) str
+    step_exp: np.ndarray  # (n,) int64
+    duration_us: np.ndarray  # (n,) float, NaN where not sampled
+    sampled: np.ndarray  # (n,) bool
     prefill_tokens: np.ndarray
     decode_tokens: np.ndarray
 
 
 def _meta(ds) -> _Meta:
     n_exp = ds.sizes["experiment"]
-    exps = (tuple(str(x) for x in np.asarray(ds["experiment"].values))
-            if "experiment" in ds.coords else tuple(str(i) for i in range(n_exp)))
+    exps = (
+        tuple(str(x) for x in np.asarray(ds["experiment"].values))
+        if "experiment" in ds.coords
+        else tuple(str(i) for i in range(n_exp))
+    )
     sampled = fittable(ds)
     dur = np.where(sampled, np.asarray(ds["duration_us"].values, np.float64), np.nan)
-    return _Meta(exps, np.asarray(ds["exp_model"].values).astype(str),
-                 np.asarray(ds["exp_workload"].values).astype(str),
-                 np.asarray(ds["step_experiment"].values).astype(np.int64), dur, sampled,
-                 np.asarray(ds["prefill_tokens"].values, np.float64),
-                 np.asarray(ds["decode_tokens"].values, np.float64))
+    return _Meta(
+        exps,
+        np.asarray(ds["exp_model"].values).astype(str),
+        np.asarray(ds["exp_workload"].values).astype(str),
+        np.asarray(ds["step_experiment"].values).astype(np.int64),
+        dur,
+        sampled,
+        np.asarray(ds["prefill_tokens"].values, np.float64),
+        np.asarray(ds["decode_tokens"].values, np.float64),
+    )
 
 
 def _fold_model_data(meta: _Meta, feats: StepFeatures, steps: np.ndarray):
@@ -289,10 +369,12 @@ def _fold_model_data(meta: _Meta, feats: StepFeatures, steps: np.ndarray):
 
     lay = step_layout(meta.step_exp, meta.exp_model, steps, present_only=True)
     f = feats.take(lay.steps)
-    data = layout_model_data(lay, f.components, f.num_layers, f.batch_size,
-                             meta.duration_us[lay.steps])
-    coords = model_coords(data, lay.models, [meta.experiments[e] for e in lay.experiments],
-                          lay.steps)
+    data = layout_model_data(
+        lay, f.components, f.num_layers, f.batch_size, meta.duration_us[lay.steps]
+    )
+    coords = model_coords(
+        data, lay.models, [meta.experiments[e] for e in lay.experiments], lay.steps
+    )
     return data, coords, lay.steps
 
 
@@ -312,16 +394,29 @@ def _blis_betas(params: dict, post_models: list[str], meta: _Meta) -> list[list[
     means = plugin_means(params)
     out = []
     for model in meta.exp_model:
-        b = (params["b"][:, post_models.index(model)].mean(axis=0) if model in post_models
-             else params["b_pop"].mean(axis=0))
-        out.append(betas_from_params(b, means["per_layer_us"], means["per_request_us"],
-                                     means["per_step_us"]))
+        b = (
+            params["b"][:, post_models.index(model)].mean(axis=0)
+            if model in post_models
+            else params["b_pop"].mean(axis=0)
+        )
+        out.append(
+            betas_from_params(
+                b, means["per_layer_us"], means["per_request_us"], means["per_step_us"]
+            )
+        )
     return out
 
 
-def _calib_step_predictions(params: dict, b: np.ndarray, noise_params: tuple,
-                            feats: StepFeatures, steps: np.ndarray, meta: _Meta, prob: float,
-                            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _calib_step_predictions(
+    params: dict,
+    b: np.ndarray,
+    noise_params: tuple,
+    feats: StepFeatures,
+    steps: np.ndarray,
+    meta: _Meta,
+    prob: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
     """Posterior predictive mean step time (µs; ``mean_factor·mu`` averaged over draws, the
     point, as in :mod:`calib.e2e`) and inside-interval flags of the given steps.
 
@@ -336,21 +431,29 @@ def _calib_step_predictions(params: dict, b: np.ndarray, noise_params: tuple,
     inside = np.zeros(steps.size, bool)
     lo_q, hi_q = (1 - prob) / 2, (1 + prob) / 2
     for a in range(0, steps.size, chunk):
-        idx = steps[a:a + chunk]
+        idx = steps[a : a + chunk]
         group = meta.step_exp[idx]
-        D = step_time_draws_us(b, params["per_layer_us"], params["per_request_us"],
-                               params["per_step_us"], params["alpha"], feats.take(idx), group)
+        D = step_time_draws_us(
+            b,
+            params["per_layer_us"],
+            params["per_request_us"],
+            params["per_step_us"],
+            params["alpha"],
+            feats.take(idx),
+            group,
+        )
         rows = [p[:, group] for p in noise_params]
-        point[a:a + idx.size] = np.mean(D * noise.mean_factor(*rows), axis=0)
+        point[a : a + idx.size] = np.mean(D * noise.mean_factor(*rows), axis=0)
         Y = noise.sample(rng, D, *rows)
         lo, hi = np.quantile(Y, [lo_q, hi_q], axis=0)
         obs = meta.duration_us[idx]
-        inside[a:a + idx.size] = (lo <= obs) & (obs <= hi)
+        inside[a : a + idx.size] = (lo <= obs) & (obs <= hi)
     return point, inside
 
 
-def _baseline_predictions(meta: _Meta, feats: StepFeatures, train: np.ndarray,
-                          targets: np.ndarray) -> dict[str, np.ndarray]:
+def _baseline_predictions(
+    meta: _Meta, feats: StepFeatures, train: np.ndarray, targets: np.ndarray
+) -> dict[str, np.ndarray]:
     """Blackbox and NNLS predictions (µs) of every step (NaN outside the target experiments)."""
     from calib.baselines import blackbox_fit, blackbox_predict, nnls_fit, nnls_predict
 
@@ -374,11 +477,13 @@ def _baseline_predictions(meta: _Meta, feats: StepFeatures, train: np.ndarray,
         else:
             key = model if (train_model == model).sum() >= 3 else "*"
             if key not in cache_bb:
-                cache_bb[key] = bb_coef(train_model == model if key != "*"
-                                        else np.ones(train.size, bool))
+                cache_bb[key] = bb_coef(
+                    train_model == model if key != "*" else np.ones(train.size, bool)
+                )
             coef = cache_bb[key]
-        out["blackbox"][pos] = blackbox_predict(coef, meta.prefill_tokens[pos],
-                                                meta.decode_tokens[pos])
+        out["blackbox"][pos] = blackbox_predict(
+            coef, meta.prefill_tokens[pos], meta.decode_tokens[pos]
+        )
         key = model if (train_model == model).sum() >= 9 else "*"
         if key not in cache_nn:
             t = train[train_model == model] if key != "*" else train
@@ -401,13 +506,24 @@ class FoldResult:
     wall_s: float
 
 
-def evaluate_fold(ds, fold: Fold, *, features: StepFeatures, hierarchy: str = "per-model",
-                  priors=None, settings=None, draws: int = config.VALIDATE_DRAWS,
-                  prob: float = config.INTERVAL_PROB, seed: int = config.E2E_SEED,
-                  max_train_steps: int | None = config.VALIDATE_MAX_TRAIN_STEPS,
-                  noise: bool = True, progress: bool = False, fit_fn: Callable | None = None,
-                  _meta_cache: _Meta | None = None, _design_cache: dict | None = None
-                  ) -> FoldResult:
+def evaluate_fold(
+    ds,
+    fold: Fold,
+    *,
+    features: StepFeatures,
+    hierarchy: str = "per-model",
+    priors=None,
+    settings=None,
+    draws: int = config.VALIDATE_DRAWS,
+    prob: float = config.INTERVAL_PROB,
+    seed: int = config.E2E_SEED,
+    max_train_steps: int | None = config.VALIDATE_MAX_TRAIN_STEPS,
+    noise: bool = True,
+    progress: bool = False,
+    fit_fn: Callable | None = None,
+    _meta_cache: _Meta | None = None,
+    _design_cache: dict | None = None,
+) -> FoldResult:
     """Fit on the train part of ``fold`` and score every held-out part.
 
     Parameters
@@ -435,45 +551,78 @@ def evaluate_fold(ds, fold: Fold, *, features: StepFeatures, hierarchy: str = "p
         settings = default_settings()
     train = fold.steps(TRAIN, meta.sampled)
     if train.size == 0:
-        raise CalibError(f"fold {fold.name}: no sampled train steps", field="--split",
-                         fix="use a dataset with more sampled steps")
+        raise CalibError(
+            f"fold {fold.name}: no sampled train steps",
+            field="--split",
+            fix="use a dataset with more sampled steps",
+        )
     train_fit = _subsample(train, max_train_steps, settings.seed)
     data, coords, train_fit = _fold_model_data(meta, features, train_fit)
-    fit = (fit_fn or fit_model_data)(data, coords, hierarchy=hierarchy, priors=priors,
-                                     settings=settings, step_index=train_fit, progress=progress)
+    fit = (fit_fn or fit_model_data)(
+        data,
+        coords,
+        hierarchy=hierarchy,
+        priors=priors,
+        settings=settings,
+        step_index=train_fit,
+        progress=progress,
+    )
     idata = fit.idata
     params = flat_draws(idata, draws)
     post_models = list(coords["model"])
     post_exps = list(coords["experiment"])
     rng = np.random.default_rng(seed)
-    b, noise_params, _ = correction_draws(params, post_models, post_exps, meta.experiments,
-                                   meta.exp_model.tolist(), rng=rng)
+    b, noise_params, _ = correction_draws(
+        params, post_models, post_exps, meta.experiments, meta.exp_model.tolist(), rng=rng
+    )
     betas = _blis_betas(params, post_models, meta)
 
     step_rows, e2e_rows = [], []
-    parts = [p for p in (VAL, TEST) if (fold.step_part == p).any()
-             or (fold.request_part == p).any()]
+    parts = [
+        p for p in (VAL, TEST) if (fold.step_part == p).any() or (fold.request_part == p).any()
+    ]
     for part in parts:
         held = fold.steps(part, meta.sampled)
-        targets = np.unique(meta.step_exp[np.flatnonzero(
-            (fold.step_part == part) | np.isin(meta.step_exp, np.unique(
-                np.asarray(ds["req_experiment"].values)[fold.request_part == part])))])
+        targets = np.unique(
+            meta.step_exp[
+                np.flatnonzero(
+                    (fold.step_part == part)
+                    | np.isin(
+                        meta.step_exp,
+                        np.unique(
+                            np.asarray(ds["req_experiment"].values)[fold.request_part == part]
+                        ),
+                    )
+                )
+            ]
+        )
         base = _baseline_predictions(meta, features, train, targets)
         # per-step
         obs = meta.duration_us[held]
-        point, inside = _calib_step_predictions(params, b, noise_params, features, held, meta,
-                                                prob, rng)
+        point, inside = _calib_step_predictions(
+            params, b, noise_params, features, held, meta, prob, rng
+        )
         blis = np.empty(held.size)
         for e in np.unique(meta.step_exp[held]):
             sel = meta.step_exp[held] == e
             blis[sel] = blis_step_time_us(betas[e], features.take(held[sel]))
-        preds = {"calib": point, "blis": blis, "blackbox": base["blackbox"][held],
-                 "nnls": base["nnls"][held]}
+        preds = {
+            "calib": point,
+            "blis": blis,
+            "blackbox": base["blackbox"][held],
+            "nnls": base["nnls"][held],
+        }
         for name in PREDICTORS:
-            row = {"split": fold.split, "fold": fold.name, "part": PARTS[part],
-                   "predictor": name, **step_metrics(preds[name], obs),
-                   "coverage_pct": (100.0 * float(inside.mean()) if name == "calib"
-                                    and held.size else np.nan)}
+            row = {
+                "split": fold.split,
+                "fold": fold.name,
+                "part": PARTS[part],
+                "predictor": name,
+                **step_metrics(preds[name], obs),
+                "coverage_pct": (
+                    100.0 * float(inside.mean()) if name == "calib" and held.size else np.nan
+                ),
+            }
             step_rows.append(row)
         # per experiment (teacher-forced replay of held-out requests)
         reqs = np.flatnonzero(fold.request_part == part)
@@ -484,8 +633,17 @@ def evaluate_fold(ds, fold: Fold, *, features: StepFeatures, hierarchy: str = "p
         design = replay_design(sub)
         if _design_cache is not None:
             _design_cache[key] = design
-        res = replay(idata, sub, features=features, prob=prob, draws=draws, noise=noise,
-                     seed=seed, baselines=False, design=design)
+        res = replay(
+            idata,
+            sub,
+            features=features,
+            prob=prob,
+            draws=draws,
+            noise=noise,
+            seed=seed,
+            baselines=False,
+            design=design,
+        )
         assert res.timing is not None  # replay() always measures the host timing
         step_all = {"blis": np.full(meta.step_exp.size, np.nan), **base}
         for e in targets:
@@ -505,20 +663,38 @@ def evaluate_fold(ds, fold: Fold, *, features: StepFeatures, hierarchy: str = "p
             e = exp_index[r.experiment]
             k = metric_index[r.metric]
             obs_e = r.observed_us
-            row = {"split": fold.split, "fold": fold.name, "part": PARTS[part],
-                   "experiment": r.experiment, "model": r.model,
-                   "workload": meta.exp_workload[e], "basis": r.basis, "metric": r.metric,
-                   "n_requests": int(r.n_requests), "observed_us": obs_e,
-                   "predicted_us": r.predicted_us, "lower_us": r.lower_us,
-                   "upper_us": r.upper_us, "error_pct": r.error_pct, "inside": bool(r.inside)}
+            row = {
+                "split": fold.split,
+                "fold": fold.name,
+                "part": PARTS[part],
+                "experiment": r.experiment,
+                "model": r.model,
+                "workload": meta.exp_workload[e],
+                "basis": r.basis,
+                "metric": r.metric,
+                "n_requests": int(r.n_requests),
+                "observed_us": obs_e,
+                "predicted_us": r.predicted_us,
+                "lower_us": r.lower_us,
+                "upper_us": r.upper_us,
+                "error_pct": r.error_pct,
+                "inside": bool(r.inside),
+            }
             for name in ("blis", "blackbox", "nnls"):
                 v = base_means[name][k, e]
-                row[f"{name}_error_pct"] = (100.0 * (v - obs_e) / obs_e
-                                            if np.isfinite(obs_e) and obs_e else np.nan)
+                row[f"{name}_error_pct"] = (
+                    100.0 * (v - obs_e) / obs_e if np.isfinite(obs_e) and obs_e else np.nan
+                )
             e2e_rows.append(row)
-    return FoldResult(fold=fold, step_rows=step_rows, e2e_rows=e2e_rows,
-                      n_train_steps=int(train_fit.size), gate_verdict=str(fit.gate.verdict),
-                      sampling_s=float(fit.sampling_s), wall_s=time.perf_counter() - t_wall)
+    return FoldResult(
+        fold=fold,
+        step_rows=step_rows,
+        e2e_rows=e2e_rows,
+        n_train_steps=int(train_fit.size),
+        gate_verdict=str(fit.gate.verdict),
+        sampling_s=float(fit.sampling_s),
+        wall_s=time.perf_counter() - t_wall,
+    )
 
 
 def default_settings(**overrides):
@@ -544,12 +720,21 @@ class ValidationResult:
     settings: dict = field(default_factory=dict)
 
 
-def run_validation(ds, splits: Sequence[str] = SPLITS, *, hierarchy: str = "per-model",
-                   priors=None, settings=None, draws: int = config.VALIDATE_DRAWS,
-                   prob: float = config.INTERVAL_PROB, seed: int = config.E2E_SEED,
-                   max_train_steps: int | None = config.VALIDATE_MAX_TRAIN_STEPS,
-                   features: StepFeatures | None = None, progress: bool = True,
-                   fit_fn: Callable | None = None) -> ValidationResult:
+def run_validation(
+    ds,
+    splits: Sequence[str] = SPLITS,
+    *,
+    hierarchy: str = "per-model",
+    priors=None,
+    settings=None,
+    draws: int = config.VALIDATE_DRAWS,
+    prob: float = config.INTERVAL_PROB,
+    seed: int = config.E2E_SEED,
+    max_train_steps: int | None = config.VALIDATE_MAX_TRAIN_STEPS,
+    features: StepFeatures | None = None,
+    progress: bool = True,
+    fit_fn: Callable | None = None,
+) -> ValidationResult:
     """Run every fold of ``splits`` (:func:`make_folds`, :func:`evaluate_fold`).
 
     ``progress`` shows a tqdm bar over folds. Returns the per-step and per-experiment
@@ -562,8 +747,11 @@ def run_validation(ds, splits: Sequence[str] = SPLITS, *, hierarchy: str = "per-
         raise CalibError(f"interval probability must be in (0, 1), got {prob}", field="--prob")
     for s in splits:
         if s not in SPLITS:
-            raise CalibError(f"unknown split {s!r}", field="--split",
-                             fix=f"use one of {', '.join(SPLITS)} or all")
+            raise CalibError(
+                f"unknown split {s!r}",
+                field="--split",
+                fix=f"use one of {', '.join(SPLITS)} or all",
+            )
     if settings is None:
         settings = default_settings()
     if priors is None:
@@ -572,8 +760,11 @@ def run_validation(ds, splits: Sequence[str] = SPLITS, *, hierarchy: str = "per-
         priors = load_priors()
     meta = _meta(ds)
     if not meta.sampled.any():
-        raise CalibError("the dataset has no sampled steps with a positive duration",
-                         field="duration_us", fix="import traces with step.BATCH_SUMMARY events")
+        raise CalibError(
+            "the dataset has no sampled steps with a positive duration",
+            field="duration_us",
+            fix="import traces with step.BATCH_SUMMARY events",
+        )
     if features is None:
         features = StepFeatures.from_dataset(ds)
     folds = [f for s in splits for f in make_folds(ds, s)]
@@ -581,41 +772,76 @@ def run_validation(ds, splits: Sequence[str] = SPLITS, *, hierarchy: str = "per-
     bar = tqdm(folds, desc="validate", unit="fold", disable=not progress)
     for fold in bar:
         bar.set_postfix_str(fold.name[-40:])
-        r = evaluate_fold(ds, fold, features=features, hierarchy=hierarchy, priors=priors,
-                          settings=settings, draws=draws, prob=prob, seed=seed,
-                          max_train_steps=max_train_steps, fit_fn=fit_fn, _meta_cache=meta)
+        r = evaluate_fold(
+            ds,
+            fold,
+            features=features,
+            hierarchy=hierarchy,
+            priors=priors,
+            settings=settings,
+            draws=draws,
+            prob=prob,
+            seed=seed,
+            max_train_steps=max_train_steps,
+            fit_fn=fit_fn,
+            _meta_cache=meta,
+        )
         step_rows += r.step_rows
         e2e_rows += r.e2e_rows
-        facts.append({"split": fold.split, "fold": fold.name, "held_out": fold.held_out,
-                      "n_train_steps": r.n_train_steps, "gate": r.gate_verdict,
-                      "sampling_s": round(r.sampling_s, 2), "wall_s": round(r.wall_s, 2),
-                      **{f"n_{PARTS[p]}_sampled_steps": int(fold.steps(p, meta.sampled).size)
-                         for p in (TRAIN, VAL, TEST)},
-                      **{f"n_{PARTS[p]}_requests": int((fold.request_part == p).sum())
-                         for p in (TRAIN, VAL, TEST)}})
+        facts.append(
+            {
+                "split": fold.split,
+                "fold": fold.name,
+                "held_out": fold.held_out,
+                "n_train_steps": r.n_train_steps,
+                "gate": r.gate_verdict,
+                "sampling_s": round(r.sampling_s, 2),
+                "wall_s": round(r.wall_s, 2),
+                **{
+                    f"n_{PARTS[p]}_sampled_steps": int(fold.steps(p, meta.sampled).size)
+                    for p in (TRAIN, VAL, TEST)
+                },
+                **{
+                    f"n_{PARTS[p]}_requests": int((fold.request_part == p).sum())
+                    for p in (TRAIN, VAL, TEST)
+                },
+            }
+        )
     from dataclasses import asdict
 
     return ValidationResult(
         steps=pd.DataFrame(step_rows, columns=list(STEP_COLUMNS)),
-        e2e=pd.DataFrame(e2e_rows, columns=list(E2E_COLUMNS)), folds=facts,
-        settings={"hierarchy": hierarchy, "sampler": asdict(settings), "draws": draws,
-                  "prob": prob, "seed": seed, "max_train_steps": max_train_steps,
-                  "splits": list(splits)})
+        e2e=pd.DataFrame(e2e_rows, columns=list(E2E_COLUMNS)),
+        folds=facts,
+        settings={
+            "hierarchy": hierarchy,
+            "sampler": asdict(settings),
+            "draws": draws,
+            "prob": prob,
+            "seed": seed,
+            "max_train_steps": max_train_steps,
+            "splits": list(splits),
+        },
+    )
 
 
 # ------------------------------------------------------------------------ reports
 def _lomo_table(lomo, *, basis: bool) -> list[str]:
     """Markdown rows of the leave-one-model-out E2E table (ms); ``basis`` adds its column."""
     head = "| held-out model | experiment |" + (" basis |" if basis else "")
-    rows = [head + " observed | predicted | band | error % | inside | blackbox err % | "
-                   "nnls err % |", "|" + "---|" * (10 if basis else 9)]
+    rows = [
+        head + " observed | predicted | band | error % | inside | blackbox err % | nnls err % |",
+        "|" + "---|" * (10 if basis else 9),
+    ]
     for r in lomo.itertuples(index=False):
         rows.append(
-            f"| {r.model} | {r.experiment} |" + (f" {r.basis} |" if basis else "")
+            f"| {r.model} | {r.experiment} |"
+            + (f" {r.basis} |" if basis else "")
             + f" {r.observed_us / 1e3:.1f} | {r.predicted_us / 1e3:.1f} | "
             f"[{r.lower_us / 1e3:.1f}, {r.upper_us / 1e3:.1f}] | {_fmt(r.error_pct, '+.1f')} | "
             f"{'yes' if r.inside else 'no'} | {_fmt(r.blackbox_error_pct, '+.1f')} | "
-            f"{_fmt(r.nnls_error_pct, '+.1f')} |")
+            f"{_fmt(r.nnls_error_pct, '+.1f')} |"
+        )
     return rows
 
 
@@ -642,7 +868,10 @@ def inv_m6_line(summary, bound_pct: float = config.VALIDATE_MSPE_BOUND_PCT) -> s
     """One line: INV-M-6 on the exported plug-in predictor (``blis``: the contract is
     checked on what BLIS runs) per held-out part, and the same count for ``calib``."""
     out = []
-    for name, label in (("blis", "exported BLIS predictor"), ("calib", "calib posterior predictive mean")):
+    for name, label in (
+        ("blis", "exported BLIS predictor"),
+        ("calib", "calib posterior predictive mean"),
+    ):
         col = f"{name}_mspe_pct"
         m = summary[np.isfinite(summary[col].astype(float))]
         if not len(m):
@@ -651,9 +880,11 @@ def inv_m6_line(summary, bound_pct: float = config.VALIDATE_MSPE_BOUND_PCT) -> s
         ok = int((m[col].abs() < bound_pct).sum())
         w = m.loc[m[col].abs().idxmax()]
         verdict = ("PASS" if ok == len(m) else "FAIL") + ", " if name == "blis" else ""
-        out.append(f"{label}: {verdict}{ok}/{len(m)} held-out parts within the bound, worst "
-                   f"{w[col]:+.2f} % ({w.fold}, {w.part})")
-    return (f"INV-M-6 (|MSPE| < {bound_pct:g} % on held-out steps) — " + "; ".join(out) + ".")
+        out.append(
+            f"{label}: {verdict}{ok}/{len(m)} held-out parts within the bound, worst "
+            f"{w[col]:+.2f} % ({w.fold}, {w.part})"
+        )
+    return f"INV-M-6 (|MSPE| < {bound_pct:g} % on held-out steps) — " + "; ".join(out) + "."
 
 
 def summary_table(result: ValidationResult):
@@ -665,8 +896,12 @@ def summary_table(result: ValidationResult):
     keys = st[["split", "fold", "part"]].drop_duplicates().itertuples(index=False)
     for split, fold, part in keys:
         s = st[(st.fold == fold) & (st.part == part)].set_index("predictor")
-        row = {"split": split, "fold": fold, "part": part,
-               "n_steps": int(s.loc["calib", "n_steps"])}
+        row = {
+            "split": split,
+            "fold": fold,
+            "part": part,
+            "n_steps": int(s.loc["calib", "n_steps"]),
+        }
         for name in PREDICTORS:
             row[f"{name}_mape_pct"] = s.loc[name, "mape_pct"]
         row["calib_median_ape_pct"] = s.loc["calib", "median_ape_pct"]
@@ -680,12 +915,14 @@ def summary_table(result: ValidationResult):
             m = e[e.metric == metric]
             m = m[np.isfinite(m.observed_us.astype(float))]
             row[f"{metric}_n_exp"] = int(len(m))
-            row[f"{metric}_mean_abs_err_pct"] = (float(m.error_pct.abs().mean()) if len(m)
-                                                 else np.nan)
+            row[f"{metric}_mean_abs_err_pct"] = (
+                float(m.error_pct.abs().mean()) if len(m) else np.nan
+            )
             row[f"{metric}_coverage"] = f"{int(m.inside.sum())}/{len(m)}"
             for name in ("blis", "blackbox", "nnls"):
                 row[f"{metric}_{name}_mean_abs_err_pct"] = (
-                    float(m[f"{name}_error_pct"].abs().mean()) if len(m) else np.nan)
+                    float(m[f"{name}_error_pct"].abs().mean()) if len(m) else np.nan
+                )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -717,20 +954,48 @@ _SUMMARY_CELLS: dict[str, Callable[[Any], str]] = {
     "ITL cov": lambda r: str(r.itl_coverage),
 }
 # validation.md shows every column; the README's results block a shorter set.
-REPORT_COLUMNS = ("split", "fold", "part", "steps", *(f"MAPE {p}" for p in PREDICTORS),
-                  "medAPE calib", "r calib", "MSPE calib", "MSPE blis", "step cov",
-                  *(f"E2E {p}" for p in PREDICTORS), "E2E cov", "TTFT calib", "TTFT cov",
-                  "ITL calib", "ITL cov")
-README_COLUMNS = ("split", "fold", "part", "steps", *(f"MAPE {p}" for p in PREDICTORS),
-                  "MSPE calib", "MSPE blis", "INV-M-6", "step cov",
-                  *(f"E2E {p}" for p in PREDICTORS), "E2E cov", "TTFT calib", "ITL calib")
+REPORT_COLUMNS = (
+    "split",
+    "fold",
+    "part",
+    "steps",
+    *(f"MAPE {p}" for p in PREDICTORS),
+    "medAPE calib",
+    "r calib",
+    "MSPE calib",
+    "MSPE blis",
+    "step cov",
+    *(f"E2E {p}" for p in PREDICTORS),
+    "E2E cov",
+    "TTFT calib",
+    "TTFT cov",
+    "ITL calib",
+    "ITL cov",
+)
+README_COLUMNS = (
+    "split",
+    "fold",
+    "part",
+    "steps",
+    *(f"MAPE {p}" for p in PREDICTORS),
+    "MSPE calib",
+    "MSPE blis",
+    "INV-M-6",
+    "step cov",
+    *(f"E2E {p}" for p in PREDICTORS),
+    "E2E cov",
+    "TTFT calib",
+    "ITL calib",
+)
 
 
 def _summary_markdown(summary, columns: Sequence[str]) -> list[str]:
     """Markdown rows of ``summary`` (:func:`summary_table`) with the named columns."""
     rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    rows += ["| " + " | ".join(_SUMMARY_CELLS[c](r) for c in columns) + " |"
-             for r in summary.itertuples(index=False)]
+    rows += [
+        "| " + " | ".join(_SUMMARY_CELLS[c](r) for c in columns) + " |"
+        for r in summary.itertuples(index=False)
+    ]
     return rows
 
 
@@ -740,38 +1005,62 @@ def markdown_report(result: ValidationResult, manifest: dict | None = None) -> s
     pct = f"{100 * result.settings.get('prob', config.INTERVAL_PROB):.0f} %"
     lines = ["# calib validation", ""]
     if manifest:
-        lines += [f"calib {manifest.get('calib_version')} (git {manifest.get('git_sha')}), "
-                  f"{manifest.get('created_utc')}; data {str(manifest.get('data_hash'))[:12]}; "
-                  f"hierarchy {result.settings.get('hierarchy')}; sampler "
-                  f"{result.settings.get('sampler')}", ""]
-    lines += ["## Held-out step times (sampled steps) and experiment means", "",
-              "MAPE / median APE / MSPE in %; MSPE = mean signed 100·(pred − obs)/obs (bias; "
-              f"INV-M-6 wants |MSPE| < 5 %); step cov = share of steps inside the {pct} "
-              "posterior-predictive interval; E2E/TTFT/ITL = mean |error| over experiments of "
-              f"the experiment-mean latency (teacher-forced), cov = experiments inside the {pct} "
-              "interval. calib = posterior predictive mean, blis = exported BLIS betas "
-              "(plug-in, alpha dropped).", "",
-              *_summary_markdown(sm, REPORT_COLUMNS)]
+        lines += [
+            f"calib {manifest.get('calib_version')} (git {manifest.get('git_sha')}), "
+            f"{manifest.get('created_utc')}; data {str(manifest.get('data_hash'))[:12]}; "
+            f"hierarchy {result.settings.get('hierarchy')}; sampler "
+            f"{result.settings.get('sampler')}",
+            "",
+        ]
+    lines += [
+        "## Held-out step times (sampled steps) and experiment means",
+        "",
+        "MAPE / median APE / MSPE in %; MSPE = mean signed 100·(pred − obs)/obs (bias; "
+        f"INV-M-6 wants |MSPE| < 5 %); step cov = share of steps inside the {pct} "
+        "posterior-predictive interval; E2E/TTFT/ITL = mean |error| over experiments of "
+        f"the experiment-mean latency (teacher-forced), cov = experiments inside the {pct} "
+        "interval. calib = posterior predictive mean, blis = exported BLIS betas "
+        "(plug-in, alpha dropped).",
+        "",
+        *_summary_markdown(sm, REPORT_COLUMNS),
+    ]
     lines += ["", inv_m6_line(sm)]
     ee = result.e2e
     lomo = ee[(ee.split == "model") & (ee.metric == "e2e")]
     if len(lomo):
-        lines += ["", "## Leave-one-model-out: held-out model's E2E mean from the population "
-                      "level", "",
-                  f"Predicted mean and {pct} band (ms) of each held-out experiment's mean E2E "
-                  "latency; the model's own coefficients were not fitted.", "",
-                  *_lomo_table(lomo, basis=True)]
-    lines += ["", "## Fits", "", "| fold | train steps fitted | sampling s | gate |",
-              "|---|---|---|---|"]
+        lines += [
+            "",
+            "## Leave-one-model-out: held-out model's E2E mean from the population level",
+            "",
+            f"Predicted mean and {pct} band (ms) of each held-out experiment's mean E2E "
+            "latency; the model's own coefficients were not fitted.",
+            "",
+            *_lomo_table(lomo, basis=True),
+        ]
+    lines += [
+        "",
+        "## Fits",
+        "",
+        "| fold | train steps fitted | sampling s | gate |",
+        "|---|---|---|---|",
+    ]
     for f in result.folds:
         lines.append(f"| {f['fold']} | {f['n_train_steps']} | {f['sampling_s']} | {f['gate']} |")
-    lines += ["", "Per-experiment rows (E2E, TTFT, ITL; every predictor) are in e2e.csv; "
-                  "per-step metrics in steps.csv."]
+    lines += [
+        "",
+        "Per-experiment rows (E2E, TTFT, ITL; every predictor) are in e2e.csv; "
+        "per-step metrics in steps.csv.",
+    ]
     return "\n".join(lines) + "\n"
 
 
-def write_reports(result: ValidationResult, out_dir, *, data_hash: str | None = None,
-                  command: list[str] | None = None) -> dict[str, Path]:
+def write_reports(
+    result: ValidationResult,
+    out_dir,
+    *,
+    data_hash: str | None = None,
+    command: list[str] | None = None,
+) -> dict[str, Path]:
     """Write ``steps.csv``, ``e2e.csv``, ``summary.csv``, ``validation.md`` and
     ``manifest.json`` (atomically) into ``out_dir``; return their paths by name.
 
@@ -786,13 +1075,21 @@ def write_reports(result: ValidationResult, out_dir, *, data_hash: str | None = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     verdicts = sorted({f["gate"] for f in result.folds})
-    m = manifest(kind="validation", seed=result.settings.get("seed"), data_hash=data_hash,
-                 command=command,
-                 diagnostics="pass" if verdicts == ["pass"] else "; ".join(verdicts)[:2000],
-                 settings=result.settings, folds=result.folds)
+    m = manifest(
+        kind="validation",
+        seed=result.settings.get("seed"),
+        data_hash=data_hash,
+        command=command,
+        diagnostics="pass" if verdicts == ["pass"] else "; ".join(verdicts)[:2000],
+        settings=result.settings,
+        folds=result.folds,
+    )
     paths = {}
-    for name, frame in (("steps", result.steps), ("e2e", result.e2e),
-                        ("summary", summary_table(result))):
+    for name, frame in (
+        ("steps", result.steps),
+        ("e2e", result.e2e),
+        ("summary", summary_table(result)),
+    ):
         p = out / f"{name}.csv"
         with atomic_path(p) as tmp:
             frame.to_csv(tmp, index=False, float_format="%.6g")
@@ -808,8 +1105,9 @@ def write_reports(result: ValidationResult, out_dir, *, data_hash: str | None = 
 
 
 # ------------------------------------------------------------------------ README results
-def results_markdown(summary, e2e, manifest: dict, *, source: str, generator: str,
-                     generated_utc: str | None = None) -> str:
+def results_markdown(
+    summary, e2e, manifest: dict, *, source: str, generator: str, generated_utc: str | None = None
+) -> str:
     """Markdown results block from validate's outputs (no hand-typed numbers).
 
     Parameters
@@ -840,33 +1138,45 @@ def results_markdown(summary, e2e, manifest: dict, *, source: str, generator: st
         f"for predictions). Rerun both commands to refresh; do not edit by hand._",
         "",
         "Diagnostics gate of the fold fits: "
-        + ("pass in all folds." if not bad else
-           f"not passed in {len(bad)}/{len(folds)} folds ({', '.join(bad)}; reasons in "
-           f"`{source}validation.md`)."),
+        + (
+            "pass in all folds."
+            if not bad
+            else f"not passed in {len(bad)}/{len(folds)} folds ({', '.join(bad)}; reasons in "
+            f"`{source}validation.md`)."
+        ),
         "",
         "Held-out parts: MAPE and MSPE (signed mean of 100·(pred − obs)/obs) over sampled "
         f"steps; step cov = share inside the {pct} posterior-predictive interval; E2E/TTFT/ITL "
         "= mean |error| over experiments of the experiment-mean latency (teacher-forced "
         f"replay with measured host gaps); E2E cov = experiments inside the {pct} interval. "
-        "calib = posterior predictive mean, blis = exported BLIS betas, blackbox / nnls = baselines "
-        "fitted on the same train steps. INV-M-6 (|MSPE| < "
+        "calib = posterior predictive mean, blis = exported BLIS betas, blackbox / nnls = "
+        "baselines fitted on the same train steps. INV-M-6 (|MSPE| < "
         f"{config.VALIDATE_MSPE_BOUND_PCT:g} %) is judged on the exported predictor (blis).",
         "",
-        *_summary_markdown(summary, README_COLUMNS)]
+        *_summary_markdown(summary, README_COLUMNS),
+    ]
     lines += ["", inv_m6_line(summary)]
-    lomo = e2e[(e2e.split == "model") & (e2e.metric == "e2e")
-               & np.isfinite(e2e.observed_us.astype(float))]
+    lomo = e2e[
+        (e2e.split == "model") & (e2e.metric == "e2e") & np.isfinite(e2e.observed_us.astype(float))
+    ]
     if len(lomo):
-        lines += ["", f"Leave-one-model-out: each held-out model's mean E2E latency (ms) "
-                      f"predicted from the population level, with its {pct} band.", "",
-                  *_lomo_table(lomo, basis=False)]
+        lines += [
+            "",
+            f"Leave-one-model-out: each held-out model's mean E2E latency (ms) "
+            f"predicted from the population level, with its {pct} band.",
+            "",
+            *_lomo_table(lomo, basis=False),
+        ]
     return "\n".join(lines) + "\n"
 
 
-def replace_results_section(text: str, block: str,
-                            markers: tuple[str, str] = config.RESULTS_MARKERS,
-                            heading: str = config.RESULTS_HEADING,
-                            before: str = "## Testing") -> str:
+def replace_results_section(
+    text: str,
+    block: str,
+    markers: tuple[str, str] = config.RESULTS_MARKERS,
+    heading: str = config.RESULTS_HEADING,
+    before: str = "## Testing",
+) -> str:
     """``text`` with ``block`` between the results markers (only that span changes).
 
     Without the markers, a section ``heading`` holding them is inserted just before the
@@ -879,15 +1189,21 @@ def replace_results_section(text: str, block: str,
     if i < 0 and j < 0:
         k = text.find(f"\n{before}\n")
         if k < 0 and not text.startswith(f"{before}\n"):
-            raise CalibError(f"README has neither the results markers nor a '{before}' "
-                             f"heading to place them before", field="README.md",
-                             fix=f"add the lines {start} and {end} where the results go")
+            raise CalibError(
+                f"README has neither the results markers nor a '{before}' "
+                f"heading to place them before",
+                field="README.md",
+                fix=f"add the lines {start} and {end} where the results go",
+            )
         k = k + 1 if k >= 0 else 0
         return text[:k] + f"{heading}\n\n{body}\n\n" + text[k:]
     if i < 0 or j < 0 or j < i or text.count(start) != 1 or text.count(end) != 1:
-        raise CalibError(f"README must hold exactly one {start} followed by one {end}",
-                         field="README.md", fix="repair or remove both markers")
-    return text[:i] + body + text[j + len(end):]
+        raise CalibError(
+            f"README must hold exactly one {start} followed by one {end}",
+            field="README.md",
+            fix="repair or remove both markers",
+        )
+    return text[:i] + body + text[j + len(end) :]
 
 
 def write_results_section(reports_dir, readme, *, generator: str) -> str:
@@ -903,23 +1219,32 @@ def write_results_section(reports_dir, readme, *, generator: str) -> str:
     rep, readme = Path(reports_dir), Path(readme)
     for name in ("summary.csv", "e2e.csv", "manifest.json"):
         if not (rep / name).is_file():
-            raise CalibError("validation output not found", path=rep / name,
-                             fix="run python scripts/validate.py --split all first (or pass "
-                                 "--reports <its --out folder>)")
+            raise CalibError(
+                "validation output not found",
+                path=rep / name,
+                fix="run python scripts/validate.py --split all first (or pass "
+                "--reports <its --out folder>)",
+            )
     if not readme.is_file():
         raise CalibError("README not found", path=readme, fix="pass --readme <file>")
     try:
         m = json.loads((rep / "manifest.json").read_text())
     except json.JSONDecodeError as err:
-        raise CalibError(f"manifest is not JSON ({err.msg}, line {err.lineno})",
-                         path=rep / "manifest.json", fix="rerun scripts/validate.py") from None
+        raise CalibError(
+            f"manifest is not JSON ({err.msg}, line {err.lineno})",
+            path=rep / "manifest.json",
+            fix="rerun scripts/validate.py",
+        ) from None
     summary = pd.read_csv(rep / "summary.csv")
     e2e = pd.read_csv(rep / "e2e.csv")
     missing = [c for c in ("split", "fold", "part", "calib_mspe_pct") if c not in summary]
     if missing:
-        raise CalibError(f"summary.csv lacks column(s) {', '.join(missing)}",
-                         path=rep / "summary.csv", field=missing[0],
-                         fix="rerun scripts/validate.py with this calib version")
+        raise CalibError(
+            f"summary.csv lacks column(s) {', '.join(missing)}",
+            path=rep / "summary.csv",
+            field=missing[0],
+            fix="rerun scripts/validate.py with this calib version",
+        )
     try:
         shown = rep.resolve().relative_to(readme.resolve().parent)
     except ValueError:

@@ -15,14 +15,32 @@ COMPONENTS = ("pf_compute", "pf_kv", "dc_compute", "dc_kv", "weight", "tp")
 PF_C, PF_KV, DC_C, DC_KV, WEIGHT, TP = range(len(COMPONENTS))
 #: Shared additive overheads (µs per unit) and the step count each multiplies
 #: (``None``: one per non-empty step).
-OVERHEAD_SITES = (("per_layer_us", "num_layers"), ("per_request_us", "batch_size"),
-                  ("per_step_us", None))
+OVERHEAD_SITES = (
+    ("per_layer_us", "num_layers"),
+    ("per_request_us", "batch_size"),
+    ("per_step_us", None),
+)
 #: The named parameters in natural coordinates, in display order: what a posterior
 #: file stores (the sampler's raw coordinates are not saved).
-PARAMETER_SITES = ("b_pop", "tau", "b", "tau_exp", "b_exp", "per_layer_us",
-                   "per_request_us", "per_step_us", "alpha", "sigma", "stall_prob",
-                   "stall_log_mult", "stall_log_sd", "fast_prob", "fast_log_mult",
-                   "fast_log_sd", "mean_factor")
+PARAMETER_SITES = (
+    "b_pop",
+    "tau",
+    "b",
+    "tau_exp",
+    "b_exp",
+    "per_layer_us",
+    "per_request_us",
+    "per_step_us",
+    "alpha",
+    "sigma",
+    "stall_prob",
+    "stall_log_mult",
+    "stall_log_sd",
+    "fast_prob",
+    "fast_log_mult",
+    "fast_log_sd",
+    "mean_factor",
+)
 #: Hierarchy names accepted at the command line (``--hierarchy``).
 HIERARCHIES = ("pooled", "per-model", "per-experiment")
 #: Validation split families (``--split``).

@@ -32,19 +32,35 @@ from calib.closed_loop import add_check_arguments, write_table_csv
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = _Parser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     add_check_arguments(p)
     p.add_argument("--blis", default=None, help="BLIS binary (default: $CALIB_BLIS, then PATH)")
-    p.add_argument("--draws", type=_nonneg_int, default=0,
-                   help="posterior draws replayed for the band (one BLIS run each per "
-                        "experiment); 0: the exported point only (default %(default)s)")
-    p.add_argument("--keep", default=None, metavar="DIR",
-                   help="write the export, traces and BLIS results here (default: a "
-                        "temporary directory, removed)")
-    p.add_argument("--blis-arg", action="append", default=[], metavar="ARG",
-                   help="extra argument passed to every blis replay (repeatable), e.g. "
-                        "--blis-arg=--horizon --blis-arg=1000000000")
+    p.add_argument(
+        "--draws",
+        type=_nonneg_int,
+        default=0,
+        help="posterior draws replayed for the band (one BLIS run each per "
+        "experiment); 0: the exported point only (default %(default)s)",
+    )
+    p.add_argument(
+        "--keep",
+        default=None,
+        metavar="DIR",
+        help="write the export, traces and BLIS results here (default: a "
+        "temporary directory, removed)",
+    )
+    p.add_argument(
+        "--blis-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument passed to every blis replay (repeatable), e.g. "
+        "--blis-arg=--horizon --blis-arg=1000000000",
+    )
     return p.parse_args(argv)
 
 
@@ -81,15 +97,24 @@ def main(argv=None) -> int:
             print(note, file=sys.stderr)
         with tempfile.TemporaryDirectory(prefix="calib-blis-") as tmp:
             work = Path(args.keep or tmp)
-            coeffs, export = exported_coefficients(idata, draws=args.draws,
-                                                   out_dir=work / "export")
+            coeffs, export = exported_coefficients(idata, draws=args.draws, out_dir=work / "export")
             plans = experiment_plans(ds)
-            arch = [str(a) for a in np.asarray(ds["exp_arch_json"].values)] \
-                if "exp_arch_json" in ds else None
-            results, basis = blis_closed_loop(blis, plans, coeffs, export, work / "replay",
-                                              arch_json=arch, extra=args.blis_arg)
-        res = judge(plans, results, basis, prob=args.prob, e2e_target_pct=args.e2e_target,
-                    ttft_itl_target_pct=args.ttft_itl_target)
+            arch = (
+                [str(a) for a in np.asarray(ds["exp_arch_json"].values)]
+                if "exp_arch_json" in ds
+                else None
+            )
+            results, basis = blis_closed_loop(
+                blis, plans, coeffs, export, work / "replay", arch_json=arch, extra=args.blis_arg
+            )
+        res = judge(
+            plans,
+            results,
+            basis,
+            prob=args.prob,
+            e2e_target_pct=args.e2e_target,
+            ttft_itl_target_pct=args.ttft_itl_target,
+        )
         if args.csv:
             write_table_csv(args.csv, res, args.posterior, ds, "blis-closed-loop-check")
     except CalibError as err:

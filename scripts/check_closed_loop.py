@@ -34,14 +34,25 @@ from calib.closed_loop import add_check_arguments, write_table_csv
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = _Parser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     add_check_arguments(p)
-    p.add_argument("--draws", type=_nonneg_int, default=config.CLOSED_LOOP_DRAWS,
-                   help="posterior draws replayed for the band, thinned evenly; 0: point "
-                        "only (default %(default)s)")
-    p.add_argument("--workers", type=_positive_int, default=None,
-                   help="replay processes (default: the CPU count)")
+    p.add_argument(
+        "--draws",
+        type=_nonneg_int,
+        default=config.CLOSED_LOOP_DRAWS,
+        help="posterior draws replayed for the band, thinned evenly; 0: point "
+        "only (default %(default)s)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="replay processes (default: the CPU count)",
+    )
     return p.parse_args(argv)
 
 
@@ -74,13 +85,17 @@ def main(argv=None) -> int:
 
         def progress(done: int, total: int) -> None:
             if done == total or done % max(1, total // 10) == 0:
-                print(f"replays {done}/{total} ({time.perf_counter() - t1:.0f} s)",
-                      file=sys.stderr)
+                print(f"replays {done}/{total} ({time.perf_counter() - t1:.0f} s)", file=sys.stderr)
 
-        res = closed_loop(experiment_plans(ds), coeffs, prob=args.prob,
-                          e2e_target_pct=args.e2e_target,
-                          ttft_itl_target_pct=args.ttft_itl_target, workers=args.workers,
-                          progress=progress)
+        res = closed_loop(
+            experiment_plans(ds),
+            coeffs,
+            prob=args.prob,
+            e2e_target_pct=args.e2e_target,
+            ttft_itl_target_pct=args.ttft_itl_target,
+            workers=args.workers,
+            progress=progress,
+        )
         if args.csv:
             write_table_csv(args.csv, res, args.posterior, ds, "closed-loop-check")
     except CalibError as err:

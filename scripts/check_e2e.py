@@ -51,33 +51,67 @@ def _measured_or(lo: float, hi: float | None):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = _Parser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     p.add_argument("posterior", help="posterior NetCDF written by scripts/fit.py")
-    p.add_argument("--traces", default=None,
-                   help="dataset to replay (.nc or a folder of experiment directories; "
-                        "default: the data the posterior was fitted on, from its manifest)")
-    p.add_argument("--prob", type=_probability, default=config.INTERVAL_PROB,
-                   help="central interval probability (default %(default)s)")
-    p.add_argument("--draws", type=_positive_int, default=config.E2E_DRAWS,
-                   help="posterior draws, thinned evenly (default %(default)s)")
-    p.add_argument("--no-noise", action="store_true",
-                   help="leave out the step noise (intervals of sums of the body median mu only)")
-    p.add_argument("--new-experiments", action="store_true",
-                   help="per-experiment fits: predict every experiment as a new workload")
-    p.add_argument("--population-models", nargs="*", default=[], metavar="MODEL",
-                   help="predict these models from the population level (held out)")
+    p.add_argument(
+        "--traces",
+        default=None,
+        help="dataset to replay (.nc or a folder of experiment directories; "
+        "default: the data the posterior was fitted on, from its manifest)",
+    )
+    p.add_argument(
+        "--prob",
+        type=_probability,
+        default=config.INTERVAL_PROB,
+        help="central interval probability (default %(default)s)",
+    )
+    p.add_argument(
+        "--draws",
+        type=_positive_int,
+        default=config.E2E_DRAWS,
+        help="posterior draws, thinned evenly (default %(default)s)",
+    )
+    p.add_argument(
+        "--no-noise",
+        action="store_true",
+        help="leave out the step noise (intervals of sums of the body median mu only)",
+    )
+    p.add_argument(
+        "--new-experiments",
+        action="store_true",
+        help="per-experiment fits: predict every experiment as a new workload",
+    )
+    p.add_argument(
+        "--population-models",
+        nargs="*",
+        default=[],
+        metavar="MODEL",
+        help="predict these models from the population level (held out)",
+    )
     p.add_argument("--no-baselines", action="store_true", help="skip blackbox and NNLS")
-    p.add_argument("--step-gap-us", type=_measured_or(0.0, None), default="measured",
-                   help="host time between consecutive steps, µs: 'measured' (default: per "
-                        "experiment from the step timestamps of consecutive sampled steps) "
-                        "or a number (e.g. BLIS's alpha_coeffs[2])")
-    p.add_argument("--queued-step-weight", type=_measured_or(0.0, 1.0), default="measured",
-                   help="share of the QUEUED step counted in E2E/TTFT: 'measured' (default: "
-                        "from the QUEUED and step timestamps, else "
-                        f"{config.E2E_QUEUED_STEP_WEIGHT}) or a number in [0, 1]")
-    p.add_argument("--seed", type=_nonneg_int, default=config.E2E_SEED,
-                   help="seed (default %(default)s)")
+    p.add_argument(
+        "--step-gap-us",
+        type=_measured_or(0.0, None),
+        default="measured",
+        help="host time between consecutive steps, µs: 'measured' (default: per "
+        "experiment from the step timestamps of consecutive sampled steps) "
+        "or a number (e.g. BLIS's alpha_coeffs[2])",
+    )
+    p.add_argument(
+        "--queued-step-weight",
+        type=_measured_or(0.0, 1.0),
+        default="measured",
+        help="share of the QUEUED step counted in E2E/TTFT: 'measured' (default: "
+        "from the QUEUED and step timestamps, else "
+        f"{config.E2E_QUEUED_STEP_WEIGHT}) or a number in [0, 1]",
+    )
+    p.add_argument(
+        "--seed", type=_nonneg_int, default=config.E2E_SEED, help="seed (default %(default)s)"
+    )
     p.add_argument("--csv", default=None, help="also write the table as CSV (with manifest)")
     return p.parse_args(argv)
 
@@ -99,22 +133,37 @@ def main(argv=None) -> int:
         note = data.verify(ds)
         if note:
             print(note, file=sys.stderr)
-        res = replay(idata, ds, prob=args.prob, draws=args.draws, noise=not args.no_noise,
-                     new_experiments=args.new_experiments,
-                     population_models=args.population_models, seed=args.seed,
-                     baselines=not args.no_baselines, step_gap_us=args.step_gap_us,
-                     queued_step_weight=args.queued_step_weight)
+        res = replay(
+            idata,
+            ds,
+            prob=args.prob,
+            draws=args.draws,
+            noise=not args.no_noise,
+            new_experiments=args.new_experiments,
+            population_models=args.population_models,
+            seed=args.seed,
+            baselines=not args.no_baselines,
+            step_gap_us=args.step_gap_us,
+            queued_step_weight=args.queued_step_weight,
+        )
         if args.csv:
             import json
 
             from calib.io import atomic_write_text, file_sha256, manifest
             from calib.traces import dataset_hash
 
-            m = manifest(kind="e2e-check", seed=args.seed, data_hash=dataset_hash(ds),
-                         diagnostics=res.message, settings=res.settings,
-                         source_posterior_sha256=file_sha256(args.posterior))
-            atomic_write_text(args.csv, f"# manifest: {json.dumps(m, sort_keys=True)}\n"
-                              + res.table.to_csv(index=False))
+            m = manifest(
+                kind="e2e-check",
+                seed=args.seed,
+                data_hash=dataset_hash(ds),
+                diagnostics=res.message,
+                settings=res.settings,
+                source_posterior_sha256=file_sha256(args.posterior),
+            )
+            atomic_write_text(
+                args.csv,
+                f"# manifest: {json.dumps(m, sort_keys=True)}\n" + res.table.to_csv(index=False),
+            )
     except CalibError as err:
         return _user_error(err)
     print(format_table(res))

@@ -31,22 +31,34 @@ def _alphas(text: str) -> list[float]:
         vals = [float(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected 3 comma-separated numbers, got {text!r}") from None
+            f"expected 3 comma-separated numbers, got {text!r}"
+        ) from None
     if len(vals) != 3:
         raise argparse.ArgumentTypeError(f"expected 3 comma-separated numbers, got {len(vals)}")
     return vals
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = _Parser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     p.add_argument("posterior", help="posterior NetCDF written by scripts/fit.py")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--alpha-coeffs", type=_alphas, default=None, metavar="A0,A1,A2",
-                   help="give the 3 alpha coefficients (µs) instead of the posterior's "
-                        "API-overhead estimate")
-    p.add_argument("--prob", type=_probability, default=config.INTERVAL_PROB,
-                   help="interval probability of the uncertainty section (default %(default)s)")
+    p.add_argument(
+        "--alpha-coeffs",
+        type=_alphas,
+        default=None,
+        metavar="A0,A1,A2",
+        help="give the 3 alpha coefficients (µs) instead of the posterior's API-overhead estimate",
+    )
+    p.add_argument(
+        "--prob",
+        type=_probability,
+        default=config.INTERVAL_PROB,
+        help="interval probability of the uncertainty section (default %(default)s)",
+    )
     return p.parse_args(argv)
 
 
@@ -61,9 +73,14 @@ def main(argv=None) -> int:
         from calib.posterior import load_posterior
 
         idata = load_posterior(args.posterior)
-        res = export_posterior(idata, args.out, alpha_coeffs=args.alpha_coeffs,
-                               source_path=args.posterior, prob=args.prob,
-                               command=sys.argv if argv is None else ["export.py", *argv])
+        res = export_posterior(
+            idata,
+            args.out,
+            alpha_coeffs=args.alpha_coeffs,
+            source_path=args.posterior,
+            prob=args.prob,
+            command=sys.argv if argv is None else ["export.py", *argv],
+        )
     except CalibError as err:
         return _user_error(err)
     for name, flags in res.flags.items():

@@ -52,13 +52,19 @@ def _summary(ds, out: Path, seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = _Parser(description=__doc__.split("\n\n")[0],
-                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = _Parser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     ap.add_argument("root", type=Path, help="experiment directory or a folder of them")
     ap.add_argument("--out", type=Path, required=True, help="output NetCDF (traces/NAME.nc)")
     ap.add_argument("--hardware", help="accelerator name or YAML (overrides exp-config)")
-    ap.add_argument("--model-config", type=Path,
-                    help="Hugging Face config.json for a model calib does not bundle")
+    ap.add_argument(
+        "--model-config",
+        type=Path,
+        help="Hugging Face config.json for a model calib does not bundle",
+    )
     ap.add_argument("--workers", type=_positive_int, help="parallel processes (default: CPU count)")
     ap.add_argument("--no-cache", action="store_true", help="ignore and do not write the cache")
     ap.add_argument("--cache-dir", type=Path, help="cache directory (default ROOT/.calib-cache)")
@@ -66,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cli.check_output(args.out, flag="--out", suffix=".nc")
-        cli.check_input(args.root, flag="root",
-                        fix="give an experiment directory or a folder of them")
+        cli.check_input(
+            args.root, flag="root", fix="give an experiment directory or a folder of them"
+        )
         if args.cache_dir is not None:
             cli.check_output(args.cache_dir, flag="--cache-dir", folder=True, track=False)
         if args.model_config is not None:
@@ -78,9 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("always", TraceWarning)
         warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
         t0 = time.time()
-        ds = import_root(args.root, hardware=args.hardware, model_config=args.model_config,
-                         workers=args.workers, progress=not args.quiet,
-                         cache_dir=args.cache_dir, use_cache=not args.no_cache)
+        ds = import_root(
+            args.root,
+            hardware=args.hardware,
+            model_config=args.model_config,
+            workers=args.workers,
+            progress=not args.quiet,
+            cache_dir=args.cache_dir,
+            use_cache=not args.no_cache,
+        )
         save_dataset(ds, args.out)
     except CalibError as exc:
         return _user_error(exc)

@@ -28,18 +28,29 @@ from calib.cli import user_error as _user_error
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = _Parser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     p.add_argument("posterior", help="posterior NetCDF written by scripts/fit.py")
     p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--traces", default=None,
-                   help="dataset for the E2E figure (default: the data the posterior was "
-                        "fitted on, from its manifest)")
+    p.add_argument(
+        "--traces",
+        default=None,
+        help="dataset for the E2E figure (default: the data the posterior was "
+        "fitted on, from its manifest)",
+    )
     p.add_argument("--no-e2e", action="store_true", help="skip the E2E replay figure")
-    p.add_argument("--draws", type=_positive_int, default=config.E2E_DRAWS,
-                   help="posterior draws for the E2E replay (default %(default)s)")
-    p.add_argument("--seed", type=_nonneg_int, default=config.E2E_SEED,
-                   help="seed (default %(default)s)")
+    p.add_argument(
+        "--draws",
+        type=_positive_int,
+        default=config.E2E_DRAWS,
+        help="posterior draws for the E2E replay (default %(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=_nonneg_int, default=config.E2E_SEED, help="seed (default %(default)s)"
+    )
     return p.parse_args(argv)
 
 
@@ -66,9 +77,15 @@ def main(argv=None) -> int:
             note = data.verify(ds)
             if note:
                 print(note, file=sys.stderr)
-        paths = make_report(idata, args.out, ds=ds, source_path=args.posterior,
-                            seed=args.seed, draws=args.draws,
-                            command=sys.argv if argv is None else ["report.py", *argv])
+        paths = make_report(
+            idata,
+            args.out,
+            ds=ds,
+            source_path=args.posterior,
+            seed=args.seed,
+            draws=args.draws,
+            command=sys.argv if argv is None else ["report.py", *argv],
+        )
     except CalibError as err:
         return _user_error(err)
     for name, path in paths.items():

@@ -26,14 +26,19 @@ from calib.cli import user_error as _user_error
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--reports", type=Path, default=config.REPORTS_DIR / "validate",
-                   help="output folder of scripts/validate.py")
-    p.add_argument("--readme", type=Path, default=config.PROJECT_ROOT / "README.md",
-                   help="README to update")
-    p.add_argument("--print", dest="show", action="store_true",
-                   help="also print the block")
+    p = _Parser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--reports",
+        type=Path,
+        default=config.REPORTS_DIR / "validate",
+        help="output folder of scripts/validate.py",
+    )
+    p.add_argument(
+        "--readme", type=Path, default=config.PROJECT_ROOT / "README.md", help="README to update"
+    )
+    p.add_argument("--print", dest="show", action="store_true", help="also print the block")
     return p.parse_args(argv)
 
 
@@ -42,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from calib.errors import CalibError
     from calib.validate import write_results_section
 
-    cmd = " ".join(["python scripts/results_section.py",
-                    *(sys.argv[1:] if argv is None else argv)])
+    cmd = " ".join(["python scripts/results_section.py", *(sys.argv[1:] if argv is None else argv)])
     try:
         cli.check_input(args.readme, flag="--readme", fix="pass --readme <file>")
         cli.check_output(args.readme, flag="--readme")

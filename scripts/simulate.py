@@ -25,17 +25,22 @@ from calib.errors import CalibError
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = _Parser(description=__doc__.split("\n\n")[0],
-                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--recipe", default=str(DEFAULT_RECIPE),
-                    help="recipe YAML (default: %(default)s)")
+    ap = _Parser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    ap.add_argument(
+        "--recipe", default=str(DEFAULT_RECIPE), help="recipe YAML (default: %(default)s)"
+    )
     ap.add_argument("--scale", default="default", help="recipe scale: default or real")
     ap.add_argument("--out", required=True, help="root folder for the experiment directories")
     ap.add_argument("--truth", default=None, help="folder for the truth NetCDFs (tests only)")
     ap.add_argument("--seed", type=_nonneg_int, default=None, help="override the recipe's seed")
     ap.add_argument("--gzip", action="store_true", help="write traces.json.gz")
-    ap.add_argument("--workers", type=_positive_int, default=None,
-                    help="processes (default: CPU count)")
+    ap.add_argument(
+        "--workers", type=_positive_int, default=None, help="processes (default: CPU count)"
+    )
     args = ap.parse_args(argv)
     try:
         cli.check_output(args.out, flag="--out", folder=True)
@@ -49,14 +54,22 @@ def main(argv: list[str] | None = None) -> int:
         stats: list[dict] = []
         t0 = time.perf_counter()
         with tqdm(total=len(specs), unit="exp", desc="simulate") as bar:
+
             def progress(st: dict) -> None:
                 stats.append(st)
                 bar.set_postfix_str(st["name"][-40:])
                 bar.update(1)
 
-            paths = simulate_recipe(args.recipe, args.out, truth_dir=args.truth, seed=args.seed,
-                                    scale=args.scale, workers=args.workers, gzip=args.gzip,
-                                    progress=progress)
+            paths = simulate_recipe(
+                args.recipe,
+                args.out,
+                truth_dir=args.truth,
+                seed=args.seed,
+                scale=args.scale,
+                workers=args.workers,
+                gzip=args.gzip,
+                progress=progress,
+            )
         wall = time.perf_counter() - t0
     except CalibError as exc:
         return _user_error(exc)
@@ -69,9 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"preemptions      {tot['preemptions']}")
     print(f"prefix-cache hit {tot['prefix_hit_rate']:.3f} of prompt tokens")
     print(f"mean step time   {tot['mean_step_us']:.0f} µs")
-    print(f"speed            {tot['steps'] / max(tot['simulate_s'], 1e-9):.0f} steps/s simulate, "
-          f"{tot['steps'] / max(tot['write_s'], 1e-9):.0f} steps/s write (per process); "
-          f"wall {wall:.1f} s")
+    print(
+        f"speed            {tot['steps'] / max(tot['simulate_s'], 1e-9):.0f} steps/s simulate, "
+        f"{tot['steps'] / max(tot['write_s'], 1e-9):.0f} steps/s write (per process); "
+        f"wall {wall:.1f} s"
+    )
     print(f"written          {len(paths)} dirs, {size / 2**20:.1f} MiB under {args.out}")
     return 0
 

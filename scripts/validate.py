@@ -36,43 +36,64 @@ from calib.vocab import HIERARCHIES, SPLITS  # JAX-free
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s = config.VALIDATE_SAMPLER
-    p = _Parser(description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--split", choices=(*SPLITS, "all"), default="all",
-                   help="which split to run")
-    p.add_argument("--traces", type=Path, default=config.DEFAULT_TRACES,
-                   help="canonical dataset (NetCDF) or a folder of experiment directories "
-                        "(imported and cached on first use)")
-    p.add_argument("--out", type=Path, default=config.REPORTS_DIR / "validate",
-                   help="output directory")
+    p = _Parser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--split", choices=(*SPLITS, "all"), default="all", help="which split to run")
+    p.add_argument(
+        "--traces",
+        type=Path,
+        default=config.DEFAULT_TRACES,
+        help="canonical dataset (NetCDF) or a folder of experiment directories "
+        "(imported and cached on first use)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=config.REPORTS_DIR / "validate", help="output directory"
+    )
     p.add_argument("--hierarchy", choices=HIERARCHIES, default="per-model")
     p.add_argument("--priors", type=Path, default=config.DEFAULT_PRIORS, help="prior YAML file")
     p.add_argument("--chains", type=_int(1), default=s.chains)
-    p.add_argument("--warmup", type=_int(1), default=s.warmup,
-                   help="adaptation draws per chain (>= 1: NUTS needs a tuned step size)")
+    p.add_argument(
+        "--warmup",
+        type=_int(1),
+        default=s.warmup,
+        help="adaptation draws per chain (>= 1: NUTS needs a tuned step size)",
+    )
     p.add_argument("--draws", type=_int(1), default=s.draws)
     p.add_argument("--seed", type=_int(0), default=s.seed)
-    p.add_argument("--chain-method", choices=("parallel", "sequential", "vectorized"),
-                   default=s.chain_method)
+    p.add_argument(
+        "--chain-method", choices=("parallel", "sequential", "vectorized"), default=s.chain_method
+    )
     p.add_argument("--target-accept", type=_probability, default=s.target_accept)
     p.add_argument("--max-tree-depth", type=_int(1), default=s.max_tree_depth)
-    p.add_argument("--pred-draws", type=_int(1), default=config.VALIDATE_DRAWS,
-                   help="posterior draws used for predictions and intervals")
-    p.add_argument("--prob", type=_probability, default=config.INTERVAL_PROB,
-                   help="central interval probability")
-    p.add_argument("--max-train-steps", type=_int(0), default=config.VALIDATE_MAX_TRAIN_STEPS,
-                   help="sampled train steps fitted per fold at most (0: all)")
-    p.add_argument("--device", choices=tuple(cli.DEVICES), default="cpu",
-                   help="JAX platform (gpu: CUDA)")
-    p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar")
+    p.add_argument(
+        "--pred-draws",
+        type=_int(1),
+        default=config.VALIDATE_DRAWS,
+        help="posterior draws used for predictions and intervals",
+    )
+    p.add_argument(
+        "--prob",
+        type=_probability,
+        default=config.INTERVAL_PROB,
+        help="central interval probability",
+    )
+    p.add_argument(
+        "--max-train-steps",
+        type=_int(0),
+        default=config.VALIDATE_MAX_TRAIN_STEPS,
+        help="sampled train steps fitted per fold at most (0: all)",
+    )
+    p.add_argument(
+        "--device", choices=tuple(cli.DEVICES), default="cpu", help="JAX platform (gpu: CUDA)"
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p.parse_args(argv)
 
 
 def setup_jax(args: argparse.Namespace) -> None:
     """Platform, host device count and float64, before JAX does any work."""
-    cli.setup_jax(device=args.device, chain_method=args.chain_method, chains=args.chains,
-                  x64=True)
+    cli.setup_jax(device=args.device, chain_method=args.chain_method, chains=args.chains, x64=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,27 +110,53 @@ def run(args: argparse.Namespace) -> int:
 
     priors = load_priors(args.priors)
     ds = load_dataset(args.traces, progress=args.progress)
-    settings = default_settings(chains=args.chains, warmup=args.warmup, draws=args.draws,
-                                seed=args.seed, chain_method=args.chain_method,
-                                target_accept=args.target_accept,
-                                max_tree_depth=args.max_tree_depth)
+    settings = default_settings(
+        chains=args.chains,
+        warmup=args.warmup,
+        draws=args.draws,
+        seed=args.seed,
+        chain_method=args.chain_method,
+        target_accept=args.target_accept,
+        max_tree_depth=args.max_tree_depth,
+    )
     splits = SPLITS if args.split == "all" else (args.split,)
-    result = run_validation(ds, splits, hierarchy=args.hierarchy, priors=priors,
-                            settings=settings, draws=args.pred_draws, prob=args.prob,
-                            seed=args.seed, max_train_steps=args.max_train_steps or None,
-                            progress=args.progress)
-    paths = write_reports(result, args.out, data_hash=dataset_hash(ds),
-                          command=[Path(sys.argv[0]).name, *sys.argv[1:]])
+    result = run_validation(
+        ds,
+        splits,
+        hierarchy=args.hierarchy,
+        priors=priors,
+        settings=settings,
+        draws=args.pred_draws,
+        prob=args.prob,
+        seed=args.seed,
+        max_train_steps=args.max_train_steps or None,
+        progress=args.progress,
+    )
+    paths = write_reports(
+        result,
+        args.out,
+        data_hash=dataset_hash(ds),
+        command=[Path(sys.argv[0]).name, *sys.argv[1:]],
+    )
     sm = summary_table(result)
-    cols = ["fold", "part", "n_steps", "calib_mape_pct", "blis_mape_pct", "blackbox_mape_pct",
-            "nnls_mape_pct", "calib_mspe_pct", "step_coverage_pct", "e2e_mean_abs_err_pct",
-            "e2e_coverage"]
+    cols = [
+        "fold",
+        "part",
+        "n_steps",
+        "calib_mape_pct",
+        "blis_mape_pct",
+        "blackbox_mape_pct",
+        "nnls_mape_pct",
+        "calib_mspe_pct",
+        "step_coverage_pct",
+        "e2e_mean_abs_err_pct",
+        "e2e_coverage",
+    ]
     print(sm[cols].to_string(index=False, float_format=lambda x: f"{x:.2f}"))
     print(inv_m6_line(sm))
     for f in result.folds:
         if f["gate"] != "pass":
-            print(f"warning: fold {f['fold']}: diagnostics gate {f['gate'][:200]}",
-                  file=sys.stderr)
+            print(f"warning: fold {f['fold']}: diagnostics gate {f['gate'][:200]}", file=sys.stderr)
     for name, p in paths.items():
         print(f"wrote {p}" if name != "manifest" else f"wrote {p} (manifest)")
     return 0
@@ -121,8 +168,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if not (args.traces.is_file() or args.traces.is_dir()):
-            raise CalibError("dataset not found", path=args.traces,
-                             fix="pass --traces <dataset.nc or folder of experiment directories>")
+            raise CalibError(
+                "dataset not found",
+                path=args.traces,
+                fix="pass --traces <dataset.nc or folder of experiment directories>",
+            )
         cli.check_input(args.traces, flag="--traces")
         cli.check_input(args.priors, flag="--priors")
         cli.check_output(args.out, flag="--out", folder=True)

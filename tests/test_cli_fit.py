@@ -18,8 +18,14 @@ SCRIPT = config.PROJECT_ROOT / "scripts" / "fit.py"
 
 def run(*args, cwd=None, timeout=600):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "MPLBACKEND": "Agg"}
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=cwd, env=env)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+    )
 
 
 def assert_user_error(proc, *needles):
@@ -39,12 +45,24 @@ def dataset(tmp_path_factory) -> Path:
     from calib.traces import concat_experiments, import_experiment, save_dataset
 
     root = tmp_path_factory.mktemp("cli")
-    sp = dict(num_unique_system_prompts=3, num_users_per_system_prompt=5,
-              system_prompt_len=100, question_len=447, output_len=60)
-    res = simulate_experiment(ExperimentSpec(model="meta-llama/Llama-2-7b-hf", tp=1,
-                                             workload="general", shared_prefix=sp,
-                                             stages=((8.0, 2.0),)),
-                              seed=3, batch_summary_rate=1.0)
+    sp = dict(
+        num_unique_system_prompts=3,
+        num_users_per_system_prompt=5,
+        system_prompt_len=100,
+        question_len=447,
+        output_len=60,
+    )
+    res = simulate_experiment(
+        ExperimentSpec(
+            model="meta-llama/Llama-2-7b-hf",
+            tp=1,
+            workload="general",
+            shared_prefix=sp,
+            stages=((8.0, 2.0),),
+        ),
+        seed=3,
+        batch_summary_rate=1.0,
+    )
     d = write_experiment(res, root / "exps")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -104,9 +122,25 @@ def test_tiny_real_fit_through_cli(tmp_path, dataset):
     pass the ESS check -> exit 1; the file is written only with --save-on-fail, and its
     verdict says fail."""
     out = tmp_path / "post.nc"
-    common = ["--traces", dataset, "--out", out, "--chains", "2", "--warmup", "30", "--draws",
-              "30", "--max-tree-depth", "4", "--chain-method", "parallel", "--no-progress",
-              "--seed", "3"]
+    common = [
+        "--traces",
+        dataset,
+        "--out",
+        out,
+        "--chains",
+        "2",
+        "--warmup",
+        "30",
+        "--draws",
+        "30",
+        "--max-tree-depth",
+        "4",
+        "--chain-method",
+        "parallel",
+        "--no-progress",
+        "--seed",
+        "3",
+    ]
     proc = run(*common)
     assert proc.returncode == 1, proc.stderr
     assert "verdict: fail:" in proc.stdout and "ess_bulk" in proc.stdout
@@ -128,8 +162,9 @@ def test_tiny_real_fit_through_cli(tmp_path, dataset):
 
 def test_prior_only(tmp_path, dataset):
     png = tmp_path / "prior.png"
-    proc = run("--traces", dataset, "--prior-only", "--prior-check-out", png,
-               "--hierarchy", "pooled")
+    proc = run(
+        "--traces", dataset, "--prior-only", "--prior-check-out", png, "--hierarchy", "pooled"
+    )
     assert proc.returncode == 0, proc.stderr
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "prior" in proc.stdout and "observed" in proc.stdout and "q50_us" in proc.stdout
@@ -155,8 +190,13 @@ def test_target_accept_default_follows_the_precision():
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     ns = argparse.Namespace
-    assert cli._target_accept(ns(target_accept=None, precision="float64")) == \
-        config.SAMPLER.target_accept
-    assert cli._target_accept(ns(target_accept=None, precision="float32")) == \
-        config.FLOAT32_TARGET_ACCEPT < config.SAMPLER.target_accept
+    assert (
+        cli._target_accept(ns(target_accept=None, precision="float64"))
+        == config.SAMPLER.target_accept
+    )
+    assert (
+        cli._target_accept(ns(target_accept=None, precision="float32"))
+        == config.FLOAT32_TARGET_ACCEPT
+        < config.SAMPLER.target_accept
+    )
     assert cli._target_accept(ns(target_accept=0.9, precision="float32")) == 0.9

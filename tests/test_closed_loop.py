@@ -40,11 +40,20 @@ class DirectBlis:
     """BLIS's step time evaluated directly on each batch (the reference, not the weights)."""
 
     def __call__(self, batch, arch, hw, tp, rng):
-        c = step_components(arch_consts(arch, hw, tp), batch.new_tokens, batch.progress,
-                            batch.prompt_len, batch.phase, batch.mask)
-        f = StepFeatures(np.column_stack([np.asarray(getattr(c, k)) for k in config.COMPONENTS]),
-                         np.asarray(c.num_layers), np.asarray(c.batch_size),
-                         np.asarray(c.num_moe_layers))
+        c = step_components(
+            arch_consts(arch, hw, tp),
+            batch.new_tokens,
+            batch.progress,
+            batch.prompt_len,
+            batch.phase,
+            batch.mask,
+        )
+        f = StepFeatures(
+            np.column_stack([np.asarray(getattr(c, k)) for k in config.COMPONENTS]),
+            np.asarray(c.num_layers),
+            np.asarray(c.batch_size),
+            np.asarray(c.num_moe_layers),
+        )
         return np.maximum(1.0, np.trunc(blis_step_time_us(BETAS, f)))
 
 
@@ -52,21 +61,38 @@ class DirectBlis:
 def observed():
     rng = np.random.default_rng(3)
     n = 40
-    arrived = np.sort(rng.uniform(0, 4e6, n))            # µs: ~10 req/s
+    arrived = np.sort(rng.uniform(0, 4e6, n))  # µs: ~10 req/s
     prompt = rng.integers(200, 900, n)
     out = rng.integers(20, 120, n)
     group = rng.integers(0, 3, n)
-    spec = ExperimentSpec(model=MODEL, tp=1, workload="test",
-                          shared_prefix={"num_unique_system_prompts": 3,
-                                         "num_users_per_system_prompt": 1,
-                                         "system_prompt_len": 64, "question_len": 1,
-                                         "output_len": 1},
-                          stages=((10.0, 4.0),), max_num_seqs=16)
-    res = simulate_experiment(spec, seed=0, step_time=DirectBlis(),
-                              requests=RequestPlan(queued_us=arrived + ALPHAS[0],
-                                                   prompt_len=prompt, output_len=out,
-                                                   prefix_group=group, prefix_len=64),
-                              batch_summary_rate=0.0, snapshot_rate=0.0)
+    spec = ExperimentSpec(
+        model=MODEL,
+        tp=1,
+        workload="test",
+        shared_prefix={
+            "num_unique_system_prompts": 3,
+            "num_users_per_system_prompt": 1,
+            "system_prompt_len": 64,
+            "question_len": 1,
+            "output_len": 1,
+        },
+        stages=((10.0, 4.0),),
+        max_num_seqs=16,
+    )
+    res = simulate_experiment(
+        spec,
+        seed=0,
+        step_time=DirectBlis(),
+        requests=RequestPlan(
+            queued_us=arrived + ALPHAS[0],
+            prompt_len=prompt,
+            output_len=out,
+            prefix_group=group,
+            prefix_len=64,
+        ),
+        batch_summary_rate=0.0,
+        snapshot_rate=0.0,
+    )
     rq = res.requests
     q, ft, fin = (rq[k] / 1e3 for k in ("queued_ns", "first_token_ns", "finished_ns"))
     a0, a1, a2 = ALPHAS
@@ -76,10 +102,20 @@ def observed():
     e2e = ttft + (fin - ft) + (out - 1) * a2 + a1
     itl = (fin - ft) / (out - 1) + a2
     obs = {"e2e": float(e2e.mean()), "ttft": float(ttft.mean()), "itl": float(itl.mean())}
-    plan = ExperimentPlan(name="exp", model="llama-2-7b", spec=spec, arrived_us=arrived,
-                          has_api=np.ones(n, bool), prompt_len=prompt, output_len=out,
-                          prefix_group=group, prefix_len=64, kv_blocks_total=None,
-                          compared=np.ones(n, bool), observed_us=obs)
+    plan = ExperimentPlan(
+        name="exp",
+        model="llama-2-7b",
+        spec=spec,
+        arrived_us=arrived,
+        has_api=np.ones(n, bool),
+        prompt_len=prompt,
+        output_len=out,
+        prefix_group=group,
+        prefix_len=64,
+        kv_blocks_total=None,
+        compared=np.ones(n, bool),
+        observed_us=obs,
+    )
     return plan, res
 
 

@@ -37,16 +37,35 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 WIDTH = 128
 
 #: BLIS iter29 trained-physics betas (11 values, BLIS order).
-ITER29 = [0.152128, 0.0, 1.36252915, 0.752037, 32.09546717, 4.41684444, 126.024825,
-          481.8613888, 0.0, 1.94710771, 0.752037]
+ITER29 = [
+    0.152128,
+    0.0,
+    1.36252915,
+    0.752037,
+    32.09546717,
+    4.41684444,
+    126.024825,
+    481.8613888,
+    0.0,
+    1.94710771,
+    0.752037,
+]
 #: A posterior-mean set as calib.export writes it (corrections in COMPONENTS order).
-POSTERIOR_MEAN = dict(b=[0.62, 0.35, 0.48, 1.21, 1.08, 0.83], per_layer_us=7.9,
-                      per_request_us=3.1, per_step_us=148.0, alpha=0.31)
+POSTERIOR_MEAN = dict(
+    b=[0.62, 0.35, 0.48, 1.21, 1.08, 0.83],
+    per_layer_us=7.9,
+    per_request_us=3.1,
+    per_step_us=148.0,
+    alpha=0.31,
+)
 BETA_SETS = {
     "iter29": ITER29,
-    "posterior-mean": betas_from_params(POSTERIOR_MEAN["b"], POSTERIOR_MEAN["per_layer_us"],
-                                        POSTERIOR_MEAN["per_request_us"],
-                                        POSTERIOR_MEAN["per_step_us"]),
+    "posterior-mean": betas_from_params(
+        POSTERIOR_MEAN["b"],
+        POSTERIOR_MEAN["per_layer_us"],
+        POSTERIOR_MEAN["per_request_us"],
+        POSTERIOR_MEAN["per_step_us"],
+    ),
     "seven-betas": ITER29[:7],
 }
 SETUPS = (("llama-2-7b", 1), ("llama-2-70b", 4), ("mixtral-8x7b", 2), ("codellama-34b", 2))
@@ -82,9 +101,12 @@ def _padded(batches: list[dict]) -> tuple[np.ndarray, ...]:
 
 def features(batches: list[dict], name: str = "llama-2-7b", tp: int = 1) -> StepFeatures:
     c = step_components(_consts(name, tp), *_padded(batches), dtype=np.float64)
-    return StepFeatures(np.stack([np.asarray(getattr(c, k)) for k in config.COMPONENTS], axis=1),
-                        np.asarray(c.num_layers), np.asarray(c.batch_size),
-                        np.asarray(c.num_moe_layers))
+    return StepFeatures(
+        np.stack([np.asarray(getattr(c, k)) for k in config.COMPONENTS], axis=1),
+        np.asarray(c.num_layers),
+        np.asarray(c.batch_size),
+        np.asarray(c.num_moe_layers),
+    )
 
 
 def random_batch(rng: np.random.Generator, max_requests: int = 96) -> dict:
@@ -135,23 +157,25 @@ def perturb(rng: np.random.Generator, b: dict) -> dict:
 def batch_features():
     rng = np.random.default_rng(7)
     batches = [random_batch(rng) for _ in range(300)]
-    batches += [{"decodes": [(1, 1)], "prefills": []},            # smallest decode
-                {"decodes": [], "prefills": [(1, 0, 1)]}]         # one-token prefill
+    batches += [
+        {"decodes": [(1, 1)], "prefills": []},  # smallest decode
+        {"decodes": [], "prefills": [(1, 0, 1)]},
+    ]  # one-token prefill
     return {s: features(batches, *s) for s in SETUPS}
 
 
 @pytest.mark.parametrize("beta_name", list(BETA_SETS))
 def test_inv_m1_positive_for_non_empty_batches(batch_features, beta_name):
     for (name, _tp), f in batch_features.items():
-        t = blis_step_time_us(BETA_SETS[beta_name], f,
-                              interleaved_moe=name.startswith("mixtral"))
+        t = blis_step_time_us(BETA_SETS[beta_name], f, interleaved_moe=name.startswith("mixtral"))
         assert np.all(np.isfinite(t)) and np.all(t > 0), (name, beta_name, t.min())
         ti = blis_step_time_us(BETA_SETS[beta_name], f, integer=True)
         assert np.all(ti >= 1)
     p = POSTERIOR_MEAN
     for f in batch_features.values():
-        t = plugin_step_time_us(p["b"], p["per_layer_us"], p["per_request_us"],
-                                p["per_step_us"], p["alpha"], f)
+        t = plugin_step_time_us(
+            p["b"], p["per_layer_us"], p["per_request_us"], p["per_step_us"], p["alpha"], f
+        )
         assert np.all(t > 0)
 
 
@@ -181,8 +205,9 @@ def test_inv_m3_side_effect_free(batch_features, capsys):
     state = np.random.get_state()  # noqa: NPY002
     out1 = blis_step_time_us(betas, ro, interleaved_moe=True)
     p = POSTERIOR_MEAN
-    plugin_step_time_us(np.array(p["b"]), p["per_layer_us"], p["per_request_us"],
-                        p["per_step_us"], p["alpha"], ro)
+    plugin_step_time_us(
+        np.array(p["b"]), p["per_layer_us"], p["per_request_us"], p["per_step_us"], p["alpha"], ro
+    )
     after = np.random.get_state()  # noqa: NPY002
     assert after[0] == state[0] and np.array_equal(after[1], state[1]) and after[2:] == state[2:]
     assert np.array_equal(betas, betas_before)
@@ -197,11 +222,15 @@ def test_inv_m3_side_effect_free(batch_features, capsys):
 PERTURBATIONS = 40
 
 
-@settings(max_examples=25, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**31 - 1), setup=st.sampled_from(SETUPS),
-       beta_name=st.sampled_from(sorted(BETA_SETS)),
-       max_requests=st.integers(1, 110))
+@settings(
+    max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    setup=st.sampled_from(SETUPS),
+    beta_name=st.sampled_from(sorted(BETA_SETS)),
+    max_requests=st.integers(1, 110),
+)
 def test_inv_m5_soft_monotonicity(seed, setup, beta_name, max_requests):
     rng = np.random.default_rng(seed)
     base = random_batch(rng, max_requests)
@@ -211,6 +240,7 @@ def test_inv_m5_soft_monotonicity(seed, setup, beta_name, max_requests):
     lowered = np.mean(t[1:] < t[0] * (1 - 1e-12))
     assert lowered < 0.05, (setup, beta_name, lowered)
     p = POSTERIOR_MEAN
-    tp = plugin_step_time_us(p["b"], p["per_layer_us"], p["per_request_us"],
-                             p["per_step_us"], p["alpha"], f)
+    tp = plugin_step_time_us(
+        p["b"], p["per_layer_us"], p["per_request_us"], p["per_step_us"], p["alpha"], f
+    )
     assert np.mean(tp[1:] < tp[0] * (1 - 1e-12)) < 0.05

@@ -30,8 +30,13 @@ def test_empty_observed_batch_is_rejected():
 
     comps = np.ones((3, len(COMPONENTS)))
     with pytest.raises(CalibError, match="empty batch"):
-        make_model_data(comps, np.full(3, 32.0), np.array([1.0, 0.0, 2.0]), np.zeros(3),
-                        duration_us=np.full(3, 100.0))
+        make_model_data(
+            comps,
+            np.full(3, 32.0),
+            np.array([1.0, 0.0, 2.0]),
+            np.zeros(3),
+            duration_us=np.full(3, 100.0),
+        )
     # without observations (prediction) an empty batch is allowed
     make_model_data(comps, np.full(3, 32.0), np.array([1.0, 0.0, 2.0]), np.zeros(3))
 
@@ -57,13 +62,12 @@ def test_build_model_data_from_dataset():
     assert len(coords["model"]) == data.n_models == 2
     assert len(coords["step"]) == data.components.shape[0]
     assert np.all(np.diff(data.model_idx) >= 0)  # sorted by model: one run per experiment
-    np.testing.assert_allclose(data.duration_us,
-                               np.asarray(ds["duration_us"].values)[coords["step"]])
+    np.testing.assert_allclose(
+        data.duration_us, np.asarray(ds["duration_us"].values)[coords["step"]]
+    )
     m_tp1 = coords["model"].index(str(ds["exp_model"].values[0]))
     assert not data.active[m_tp1, COMPONENTS.index("tp")]
     assert data.active[1 - m_tp1, COMPONENTS.index("tp")]
     assert np.all(data.components[:, COMPONENTS.index("weight")] > 0)
     with pytest.raises(CalibError):
         build_model_data(ds, steps=np.array([10**9]))
-
-

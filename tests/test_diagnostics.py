@@ -14,8 +14,18 @@ from calib.diagnostics import GateResult, check, format_table, gate_from_attr, g
 MAX_DEPTH = 8
 
 
-def make_idata(seed=0, chains=4, draws=400, *, divergent=0, energy_walk=False, depth=3,
-               saturated=0, chain_shift=0.0, constant=False):
+def make_idata(
+    seed=0,
+    chains=4,
+    draws=400,
+    *,
+    divergent=0,
+    energy_walk=False,
+    depth=3,
+    saturated=0,
+    chain_shift=0.0,
+    constant=False,
+):
     rng = np.random.default_rng(seed)
     b = rng.normal(1.0, 0.1, (chains, draws, 2, 3))
     b[1] += chain_shift
@@ -23,17 +33,22 @@ def make_idata(seed=0, chains=4, draws=400, *, divergent=0, energy_walk=False, d
     post = {"b": b, "alpha": alpha}
     if constant:
         post["fixed"] = np.ones((chains, draws, 2))
-    energy = (np.cumsum(rng.normal(0, 1, (chains, draws)), axis=1) if energy_walk
-              else rng.normal(100, 5, (chains, draws)))
+    energy = (
+        np.cumsum(rng.normal(0, 1, (chains, draws)), axis=1)
+        if energy_walk
+        else rng.normal(100, 5, (chains, draws))
+    )
     div = np.zeros((chains, draws), bool)
     div[0, :divergent] = True
     tree = np.full((chains, draws), depth)
     tree[1, :saturated] = MAX_DEPTH
     stats = {"diverging": div, "energy": energy, "tree_depth": tree}
-    return az.from_dict(posterior=post, sample_stats=stats,
-                        coords={"model": ["llama-2-7b", "qwen-7b"],
-                                "component": ["pf_compute", "pf_kv", "weight"]},
-                        dims={"b": ["model", "component"]})
+    return az.from_dict(
+        posterior=post,
+        sample_stats=stats,
+        coords={"model": ["llama-2-7b", "qwen-7b"], "component": ["pf_compute", "pf_kv", "weight"]},
+        dims={"b": ["model", "component"]},
+    )
 
 
 def rows(result):

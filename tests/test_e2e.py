@@ -33,11 +33,14 @@ def idata(data):
 
 @pytest.mark.parametrize("share", [1.0, 0.5, 0.0])
 def test_weights_and_gap_counts_reproduce_observed_means_from_true_durations(share):
-    ds, _, truth = make_replay_dataset(seed=7, steps_per_exp=300, requests_per_exp=15,
-                                       queued_fraction=share, gap_us=25.0)
+    ds, _, truth = make_replay_dataset(
+        seed=7, steps_per_exp=300, requests_per_exp=15, queued_fraction=share, gap_us=25.0
+    )
     design = replay_design(ds, queued_step_weight=share)
-    got = (experiment_means(truth["true_step_us"][design.order][None, :], design)[0]
-           + 25.0 * design.gap_counts)
+    got = (
+        experiment_means(truth["true_step_us"][design.order][None, :], design)[0]
+        + 25.0 * design.gap_counts
+    )
     np.testing.assert_allclose(got, design.observed_us, rtol=1e-10)
     assert design.n_requests[0].tolist() == [15, 15, 15, 15]
     # leaving the gaps out misses them: E2E windows of k steps hold k - 1 gaps
@@ -46,18 +49,21 @@ def test_weights_and_gap_counts_reproduce_observed_means_from_true_durations(sha
 
 
 def test_means_with_host_time_adds_gaps_per_experiment_and_per_draw():
-    ds, _, truth = make_replay_dataset(seed=7, steps_per_exp=300, requests_per_exp=15,
-                                       queued_fraction=0.5, gap_us=25.0)
+    ds, _, truth = make_replay_dataset(
+        seed=7, steps_per_exp=300, requests_per_exp=15, queued_fraction=0.5, gap_us=25.0
+    )
     design = replay_design(ds, queued_step_weight=0.5)
     step = truth["true_step_us"][design.order]
     E = design.bounds.size - 1
-    np.testing.assert_allclose(means_with_host_time(step, design, np.full(E, 25.0))[0],
-                               design.observed_us, rtol=1e-10)
+    np.testing.assert_allclose(
+        means_with_host_time(step, design, np.full(E, 25.0))[0], design.observed_us, rtol=1e-10
+    )
     # default: the measured gap of the design; per-draw gaps broadcast over draws
     want = experiment_means(step, design)[0] + design.timing.gap_us * design.gap_counts
     np.testing.assert_allclose(means_with_host_time(step, design)[0], want, rtol=1e-12)
-    two = means_with_host_time(np.stack([step, step]), design, np.array([np.zeros(E),
-                                                                         np.full(E, 25.0)]))
+    two = means_with_host_time(
+        np.stack([step, step]), design, np.array([np.zeros(E), np.full(E, 25.0)])
+    )
     np.testing.assert_allclose(two[0], experiment_means(step, design)[0], rtol=1e-12)
     np.testing.assert_allclose(two[1], design.observed_us, rtol=1e-10)
 
@@ -66,23 +72,33 @@ def test_gap_counts_match_brute_force_window_counts(data):
     ds, _, _ = data
     design = replay_design(ds, queued_step_weight=0.5)
     r_exp = np.asarray(ds["req_experiment"].values)
-    ids = {v: np.asarray(ds[v].values) for v in ("req_queued_step", "req_first_token_step",
-                                                "req_finished_step", "req_output_len")}
+    ids = {
+        v: np.asarray(ds[v].values)
+        for v in ("req_queued_step", "req_first_token_step", "req_finished_step", "req_output_len")
+    }
     for e in range(ds.sizes["experiment"]):
         r = r_exp == e
-        q, ft, fin = ids["req_queued_step"][r], ids["req_first_token_step"][r], \
-            ids["req_finished_step"][r]
+        q, ft, fin = (
+            ids["req_queued_step"][r],
+            ids["req_first_token_step"][r],
+            ids["req_finished_step"][r],
+        )
         out = ids["req_output_len"][r]
         # consecutive step ids: a window [a, b] holds b - a + 1 steps
         assert design.gap_counts[0, e] == pytest.approx(np.mean(fin - q), rel=1e-12)
         assert design.gap_counts[1, e] == pytest.approx(np.mean(ft - q), rel=1e-12)
-        assert design.gap_counts[2, e] == pytest.approx(np.mean((fin - ft) / (out - 1)),
-                                                        rel=1e-12)
+        assert design.gap_counts[2, e] == pytest.approx(np.mean((fin - ft) / (out - 1)), rel=1e-12)
 
 
 def test_host_timing_is_measured_from_step_and_queued_timestamps():
-    ds, _, truth = make_replay_dataset(seed=3, steps_per_exp=1500, requests_per_exp=300,
-                                       gap_us=60.0, gap_sd_us=15.0, queued_fraction=0.3)
+    ds, _, truth = make_replay_dataset(
+        seed=3,
+        steps_per_exp=1500,
+        requests_per_exp=300,
+        gap_us=60.0,
+        gap_sd_us=15.0,
+        queued_fraction=0.3,
+    )
     t = measure_host_timing(ds)
     assert set(t.gap_source) == {"measured"} and (t.gap_pairs >= 10).all()
     # the estimate is the mean over consecutive sampled pairs: within 4 standard errors
@@ -121,12 +137,14 @@ def test_host_timing_fallbacks():
 
 
 def test_replay_adds_measured_gaps_and_reports_them():
-    ds, features, truth = make_replay_dataset(seed=8, steps_per_exp=600, requests_per_exp=60,
-                                              gap_us=80.0)
+    ds, features, truth = make_replay_dataset(
+        seed=8, steps_per_exp=600, requests_per_exp=60, gap_us=80.0
+    )
     idata = mock_posterior(ds, features, truth, jitter=0.0, draws=20)
     meas = replay(idata, ds, features=features, draws=20, noise=False, baselines=True)
-    none = replay(idata, ds, features=features, draws=20, noise=False, baselines=True,
-                  step_gap_us=0.0)
+    none = replay(
+        idata, ds, features=features, draws=20, noise=False, baselines=True, step_gap_us=0.0
+    )
     t, t0 = meas.table, none.table
     design = replay_design(ds)
     assert np.allclose(t.gap_us, 80.0, atol=0.01) and np.all(t0.gap_us == 0.0)
@@ -152,12 +170,20 @@ def test_step_bias_column_matches_brute_force(data, idata):
     post = idata.posterior.stack(s=("chain", "draw"))
     idx = np.linspace(0, post.sizes["s"] - 1, 3).round().astype(int)
     em = np.repeat(np.arange(2), 2)[np.asarray(ds["step_experiment"].values)]
-    mu = np.mean([plugin_step_time_us(post["b"].values[..., i][em],
-                                      float(post["per_layer_us"].values[i]),
-                                      float(post["per_request_us"].values[i]),
-                                      float(post["per_step_us"].values[i]),
-                                      float(post["alpha"].values[i]), features)
-                  for i in idx], axis=0)
+    mu = np.mean(
+        [
+            plugin_step_time_us(
+                post["b"].values[..., i][em],
+                float(post["per_layer_us"].values[i]),
+                float(post["per_request_us"].values[i]),
+                float(post["per_step_us"].values[i]),
+                float(post["alpha"].values[i]),
+                features,
+            )
+            for i in idx
+        ],
+        axis=0,
+    )
     dur = np.asarray(ds["duration_us"].values)
     samp = np.asarray(ds["sampled"].values)
     inv = np.empty_like(design.order)
@@ -174,21 +200,36 @@ def test_step_bias_column_matches_brute_force(data, idata):
 
 def test_predicted_means_match_brute_force_per_request_sums(data, idata):
     ds, features, _ = data
-    res = replay(idata, ds, features=features, draws=1, noise=False, baselines=False,
-                 queued_step_weight=1.0, step_gap_us=0.0)
+    res = replay(
+        idata,
+        ds,
+        features=features,
+        draws=1,
+        noise=False,
+        baselines=False,
+        queued_step_weight=1.0,
+        step_gap_us=0.0,
+    )
     post = idata.posterior.isel(chain=0, draw=0)
     em = np.repeat(np.arange(2), 2)[np.asarray(ds["step_experiment"].values)]
-    mu = plugin_step_time_us(post["b"].values[em], float(post["per_layer_us"]),
-                             float(post["per_request_us"]), float(post["per_step_us"]),
-                             float(post["alpha"]), features)
+    mu = plugin_step_time_us(
+        post["b"].values[em],
+        float(post["per_layer_us"]),
+        float(post["per_request_us"]),
+        float(post["per_step_us"]),
+        float(post["alpha"]),
+        features,
+    )
     ids = np.asarray(ds["step_id"].values)
     step_exp = np.asarray(ds["step_experiment"].values)
     for e in range(ds.sizes["experiment"]):
         reqs = np.nonzero(np.asarray(ds["req_experiment"].values) == e)[0]
         e2e, ttft, itl = [], [], []
         for r in reqs:
-            q, ft, fin = (int(ds[v].values[r]) for v in
-                          ("req_queued_step", "req_first_token_step", "req_finished_step"))
+            q, ft, fin = (
+                int(ds[v].values[r])
+                for v in ("req_queued_step", "req_first_token_step", "req_finished_step")
+            )
             in_e = step_exp == e
             e2e.append(mu[in_e & (ids >= q) & (ids <= fin)].sum())
             ttft.append(mu[in_e & (ids >= q) & (ids <= ft)].sum())
@@ -204,8 +245,19 @@ def test_replay_table_verdict_and_baselines(data, idata):
     res = replay(idata, ds, features=features, draws=200)
     t = res.table
     assert len(t) == 3 * ds.sizes["experiment"]
-    for col in ("observed_us", "predicted_us", "lower_us", "upper_us", "error_pct", "bias_us",
-                "inside", "blackbox_us", "blackbox_error_pct", "nnls_us", "nnls_error_pct"):
+    for col in (
+        "observed_us",
+        "predicted_us",
+        "lower_us",
+        "upper_us",
+        "error_pct",
+        "bias_us",
+        "inside",
+        "blackbox_us",
+        "blackbox_error_pct",
+        "nnls_us",
+        "nnls_error_pct",
+    ):
         assert col in t
     assert (t.lower_us <= t.predicted_us).all() and (t.predicted_us <= t.upper_us).all()
     # the point is the posterior predictive MEAN over draws (it was the median: sums of
@@ -250,13 +302,13 @@ def test_population_and_new_experiment_bases(data):
     per_exp = mock_posterior(ds, features, truth, hierarchy="per-experiment")
     fitted = replay(per_exp, ds, features=features, draws=100, baselines=False)
     assert set(fitted.table.basis) == {"fitted"}
-    new = replay(per_exp, ds, features=features, draws=100, baselines=False,
-                 new_experiments=True)
+    new = replay(per_exp, ds, features=features, draws=100, baselines=False, new_experiments=True)
     assert set(new.table.basis) == {"new-experiment"}
     width = lambda r: (r.table.upper_us - r.table.lower_us).mean()  # noqa: E731
     assert width(new) > width(fitted)
-    pop = replay(per_exp, ds, features=features, draws=100, baselines=False,
-                 population_models=["model-1"])
+    pop = replay(
+        per_exp, ds, features=features, draws=100, baselines=False, population_models=["model-1"]
+    )
     basis = dict(zip(pop.table.experiment, pop.table.basis, strict=False))
     assert basis["exp-2-model-1"] == "population" and basis["exp-0-model-0"] == "fitted"
     with pytest.raises(CalibError, match="not in the dataset"):
@@ -281,12 +333,16 @@ def test_check_e2e_cli_user_error(tmp_path, capsys):
 
 
 DEFAULT_POSTERIOR = config.POSTERIORS_DIR / "per-model.nc"
-DEFAULT_POSTERIOR_REASON = ("needs the embedded default dataset and posteriors/per-model.nc "
-                            "(make it with: python scripts/fit.py --hierarchy per-model)")
+DEFAULT_POSTERIOR_REASON = (
+    "needs the embedded default dataset and posteriors/per-model.nc "
+    "(make it with: python scripts/fit.py --hierarchy per-model)"
+)
 
 
-@pytest.mark.skipif(not config.DEFAULT_TRACES.exists() or not DEFAULT_POSTERIOR.exists(),
-                    reason=DEFAULT_POSTERIOR_REASON)
+@pytest.mark.skipif(
+    not config.DEFAULT_TRACES.exists() or not DEFAULT_POSTERIOR.exists(),
+    reason=DEFAULT_POSTERIOR_REASON,
+)
 def test_check_e2e_on_default_data(capsys):
     import importlib.util
 
@@ -310,8 +366,9 @@ def _run_script(script: str, *args: str):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, f"scripts/{script}", *args], capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, f"scripts/{script}", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 def test_cli_chain_on_simulated_traces(tmp_path):
@@ -328,34 +385,73 @@ def test_cli_chain_on_simulated_traces(tmp_path):
     recipe["workloads"] = {"general": recipe["workloads"]["general"]}
     recipe["workloads"]["general"]["stages"] = [{"rate": 8, "duration": 8}]
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    r = _run_script("simulate.py", "--recipe", str(tmp_path / "recipe.yaml"),
-                    "--out", str(tmp_path / "root"), "--workers", "1")
+    r = _run_script(
+        "simulate.py",
+        "--recipe",
+        str(tmp_path / "recipe.yaml"),
+        "--out",
+        str(tmp_path / "root"),
+        "--workers",
+        "1",
+    )
     assert r.returncode == 0, r.stderr
-    r = _run_script("import_traces.py", str(tmp_path / "root"), "--out", str(tmp_path / "ds.nc"),
-                    "--workers", "1", "--quiet")
+    r = _run_script(
+        "import_traces.py",
+        str(tmp_path / "root"),
+        "--out",
+        str(tmp_path / "ds.nc"),
+        "--workers",
+        "1",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     ds = load_dataset(tmp_path / "ds.nc")
     features = StepFeatures.from_components(dataset_components(ds))
-    truth = {"b": np.array([[1.2, 1.5, 2.0, 1.5, 1.2, 1.0]]), "per_layer_us": 5.0,
-             "per_request_us": 5.0, "per_step_us": 100.0, "alpha": 0.2,
-             "sigma": np.array([0.05]), "stall_prob": 0.02, "stall_log_mult": 0.7, "stall_log_sd": 0.3}
+    truth = {
+        "b": np.array([[1.2, 1.5, 2.0, 1.5, 1.2, 1.0]]),
+        "per_layer_us": 5.0,
+        "per_request_us": 5.0,
+        "per_step_us": 100.0,
+        "alpha": 0.2,
+        "sigma": np.array([0.05]),
+        "stall_prob": 0.02,
+        "stall_log_mult": 0.7,
+        "stall_log_sd": 0.3,
+    }
     post = save_posterior(mock_posterior(ds, features, truth, draws=50), tmp_path / "p.nc")
 
-    r = _run_script("check_e2e.py", str(post), "--traces", str(tmp_path / "ds.nc"),
-                    "--draws", "50", "--csv", str(tmp_path / "e2e.csv"))
+    r = _run_script(
+        "check_e2e.py",
+        str(post),
+        "--traces",
+        str(tmp_path / "ds.nc"),
+        "--draws",
+        "50",
+        "--csv",
+        str(tmp_path / "e2e.csv"),
+    )
     assert r.returncode == 1, r.stderr  # one experiment: the coverage test cannot fail
     assert "== E2E latency" in r.stdout and "nnls err%" in r.stdout
     assert r.stdout.strip().splitlines()[-1].startswith("INCONCLUSIVE")
     assert (tmp_path / "e2e.csv").read_text(encoding="utf-8").startswith("# manifest: {")
 
-    r = _run_script("export.py", str(post), "--out", str(tmp_path / "blis"),
-                    "--alpha-coeffs", "15000,800,50")
+    r = _run_script(
+        "export.py", str(post), "--out", str(tmp_path / "blis"), "--alpha-coeffs", "15000,800,50"
+    )
     assert r.returncode == 0, r.stderr
     from blis_rules import load_defaults_text
 
     load_defaults_text((tmp_path / "blis" / "llama-2-7b.defaults.yaml").read_text("utf-8"))
 
-    r = _run_script("report.py", str(post), "--traces", str(tmp_path / "ds.nc"),
-                    "--out", str(tmp_path / "rep"), "--draws", "50")
+    r = _run_script(
+        "report.py",
+        str(post),
+        "--traces",
+        str(tmp_path / "ds.nc"),
+        "--out",
+        str(tmp_path / "rep"),
+        "--draws",
+        "50",
+    )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "rep" / "e2e.png").stat().st_size > 20_000

@@ -26,12 +26,17 @@ SEEDS = (11, 12, 13, 14, 15)
 def test_e2e_bands_cover_true_means_at_nominal_rate():
     inside = total = 0
     for s in SEEDS:
-        ds, features, _ = make_replay_dataset(seed=0, noise_seed=s, exps_per_model=3,
-                                              steps_per_exp=900, requests_per_exp=40,
-                                              gap_us=60.0, gap_sd_us=18.0)
+        ds, features, _ = make_replay_dataset(
+            seed=0,
+            noise_seed=s,
+            exps_per_model=3,
+            steps_per_exp=900,
+            requests_per_exp=40,
+            gap_us=60.0,
+            gap_sd_us=18.0,
+        )
         idata = quick_posterior(ds, features, draws=300, warmup=300, seed=s)
-        res = replay(idata, ds, features=features, prob=0.9, draws=300, seed=s,
-                     baselines=False)
+        res = replay(idata, ds, features=features, prob=0.9, draws=300, seed=s, baselines=False)
         sub = res.table[res.table.metric == "e2e"]
         inside += int(sub.inside.sum())
         total += len(sub)

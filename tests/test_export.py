@@ -39,12 +39,18 @@ def setup(tmp_path_factory):
 def test_every_export_file_passes_blis_loading_rules(setup):
     *_, out, res = setup
     names = sorted(p.name for p in res.paths)
-    assert names == sorted(f"{m}{suffix}" for m in ("model-0", "model-1", "population")
-                           for suffix in (".yaml", ".defaults.yaml"))
+    assert names == sorted(
+        f"{m}{suffix}"
+        for m in ("model-0", "model-1", "population")
+        for suffix in (".yaml", ".defaults.yaml")
+    )
     for p in res.paths:
         text = p.read_text(encoding="utf-8")
-        alphas, betas = (load_defaults_text(text) if p.name.endswith(".defaults.yaml")
-                         else load_export_block(text))
+        alphas, betas = (
+            load_defaults_text(text)
+            if p.name.endswith(".defaults.yaml")
+            else load_export_block(text)
+        )
         assert alphas == ALPHAS
         assert len(betas) == len(BLIS_BETA_NAMES) == 10
         assert all(math.isfinite(b) and b >= 0 for b in betas)
@@ -57,44 +63,70 @@ def test_defaults_file_has_only_the_blis_block_and_manifest_comments(setup):
     assert "# source posterior:" in text and "# diagnostics: pass (mock sampler)" in text
 
 
-@pytest.mark.parametrize("bad, match", [
-    ("trained_physics_coefficients:\n"
-     "  alpha_coeffs: [1, 2, 3]\n  beta_coeffs: [1, 2, 3, 4, 5, 6]\n",
-     "at least 7"),
-    ("trained_physics_coefficients:\n"
-     "  alpha_coeffs: [1, 2]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n",
-     "exactly 3"),
-    ("trained_physics_coefficients:\n"
-     "  alpha_coeffs: [1, 2, -3]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n",
-     "non-negative"),
-    ("trained_physics_coefficients:\n"
-     "  alpha_coeffs: [1, 2, .nan]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n",
-     "NaN"),
-    ("trained_physics_coefficients:\n"
-     "  alpha_coeffs: [1, 2, 3]\n  beta_coeffs: [1, 2, 3, .inf, 5, 6, 7]\n",
-     "Inf"),
-    ("trained_physics_coefficients:\n"
-     "  alpha_coeffs: [1, 2, 3]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n"
-     "manifest: {a: 1}\n", "unknown top-level"),
-    ("trained_physics_coefficients:\n"
-     "  alpha_coeffs: [1, 2, 3]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n"
-     "  note: x\n", "unknown key"),
-    ("trained_physics_coefficients:\n  alpha_coeffs: [1, 2, 3]\n  alpha_coeffs: [1, 2, 3]\n"
-     "  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n", "duplicate"),
-    ("trained_physics_coefficients:\n"
-     "  alpha_coeffs: [1, 2, '3']\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n",
-     "not a number"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (
+            "trained_physics_coefficients:\n"
+            "  alpha_coeffs: [1, 2, 3]\n  beta_coeffs: [1, 2, 3, 4, 5, 6]\n",
+            "at least 7",
+        ),
+        (
+            "trained_physics_coefficients:\n"
+            "  alpha_coeffs: [1, 2]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n",
+            "exactly 3",
+        ),
+        (
+            "trained_physics_coefficients:\n"
+            "  alpha_coeffs: [1, 2, -3]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n",
+            "non-negative",
+        ),
+        (
+            "trained_physics_coefficients:\n"
+            "  alpha_coeffs: [1, 2, .nan]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n",
+            "NaN",
+        ),
+        (
+            "trained_physics_coefficients:\n"
+            "  alpha_coeffs: [1, 2, 3]\n  beta_coeffs: [1, 2, 3, .inf, 5, 6, 7]\n",
+            "Inf",
+        ),
+        (
+            "trained_physics_coefficients:\n"
+            "  alpha_coeffs: [1, 2, 3]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n"
+            "manifest: {a: 1}\n",
+            "unknown top-level",
+        ),
+        (
+            "trained_physics_coefficients:\n"
+            "  alpha_coeffs: [1, 2, 3]\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n"
+            "  note: x\n",
+            "unknown key",
+        ),
+        (
+            "trained_physics_coefficients:\n  alpha_coeffs: [1, 2, 3]\n  alpha_coeffs: [1, 2, 3]\n"
+            "  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n",
+            "duplicate",
+        ),
+        (
+            "trained_physics_coefficients:\n"
+            "  alpha_coeffs: [1, 2, '3']\n  beta_coeffs: [1, 2, 3, 4, 5, 6, 7]\n",
+            "not a number",
+        ),
+    ],
+)
 def test_blis_rules_reject_what_blis_rejects(bad, match):
     with pytest.raises(BlisRuleError, match=match):
         load_defaults_text(bad)
 
 
 def test_blis_rules_accept_blis_shipped_iter29_block():
-    text = ("version: '1'\ntrained_physics_coefficients:\n"
-            "  alpha_coeffs: [15563.199579, 777.3455, 45.907545]\n"
-            "  beta_coeffs: [0.152128, 0.0, 1.36252915, 0.752037, 32.09546717, 4.41684444, "
-            "126.024825, 481.8613888, 0.0, 1.94710771, 0.752037]\n")
+    text = (
+        "version: '1'\ntrained_physics_coefficients:\n"
+        "  alpha_coeffs: [15563.199579, 777.3455, 45.907545]\n"
+        "  beta_coeffs: [0.152128, 0.0, 1.36252915, 0.752037, 32.09546717, 4.41684444, "
+        "126.024825, 481.8613888, 0.0, 1.94710771, 0.752037]\n"
+    )
     alphas, betas = load_defaults_text(text)
     assert len(alphas) == 3 and len(betas) == 11
 
@@ -113,15 +145,22 @@ def test_yaml_round_trip_matches_the_mean_prediction_with_alpha_zero(setup):
     d = factor.shape[0]
     for m, model in enumerate(["model-0", "model-1"]):
         _, betas = load_export_block((out / f"{model}.yaml").read_text(encoding="utf-8"))
-        mu = step_time_draws_us(p["b"][:, m:m + 1], p["per_layer_us"], p["per_request_us"],
-                                p["per_step_us"], np.zeros(d), features,
-                                np.zeros(len(features), int))
+        mu = step_time_draws_us(
+            p["b"][:, m : m + 1],
+            p["per_layer_us"],
+            p["per_request_us"],
+            p["per_step_us"],
+            np.zeros(d),
+            features,
+            np.zeros(len(features), int),
+        )
         want = np.mean(factor[:, m, None] * mu, axis=0)
         blis = blis_step_time_us(betas, features)
         np.testing.assert_allclose(blis, want, rtol=1e-9, atol=0)
         back = params_from_betas(betas)
-        np.testing.assert_allclose(back["b"], np.mean(factor[:, m, None] * p["b"][:, m], axis=0),
-                                   rtol=1e-12)
+        np.testing.assert_allclose(
+            back["b"], np.mean(factor[:, m, None] * p["b"][:, m], axis=0), rtol=1e-12
+        )
         # the body-median plug-in is kept for readers, below the mean by ~mean_factor
         doc = yaml.safe_load((out / f"{model}.yaml").read_text(encoding="utf-8"))
         med = doc["uncertainty"]["body_median_plugin_beta_coeffs"]["values"]
@@ -162,7 +201,8 @@ def test_export_document_carries_uncertainty_approximation_and_manifest(setup):
     f = noise.mean_factor(*noise.posterior_params(p, 2)).mean(axis=1)
     want = np.mean(f * p["b_pop"][:, 0] * np.exp(0.5 * p["tau"][:, 0] ** 2))
     assert res.documents["population"][BLIS_BLOCK]["beta_coeffs"][0] == pytest.approx(
-        want, rel=1e-12)
+        want, rel=1e-12
+    )
     assert "b_pop·exp(tau²/2)" in " ".join(pop["notes"])
 
 
@@ -208,14 +248,17 @@ def test_export_cli(setup, tmp_path, capsys):
 
     assert doc["source_posterior"]["sha256"] == file_sha256(post_path)
     capsys.readouterr()
-    rc = cli.main([str(tmp_path / "missing.nc"), "--out", str(tmp_path / "x"),
-                   "--alpha-coeffs", "1,2,3"])
+    rc = cli.main(
+        [str(tmp_path / "missing.nc"), "--out", str(tmp_path / "x"), "--alpha-coeffs", "1,2,3"]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1
 
 
-DEFAULT_REASON = ("needs the embedded default dataset and posteriors/per-model.nc (make it "
-                  "with: python scripts/fit.py --hierarchy per-model)")
+DEFAULT_REASON = (
+    "needs the embedded default dataset and posteriors/per-model.nc (make it "
+    "with: python scripts/fit.py --hierarchy per-model)"
+)
 
 
 def _export_default(tmp_path, *extra: str) -> list:
@@ -226,8 +269,9 @@ def _export_default(tmp_path, *extra: str) -> list:
     spec = importlib.util.spec_from_file_location("export_cli", "scripts/export.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    assert cli.main([str(config.POSTERIORS_DIR / "per-model.nc"), "--out", str(tmp_path),
-                     *extra]) == 0
+    assert (
+        cli.main([str(config.POSTERIORS_DIR / "per-model.nc"), "--out", str(tmp_path), *extra]) == 0
+    )
     files = sorted(tmp_path.glob("*.yaml"))
     assert len(files) == 10  # 4 models + population, block and defaults file each
     alphas = {}
@@ -243,8 +287,13 @@ def _export_default(tmp_path, *extra: str) -> list:
 @pytest.mark.skipif(not config_default_ready(), reason=DEFAULT_REASON)
 def test_export_default_posterior_with_given_alphas(tmp_path):
     alphas = _export_default(tmp_path, "--alpha-coeffs", ",".join(map(str, ALPHAS)))
-    assert set(alphas) == {"llama-2-7b", "llama-2-70b", "codellama-34b", "mixtral-8x7b",
-                           "population"}
+    assert set(alphas) == {
+        "llama-2-7b",
+        "llama-2-70b",
+        "codellama-34b",
+        "mixtral-8x7b",
+        "population",
+    }
     assert all(a == ALPHAS for a in alphas.values())
 
 

@@ -43,8 +43,14 @@ def test_site_dims_resolution():
 def test_idata_layout():
     idata = cached_mock()
     data, coords, step_index, _ = cached_data()
-    assert {"posterior", "sample_stats", "observed_data", "constant_data", "log_likelihood",
-            "prior"} <= set(idata.groups())
+    assert {
+        "posterior",
+        "sample_stats",
+        "observed_data",
+        "constant_data",
+        "log_likelihood",
+        "prior",
+    } <= set(idata.groups())
     post = idata.posterior
     assert post["b"].dims == ("chain", "draw", "model", "component")
     assert list(post["model"].values) == list(MODELS)
@@ -53,8 +59,16 @@ def test_idata_layout():
     assert post["alpha"].dims == ("chain", "draw")
     assert post["log_b_active"].dims == ("chain", "draw", "active")
     assert not any("step" in da.dims for da in post.data_vars.values())
-    for name in ("diverging", "energy", "n_steps", "tree_depth", "acceptance_rate",
-                 "reached_max_treedepth", "step_size", "lp"):
+    for name in (
+        "diverging",
+        "energy",
+        "n_steps",
+        "tree_depth",
+        "acceptance_rate",
+        "reached_max_treedepth",
+        "step_size",
+        "lp",
+    ):
         assert name in idata.sample_stats, name
     # fake num_steps = 2^(8-2) - 1 = 63 -> depth 6
     assert int(idata.sample_stats["tree_depth"].max()) == 6
@@ -80,8 +94,9 @@ def test_log_likelihood_is_on_the_us_scale():
     params = [p[0, midx] for p in noise.posterior_params(draw, post.sizes["model"])]
     y = np.asarray(data.duration_us)
     expected = noise.log_density(np.log(y), np.log(mu), *params) - np.log(y)
-    np.testing.assert_allclose(idata.log_likelihood["duration_us"].values[c, d], expected,
-                               rtol=1e-9)
+    np.testing.assert_allclose(
+        idata.log_likelihood["duration_us"].values[c, d], expected, rtol=1e-9
+    )
 
 
 def test_jacobian_detection():
@@ -96,8 +111,9 @@ def test_pooled_and_single_model_dims():
     idata = mock_idata(data, coords, step_index, hierarchy="pooled", chains=1, draws=4)
     assert idata.posterior["b"].dims == ("chain", "draw", "model", "component")
     assert idata.posterior["b_pop"].dims == ("chain", "draw", "component")
-    np.testing.assert_array_equal(idata.posterior["b"].values[..., 0, :],
-                                  idata.posterior["b"].values[..., 1, :])
+    np.testing.assert_array_equal(
+        idata.posterior["b"].values[..., 0, :], idata.posterior["b"].values[..., 1, :]
+    )
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
@@ -126,17 +142,21 @@ def test_settings_validation():
         SamplerSettings(init="prior").validate()
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(backend="stan"), "unknown backend"),
-    (dict(hierarchy="flat"), "unknown hierarchy"),
-    (dict(backend="nutpie"), "nutpie"),
-    (dict(backend="pymc", settings=SamplerSettings(chain_method="vectorized")), "vectorized"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(backend="stan"), "unknown backend"),
+        (dict(hierarchy="flat"), "unknown hierarchy"),
+        (dict(backend="nutpie"), "nutpie"),
+        (dict(backend="pymc", settings=SamplerSettings(chain_method="vectorized")), "vectorized"),
+    ],
+)
 def test_user_errors_are_calib_errors(kw, match):
     data, coords, step_index, _ = cached_data()
     pytest.importorskip("calib.model_pymc") if kw.get("backend") == "pymc" else None
     try:
         import nutpie  # noqa: F401
+
         if kw.get("backend") == "nutpie":
             pytest.skip("nutpie installed")
     except ImportError:
@@ -166,20 +186,25 @@ def test_pymc_prior_draws_are_exact():
     p = priors()
     d = pymc_prior_draws("per-model", data, p, coords, 2000, seed=3)
     assert d["b"].shape == (2000, 2, 6) and d["sigma"].shape == (2000, 2)
-    lognorm = {"per_request_us": (np.log(10.0), 1.2), "per_layer_us": (np.log(10.0), 1.2),
-               "per_step_us": (np.log(100.0), 1.2)}
+    lognorm = {
+        "per_request_us": (np.log(10.0), 1.2),
+        "per_layer_us": (np.log(10.0), 1.2),
+        "per_step_us": (np.log(100.0), 1.2),
+    }
     for name, (loc, sd) in lognorm.items():
         assert p[name]["median"] == pytest.approx(np.exp(loc)) and p[name]["log_sd"] == sd
         pval = scipy.stats.kstest(np.log(d[name]), scipy.stats.norm(loc, sd).cdf).pvalue
         assert pval > 1e-3, (name, pval)
     loc, scale = p.lognormal_loc_scale("b_pop")
     for k in range(6):
-        pval = scipy.stats.kstest(np.log(d["b_pop"][:, k]),
-                                  scipy.stats.norm(loc[k], scale[k]).cdf).pvalue
+        pval = scipy.stats.kstest(
+            np.log(d["b_pop"][:, k]), scipy.stats.norm(loc[k], scale[k]).cdf
+        ).pvalue
         assert pval > 1e-3, ("b_pop", k, pval)
     free = data._replace(duration_us=None, log_duration=None)
-    ref = np.asarray(Predictive(get_model("per-model"), num_samples=2000)(
-        random.key(5), free, p)["b"])
+    ref = np.asarray(
+        Predictive(get_model("per-model"), num_samples=2000)(random.key(5), free, p)["b"]
+    )
     for m in range(2):
         for k in range(6):
             pval = scipy.stats.ks_2samp(np.log(d["b"][:, m, k]), np.log(ref[:, m, k])).pvalue
@@ -192,11 +217,21 @@ def test_tiny_real_nuts_run(tmp_path):
     draws cannot reach ESS 100 per chain -> gate fails; the file is written only with
     save_on_fail and its verdict says fail."""
     data, coords, step_index, _ = synthetic_model_data(100, seed=5)
-    settings = SamplerSettings(chains=2, warmup=30, draws=30, chain_method="vectorized",
-                               max_tree_depth=4, seed=11)
+    settings = SamplerSettings(
+        chains=2, warmup=30, draws=30, chain_method="vectorized", max_tree_depth=4, seed=11
+    )
     out = tmp_path / "tiny.nc"
-    res = fit_model_data(data, coords, priors=priors(), settings=settings, step_index=step_index,
-                         out_path=out, save_on_fail=True, progress=False, command=["test"])
+    res = fit_model_data(
+        data,
+        coords,
+        priors=priors(),
+        settings=settings,
+        step_index=step_index,
+        out_path=out,
+        save_on_fail=True,
+        progress=False,
+        command=["test"],
+    )
     assert not res.passed and res.gate.verdict.startswith("fail:")
     assert "ess_bulk" in res.gate.verdict
     assert res.path == out and out.is_file()
@@ -221,11 +256,22 @@ def test_pymc_backend_same_layout(tmp_path):
     forked from this process, whose JAX runtime is up."""
     pytest.importorskip("calib.model_pymc")
     data, coords, step_index, _ = synthetic_model_data(80, seed=6)
-    settings = SamplerSettings(chains=2, warmup=30, draws=30, chain_method="parallel",
-                               max_tree_depth=4, seed=2)
-    res = fit_model_data(data, coords, priors=priors(), backend="pymc", settings=settings,
-                         step_index=step_index, log_likelihood=True, progress=False,
-                         prior_draws=50, out_path=tmp_path / "pymc.nc", save_on_fail=True)
+    settings = SamplerSettings(
+        chains=2, warmup=30, draws=30, chain_method="parallel", max_tree_depth=4, seed=2
+    )
+    res = fit_model_data(
+        data,
+        coords,
+        priors=priors(),
+        backend="pymc",
+        settings=settings,
+        step_index=step_index,
+        log_likelihood=True,
+        progress=False,
+        prior_draws=50,
+        out_path=tmp_path / "pymc.nc",
+        save_on_fail=True,
+    )
     idata = load_posterior(res.path)
     mock = cached_mock()
     for name in ("b", "b_pop", "sigma", "alpha", "stall_prob", "per_step_us"):

@@ -42,8 +42,11 @@ def test_pinned_coordinates_carry_the_natural_density(design, hierarchy, monkeyp
 
     model = get_model(hierarchy)
     tr = _trace(hierarchy, design, True)
-    raw = {k: v["value"] for k, v in tr.items()
-           if v["type"] == "sample" and not v.get("is_observed", False)}
+    raw = {
+        k: v["value"]
+        for k, v in tr.items()
+        if v["type"] == "sample" and not v.get("is_observed", False)
+    }
     from calib.geometry import bounded_overheads, pinned
 
     pinned_cols = list(pinned())
@@ -54,8 +57,11 @@ def test_pinned_coordinates_carry_the_natural_density(design, hierarchy, monkeyp
     assert all(k in raw for k in changed)
     monkeypatch.setattr(config, "PINNED_COMPONENTS", ())
     monkeypatch.setattr(config, "RECENTRED_POPULATION", False)
-    nat_names = [k for k, v in _trace(hierarchy, design, True).items()
-                 if v["type"] == "sample" and not v.get("is_observed", False)]
+    nat_names = [
+        k
+        for k, v in _trace(hierarchy, design, True).items()
+        if v["type"] == "sample" and not v.get("is_observed", False)
+    ]
     monkeypatch.undo()
     # positions of the pinned pairs inside the natural model's ``log_b_active``
     act = np.asarray(design.active)
@@ -66,10 +72,11 @@ def test_pinned_coordinates_carry_the_natural_density(design, hierarchy, monkeyp
         off = 0
         for k in changed:
             n = int(np.size(raw[k]))
-            p[k] = flat_changed[off:off + n].reshape(np.shape(raw[k]))
+            p[k] = flat_changed[off : off + n].reshape(np.shape(raw[k]))
             off += n
         t = handlers.trace(handlers.substitute(model, data=p)).get_trace(
-            design, PRIORS, centered=True)
+            design, PRIORS, centered=True
+        )
         log_b = jnp.log(t["b"]["value"])
         tail = t["log_b_active"]["value"]
         full = jnp.zeros(am.size)
@@ -105,8 +112,12 @@ def test_pinned_coordinates_carry_the_natural_density(design, hierarchy, monkeyp
         rows = np.concatenate([pinned_rows, am.size + np.arange(len(bounded) + 6)])
         _, logdet = np.linalg.slogdet(np.asarray(J)[rows])
         full, z_r = to_natural(flat, rest)
-        nat = dict(rest, log_b_active=full, z_b_pop=z_r[len(bounded):],
-                   **{f"z_{site}": z_r[i] for i, site in enumerate(bounded)})
+        nat = dict(
+            rest,
+            log_b_active=full,
+            z_b_pop=z_r[len(bounded) :],
+            **{f"z_{site}": z_r[i] for i, site in enumerate(bounded)},
+        )
         monkeypatch.setattr(config, "PINNED_COMPONENTS", ())
         monkeypatch.setattr(config, "RECENTRED_POPULATION", False)
         assert sorted(nat) == sorted(nat_names)

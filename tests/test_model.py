@@ -45,16 +45,18 @@ def _hand_mu(p, C, L, B, idx):
     t = C * b
     pf, dc = t[:, 0] + t[:, 1], t[:, 2] + t[:, 3]
     mix = p["alpha"] * np.maximum(pf, dc) + (1 - p["alpha"]) * (pf + dc)
-    return (mix + t[:, 4] + t[:, 5] + p["per_layer_us"] * L + p["per_request_us"] * B
-            + p["per_step_us"])
+    return (
+        mix + t[:, 4] + t[:, 5] + p["per_layer_us"] * L + p["per_request_us"] * B + p["per_step_us"]
+    )
 
 
 @pytest.mark.parametrize("hierarchy", HIERARCHIES)
 @pytest.mark.parametrize("centered", [True, False])
 def test_sites_shapes_and_dims(design, hierarchy, centered):
     tr = _trace(hierarchy, design, centered)
-    coords = model_coords(design, ["m0", "m1"], ["e0", "e1", "e2", "e3"],
-                          steps=range(design.components.shape[0]))
+    coords = model_coords(
+        design, ["m0", "m1"], ["e0", "e1", "e2", "e3"], steps=range(design.components.shape[0])
+    )
     for name, site in tr.items():
         assert name in SITE_DIMS, f"site {name} missing from SITE_DIMS"
         if name.endswith("_jacobian"):  # factor site
@@ -64,16 +66,27 @@ def test_sites_shapes_and_dims(design, hierarchy, centered):
     latent = {k for k, s in tr.items() if s["type"] == "sample" and not s["is_observed"]}
     assert latent == set(sample_sites(hierarchy, centered))
     assert tr[OBS_SITE]["is_observed"]
-    for name in ("b", "sigma", "b_pop", "per_layer_us", "per_request_us", "per_step_us",
-                 "alpha", "stall_prob", "fast_prob", "mean_factor"):
+    for name in (
+        "b",
+        "sigma",
+        "b_pop",
+        "per_layer_us",
+        "per_request_us",
+        "per_step_us",
+        "alpha",
+        "stall_prob",
+        "fast_prob",
+        "mean_factor",
+    ):
         assert name in tr
     assert ("b_exp" in tr) == (hierarchy == "per-experiment")
     assert all(k.startswith("z_") for k in latent if k.startswith("z"))
     if hierarchy == "pooled":
         b = np.asarray(tr["b"]["value"])
         np.testing.assert_allclose(b[0], b[1])
-        np.testing.assert_allclose(np.asarray(tr["sigma"]["value"]),
-                                   float(tr["sigma_pooled"]["value"]))
+        np.testing.assert_allclose(
+            np.asarray(tr["sigma"]["value"]), float(tr["sigma_pooled"]["value"])
+        )
 
 
 @pytest.mark.parametrize("centered", [True, False])
@@ -101,10 +114,12 @@ def test_tp_at_tp1_has_no_sample_site(design, centered):
 
 def test_tp_pair_gets_no_likelihood_gradient(design):
     """The inactive (m0, tp) correction cannot move the likelihood."""
-    p = dict(b=np.full((2, 6), 1.3), per_layer_us=5.0, per_request_us=7.0, per_step_us=90.0,
-             alpha=0.4)
+    p = dict(
+        b=np.full((2, 6), 1.3), per_layer_us=5.0, per_request_us=7.0, per_step_us=90.0, alpha=0.4
+    )
     g = jax.grad(lambda b: jnp.sum(jnp.log(step_time_us({**p, "b": b}, design))))(
-        jnp.asarray(p["b"]))
+        jnp.asarray(p["b"])
+    )
     assert float(g[0, 5]) == 0.0
     assert abs(float(g[1, 5])) > 0
 
@@ -112,22 +127,35 @@ def test_tp_pair_gets_no_likelihood_gradient(design):
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_step_time_matches_numpy(design, shuffle):
     rng = np.random.default_rng(0)
-    p = dict(b=rng.uniform(0.5, 3.0, (2, 6)), per_layer_us=7.0, per_request_us=11.0,
-             per_step_us=123.0, alpha=0.37)
+    p = dict(
+        b=rng.uniform(0.5, 3.0, (2, 6)),
+        per_layer_us=7.0,
+        per_request_us=11.0,
+        per_step_us=123.0,
+        alpha=0.37,
+    )
     d = design
     if shuffle:  # unsorted rows take the gather path
         perm = rng.permutation(d.components.shape[0])
-        d = make_model_data(d.components[perm], d.num_layers[perm], d.batch_size[perm],
-                            d.model_idx[perm], d.experiment_idx[perm], n_models=2,
-                            n_experiments=4, experiment_model=d.experiment_model)
+        d = make_model_data(
+            d.components[perm],
+            d.num_layers[perm],
+            d.batch_size[perm],
+            d.model_idx[perm],
+            d.experiment_idx[perm],
+            n_models=2,
+            n_experiments=4,
+            experiment_model=d.experiment_model,
+        )
     got = np.asarray(step_time_us(p, d))
     want = _hand_mu(p, d.components, d.num_layers, d.batch_size, d.model_idx)
     np.testing.assert_allclose(got, want, rtol=1e-12)
     # per-experiment corrections take precedence
     pe = dict(p, b_exp=rng.uniform(0.5, 3.0, (4, 6)))
     got_e = np.asarray(step_time_us(pe, d))
-    want_e = _hand_mu(dict(p, b=pe["b_exp"]), d.components, d.num_layers, d.batch_size,
-                      d.experiment_idx)
+    want_e = _hand_mu(
+        dict(p, b=pe["b_exp"]), d.components, d.num_layers, d.batch_size, d.experiment_idx
+    )
     np.testing.assert_allclose(got_e, want_e, rtol=1e-12)
     # vmappable over draws
     draws = {k: np.stack([np.asarray(v), np.asarray(v) * 1.1]) for k, v in p.items()}
@@ -137,8 +165,9 @@ def test_step_time_matches_numpy(design, shuffle):
 
 
 def test_alpha_only_matters_for_mixed_batches(design):
-    p = dict(b=np.full((2, 6), 1.5), per_layer_us=5.0, per_request_us=7.0, per_step_us=90.0,
-             alpha=0.0)
+    p = dict(
+        b=np.full((2, 6), 1.5), per_layer_us=5.0, per_request_us=7.0, per_step_us=90.0, alpha=0.0
+    )
     mu0 = np.asarray(step_time_us(p, design))
     mu1 = np.asarray(step_time_us(dict(p, alpha=1.0), design))
     C = design.components
@@ -185,8 +214,16 @@ def test_unknown_hierarchy_and_bad_data():
     with pytest.raises(CalibError, match="num_layers"):
         make_model_data(C, np.ones(2), np.ones(3), np.zeros(3))
     with pytest.raises(CalibError, match="experiment_model"):
-        make_model_data(C, np.ones(3), np.ones(3), [0, 0, 1], [0, 1, 1], n_models=2,
-                        n_experiments=2, experiment_model=[0, 0])
+        make_model_data(
+            C,
+            np.ones(3),
+            np.ones(3),
+            [0, 0, 1],
+            [0, 1, 1],
+            n_models=2,
+            n_experiments=2,
+            experiment_model=[0, 0],
+        )
 
 
 @pytest.mark.parametrize("hierarchy", ["per-experiment"])
@@ -203,9 +240,17 @@ def test_prior_predictive_is_plausible(design, hierarchy):
 
 
 def test_simulate_from_model_uses_given_truth(design):
-    truth = dict(b=np.full((2, 6), 1.2), per_layer_us=5.0, per_request_us=7.0,
-                 per_step_us=90.0, alpha=0.5, sigma=np.array([1e-9, 1e-9]), stall_prob=0.0,
-                 stall_log_mult=0.7, stall_log_sd=0.3)
+    truth = dict(
+        b=np.full((2, 6), 1.2),
+        per_layer_us=5.0,
+        per_request_us=7.0,
+        per_step_us=90.0,
+        alpha=0.5,
+        sigma=np.array([1e-9, 1e-9]),
+        stall_prob=0.0,
+        stall_log_mult=0.7,
+        stall_log_sd=0.3,
+    )
     y, t = simulate_from_model("per-model", design, params=truth, seed=0)
     np.testing.assert_allclose(y, np.asarray(step_time_us(truth, design)), rtol=1e-6)
     assert t["alpha"] == 0.5
@@ -216,16 +261,27 @@ def test_collinearity_report():
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 100))
-    post = dict(b=np.exp(rng.normal(size=(2, 100, 2, 6))), per_layer_us=np.exp(x),
-                per_request_us=np.exp(rng.normal(size=(2, 100))), per_step_us=np.exp(-x))
-    idata = az.from_dict(posterior=post, coords={"model": ["a", "b"],
-                                                 "component": list(COMPONENTS)},
-                         dims={"b": ["model", "component"]})
+    post = dict(
+        b=np.exp(rng.normal(size=(2, 100, 2, 6))),
+        per_layer_us=np.exp(x),
+        per_request_us=np.exp(rng.normal(size=(2, 100))),
+        per_step_us=np.exp(-x),
+    )
+    idata = az.from_dict(
+        posterior=post,
+        coords={"model": ["a", "b"], "component": list(COMPONENTS)},
+        dims={"b": ["model", "component"]},
+    )
     from calib.model import collinearity_report
 
     rep = collinearity_report(idata)
-    assert list(rep.columns) == ["weight[a]", "weight[b]", "per_layer_us", "per_request_us",
-                                 "per_step_us"]
+    assert list(rep.columns) == [
+        "weight[a]",
+        "weight[b]",
+        "per_layer_us",
+        "per_request_us",
+        "per_step_us",
+    ]
     assert rep.loc["per_layer_us", "per_step_us"] == pytest.approx(-1.0)
     assert abs(rep.loc["weight[a]", "per_request_us"]) < 0.3
 
@@ -237,8 +293,9 @@ def test_model_log_density_and_gradient_are_finite(design):
     model = get_model("per-model")
     with handlers.seed(rng_seed=1):
         tr = handlers.trace(model).get_trace(design, PRIORS)
-    latent = {k: s["value"] for k, s in tr.items()
-              if s["type"] == "sample" and not s["is_observed"]}
+    latent = {
+        k: s["value"] for k, s in tr.items() if s["type"] == "sample" and not s["is_observed"]
+    }
 
     def f(p):
         return log_density(model, (design, PRIORS), {}, p)[0]

@@ -29,16 +29,27 @@ def test_pymc_joint_density_equals_numpyro(hierarchy):
     from calib.model_pymc import build_pymc_model
 
     design = synthetic_model_data(200, 2, 2, seed=4, tp2_models=(1,))
-    truth = dict(b=np.full((2, 6), 1.5), per_layer_us=8.0, per_request_us=12.0,
-                 per_step_us=150.0, alpha=0.6, sigma=np.array([0.1, 0.15]),
-                 stall_prob=0.02, stall_log_mult=0.7, stall_log_sd=0.3)
+    truth = dict(
+        b=np.full((2, 6), 1.5),
+        per_layer_us=8.0,
+        per_request_us=12.0,
+        per_step_us=150.0,
+        alpha=0.6,
+        sigma=np.array([0.1, 0.15]),
+        stall_prob=0.02,
+        stall_log_mult=0.7,
+        stall_log_sd=0.3,
+    )
     y, _ = simulate_from_model(hierarchy, design, params=truth, seed=5)
     data = design._replace(duration_us=y, log_duration=np.log(y))
     model = get_model(hierarchy)
     with handlers.seed(rng_seed=2):
         tr = handlers.trace(model).get_trace(data, PRIORS)
-    latent = {k: np.asarray(s["value"]) for k, s in tr.items()
-              if s["type"] == "sample" and not s["is_observed"]}
+    latent = {
+        k: np.asarray(s["value"])
+        for k, s in tr.items()
+        if s["type"] == "sample" and not s["is_observed"]
+    }
     lp_np = float(log_density(model, (data, PRIORS), {}, latent)[0])
 
     coords = model_coords(data, ["m0", "m1"], [f"e{i}" for i in range(4)])

@@ -31,12 +31,14 @@ def _pdf(r, p):
 def _quad(f, p):
     """∫ f(r)·p(r) dr over the log residual, with the components' centres as break points."""
     centres = [0.0] + [float(c) for _, c, _ in noise._tails(*p[1:], *([None] * (7 - len(p))))]
-    scales = [p[0]] + [noise.stall_scale(p[0], sd) for _, _, sd in
-                       noise._tails(*p[1:], *([None] * (7 - len(p))))]
+    scales = [p[0]] + [
+        noise.stall_scale(p[0], sd) for _, _, sd in noise._tails(*p[1:], *([None] * (7 - len(p))))
+    ]
     lo = min(c - 15.0 * s for c, s in zip(centres, scales, strict=True))
     hi = max(c + 15.0 * s for c, s in zip(centres, scales, strict=True))
-    val, err = integrate.quad(lambda r: f(r) * _pdf(r, p), lo, hi, points=centres,
-                              limit=500, epsabs=1e-13, epsrel=1e-12)
+    val, err = integrate.quad(
+        lambda r: f(r) * _pdf(r, p), lo, hi, points=centres, limit=500, epsabs=1e-13, epsrel=1e-12
+    )
     return val
 
 
@@ -48,8 +50,9 @@ def test_density_integrates_to_one(p):
 @pytest.mark.parametrize("p", CASES)
 def test_closed_form_moments_match_quadrature(p):
     for k in (1.0, 2.0, -1.0):
-        assert noise.moment(k, *p) == pytest.approx(_quad(lambda r, k=k: math.exp(k * r), p),
-                                                    rel=1e-9)
+        assert noise.moment(k, *p) == pytest.approx(
+            _quad(lambda r, k=k: math.exp(k * r), p), rel=1e-9
+        )
     assert noise.mean_factor(*p) == noise.moment(1.0, *p)
     assert np.exp(noise.log_mean_factor(*p)) == pytest.approx(noise.mean_factor(*p), rel=1e-13)
 
@@ -94,8 +97,9 @@ def test_numpyro_sampler_matches_density_ks(p):
 @pytest.mark.parametrize("p", CASES)
 def test_cdf_is_integral_of_density_and_quantile_inverts_it(p):
     for r in (-2.0 * p[0], 0.0, p[2], -0.5):
-        assert noise.cdf(r, 0.0, *p) == pytest.approx(_quad(lambda x, r=r: float(x <= r), p),
-                                                      abs=1e-7)
+        assert noise.cdf(r, 0.0, *p) == pytest.approx(
+            _quad(lambda x, r=r: float(x <= r), p), abs=1e-7
+        )
     q = np.array([1e-4, 0.05, 0.5, 0.95, 0.999, 0.99999])
     assert noise.cdf(np.log(noise.quantile(q, *p)), 0.0, *p) == pytest.approx(q, rel=1e-9)
 
@@ -115,31 +119,40 @@ def test_backends_agree_to_1e9():
     fmult = rng.uniform(0.05, 1.5, n)
     fsd = rng.uniform(0.05, 1.0, n)
     # residuals from the body, the stall component and far out in both tails
-    log_y = log_m + np.concatenate([rng.normal(0, 1, n // 4) * sigma[: n // 4],
-                                    mult[n // 4: n // 2] + rng.normal(0, 1, n // 4),
-                                    rng.uniform(-3, 0, n // 4),
-                                    rng.uniform(3, 8, n - 3 * (n // 4))])
+    log_y = log_m + np.concatenate(
+        [
+            rng.normal(0, 1, n // 4) * sigma[: n // 4],
+            mult[n // 4 : n // 2] + rng.normal(0, 1, n // 4),
+            rng.uniform(-3, 0, n // 4),
+            rng.uniform(3, 8, n - 3 * (n // 4)),
+        ]
+    )
     args = (log_y, log_m, sigma, prob, mult, sd, fprob, fmult, fsd)
     ref = noise.log_density(*args)
     # the mixture written out without logaddexp: an independent check of the formula
     s2, s3 = np.sqrt(sigma**2 + sd**2), np.sqrt(sigma**2 + fsd**2)
     with np.errstate(divide="ignore"):  # all components underflow far out: -inf, masked
-        direct = np.log((1 - prob - fprob) * stats.norm.pdf(log_y, log_m, sigma)
-                        + prob * stats.norm.pdf(log_y, log_m + mult, s2)
-                        + fprob * stats.norm.pdf(log_y, log_m - fmult, s3))
+        direct = np.log(
+            (1 - prob - fprob) * stats.norm.pdf(log_y, log_m, sigma)
+            + prob * stats.norm.pdf(log_y, log_m + mult, s2)
+            + fprob * stats.norm.pdf(log_y, log_m - fmult, s3)
+        )
     ok = direct > -600.0  # below, the pdf is a subnormal double: no 1e-9 reference
     assert ok.mean() > 0.9
     np.testing.assert_allclose(ref[ok], direct[ok], rtol=1e-9, atol=1e-9)
     # without the fast component, the two-component formula
     two = noise.log_density(*args[:6])
     with np.errstate(divide="ignore"):
-        direct2 = np.log((1 - prob) * stats.norm.pdf(log_y, log_m, sigma)
-                         + prob * stats.norm.pdf(log_y, log_m + mult, s2))
+        direct2 = np.log(
+            (1 - prob) * stats.norm.pdf(log_y, log_m, sigma)
+            + prob * stats.norm.pdf(log_y, log_m + mult, s2)
+        )
     ok2 = direct2 > -600.0
     np.testing.assert_allclose(two[ok2], direct2[ok2], rtol=1e-9, atol=1e-9)
     jx = np.asarray(noise.log_density(*(jnp.asarray(a) for a in args), xp=jnp))
-    dist = np.asarray(noise.LogStallNormal(*(jnp.asarray(a) for a in args[1:])).log_prob(
-        jnp.asarray(log_y)))
+    dist = np.asarray(
+        noise.LogStallNormal(*(jnp.asarray(a) for a in args[1:])).log_prob(jnp.asarray(log_y))
+    )
     syms = [pt.dvector(f"a{i}") for i in range(len(args))]
     fn = pytensor.function(syms, noise.pymc_log_density(*syms))
     ptv = fn(*args)
@@ -150,11 +163,13 @@ def test_backends_agree_to_1e9():
     # closed-form mean factor in each namespace
     par = args[2:]
     mf = noise.mean_factor(*par)
-    np.testing.assert_allclose(np.asarray(noise.mean_factor(
-        *(jnp.asarray(a) for a in par), xp=jnp)), mf, rtol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(noise.mean_factor(*(jnp.asarray(a) for a in par), xp=jnp)), mf, rtol=1e-12
+    )
     s7 = [pt.dvector(f"b{i}") for i in range(len(par))]
-    np.testing.assert_allclose(pytensor.function(s7, noise.mean_factor(*s7, xp=pt))(*par),
-                               mf, rtol=1e-12)
+    np.testing.assert_allclose(
+        pytensor.function(s7, noise.mean_factor(*s7, xp=pt))(*par), mf, rtol=1e-12
+    )
 
 
 def test_gradients_are_finite_far_in_the_tails():
@@ -179,8 +194,16 @@ def test_parameter_recovery_numpyro():
     rng = np.random.default_rng(2024)
     n = 4000
     x = rng.uniform(2e3, 3e4, n)  # µs of roofline work per step
-    truth = {"b": 1.3, "sigma": 0.04, "stall_prob": 0.02, "stall_log_mult": 0.8,
-             "stall_log_sd": 0.3, "fast_prob": 0.02, "fast_log_mult": 0.6, "fast_log_sd": 0.2}
+    truth = {
+        "b": 1.3,
+        "sigma": 0.04,
+        "stall_prob": 0.02,
+        "stall_log_mult": 0.8,
+        "stall_log_sd": 0.3,
+        "fast_prob": 0.02,
+        "fast_log_mult": 0.6,
+        "fast_log_sd": 0.2,
+    }
     names = noise.NOISE_PARAMS
     y = noise.sample(rng, truth["b"] * x, *(truth[k] for k in names))
     log_x, log_y = jnp.asarray(np.log(x)), jnp.asarray(np.log(y))
@@ -197,11 +220,13 @@ def test_parameter_recovery_numpyro():
         sd = numpyro.sample("stall_log_sd", dist.LogNormal(math.log(0.3), 0.6))
         fmult = numpyro.sample("fast_log_mult", dist.LogNormal(math.log(0.3), 0.75))
         fsd = numpyro.sample("fast_log_sd", dist.LogNormal(math.log(0.2), 0.75))
-        numpyro.sample("obs", noise.LogStallNormal(jnp.log(b) + log_x, sigma, prob, mult, sd,
-                                                   fprob, fmult, fsd), obs=log_y)
+        numpyro.sample(
+            "obs",
+            noise.LogStallNormal(jnp.log(b) + log_x, sigma, prob, mult, sd, fprob, fmult, fsd),
+            obs=log_y,
+        )
 
-    mcmc = MCMC(NUTS(model), num_warmup=300, num_samples=500, num_chains=1,
-                progress_bar=False)
+    mcmc = MCMC(NUTS(model), num_warmup=300, num_samples=500, num_chains=1, progress_bar=False)
     mcmc.run(jax.random.key(0))
     post = {k: np.asarray(v) for k, v in mcmc.get_samples().items()}
     assert int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum()) == 0

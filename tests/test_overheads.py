@@ -12,8 +12,9 @@ from calib import overheads
 @pytest.fixture(scope="module")
 def data():
     # two models of one server: queue 15000 ± 500·t, depart 800 ± 40·t, host gap 40 ± 8 µs
-    ds, _, _ = make_replay_dataset(seed=2, steps_per_exp=600, requests_per_exp=150,
-                                   gap_us=40.0, gap_sd_us=8.0, sample_rate=0.3)
+    ds, _, _ = make_replay_dataset(
+        seed=2, steps_per_exp=600, requests_per_exp=150, gap_us=40.0, gap_sd_us=8.0, sample_rate=0.3
+    )
     return ds
 
 
@@ -34,7 +35,8 @@ def test_estimates_cover_the_server_overheads(data):
 def test_models_that_differ_are_not_pooled(data):
     ds = data.copy()
     req_model = np.asarray(ds["exp_model"].values).astype(str)[
-        np.asarray(ds["req_experiment"].values)]
+        np.asarray(ds["req_experiment"].values)
+    ]
     dep = np.asarray(ds["req_api_depart_us"].values).copy()
     dep[req_model == "model-1"] += 300.0  # a second server's depart cost
     ds["req_api_depart_us"] = (("request",), dep)

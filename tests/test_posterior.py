@@ -30,8 +30,9 @@ matplotlib.use("Agg")
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     idata = cached_mock()
-    idata.attrs["manifest"] = manifest(kind="posterior", seed=1, diagnostics="pass",
-                                       sampler={"chains": 2})
+    idata.attrs["manifest"] = manifest(
+        kind="posterior", seed=1, diagnostics="pass", sampler={"chains": 2}
+    )
     path = tmp_path_factory.mktemp("post") / "per-model.nc"
     save_posterior(idata, path)
     return idata, path
@@ -70,8 +71,10 @@ def test_prediction_matches_model_mean_function(saved):
     idata, _ = saved
     data, *_ = cached_data()
     post = idata.posterior
-    params = {k: post[k].values[1, 3] for k in ("b", "per_layer_us", "per_request_us",
-                                                 "per_step_us", "alpha")}
+    params = {
+        k: post[k].values[1, 3]
+        for k in ("b", "per_layer_us", "per_request_us", "per_step_us", "alpha")
+    }
     expected = np.asarray(step_time_us(params, data))
     np.testing.assert_allclose(predict_step_time_us(idata)[150 + 3], expected, rtol=1e-12)
 
@@ -100,7 +103,9 @@ def test_file_stores_named_natural_parameters_only(saved):
     assert raw, "the in-memory fit keeps the sampler's coordinates"
     loaded = load_posterior(path)
     assert set(loaded.posterior.data_vars) <= set(PARAMETER_SITES)
-    assert {"b", "b_pop", "tau", "sigma", "alpha", "stall_prob", "mean_factor"} <= set(loaded.posterior.data_vars)
+    assert {"b", "b_pop", "tau", "sigma", "alpha", "stall_prob", "mean_factor"} <= set(
+        loaded.posterior.data_vars
+    )
     assert set(idata.posterior.data_vars) >= set(raw)  # the caller's object is unchanged
 
 

@@ -14,14 +14,16 @@ from calib.posterior import load_posterior, save_posterior  # noqa: E402
 
 
 def test_fit_adds_posterior_predictive_and_plot_ppc_runs(tmp_path):
-    ds, feats, _ = make_replay_dataset(seed=0, n_models=2, exps_per_model=1,
-                                       steps_per_exp=400, requests_per_exp=30)
+    ds, feats, _ = make_replay_dataset(
+        seed=0, n_models=2, exps_per_model=1, steps_per_exp=400, requests_per_exp=30
+    )
     idata = quick_posterior(ds, feats, draws=60, warmup=100)
     pp = idata.posterior_predictive["duration_us"]
     obs = idata.observed_data["duration_us"]
     assert pp.dims == ("chain", "draw", "step") and pp.sizes["chain"] == 1
-    assert pp.sizes["draw"] == min(200, idata.posterior.sizes["chain"]
-                                   * idata.posterior.sizes["draw"])
+    assert pp.sizes["draw"] == min(
+        200, idata.posterior.sizes["chain"] * idata.posterior.sizes["draw"]
+    )
     np.testing.assert_array_equal(pp["step"].values, obs["step"].values)
     # the simulated durations look like the data: medians within 10 % per step on average
     ratio = np.median(pp.values[0], axis=0) / obs.values

@@ -46,20 +46,23 @@ def test_hash_is_content_not_formatting(tmp_path, raw):
     assert priors_hash(priors_from_dict(changed)) != priors_hash(load_priors())
 
 
-@pytest.mark.parametrize("mutate, where", [
-    (lambda r: r["alpha"].__setitem__("family", "weibull"), "alpha.family"),
-    (lambda r: r["b_pop"]["tp"].pop("units"), "b_pop.tp"),
-    (lambda r: r.__setitem__("gamma_shape", 1), "gamma_shape"),
-    (lambda r: r["sigma"].__setitem__("loc", 0.1), "sigma.loc"),
-    (lambda r: r["b_pop"].__setitem__("ep", r["b_pop"]["tp"]), "b_pop.ep"),
-    (lambda r: r["tau"].pop("weight"), "tau.weight"),
-    (lambda r: r.pop("stall_prob"), "stall_prob"),
-    (lambda r: r["per_step_us"].__setitem__("median", -3), "per_step_us.median"),
-    (lambda r: r["per_step_us"].__setitem__("median", "big"), "per_step_us.median"),
-    (lambda r: r["per_step_us"].pop("log_sd"), "per_step_us"),
-    (lambda r: r["b_pop"]["weight"].__setitem__("family", "halfnormal"), "b_pop.weight.family"),
-    (lambda r: r["alpha"].__setitem__("rationale", ""), "alpha.rationale"),
-])
+@pytest.mark.parametrize(
+    "mutate, where",
+    [
+        (lambda r: r["alpha"].__setitem__("family", "weibull"), "alpha.family"),
+        (lambda r: r["b_pop"]["tp"].pop("units"), "b_pop.tp"),
+        (lambda r: r.__setitem__("gamma_shape", 1), "gamma_shape"),
+        (lambda r: r["sigma"].__setitem__("loc", 0.1), "sigma.loc"),
+        (lambda r: r["b_pop"].__setitem__("ep", r["b_pop"]["tp"]), "b_pop.ep"),
+        (lambda r: r["tau"].pop("weight"), "tau.weight"),
+        (lambda r: r.pop("stall_prob"), "stall_prob"),
+        (lambda r: r["per_step_us"].__setitem__("median", -3), "per_step_us.median"),
+        (lambda r: r["per_step_us"].__setitem__("median", "big"), "per_step_us.median"),
+        (lambda r: r["per_step_us"].pop("log_sd"), "per_step_us"),
+        (lambda r: r["b_pop"]["weight"].__setitem__("family", "halfnormal"), "b_pop.weight.family"),
+        (lambda r: r["alpha"].__setitem__("rationale", ""), "alpha.rationale"),
+    ],
+)
 def test_validation_errors_name_file_and_key(tmp_path, raw, mutate, where):
     bad = copy.deepcopy(raw)
     mutate(bad)

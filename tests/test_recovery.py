@@ -12,8 +12,9 @@ with mixed batches, 0.508 ± 0.209 (prior 0.5 ± 0.224) without.
 Coverage: truth is drawn per seed from a realistic generator (corrections ~1-3,
 overheads around the prior medians, noise 3-15 %), and the 90 % equal-tailed posterior
 intervals of every named parameter with a truth (``b`` of each active (model,
-component) pair, the three overheads, ``alpha``, ``sigma`` per model, the pooled stall component ``stall_prob``, ``stall_log_mult``,
-``stall_log_sd``; the truth has no fast component) must cover
+component) pair, the three overheads, ``alpha``, ``sigma`` per model, the pooled stall
+component ``stall_prob``, ``stall_log_mult``, ``stall_log_sd``; the truth has no fast
+component) must cover
 it at a rate consistent with 90 % over 5 seeds: the count of covered intervals must not
 lie in either binomial tail of probability < 0.001 (Binomial(n, 0.9)), so a biased or
 over-/under-confident fit fails. The binomial treats the 90 intervals as independent;
@@ -60,14 +61,24 @@ MAX_DIVERGENCES = 5
 
 def _fit(hierarchy, data, seed):
     """Posterior draws (site -> (chains*draws, ...)) and the number of divergences."""
-    coords = model_coords(data, [f"m{m}" for m in range(data.n_models)],
-                          [f"e{e}" for e in range(data.n_experiments)])
-    settings = SamplerSettings(chains=CHAINS, warmup=WARMUP, draws=DRAWS, seed=seed,
-                               chain_method="sequential", target_accept=TARGET_ACCEPT)
-    idata = run_nuts(get_model(hierarchy), data, PRIORS, coords=coords, settings=settings,
-                     progress=False)
-    post = {k: np.asarray(v.values).reshape(-1, *v.shape[2:])
-            for k, v in idata.posterior.data_vars.items()}
+    coords = model_coords(
+        data, [f"m{m}" for m in range(data.n_models)], [f"e{e}" for e in range(data.n_experiments)]
+    )
+    settings = SamplerSettings(
+        chains=CHAINS,
+        warmup=WARMUP,
+        draws=DRAWS,
+        seed=seed,
+        chain_method="sequential",
+        target_accept=TARGET_ACCEPT,
+    )
+    idata = run_nuts(
+        get_model(hierarchy), data, PRIORS, coords=coords, settings=settings, progress=False
+    )
+    post = {
+        k: np.asarray(v.values).reshape(-1, *v.shape[2:])
+        for k, v in idata.posterior.data_vars.items()
+    }
     return post, int(idata.sample_stats["diverging"].sum())
 
 
@@ -75,8 +86,15 @@ def _scalars(values: dict, active: np.ndarray) -> dict[str, np.ndarray]:
     out = {}
     for m, k in zip(*np.nonzero(active), strict=True):
         out[f"b[{m},{config.COMPONENTS[k]}]"] = values["b"][..., m, k]
-    for name in ("per_layer_us", "per_request_us", "per_step_us", "alpha", "stall_prob",
-                 "stall_log_mult", "stall_log_sd"):
+    for name in (
+        "per_layer_us",
+        "per_request_us",
+        "per_step_us",
+        "alpha",
+        "stall_prob",
+        "stall_log_mult",
+        "stall_log_sd",
+    ):
         out[name] = values[name]
     for m in range(active.shape[0]):
         out[f"sigma[{m}]"] = values["sigma"][..., m]
@@ -86,13 +104,17 @@ def _scalars(values: dict, active: np.ndarray) -> dict[str, np.ndarray]:
 def _truth(seed):
     rng = np.random.default_rng(seed)
     base = np.array([1.8, 1.5, 2.5, 1.6, 1.15, 2.0])
-    return dict(b=base * np.exp(rng.normal(0, 0.25, (2, 6))),
-                per_layer_us=10.0 * np.exp(rng.normal(0, 0.5)),
-                per_request_us=10.0 * np.exp(rng.normal(0, 0.5)),
-                per_step_us=100.0 * np.exp(rng.normal(0, 0.5)),
-                alpha=rng.uniform(0.2, 0.8), sigma=rng.uniform(0.03, 0.15, 2),
-                stall_prob=rng.uniform(0.005, 0.05), stall_log_mult=rng.uniform(0.4, 1.5),
-                stall_log_sd=rng.uniform(0.1, 0.5))
+    return dict(
+        b=base * np.exp(rng.normal(0, 0.25, (2, 6))),
+        per_layer_us=10.0 * np.exp(rng.normal(0, 0.5)),
+        per_request_us=10.0 * np.exp(rng.normal(0, 0.5)),
+        per_step_us=100.0 * np.exp(rng.normal(0, 0.5)),
+        alpha=rng.uniform(0.2, 0.8),
+        sigma=rng.uniform(0.03, 0.15, 2),
+        stall_prob=rng.uniform(0.005, 0.05),
+        stall_log_mult=rng.uniform(0.4, 1.5),
+        stall_log_sd=rng.uniform(0.1, 0.5),
+    )
 
 
 def test_interval_coverage_over_seeds():
@@ -112,13 +134,16 @@ def test_interval_coverage_over_seeds():
             covered += ok
             total += 1
             if not ok:
-                misses.append(f"seed {seed} {name}: truth {float(t[name]):.4g} "
-                              f"outside [{lo:.4g}, {hi:.4g}]")
+                misses.append(
+                    f"seed {seed} {name}: truth {float(t[name]):.4g} outside [{lo:.4g}, {hi:.4g}]"
+                )
     assert total == 20 * len(SEEDS)
     binom = stats.binom(total, config.INTERVAL_PROB)
     low, high = binom.cdf(covered), binom.sf(covered - 1)  # P(X <= covered), P(X >= covered)
-    msg = (f"coverage {covered}/{total} = {covered / total:.3f} (P(X<=k) {low:.2g}, "
-           f"P(X>=k) {high:.2g}); divergences per seed {divergences}; misses: {misses}")
+    msg = (
+        f"coverage {covered}/{total} = {covered / total:.3f} (P(X<=k) {low:.2g}, "
+        f"P(X>=k) {high:.2g}); divergences per seed {divergences}; misses: {misses}"
+    )
     print(msg)
     assert low > TAIL and high > TAIL, msg
     # divergent transitions mean the sampler may have missed part of the posterior
@@ -128,10 +153,17 @@ def test_interval_coverage_over_seeds():
 @pytest.mark.parametrize("mixed_fraction", [0.3, 0.0])
 def test_alpha_needs_mixed_batches(mixed_fraction):
     design = synthetic_model_data(3000, 2, 2, seed=5, mixed_fraction=mixed_fraction)
-    truth = dict(b=np.array([[1.8, 1.5, 2.5, 1.6, 1.15, 2.0], [1.6, 1.4, 2.2, 1.9, 1.3, 2.4]]),
-                 per_layer_us=8.0, per_request_us=12.0, per_step_us=150.0, alpha=0.8,
-                 sigma=np.array([0.05, 0.08]), stall_prob=0.02,
-                 stall_log_mult=0.7, stall_log_sd=0.3)
+    truth = dict(
+        b=np.array([[1.8, 1.5, 2.5, 1.6, 1.15, 2.0], [1.6, 1.4, 2.2, 1.9, 1.3, 2.4]]),
+        per_layer_us=8.0,
+        per_request_us=12.0,
+        per_step_us=150.0,
+        alpha=0.8,
+        sigma=np.array([0.05, 0.08]),
+        stall_prob=0.02,
+        stall_log_mult=0.7,
+        stall_log_sd=0.3,
+    )
     y, _ = simulate_from_model("per-model", design, params=truth, seed=6)
     post, div = _fit("per-model", design._replace(duration_us=y, log_duration=np.log(y)), 7)
     a = np.asarray(post["alpha"])

@@ -71,10 +71,11 @@ def test_report_cli_without_e2e(tmp_path):
     assert not (tmp_path / "rep" / "e2e.png").exists()
 
 
-@pytest.mark.skipif(not config.DEFAULT_TRACES.exists()
-                    or not (config.POSTERIORS_DIR / "per-model.nc").exists(),
-                    reason="needs the embedded default dataset and posteriors/per-model.nc "
-                           "(make it with: python scripts/fit.py --hierarchy per-model)")
+@pytest.mark.skipif(
+    not config.DEFAULT_TRACES.exists() or not (config.POSTERIORS_DIR / "per-model.nc").exists(),
+    reason="needs the embedded default dataset and posteriors/per-model.nc "
+    "(make it with: python scripts/fit.py --hierarchy per-model)",
+)
 def test_report_on_default_data(tmp_path):
     import importlib.util
 
@@ -82,10 +83,18 @@ def test_report_on_default_data(tmp_path):
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     out = tmp_path / "default"
-    assert cli.main([str(config.POSTERIORS_DIR / "per-model.nc"), "--out", str(out),
-                     "--draws", "200"]) == 0
-    for name in ("trace.png", "rank.png", "forest.png", "ppc_step_durations.png", "e2e.png",
-                 "summary.md"):
+    assert (
+        cli.main([str(config.POSTERIORS_DIR / "per-model.nc"), "--out", str(out), "--draws", "200"])
+        == 0
+    )
+    for name in (
+        "trace.png",
+        "rank.png",
+        "forest.png",
+        "ppc_step_durations.png",
+        "e2e.png",
+        "summary.md",
+    ):
         assert (out / name).stat().st_size > 2_000
     shape, var = _image_stats(out / "e2e.png")
     assert var > 1e-3

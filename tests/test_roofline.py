@@ -44,8 +44,9 @@ ARCH_TP = [(m, tp) for m in bundled_models() for tp in TPS]
 
 
 # ------------------------------------------------------------------ NumPy reference
-def reference(arch: Architecture, hw: Hardware, tp: int, new_tokens, progress, prompt_len,
-              phase, mask) -> dict[str, np.ndarray]:
+def reference(
+    arch: Architecture, hw: Hardware, tp: int, new_tokens, progress, prompt_len, phase, mask
+) -> dict[str, np.ndarray]:
     """Plain-loop float64 transcription of the issue's formulas (independent of ArchConsts)."""
     L, d = arch.num_hidden_layers, arch.hidden_size
     H, kvH, d_ff = arch.num_attention_heads, arch.num_key_value_heads, arch.intermediate_size
@@ -78,19 +79,22 @@ def reference(arch: Architecture, hw: Hardware, tp: int, new_tokens, progress, p
             elif phase[i][j] == PHASE_DECODE:
                 T_dc += 1
                 ctx += int(progress[i][j])
-        out["pf_compute"][i] = (L * 2 * T_pf * d * (2 * d + 2 * d_kv) / tp + L * attn
-                                + ffn(T_pf)) / P
-        out["dc_compute"][i] = (L * 2 * T_dc * d * (2 * d + 2 * d_kv) / tp
-                                + L * 4 * (H / tp) * ctx * d_h + ffn(T_dc)) / P
+        out["pf_compute"][i] = (
+            L * 2 * T_pf * d * (2 * d + 2 * d_kv) / tp + L * attn + ffn(T_pf)
+        ) / P
+        out["dc_compute"][i] = (
+            L * 2 * T_dc * d * (2 * d + 2 * d_kv) / tp + L * 4 * (H / tp) * ctx * d_h + ffn(T_dc)
+        ) / P
         out["pf_kv"][i] = L * 2 * (d_kv / tp) * T_pf * 2 / W
         out["dc_kv"][i] = L * 2 * (d_kv / tp) * 2 * (ctx + T_dc) / W
         if B > 0:
-            out["weight"][i] = (L * d * (2 * d + 2 * d_kv) * bpp / tp
-                                + L * 3 * d * d_ff * bpp * (E if E > 0 else 1) / tp) / W
+            out["weight"][i] = (
+                L * d * (2 * d + 2 * d_kv) * bpp / tp
+                + L * 3 * d * d_ff * bpp * (E if E > 0 else 1) / tp
+            ) / W
             out["num_layers"][i] = L
             out["num_moe_layers"][i] = L if E > 0 else 0
-        out["tp"][i] = 0.0 if tp == 1 else (2 * L * (T_pf + T_dc) * d * 2 * 2 * (tp - 1) / tp
-                                            / W)
+        out["tp"][i] = 0.0 if tp == 1 else (2 * L * (T_pf + T_dc) * d * 2 * 2 * (tp - 1) / tp / W)
         out["batch_size"][i] = B
     return out
 
@@ -121,8 +125,9 @@ def request(draw):
 
 
 N_STEPS, N_SLOTS = 6, 10
-batches = st.lists(st.lists(request(), max_size=N_SLOTS), min_size=N_STEPS,
-                   max_size=N_STEPS).map(lambda steps: pack(steps, N_SLOTS))
+batches = st.lists(st.lists(request(), max_size=N_SLOTS), min_size=N_STEPS, max_size=N_STEPS).map(
+    lambda steps: pack(steps, N_SLOTS)
+)
 
 
 def assert_phase_consistent(nt, pr, pl, ph, mk):
@@ -172,7 +177,7 @@ def one_step(consts: ArchConsts, reqs) -> dict[str, float]:
 
 def within(x: float, value: float, decimals: int) -> bool:
     """x agrees with ``value`` at the precision it is written with."""
-    return abs(x - value) <= 0.5 * 10.0 ** -decimals + 1e-12
+    return abs(x - value) <= 0.5 * 10.0**-decimals + 1e-12
 
 
 HAND = [  # model, TP, weight µs, prefill proj+FFN µs/token, decode KV µs/context token
@@ -198,8 +203,16 @@ def test_hand_checked_h100(model, tp, weight, pf_per_token, dc_kv_per_token):
     # prefill projection + FFN per token: subtract the (hand-written) attention FLOPs
     t = s = 2048
     pf = one_step(c, [(PHASE_PREFILL, t, 0, s)])
-    attn_us = (arch.num_hidden_layers * 4 * arch.num_attention_heads / tp * t * (s + t / 2)
-               * arch.head_dim / (H100.peak_tflops_bf16 * 1e6))
+    attn_us = (
+        arch.num_hidden_layers
+        * 4
+        * arch.num_attention_heads
+        / tp
+        * t
+        * (s + t / 2)
+        * arch.head_dim
+        / (H100.peak_tflops_bf16 * 1e6)
+    )
     assert within((pf["pf_compute"] - attn_us) / t, *pf_per_token)
     assert pf["weight"] == dec["weight"]
 
@@ -262,8 +275,11 @@ def test_monotone_in_tokens_and_kv_length(model, tp):
 @pytest.mark.parametrize("model", bundled_models())
 def test_tp_scaling(model):
     arch = load_architecture(model)
-    reqs = [(PHASE_DECODE, 1, 1500, 1000), (PHASE_DECODE, 1, 33, 20),
-            (PHASE_PREFILL, 256, 128, 1024)]
+    reqs = [
+        (PHASE_DECODE, 1, 1500, 1000),
+        (PHASE_DECODE, 1, 33, 20),
+        (PHASE_PREFILL, 256, 128, 1024),
+    ]
     base = one_step(arch_consts(arch, H100, 1), reqs)
     two = one_step(arch_consts(arch, H100, 2), reqs)
     for tp in TPS:
@@ -284,8 +300,7 @@ def test_only_masked_slots_count():
     nt, pr, pl, ph, mk = pack([[(PHASE_DECODE, 1, 40, 30), (PHASE_PREFILL, 10, 0, 10)]], 4)
     clean = as_np(step_components(c, nt, pr, pl, ph, mk))
     nt2, pr2, pl2, ph2 = nt.copy(), pr.copy(), pl.copy(), ph.copy()
-    nt2[0, 2:], pr2[0, 2:], pl2[0, 2:], ph2[0, 2:] = 999, 12345, 777, (PHASE_PREFILL,
-                                                                      PHASE_DECODE)
+    nt2[0, 2:], pr2[0, 2:], pl2[0, 2:], ph2[0, 2:] = 999, 12345, 777, (PHASE_PREFILL, PHASE_DECODE)
     dirty = as_np(step_components(c, nt2, pr2, pl2, ph2, mk))
     for f in Components._fields:
         assert dirty[f][0] == clean[f][0], f
@@ -327,8 +342,12 @@ def test_blocked_reduction_shapes(shape):
         for f in Components._fields:
             assert blk[f].shape == shape[:-1]
             np.testing.assert_allclose(blk[f], one[f], rtol=1e-12, atol=0, err_msg=f)
-    flat = reference(load_architecture("mixtral-8x7b"), H100, 4,
-                     *(a.reshape(-1, shape[-1]) for a in (nt, pr, pl, ph, mk)))
+    flat = reference(
+        load_architecture("mixtral-8x7b"),
+        H100,
+        4,
+        *(a.reshape(-1, shape[-1]) for a in (nt, pr, pl, ph, mk)),
+    )
     for f in Components._fields:
         np.testing.assert_allclose(one[f].reshape(-1), flat[f], rtol=1e-6, atol=0, err_msg=f)
 
@@ -351,8 +370,14 @@ print(float(r.weight[0]), float(r.pf_kv[0]), float(r.dc_kv[0]))
 def test_works_without_x64():
     """Library code does not need x64: in a fresh process without it, results are float32."""
     env = {**os.environ, "JAX_ENABLE_X64": "0", "JAX_PLATFORMS": "cpu"}
-    res = subprocess.run([sys.executable, "-c", X32_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=120, check=False)
+    res = subprocess.run(
+        [sys.executable, "-c", X32_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
     weight, pf_kv, dc_kv = map(float, res.stdout.split())
     assert abs(weight - 12_952_010_752 / 3.35e6) < 1e-5 * weight
@@ -382,22 +407,30 @@ def make_dataset(experiments, per_exp_steps, n_slots, seed=0) -> tuple[xr.Datase
                     reqs.append((PHASE_DECODE, 1, prompt + int(rng.integers(0, 500)), prompt))
                 else:
                     done = int(rng.integers(0, prompt))
-                    reqs.append((PHASE_PREFILL, int(rng.integers(1, prompt - done + 1)), done,
-                                 prompt))
+                    reqs.append(
+                        (PHASE_PREFILL, int(rng.integers(1, prompt - done + 1)), done, prompt)
+                    )
             all_steps.append(reqs)
             step_exp.append(e)
     nt, pr, pl, ph, mk = pack(all_steps, n_slots)
     K = ("step", "slot")
     ds = xr.Dataset(
         {
-            "exp_arch_json": (("experiment",), np.array(
-                [json.dumps(a.to_dict()) for a, _, _ in experiments], dtype=object)),
-            "exp_hardware_json": (("experiment",), np.array(
-                [json.dumps(h.to_dict()) for _, h, _ in experiments], dtype=object)),
+            "exp_arch_json": (
+                ("experiment",),
+                np.array([json.dumps(a.to_dict()) for a, _, _ in experiments], dtype=object),
+            ),
+            "exp_hardware_json": (
+                ("experiment",),
+                np.array([json.dumps(h.to_dict()) for _, h, _ in experiments], dtype=object),
+            ),
             "exp_tp": (("experiment",), np.array([tp for _, _, tp in experiments], np.int32)),
             "step_experiment": (("step",), np.array(step_exp, np.int32)),
-            "slot_new_tokens": (K, nt), "slot_progress": (K, pr), "slot_prompt_len": (K, pl),
-            "slot_phase": (K, ph), "slot_mask": (K, mk),
+            "slot_new_tokens": (K, nt),
+            "slot_progress": (K, pr),
+            "slot_prompt_len": (K, pl),
+            "slot_phase": (K, ph),
+            "slot_mask": (K, mk),
         },
         coords={"experiment": [f"exp{e}" for e in range(len(experiments))]},
     )
@@ -468,8 +501,9 @@ def test_dataset_components_errors():
     bad_json = ds.assign(exp_arch_json=("experiment", np.array(["{not json"], dtype=object)))
     with pytest.raises(CalibError, match="exp_arch_json"):
         dataset_components(bad_json)
-    bad_fields = ds.assign(exp_hardware_json=("experiment", np.array(['{"name": "x"}'],
-                                                                     dtype=object)))
+    bad_fields = ds.assign(
+        exp_hardware_json=("experiment", np.array(['{"name": "x"}'], dtype=object))
+    )
     with pytest.raises(CalibError, match="exp_hardware_json"):
         dataset_components(bad_fields)
     with pytest.raises(CalibError, match="pf_kv"):
@@ -477,8 +511,14 @@ def test_dataset_components_errors():
 
 
 # ------------------------------------------------------------------ user config.json
-LLAMA_CFG = {"num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
-             "num_key_value_heads": 8, "intermediate_size": 14336, "torch_dtype": "bfloat16"}
+LLAMA_CFG = {
+    "num_hidden_layers": 32,
+    "hidden_size": 4096,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "intermediate_size": 14336,
+    "torch_dtype": "bfloat16",
+}
 
 
 def write_cfg(tmp_path, cfg):
@@ -495,8 +535,9 @@ def test_user_config_json_roundtrip(tmp_path):
     assert r1 == r2
 
 
-@pytest.mark.parametrize("field", ["num_hidden_layers", "hidden_size", "num_attention_heads",
-                                   "intermediate_size"])
+@pytest.mark.parametrize(
+    "field", ["num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"]
+)
 def test_user_config_missing_field(tmp_path, field):
     cfg = {k: v for k, v in LLAMA_CFG.items() if k != field}
     path = write_cfg(tmp_path, cfg)
@@ -505,15 +546,21 @@ def test_user_config_missing_field(tmp_path, field):
     assert str(path) in str(exc.value) and exc.value.field == field
 
 
-@pytest.mark.parametrize(("change", "field", "pattern"), [
-    ({"num_attention_heads": 30}, "num_attention_heads", "not a multiple"),
-    ({"num_key_value_heads": 5}, "num_key_value_heads", "must divide"),
-    ({"num_key_value_heads": 0}, "num_key_value_heads", "must divide"),
-    ({"num_local_experts": 8}, "num_experts_per_tok", "inconsistent MoE"),
-    ({"num_local_experts": 2, "num_experts_per_tok": 4}, "num_experts_per_tok",
-     "inconsistent MoE"),
-    ({"hidden_size": "4096"}, "hidden_size", "non-negative integer"),
-])
+@pytest.mark.parametrize(
+    ("change", "field", "pattern"),
+    [
+        ({"num_attention_heads": 30}, "num_attention_heads", "not a multiple"),
+        ({"num_key_value_heads": 5}, "num_key_value_heads", "must divide"),
+        ({"num_key_value_heads": 0}, "num_key_value_heads", "must divide"),
+        ({"num_local_experts": 8}, "num_experts_per_tok", "inconsistent MoE"),
+        (
+            {"num_local_experts": 2, "num_experts_per_tok": 4},
+            "num_experts_per_tok",
+            "inconsistent MoE",
+        ),
+        ({"hidden_size": "4096"}, "hidden_size", "non-negative integer"),
+    ],
+)
 def test_user_config_inconsistent(tmp_path, change, field, pattern):
     path = write_cfg(tmp_path, {**LLAMA_CFG, **change})
     with pytest.raises(CalibError, match=pattern) as exc:

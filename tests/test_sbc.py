@@ -30,11 +30,21 @@ pytestmark = pytest.mark.slow
 PRIORS = load_priors()
 N_REPS = 80
 THIN = 3
-PARAMS = {"b_pop": (lambda v: v[..., 0]), "b_pop_dc_kv": (lambda v: v[..., 3]),
-          "b_pop_weight": (lambda v: v[..., 4]), "per_request_us": None, "per_step_us": None,
-          "alpha": None, "sigma_pooled": None,
-          "stall_frac": None, "stall_log_mult": None, "stall_sd_frac": None,
-          "fast_frac": None, "fast_log_mult": None, "fast_sd_frac": None}
+PARAMS = {
+    "b_pop": (lambda v: v[..., 0]),
+    "b_pop_dc_kv": (lambda v: v[..., 3]),
+    "b_pop_weight": (lambda v: v[..., 4]),
+    "per_request_us": None,
+    "per_step_us": None,
+    "alpha": None,
+    "sigma_pooled": None,
+    "stall_frac": None,
+    "stall_log_mult": None,
+    "stall_sd_frac": None,
+    "fast_frac": None,
+    "fast_log_mult": None,
+    "fast_sd_frac": None,
+}
 
 
 def _get(values, name):
@@ -54,10 +64,14 @@ def test_sbc_ranks_are_uniform():
         with handlers.condition(data={OBS_SITE: log_y}):
             pooled(design, PRIORS)
 
-    mcmc = MCMC(NUTS(conditioned, dense_mass=True, target_accept_prob=0.9,
-                     init_strategy=init_to_median),
-                num_warmup=300, num_samples=99 * THIN, num_chains=1, progress_bar=False,
-                jit_model_args=True)
+    mcmc = MCMC(
+        NUTS(conditioned, dense_mass=True, target_accept_prob=0.9, init_strategy=init_to_median),
+        num_warmup=300,
+        num_samples=99 * THIN,
+        num_chains=1,
+        progress_bar=False,
+        jit_model_args=True,
+    )
     prior = Predictive(pooled, num_samples=N_REPS)(jax.random.key(1), design, PRIORS)
     ranks = {k: [] for k in PARAMS}
     divergent = 0

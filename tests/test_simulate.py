@@ -19,13 +19,23 @@ from calib.simulate import (
     simulate_experiment,
 )
 
-GENERAL = dict(num_unique_system_prompts=4, num_users_per_system_prompt=8, system_prompt_len=100,
-               question_len=447, output_len=48)
+GENERAL = dict(
+    num_unique_system_prompts=4,
+    num_users_per_system_prompt=8,
+    system_prompt_len=100,
+    question_len=447,
+    output_len=48,
+)
 
 
 def spec(**kw) -> ExperimentSpec:
-    base = dict(model="meta-llama/Llama-2-7b-hf", tp=1, workload="general",
-                shared_prefix=GENERAL, stages=((10.0, 2.0), (25.0, 2.0)))
+    base = dict(
+        model="meta-llama/Llama-2-7b-hf",
+        tp=1,
+        workload="general",
+        shared_prefix=GENERAL,
+        stages=((10.0, 2.0), (25.0, 2.0)),
+    )
     base.update(kw)
     return ExperimentSpec(**base)
 
@@ -40,8 +50,15 @@ def pressured():
     """Small KV cache (low gpu_memory_utilization) and a tight budget: preemptions, chunking."""
     sp = dict(GENERAL, output_len=300, question_len=700)
     return simulate_experiment(
-        spec(shared_prefix=sp, gpu_memory_utilization=0.22, max_num_batched_tokens=512,
-             max_num_seqs=48, stages=((12.0, 3.0),)), seed=5)
+        spec(
+            shared_prefix=sp,
+            gpu_memory_utilization=0.22,
+            max_num_batched_tokens=512,
+            max_num_seqs=48,
+            stages=((12.0, 3.0),),
+        ),
+        seed=5,
+    )
 
 
 def entries_by_step(res):
@@ -82,8 +99,10 @@ def check_invariants(res):
     used += np.bincount(uk // 10_000, minlength=S) * sys_blocks
     assert used.max() <= res.kv_blocks_total
     # every request finishes with exactly output_len tokens
-    makes_tok = (c["progress"].astype(np.int64) + c["new_tokens"]
-                 == c["prompt_len"].astype(np.int64) + c["num_output"])
+    makes_tok = (
+        c["progress"].astype(np.int64) + c["new_tokens"]
+        == c["prompt_len"].astype(np.int64) + c["num_output"]
+    )
     ntok = np.bincount(c["request"][makes_tok], minlength=rq["prompt_len"].size)
     assert np.array_equal(ntok, rq["output_len"])
     assert np.all(rq["finished_step"] > 0)
@@ -92,8 +111,9 @@ def check_invariants(res):
     assert np.all(ev["decode_done"][fin] == rq["output_len"][ev["request"][fin]])
     # decode steps: exactly output_len - 1 between FIRST_TOKEN and FINISHED when not preempted
     nopre = rq["num_preemptions"] == 0
-    assert np.all((rq["finished_step"] - rq["first_token_step"])[nopre]
-                  == rq["output_len"][nopre] - 1)
+    assert np.all(
+        (rq["finished_step"] - rq["first_token_step"])[nopre] == rq["output_len"][nopre] - 1
+    )
     # async admission: first schedulable at the step after the one it was queued in
     assert np.all(rq["scheduled_step"] >= rq["queued_step"] + 1)
     assert np.all(rq["scheduled_ns"] > rq["queued_ns"])
@@ -104,8 +124,9 @@ def check_invariants(res):
     nxt = qs[has] < S
     assert np.all(rq["queued_ns"][has][nxt] < st["start_ns"][qs[has][nxt]])
     # resumes == preemptions
-    resumes = np.bincount(ev["request"][(ev["type"] == 1) & (ev["resume"] == 1)],
-                          minlength=rq["prompt_len"].size)
+    resumes = np.bincount(
+        ev["request"][(ev["type"] == 1) & (ev["resume"] == 1)], minlength=rq["prompt_len"].size
+    )
     assert np.array_equal(resumes, rq["num_preemptions"])
     pre = np.bincount(ev["request"][ev["type"] == 3], minlength=rq["prompt_len"].size)
     assert np.array_equal(pre, rq["num_preemptions"])
@@ -146,7 +167,8 @@ def test_determinism():
     for k in a.requests:
         assert np.array_equal(a.requests[k], b.requests[k]), k
     assert a.requests["prompt_len"].size != c.requests["prompt_len"].size or not np.array_equal(
-        a.steps["duration_us"][:50], c.steps["duration_us"][:50])
+        a.steps["duration_us"][:50], c.steps["duration_us"][:50]
+    )
     # the seed offset separates experiments of one recipe
     d = simulate_experiment(spec(stages=((15.0, 1.5),), seed_offset=1), seed=11)
     assert not np.array_equal(a.requests["arrived_ns"][:5], d.requests["arrived_ns"][:5])
@@ -160,16 +182,20 @@ def test_prefix_cache_hits_reduce_prefill(normal):
     assert set(np.unique(cached)) <= {0, full}
     # only the first user of each system prompt misses (nothing is evicted here)
     assert (cached == 0).sum() == len(np.unique(rq["system_prompt"]))
-    computed = np.bincount(c["request"][c["phase"] == 1], weights=c["new_tokens"][c["phase"] == 1],
-                           minlength=cached.size)
+    computed = np.bincount(
+        c["request"][c["phase"] == 1],
+        weights=c["new_tokens"][c["phase"] == 1],
+        minlength=cached.size,
+    )
     assert np.array_equal(computed, rq["prompt_len"] - cached)
     # the first SCHEDULED event carries the cached tokens
     ev = normal.events
     first = (ev["type"] == 1) & (ev["resume"] == 0)
     assert np.array_equal(ev["prefill_done"][first], cached[ev["request"][first]])
     # without a shared system prompt, nothing is cached
-    nos = simulate_experiment(spec(shared_prefix=dict(GENERAL, system_prompt_len=0,
-                                                      question_len=547)), seed=3)
+    nos = simulate_experiment(
+        spec(shared_prefix=dict(GENERAL, system_prompt_len=0, question_len=547)), seed=3
+    )
     assert nos.requests["cached_tokens"].max() == 0
     assert nos.stats["computed_prefill_tokens"] > normal.stats["computed_prefill_tokens"]
 
@@ -210,11 +236,13 @@ def test_truth_shapes_and_noise():
 
     def batch(tokens, phase=1, width=1, progress=0):
         shape = (n, width)
-        return StepBatch(phase=np.full(shape, phase, np.int8),
-                         new_tokens=np.full(shape, tokens, np.int32),
-                         progress=np.full(shape, progress, np.int32),
-                         prompt_len=np.full(shape, tokens + progress, np.int32),
-                         mask=np.ones(shape, bool))
+        return StepBatch(
+            phase=np.full(shape, phase, np.int8),
+            new_tokens=np.full(shape, tokens, np.int32),
+            progress=np.full(shape, progress, np.int32),
+            prompt_len=np.full(shape, tokens + progress, np.int32),
+            mask=np.ones(shape, bool),
+        )
 
     t64 = fn(batch(64), arch, hw, 1, np.random.default_rng(0))
     t2k = fn(batch(2048), arch, hw, 1, np.random.default_rng(0))
@@ -228,10 +256,12 @@ def test_truth_shapes_and_noise():
     assert 0.002 < frac < 0.009
     assert ratio.max() > 2.5
     # decode attention cost grows with context
-    d_short = np.median(fn(batch(1, phase=2, width=64, progress=100), arch, hw, 1,
-                           np.random.default_rng(1)))
-    d_long = np.median(fn(batch(1, phase=2, width=64, progress=2000), arch, hw, 1,
-                          np.random.default_rng(1)))
+    d_short = np.median(
+        fn(batch(1, phase=2, width=64, progress=100), arch, hw, 1, np.random.default_rng(1))
+    )
+    d_long = np.median(
+        fn(batch(1, phase=2, width=64, progress=2000), arch, hw, 1, np.random.default_rng(1))
+    )
     assert d_long > 1.5 * d_short
     # MoE routing variance: Mixtral GPU time varies more than a dense model's
     mix = load_architecture("mixtral-8x7b")
@@ -259,10 +289,18 @@ def test_default_recipe_parses():
     assert len(specs) == 16 and seed > 0
     assert {s.workload for s in specs} == {"general", "codegen", "roleplay", "reasoning"}
     assert {(s.model, s.tp) for s in specs} == {
-        ("meta-llama/Llama-2-7b-hf", 1), ("meta-llama/Llama-2-70b-hf", 4),
-        ("codellama/CodeLlama-34b-Instruct-hf", 2), ("mistralai/Mixtral-8x7B-v0.1", 2)}
-    assert all(s.max_num_batched_tokens == 2048 and s.max_num_seqs == 128
-               and s.max_model_len == 4096 and s.hardware == "H100-SXM" for s in specs)
+        ("meta-llama/Llama-2-7b-hf", 1),
+        ("meta-llama/Llama-2-70b-hf", 4),
+        ("codellama/CodeLlama-34b-Instruct-hf", 2),
+        ("mistralai/Mixtral-8x7B-v0.1", 2),
+    }
+    assert all(
+        s.max_num_batched_tokens == 2048
+        and s.max_num_seqs == 128
+        and s.max_model_len == 4096
+        and s.hardware == "H100-SXM"
+        for s in specs
+    )
     real, _ = recipe_specs(DEFAULT_RECIPE, scale="real")
     assert real[0].stages[0][1] > 5 * specs[0].stages[0][1]
     assert len({s.seed_offset for s in specs}) == 16

@@ -11,13 +11,23 @@ from calib.simulate import ExperimentSpec, simulate_experiment, write_experiment
 
 traces = pytest.importorskip("calib.traces")
 
-SP = dict(num_unique_system_prompts=3, num_users_per_system_prompt=5, system_prompt_len=100,
-          question_len=447, output_len=60)
+SP = dict(
+    num_unique_system_prompts=3,
+    num_users_per_system_prompt=5,
+    system_prompt_len=100,
+    question_len=447,
+    output_len=60,
+)
 
 
 def _spec(**kw):
-    base = dict(model="meta-llama/Llama-2-7b-hf", tp=1, workload="general", shared_prefix=SP,
-                stages=((12.0, 2.0), (30.0, 2.0)))
+    base = dict(
+        model="meta-llama/Llama-2-7b-hf",
+        tp=1,
+        workload="general",
+        shared_prefix=SP,
+        stages=((12.0, 2.0), (30.0, 2.0)),
+    )
     base.update(kw)
     return ExperimentSpec(**base)
 
@@ -25,9 +35,13 @@ def _spec(**kw):
 CASES = {
     "plain": dict(),
     # small KV cache and a small token budget: recompute preemptions and chunked prefills
-    "pressured": dict(gpu_memory_utilization=0.2, max_num_batched_tokens=512, max_num_seqs=48,
-                      shared_prefix=dict(SP, question_len=700, output_len=120),
-                      stages=((14.0, 3.0),)),
+    "pressured": dict(
+        gpu_memory_utilization=0.2,
+        max_num_batched_tokens=512,
+        max_num_seqs=48,
+        shared_prefix=dict(SP, question_len=700, output_len=120),
+        stages=((14.0, 3.0),),
+    ),
     "mixtral-gzip": dict(model="mistralai/Mixtral-8x7B-v0.1", tp=2, stages=((20.0, 2.0),)),
 }
 
@@ -45,16 +59,17 @@ def roundtrip(request, tmp_path_factory):
 
 
 def _rows(ids, rq, phase, new, prog, plen):
-    return sorted(zip(ids, phase.tolist(), new.tolist(), prog.tolist(), plen.tolist(),
-                      strict=True))
+    return sorted(zip(ids, phase.tolist(), new.tolist(), prog.tolist(), plen.tolist(), strict=True))
 
 
 def test_compositions_match(roundtrip):
     name, res, ds = roundtrip
     if name == "pressured":
         assert res.requests["num_preemptions"].sum() > 0
-        assert ((res.comp["phase"] == 1)
-                & (res.comp["new_tokens"] < res.comp["prompt_len"] - res.comp["progress"])).any()
+        assert (
+            (res.comp["phase"] == 1)
+            & (res.comp["new_tokens"] < res.comp["prompt_len"] - res.comp["progress"])
+        ).any()
     st = res.steps
     assert np.array_equal(ds["step_id"].values, st["id"])
     imp_req_ids = ds["req_id"].values
@@ -66,13 +81,23 @@ def test_compositions_match(roundtrip):
     for i in range(st["id"].size):
         a, b = off[i], off[i + 1]
         sl = slice(a, b)
-        mine = _rows(my_ids[res.comp["request"][sl]], None, res.comp["phase"][sl],
-                     res.comp["new_tokens"][sl], res.comp["progress"][sl],
-                     res.comp["prompt_len"][sl])
+        mine = _rows(
+            my_ids[res.comp["request"][sl]],
+            None,
+            res.comp["phase"][sl],
+            res.comp["new_tokens"][sl],
+            res.comp["progress"][sl],
+            res.comp["prompt_len"][sl],
+        )
         mi = m[i]
-        theirs = _rows(imp_req_ids[sreq[i][mi]], None, ds["slot_phase"].values[i][mi],
-                       ds["slot_new_tokens"].values[i][mi], ds["slot_progress"].values[i][mi],
-                       ds["slot_prompt_len"].values[i][mi])
+        theirs = _rows(
+            imp_req_ids[sreq[i][mi]],
+            None,
+            ds["slot_phase"].values[i][mi],
+            ds["slot_new_tokens"].values[i][mi],
+            ds["slot_progress"].values[i][mi],
+            ds["slot_prompt_len"].values[i][mi],
+        )
         mismatched += mine != theirs
     assert mismatched == 0, f"{mismatched} of {st['id'].size} steps differ"
     assert float(ds["exp_xcheck_batch_rate"].values[0]) == 0.0

@@ -14,33 +14,83 @@ import yaml
 from calib.io import file_sha256
 from calib.simulate import ExperimentSpec, simulate_experiment, simulate_recipe, write_experiment
 
-SP = dict(num_unique_system_prompts=3, num_users_per_system_prompt=5, system_prompt_len=150,
-          question_len=600, output_len=80)
+SP = dict(
+    num_unique_system_prompts=3,
+    num_users_per_system_prompt=5,
+    system_prompt_len=150,
+    question_len=600,
+    output_len=80,
+)
 
-COMMON = {"event.type", "ts.monotonic", "ts.monotonic_ns", "scheduler.step", "phase",
-          "prefill.done_tokens", "prefill.total_tokens", "decode.done_tokens",
-          "decode.max_tokens", "num_preemptions"}
+COMMON = {
+    "event.type",
+    "ts.monotonic",
+    "ts.monotonic_ns",
+    "scheduler.step",
+    "phase",
+    "prefill.done_tokens",
+    "prefill.total_tokens",
+    "decode.done_tokens",
+    "decode.max_tokens",
+    "num_preemptions",
+}
 COMMON_TYPES = {"event.type": "stringValue", "ts.monotonic": "doubleValue", "phase": "stringValue"}
-BATCH = {"step.id", "step.ts_start_ns", "step.ts_end_ns", "step.duration_us",
-         "queue.running_depth", "queue.waiting_depth", "batch.num_prefill_reqs",
-         "batch.num_decode_reqs", "batch.scheduled_tokens", "batch.prefill_tokens",
-         "batch.decode_tokens", "batch.num_finished", "batch.num_preempted",
-         "kv.usage_gpu_ratio", "kv.blocks_total_gpu", "kv.blocks_free_gpu"}
-SNAP = {"step.id", "request.id", "request.phase", "request.num_prompt_tokens",
-        "request.num_computed_tokens", "request.num_output_tokens", "request.num_preemptions",
-        "request.scheduled_tokens_this_step", "kv.blocks_allocated_gpu", "kv.blocks_cached_gpu",
-        "request.effective_prompt_len"}
-STRING_ATTRS = {"event.type", "phase", "schedule.kind", "finish.status", "request.id",
-                "request.phase", "gen_ai.request.id", "http.route"}
+BATCH = {
+    "step.id",
+    "step.ts_start_ns",
+    "step.ts_end_ns",
+    "step.duration_us",
+    "queue.running_depth",
+    "queue.waiting_depth",
+    "batch.num_prefill_reqs",
+    "batch.num_decode_reqs",
+    "batch.scheduled_tokens",
+    "batch.prefill_tokens",
+    "batch.decode_tokens",
+    "batch.num_finished",
+    "batch.num_preempted",
+    "kv.usage_gpu_ratio",
+    "kv.blocks_total_gpu",
+    "kv.blocks_free_gpu",
+}
+SNAP = {
+    "step.id",
+    "request.id",
+    "request.phase",
+    "request.num_prompt_tokens",
+    "request.num_computed_tokens",
+    "request.num_output_tokens",
+    "request.num_preemptions",
+    "request.scheduled_tokens_this_step",
+    "kv.blocks_allocated_gpu",
+    "kv.blocks_cached_gpu",
+    "request.effective_prompt_len",
+}
+STRING_ATTRS = {
+    "event.type",
+    "phase",
+    "schedule.kind",
+    "finish.status",
+    "request.id",
+    "request.phase",
+    "gen_ai.request.id",
+    "http.route",
+}
 DOUBLE_ATTRS = {"ts.monotonic", "kv.usage_gpu_ratio", "event.ts.monotonic"}
 
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     """A run with preemptions (small KV cache) written plainly, with its truth."""
-    spec = ExperimentSpec(model="meta-llama/Llama-2-7b-hf", tp=1, workload="roleplay",
-                          shared_prefix=SP, stages=((16.0, 4.0),), gpu_memory_utilization=0.20,
-                          max_num_seqs=64)
+    spec = ExperimentSpec(
+        model="meta-llama/Llama-2-7b-hf",
+        tp=1,
+        workload="roleplay",
+        shared_prefix=SP,
+        stages=((16.0, 4.0),),
+        gpu_memory_utilization=0.20,
+        max_num_seqs=64,
+    )
     res = simulate_experiment(spec, seed=7)
     root = tmp_path_factory.mktemp("raw")
     truth = tmp_path_factory.mktemp("truth")
@@ -54,7 +104,7 @@ def attr_map(attrs):
         assert set(a) == {"key", "value"}
         v = a["value"]
         assert len(v) == 1, a
-        (kind, val), = v.items()
+        ((kind, val),) = v.items()
         k = a["key"]
         assert k not in out, f"duplicate attribute {k}"
         if kind == "intValue":
@@ -125,7 +175,8 @@ def test_traces_exact_keys_and_types(written):
         assert re.fullmatch(r"[0-9a-f]{32}", sp["traceId"])
         assert re.fullmatch(r"[0-9a-f]{16}", sp["spanId"])
         assert isinstance(sp["startTimeUnixNano"], str) and int(sp["endTimeUnixNano"]) >= int(
-            sp["startTimeUnixNano"])
+            sp["startTimeUnixNano"]
+        )
         for e in sp["events"]:
             assert set(e) == {"timeUnixNano", "name", "attributes"}
             int(e["timeUnixNano"])
@@ -133,8 +184,12 @@ def test_traces_exact_keys_and_types(written):
     for sp in api:
         assert sp["name"] == "llm_request" and sp["kind"] == 2
         a = attr_map(sp["attributes"])
-        assert set(a) == {"gen_ai.request.id", "http.route", "gen_ai.usage.prompt_tokens",
-                          "gen_ai.request.max_tokens"}
+        assert set(a) == {
+            "gen_ai.request.id",
+            "http.route",
+            "gen_ai.usage.prompt_tokens",
+            "gen_ai.request.max_tokens",
+        }
         assert re.fullmatch(r"cmpl-[0-9a-f]{32}", a["gen_ai.request.id"])
         assert [e["name"] for e in sp["events"]] == ["api.ARRIVED", "api.DEPARTED"]
         for e in sp["events"]:
@@ -156,8 +211,13 @@ def test_traces_exact_keys_and_types(written):
             assert COMMON <= set(ea)
             typ = ea["event.type"]
             assert e["name"] == "journey." + typ
-            assert extra == ({"schedule.kind"} if typ == "SCHEDULED" else
-                             {"finish.status"} if typ == "FINISHED" else set())
+            assert extra == (
+                {"schedule.kind"}
+                if typ == "SCHEDULED"
+                else {"finish.status"}
+                if typ == "FINISHED"
+                else set()
+            )
             assert ea["ts.monotonic"] == ea["ts.monotonic_ns"] / 1e9
             by_req.setdefault(rid, []).append(ea)
     assert len(by_req) == N
@@ -183,8 +243,10 @@ def test_traces_exact_keys_and_types(written):
             a = attr_map(e["attributes"])
             if e["name"] == "step.BATCH_SUMMARY":
                 assert set(a) == BATCH
-                assert a["batch.prefill_tokens"] + a["batch.decode_tokens"] == a[
-                    "batch.scheduled_tokens"]
+                assert (
+                    a["batch.prefill_tokens"] + a["batch.decode_tokens"]
+                    == a["batch.scheduled_tokens"]
+                )
                 assert 0.0 <= a["kv.usage_gpu_ratio"] <= 1.0
                 durations[a["step.id"]] = a["step.duration_us"]
                 n_bs += 1
@@ -195,9 +257,10 @@ def test_traces_exact_keys_and_types(written):
                 n_snap += 1
     st = res.steps
     assert n_bs == int(st["sampled"].sum())
-    assert durations == {int(i): int(v) for i, v in
-                         zip(st["id"][st["sampled"]], st["duration_us_int"][st["sampled"]],
-                             strict=True)}
+    assert durations == {
+        int(i): int(v)
+        for i, v in zip(st["id"][st["sampled"]], st["duration_us_int"][st["sampled"]], strict=True)
+    }
     assert n_snap == int(res.comp["snapshot"].sum()) > 0
 
 
@@ -251,10 +314,28 @@ def test_client_metrics_itl_quirk(written):
     res, d, _ = written
     m = json.loads((d / "results" / "summary_lifecycle_metrics.json").read_text())
     lat = m["successes"]["latency"]
-    keys = {"mean", "min", "p0.1", "p1", "p5", "p10", "p25", "median", "p75", "p90", "p95",
-            "p99", "p99.9", "max"}
-    for k in ("request_latency", "time_to_first_token", "time_per_output_token",
-              "inter_token_latency"):
+    keys = {
+        "mean",
+        "min",
+        "p0.1",
+        "p1",
+        "p5",
+        "p10",
+        "p25",
+        "median",
+        "p75",
+        "p90",
+        "p95",
+        "p99",
+        "p99.9",
+        "max",
+    }
+    for k in (
+        "request_latency",
+        "time_to_first_token",
+        "time_per_output_token",
+        "inter_token_latency",
+    ):
         assert set(lat[k]) == keys
     assert m["successes"]["count"] == res.requests["prompt_len"].size
     assert m["failures"]["count"] == 0
@@ -278,17 +359,25 @@ def test_gzip_same_content_and_reproducible(written, tmp_path):
 
 def test_simulate_recipe_and_cli(tmp_path, capsys):
     recipe = {
-        "seed": 4, "hardware": "H100-SXM",
+        "seed": 4,
+        "hardware": "H100-SXM",
         "vllm": {"max_num_batched_tokens": 2048, "max_num_seqs": 128, "max_model_len": 4096},
         "models": [{"model": "meta-llama/Llama-2-7b-hf", "tp": 1}],
-        "workloads": {"tiny": {"shared_prefix": dict(SP, output_len=20),
-                               "stages": [{"rate": 5, "duration": 1.0}]},
-                      "tiny2": {"shared_prefix": dict(SP, output_len=10),
-                                "stages": [{"rate": 5, "duration": 1.0}]}},
+        "workloads": {
+            "tiny": {
+                "shared_prefix": dict(SP, output_len=20),
+                "stages": [{"rate": 5, "duration": 1.0}],
+            },
+            "tiny2": {
+                "shared_prefix": dict(SP, output_len=10),
+                "stages": [{"rate": 5, "duration": 1.0}],
+            },
+        },
     }
     seen = []
-    paths = simulate_recipe(recipe, tmp_path / "a", truth_dir=tmp_path / "t", workers=1,
-                            progress=seen.append)
+    paths = simulate_recipe(
+        recipe, tmp_path / "a", truth_dir=tmp_path / "t", workers=1, progress=seen.append
+    )
     assert [p.name.rsplit("-", 1)[-1] for p in paths] == ["tiny", "tiny2"]
     assert len(seen) == 2 and len(list((tmp_path / "t").glob("*.nc"))) == 2
     paths2 = simulate_recipe(recipe, tmp_path / "b", workers=1)
@@ -299,8 +388,9 @@ def test_simulate_recipe_and_cli(tmp_path, capsys):
 
     from calib.config import PROJECT_ROOT
 
-    spec = importlib.util.spec_from_file_location("simulate_script",
-                                                  PROJECT_ROOT / "scripts" / "simulate.py")
+    spec = importlib.util.spec_from_file_location(
+        "simulate_script", PROJECT_ROOT / "scripts" / "simulate.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     bad = tmp_path / "bad.yaml"
@@ -319,13 +409,19 @@ def test_workers_give_identical_output(tmp_path):
     recipe = {
         "seed": 9,
         "models": [{"model": "meta-llama/Llama-2-7b-hf", "tp": 1}],
-        "workloads": {w: {"shared_prefix": dict(SP, output_len=12),
-                          "stages": [{"rate": 4, "duration": 1.0}]} for w in ("w1", "w2")},
+        "workloads": {
+            w: {"shared_prefix": dict(SP, output_len=12), "stages": [{"rate": 4, "duration": 1.0}]}
+            for w in ("w1", "w2")
+        },
     }
     one = simulate_recipe(recipe, tmp_path / "one", workers=1)
     two = simulate_recipe(recipe, tmp_path / "two", workers=2)
     assert [p.name for p in one] == [p.name for p in two]
     for p, q in zip(one, two, strict=True):
-        for f in ("traces.json", "exp-config.yaml", "profile.yaml",
-                  "results/summary_lifecycle_metrics.json"):
+        for f in (
+            "traces.json",
+            "exp-config.yaml",
+            "profile.yaml",
+            "results/summary_lifecycle_metrics.json",
+        ):
             assert file_sha256(p / f) == file_sha256(q / f), f

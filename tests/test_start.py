@@ -35,8 +35,9 @@ def test_whitening_and_starts_match_the_conjugate_posterior():
     start = laplace_start(_toy, Y, None, chains=3, key=jax.random.key(0))
     # flattening order: sites sorted by name (log_s, mu); x = mode + chol @ y
     np.testing.assert_allclose(start.shift, [0.0, post_mean], atol=1e-6)
-    np.testing.assert_allclose(start.chol @ start.chol.T, np.diag([1.0, post_var]),
-                               rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(
+        start.chol @ start.chol.T, np.diag([1.0, post_var]), rtol=1e-6, atol=1e-9
+    )
     assert start.report["converged"] and start.report["whitening"] == "dense"
     y0 = np.asarray(start.init_params)
     assert y0.shape == (3, 2)
@@ -46,10 +47,10 @@ def test_whitening_and_starts_match_the_conjugate_posterior():
     # the whitened potential is the model's, up to a constant, at the mapped point
     y = jnp.asarray([0.3, -1.2])
     mu = post_mean - 1.2 * np.sqrt(post_var)
-    exact = (0.5 * 0.3**2 + 0.5 * ((mu - M0) / S0) ** 2
-             + 0.5 * np.sum(((Y - mu) / S) ** 2))
-    ref = float(start.potential_fn(jnp.zeros(2))) - (0.5 * ((post_mean - M0) / S0) ** 2
-                                                    + 0.5 * np.sum(((Y - post_mean) / S) ** 2))
+    exact = 0.5 * 0.3**2 + 0.5 * ((mu - M0) / S0) ** 2 + 0.5 * np.sum(((Y - mu) / S) ** 2)
+    ref = float(start.potential_fn(jnp.zeros(2))) - (
+        0.5 * ((post_mean - M0) / S0) ** 2 + 0.5 * np.sum(((Y - post_mean) / S) ** 2)
+    )
     np.testing.assert_allclose(float(start.potential_fn(y)) - ref, exact, rtol=1e-9)
     out = start.postprocess_fn(y)
     np.testing.assert_allclose([float(out["log_s"]), float(out["mu"])], [0.3, mu], rtol=1e-9)
@@ -117,8 +118,15 @@ def test_pilot_warmup_records_the_adaptation(monkeypatch):
     monkeypatch.setattr(config, "ADAPTATION", small)
     data, coords, step_index, _ = cached_data()
     settings = SamplerSettings(chains=2, warmup=40, draws=20, chain_method="vectorized")
-    idata = run_nuts(get_model("per-model"), data, priors(), coords=coords,
-                     settings=settings, progress=False, step_index=step_index)
+    idata = run_nuts(
+        get_model("per-model"),
+        data,
+        priors(),
+        coords=coords,
+        settings=settings,
+        progress=False,
+        step_index=step_index,
+    )
     rep = json.loads(idata.attrs["adaptation"])
     assert rep["method"] == "pilot chain" and rep["pilot_warmup"] == 40
     assert rep["step_size_warmup"] == 10 and rep["pilot_step_size"] > 0

@@ -12,10 +12,10 @@ from calib.steptime import step_time_us
 def _case(n=50, seed=0):
     rng = np.random.default_rng(seed)
     terms = rng.uniform(0, 500, (6, n))
-    terms[:2, rng.uniform(size=n) < 0.5] = 0.0   # decode-only steps
+    terms[:2, rng.uniform(size=n) < 0.5] = 0.0  # decode-only steps
     L = np.full(n, 32.0)
     B = rng.integers(1, 64, n).astype(float)
-    B[::7] = 0.0                                  # some empty batches
+    B[::7] = 0.0  # some empty batches
     return terms, L, B
 
 
@@ -35,8 +35,18 @@ def test_namespaces_agree():
 
     terms, L, B = _case(seed=1)
     ref = step_time_us(np, terms, L, B, 2.0, 3.0, 100.0, 0.4)
-    j = np.asarray(step_time_us(jnp, [jnp.asarray(t) for t in terms], jnp.asarray(L),
-                                jnp.asarray(B), 2.0, 3.0, 100.0, 0.4))
+    j = np.asarray(
+        step_time_us(
+            jnp,
+            [jnp.asarray(t) for t in terms],
+            jnp.asarray(L),
+            jnp.asarray(B),
+            2.0,
+            3.0,
+            100.0,
+            0.4,
+        )
+    )
     np.testing.assert_allclose(j, ref, rtol=1e-12)
     tt = [pt.as_tensor(t) for t in terms]
     p = step_time_us(pt, tt, L, B, 2.0, 3.0, 100.0, 0.4).eval()

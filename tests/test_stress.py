@@ -55,14 +55,17 @@ def test_recipes_span_the_suite():
     assert any(TRUTH_FAMILIES[f].cpu_overlap == 0 for f in TRUTH_FAMILIES)
     prefix = [e.prefix_caching for s in SETS for e in s.experiments]
     assert True in prefix and False in prefix
+
     # one set where a model has under 5 % of the others' simulated time
     def durations(s):
         out = {}
         for e in s.experiments:
             out[e.model] = out.get(e.model, 0.0) + sum(d for _, d in e.stages)
         return out
-    assert any(min(durations(s).values()) < 0.05 * np.median(list(durations(s).values()))
-               for s in SETS)
+
+    assert any(
+        min(durations(s).values()) < 0.05 * np.median(list(durations(s).values())) for s in SETS
+    )
 
 
 def test_truth_families_fast_path_equals_vectorised():
@@ -77,8 +80,7 @@ def test_truth_families_fast_path_equals_vectorised():
             pass
 
         res_vec = simulate_experiment(spec, seed=8, step_time=Vectorised(params))
-        assert np.allclose(res_fast.steps["duration_us"], res_vec.steps["duration_us"],
-                           rtol=1e-12)
+        assert np.allclose(res_fast.steps["duration_us"], res_vec.steps["duration_us"], rtol=1e-12)
 
 
 def test_truth_families_differ_in_shape():
@@ -87,9 +89,13 @@ def test_truth_families_differ_in_shape():
     quiet = dict(step_overhead_sigma=0.0, gpu_noise_sigma=0.0, hiccup_prob=0.0)
 
     def prefill(tokens, params):
-        b = StepBatch(phase=np.array([[1]]), new_tokens=np.array([[tokens]]),
-                      progress=np.array([[0]]), prompt_len=np.array([[4096]]),
-                      mask=np.array([[True]]))
+        b = StepBatch(
+            phase=np.array([[1]]),
+            new_tokens=np.array([[tokens]]),
+            progress=np.array([[0]]),
+            prompt_len=np.array([[4096]]),
+            mask=np.array([[True]]),
+        )
         return float(TruthStepTime(params)(b, arch, hw, 1, np.random.default_rng(0))[0])
 
     base = replace(TRUTH_FAMILIES["default"], **quiet)
@@ -110,8 +116,9 @@ def test_smallest_set_writes_traces_that_import(tmp_path):
     from calib.traces import import_root
 
     s = get_set(SMALLEST)
-    s_off = replace(s, experiments=tuple(replace(e, prefix_caching=False)
-                                         for e in s.experiments[:1]))
+    s_off = replace(
+        s, experiments=tuple(replace(e, prefix_caching=False) for e in s.experiments[:1])
+    )
     paths = generate_set(s, tmp_path / "on", quick=True)
     generate_set(s_off, tmp_path / "off", quick=True)
     assert len(paths) == len(s.experiments)
@@ -125,8 +132,9 @@ def test_smallest_set_writes_traces_that_import(tmp_path):
     on_cfg = yaml.safe_load((paths[0] / "exp-config.yaml").read_text())
     assert on_cfg["enable_prefix_caching"] is True
     off_dir = next((tmp_path / "off").iterdir())
-    assert yaml.safe_load((off_dir / "exp-config.yaml").read_text())[
-        "enable_prefix_caching"] is False
+    assert (
+        yaml.safe_load((off_dir / "exp-config.yaml").read_text())["enable_prefix_caching"] is False
+    )
     off = import_root(tmp_path / "off", workers=1, progress=False, use_cache=False)
     # prefix-cache hits (SCHEDULED events' cached tokens) exist only with caching on
     assert int(np.nansum(off["req_cached_tokens"].values)) == 0
@@ -137,10 +145,19 @@ def test_smallest_set_writes_traces_that_import(tmp_path):
 
 
 def _run(*args, timeout=900):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "MPLBACKEND": "Agg",
-           "PYTHONPATH": str(config.PROJECT_ROOT)}
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "MPLBACKEND": "Agg",
+        "PYTHONPATH": str(config.PROJECT_ROOT),
+    }
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def test_runner_unknown_set_is_a_user_error():
@@ -153,8 +170,23 @@ def test_runner_unknown_set_is_a_user_error():
 def test_runner_writes_its_table(tmp_path):
     """One row per set x seed, in the CSV and markdown table (very short chains; about
     1.5 min of CPU, mostly compilation and the start)."""
-    proc = _run("--sets", SMALLEST, "--seeds", "3", "--quick", "--chains", "2", "--warmup",
-                "10", "--draws", "10", "--out", tmp_path / "out", "--cache", tmp_path / "cache")
+    proc = _run(
+        "--sets",
+        SMALLEST,
+        "--seeds",
+        "3",
+        "--quick",
+        "--chains",
+        "2",
+        "--warmup",
+        "10",
+        "--draws",
+        "10",
+        "--out",
+        tmp_path / "out",
+        "--cache",
+        tmp_path / "cache",
+    )
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
     rows = list(csv.DictReader((tmp_path / "out" / "stress.csv").read_text().splitlines()))
     assert len(rows) == 1
@@ -163,7 +195,7 @@ def test_runner_writes_its_table(tmp_path):
     assert r["gate"] in ("pass", "FAIL") and (r["gate"] == "pass") == (proc.returncode == 0)
     assert int(r["sampled"]) > 100 and 0 < int(r["min_model_sampled"]) <= int(r["sampled"]) / 2
     assert 0 < float(r["sampling_s"]) <= float(r["wall_s"])
-    assert 1 <= float(r["leapfrog_per_iter"]) <= 2 ** config.SAMPLER.max_tree_depth
+    assert 1 <= float(r["leapfrog_per_iter"]) <= 2**config.SAMPLER.max_tree_depth
     assert 0 <= float(r["saturated_pct"]) <= 100
     assert float(r["min_ess_per_s"]) > 0
     md = (tmp_path / "out" / "stress.md").read_text()

@@ -39,8 +39,11 @@ def _ev(kind, step, **kw):
     return journey_event(kind, **base)
 
 
-def _extra_request(rid="cmpl-zz-0-9", kinds=("QUEUED", "SCHEDULED", "FIRST_TOKEN", "FINISHED"),
-                   steps=(20, 21, 21, 22)):
+def _extra_request(
+    rid="cmpl-zz-0-9",
+    kinds=("QUEUED", "SCHEDULED", "FIRST_TOKEN", "FINISHED"),
+    steps=(20, 21, 21, 22),
+):
     evs = []
     for k, s in zip(kinds, steps, strict=True):
         kw = {"pf_done": 8, "dc_done": 1} if k == "FIRST_TOKEN" else {}
@@ -68,8 +71,9 @@ def run_import(d):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ds = import_experiment(d)
-    assert all(issubclass(w.category, TraceWarning) for w in caught), \
-        [str(w.message) for w in caught]
+    assert all(issubclass(w.category, TraceWarning) for w in caught), [
+        str(w.message) for w in caught
+    ]
     return ds, [str(w.message) for w in caught]
 
 
@@ -84,19 +88,51 @@ BAD_LINES = {
     "double_as_string": _with_bad_attr("ts.monotonic", {"stringValue": "2000.2"}),
     "double_is_bool": _with_bad_attr("ts.monotonic", {"doubleValue": True}),
     "missing_required_attribute": _with_bad_attr("num_preemptions", None).replace(
-        ',{"key":"num_preemptions","value":null}', ""),
+        ',{"key":"num_preemptions","value":null}', ""
+    ),
     "resource_spans_not_list": '{"resourceSpans": {"a": 1}}',
     "json_array_line": "[1, 2, 3]",
-    "span_without_request_id": json.dumps({"resourceSpans": [{"scopeSpans": [{
-        "scope": {"name": "vllm.scheduler"}, "spans": [{"name": "llm_core", "attributes": [],
-                                                        "events": []}]}]}]}),
-    "nan_duration": line([step_span(1, [batch_summary(3, 5, num_prefill=1, num_decode=2,
-                                                      prefill_tokens=8, decode_tokens=2)])]
-                         ).replace('"intValue":"5"', '"intValue":"NaN"'),
-    "duration_as_double": line([step_span(1, [batch_summary(
-        3, 5, num_prefill=1, num_decode=2, prefill_tokens=8, decode_tokens=2)])]).replace(
+    "span_without_request_id": json.dumps(
+        {
+            "resourceSpans": [
+                {
+                    "scopeSpans": [
+                        {
+                            "scope": {"name": "vllm.scheduler"},
+                            "spans": [{"name": "llm_core", "attributes": [], "events": []}],
+                        }
+                    ]
+                }
+            ]
+        }
+    ),
+    "nan_duration": line(
+        [
+            step_span(
+                1,
+                [
+                    batch_summary(
+                        3, 5, num_prefill=1, num_decode=2, prefill_tokens=8, decode_tokens=2
+                    )
+                ],
+            )
+        ]
+    ).replace('"intValue":"5"', '"intValue":"NaN"'),
+    "duration_as_double": line(
+        [
+            step_span(
+                1,
+                [
+                    batch_summary(
+                        3, 5, num_prefill=1, num_decode=2, prefill_tokens=8, decode_tokens=2
+                    )
+                ],
+            )
+        ]
+    ).replace(
         '"step.duration_us","value":{"intValue":"5"}',
-        '"step.duration_us","value":{"doubleValue":5.0}'),
+        '"step.duration_us","value":{"doubleValue":5.0}',
+    ),
 }
 
 
@@ -133,54 +169,73 @@ def test_truncated_gzip_keeps_lines_read(tmp_path):
 # ---------------------------------------------------------------- journey-level problems
 def test_missing_finished_is_failed(tmp_path):
     evs = _extra_request(kinds=("QUEUED", "SCHEDULED", "FIRST_TOKEN"), steps=(20, 21, 21))
-    ds, msgs = run_import(write_experiment(tmp_path / "e", good_lines()
-                                           + [line([core_span("cmpl-zz-0-9", evs)])]))
+    ds, msgs = run_import(
+        write_experiment(tmp_path / "e", good_lines() + [line([core_span("cmpl-zz-0-9", evs)])])
+    )
     i = ds["req_id"].values.tolist().index("cmpl-zz")
     assert bool(ds["req_failed"].values[i]) and np.isnan(ds["req_e2e_us"].values[i])
     assert int(ds["exp_num_failed"].values[0]) == 2
-    assert 21 in ds["step_id"].values            # its known prefill step stays in the batches
+    assert 21 in ds["step_id"].values  # its known prefill step stays in the batches
     assert msgs == []
 
 
 def test_missing_queued_is_failed(tmp_path):
     evs = _extra_request(kinds=("SCHEDULED", "FIRST_TOKEN", "FINISHED"), steps=(21, 21, 22))
-    ds, _ = run_import(write_experiment(tmp_path / "e", good_lines()
-                                        + [line([core_span("cmpl-zz-0-9", evs)])]))
+    ds, _ = run_import(
+        write_experiment(tmp_path / "e", good_lines() + [line([core_span("cmpl-zz-0-9", evs)])])
+    )
     i = ds["req_id"].values.tolist().index("cmpl-zz")
     assert bool(ds["req_failed"].values[i])
     assert ds["step_id"].values.tolist()[-2:] == [21, 22]
 
 
 def test_preempted_without_resume_is_failed(tmp_path):
-    evs = [_ev("QUEUED", 20), _ev("SCHEDULED", 21), _ev("FIRST_TOKEN", 21, pf_done=8, dc_done=1),
-           _ev("PREEMPTED", 24, pf_done=0, dc_done=3, npre=1)]
-    ds, msgs = run_import(write_experiment(tmp_path / "e", good_lines()
-                                           + [line([core_span("cmpl-zz-0-9", evs)])]))
+    evs = [
+        _ev("QUEUED", 20),
+        _ev("SCHEDULED", 21),
+        _ev("FIRST_TOKEN", 21, pf_done=8, dc_done=1),
+        _ev("PREEMPTED", 24, pf_done=0, dc_done=3, npre=1),
+    ]
+    ds, msgs = run_import(
+        write_experiment(tmp_path / "e", good_lines() + [line([core_span("cmpl-zz-0-9", evs)])])
+    )
     i = ds["req_id"].values.tolist().index("cmpl-zz")
     assert bool(ds["req_failed"].values[i])
-    assert ds["step_id"].values.tolist()[-3:] == [21, 22, 23]   # prefill 21, decodes 22-23
+    assert ds["step_id"].values.tolist()[-3:] == [21, 22, 23]  # prefill 21, decodes 22-23
     assert msgs == []
 
 
 def test_scheduled_twice_is_a_counted_anomaly(tmp_path):
-    evs = _extra_request(kinds=("QUEUED", "SCHEDULED", "SCHEDULED", "FIRST_TOKEN", "FINISHED"),
-                         steps=(20, 21, 21, 21, 22))
-    ds, msgs = run_import(write_experiment(tmp_path / "e", good_lines()
-                                           + [line([core_span("cmpl-zz-0-9", evs)])]))
+    evs = _extra_request(
+        kinds=("QUEUED", "SCHEDULED", "SCHEDULED", "FIRST_TOKEN", "FINISHED"),
+        steps=(20, 21, 21, 21, 22),
+    )
+    ds, msgs = run_import(
+        write_experiment(tmp_path / "e", good_lines() + [line([core_span("cmpl-zz-0-9", evs)])])
+    )
     assert any("scheduled_while_running" in m for m in msgs)
     assert ds.sizes["request"] == 7
 
 
 # -------------------------------------------------------------- BATCH_SUMMARY problems
 def _summary_line(step, dur):
-    return line([step_span(9, [batch_summary(step, dur, num_prefill=1, num_decode=0,
-                                             prefill_tokens=32, decode_tokens=0)])])
+    return line(
+        [
+            step_span(
+                9,
+                [
+                    batch_summary(
+                        step, dur, num_prefill=1, num_decode=0, prefill_tokens=32, decode_tokens=0
+                    )
+                ],
+            )
+        ]
+    )
 
 
 @pytest.mark.parametrize("dur", [0, -5])
 def test_non_positive_duration_not_sampled(tmp_path, dur):
-    ds, msgs = run_import(write_experiment(tmp_path / "e", good_lines()
-                                           + [_summary_line(7, dur)]))
+    ds, msgs = run_import(write_experiment(tmp_path / "e", good_lines() + [_summary_line(7, dur)]))
     assert any("step.duration_us <= 0" in m for m in msgs)
     i = ds["step_id"].values.tolist().index(7)
     assert not bool(ds["sampled"].values[i]) and np.isnan(ds["duration_us"].values[i])
@@ -188,24 +243,32 @@ def test_non_positive_duration_not_sampled(tmp_path, dur):
 
 
 def test_duplicate_step_ids_keep_first(tmp_path):
-    ds, msgs = run_import(write_experiment(tmp_path / "e", good_lines()
-                                           + [_summary_line(3, 999)]))
+    ds, msgs = run_import(write_experiment(tmp_path / "e", good_lines() + [_summary_line(3, 999)]))
     assert any("duplicate step.BATCH_SUMMARY" in m for m in msgs)
     i = ds["step_id"].values.tolist().index(3)
     assert ds["duration_us"].values[i] == 1234
 
 
 def test_summary_step_never_in_journeys(tmp_path):
-    ds, msgs = run_import(write_experiment(tmp_path / "e", good_lines()
-                                           + [_summary_line(8, 500)]))
+    ds, msgs = run_import(write_experiment(tmp_path / "e", good_lines() + [_summary_line(8, 500)]))
     assert any("no reconstructed batch" in m for m in msgs)
     assert 8 not in ds["step_id"].values
     assert float(ds["exp_xcheck_batch_rate"].values[0]) == pytest.approx(1 / 3)
 
 
 def test_summary_disagreeing_counts_raise_rate(tmp_path):
-    bad = line([step_span(9, [batch_summary(7, 800, num_prefill=2, num_decode=0,
-                                            prefill_tokens=32, decode_tokens=0)])])
+    bad = line(
+        [
+            step_span(
+                9,
+                [
+                    batch_summary(
+                        7, 800, num_prefill=2, num_decode=0, prefill_tokens=32, decode_tokens=0
+                    )
+                ],
+            )
+        ]
+    )
     ds, msgs = run_import(write_experiment(tmp_path / "e", good_lines() + [bad]))
     assert float(ds["exp_xcheck_batch_rate"].values[0]) == pytest.approx(1 / 3)
     assert any("disagree with the reconstructed batch counts" in m for m in msgs)
@@ -223,32 +286,75 @@ def _exp(tmp_path, cfg_text=None, lines=None, traces=True):
 
 
 ERROR_CASES = {
-    "unknown_model": (lambda t: _exp(t, _cfg_text(model="acme/SuperLM-3b")),
-                      ["exp-config.yaml", "'model'", "acme/SuperLM-3b"]),
-    "tp_not_power_of_two": (lambda t: _exp(t, _cfg_text(tensor_parallelism=3)),
-                            ["exp-config.yaml", "tensor_parallelism"]),
-    "tp_exceeds_heads": (lambda t: _exp(t, _cfg_text(tensor_parallelism=64)),
-                         ["exp-config.yaml", "tensor_parallelism", "32 attention heads"]),
+    "unknown_model": (
+        lambda t: _exp(t, _cfg_text(model="acme/SuperLM-3b")),
+        ["exp-config.yaml", "'model'", "acme/SuperLM-3b"],
+    ),
+    "tp_not_power_of_two": (
+        lambda t: _exp(t, _cfg_text(tensor_parallelism=3)),
+        ["exp-config.yaml", "tensor_parallelism"],
+    ),
+    "tp_exceeds_heads": (
+        lambda t: _exp(t, _cfg_text(tensor_parallelism=64)),
+        ["exp-config.yaml", "tensor_parallelism", "32 attention heads"],
+    ),
     "missing_exp_config": (lambda t: _exp(t, None), ["exp-config.yaml is missing"]),
     "no_traces": (lambda t: _exp(t, _cfg_text(), traces=False), ["no traces.json"]),
-    "non_yaml_exp_config": (lambda t: _exp(t, "model: [unclosed\n  x: : :\n"),
-                            ["exp-config.yaml", "not valid YAML"]),
+    "non_yaml_exp_config": (
+        lambda t: _exp(t, "model: [unclosed\n  x: : :\n"),
+        ["exp-config.yaml", "not valid YAML"],
+    ),
     "exp_config_not_mapping": (lambda t: _exp(t, "- a\n- b\n"), ["exp-config.yaml", "mapping"]),
-    "missing_key": (lambda t: _exp(t, _cfg_text(max_num_batched_tokens=None)),
-                    ["exp-config.yaml", "'max_num_batched_tokens'", "required key missing"]),
-    "wrong_key_type": (lambda t: _exp(t, _cfg_text(tensor_parallelism="two")),
-                       ["exp-config.yaml", "'tensor_parallelism'", "positive integer"]),
-    "unknown_hardware": (lambda t: _exp(t, _cfg_text(hardware="TPU-v9")),
-                         ["exp-config.yaml", "'hardware'", "TPU-v9"]),
-    "no_journey_events": (lambda t: _exp(t, _cfg_text(), lines=[
-        line([step_span(1, [batch_summary(1, 5, num_prefill=1, num_decode=0,
-                                          prefill_tokens=1, decode_tokens=0)])])]),
-                          ["traces.json", "no vllm.scheduler journey events"]),
-    "bad_profile": (lambda t: (lambda d: ((d / "profile.yaml").write_text("{a: [1,\n"), d)[1])(
-        _exp(t, _cfg_text())), ["profile.yaml", "cannot parse"]),
-    "both_plain_and_gz": (lambda t: (lambda d: (gzip.open(d / "traces.json.gz", "wt").close(),
-                                                d)[1])(_exp(t, _cfg_text())),
-                          ["traces.json.gz", "keep only one"]),
+    "missing_key": (
+        lambda t: _exp(t, _cfg_text(max_num_batched_tokens=None)),
+        ["exp-config.yaml", "'max_num_batched_tokens'", "required key missing"],
+    ),
+    "wrong_key_type": (
+        lambda t: _exp(t, _cfg_text(tensor_parallelism="two")),
+        ["exp-config.yaml", "'tensor_parallelism'", "positive integer"],
+    ),
+    "unknown_hardware": (
+        lambda t: _exp(t, _cfg_text(hardware="TPU-v9")),
+        ["exp-config.yaml", "'hardware'", "TPU-v9"],
+    ),
+    "no_journey_events": (
+        lambda t: _exp(
+            t,
+            _cfg_text(),
+            lines=[
+                line(
+                    [
+                        step_span(
+                            1,
+                            [
+                                batch_summary(
+                                    1,
+                                    5,
+                                    num_prefill=1,
+                                    num_decode=0,
+                                    prefill_tokens=1,
+                                    decode_tokens=0,
+                                )
+                            ],
+                        )
+                    ]
+                )
+            ],
+        ),
+        ["traces.json", "no vllm.scheduler journey events"],
+    ),
+    "bad_profile": (
+        lambda t: (lambda d: ((d / "profile.yaml").write_text("{a: [1,\n"), d)[1])(
+            _exp(t, _cfg_text())
+        ),
+        ["profile.yaml", "cannot parse"],
+    ),
+    "both_plain_and_gz": (
+        lambda t: (lambda d: (gzip.open(d / "traces.json.gz", "wt").close(), d)[1])(
+            _exp(t, _cfg_text())
+        ),
+        ["traces.json.gz", "keep only one"],
+    ),
 }
 
 
@@ -285,16 +391,22 @@ def test_empty_and_missing_roots(tmp_path):
 
 def test_bad_experiment_in_root_fails_whole_import(tmp_path):
     write_experiment(tmp_path / "r" / "ok", good_lines())
-    write_experiment(tmp_path / "r" / "bad", good_lines(),
-                     exp_config=dict(EXP_CONFIG, model="acme/Nope-1b"))
+    write_experiment(
+        tmp_path / "r" / "bad", good_lines(), exp_config=dict(EXP_CONFIG, model="acme/Nope-1b")
+    )
     with pytest.raises(CalibError, match="acme/Nope-1b"):
         import_root(tmp_path / "r", progress=False, workers=2, use_cache=False)
 
 
 # ------------------------------------------------------------------------------------ CLI
 def _cli(*args):
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "import_traces.py"), *args],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "import_traces.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
 
 
 @pytest.mark.parametrize("case", ["unknown_model", "missing_exp_config", "empty_dir"])
@@ -335,9 +447,18 @@ def test_random_corruption_never_crashes(tmp_path):
 
     rng = random.Random(1234)
     base = good_lines()
-    swaps = [('"intValue"', '"doubleValue"'), ('"stringValue"', '"intValue"'), ('"1', '"-1'),
-             ('"5', '"50000'), ('"1"', '"90000000000"'), ("journey.SCHEDULED", "journey.PREEMPTED"),
-             ("journey.FINISHED", "journey.QUEUED"), ('"3"', '"30"'), ("[", "{"), (":", "")]
+    swaps = [
+        ('"intValue"', '"doubleValue"'),
+        ('"stringValue"', '"intValue"'),
+        ('"1', '"-1'),
+        ('"5', '"50000'),
+        ('"1"', '"90000000000"'),
+        ("journey.SCHEDULED", "journey.PREEMPTED"),
+        ("journey.FINISHED", "journey.QUEUED"),
+        ('"3"', '"30"'),
+        ("[", "{"),
+        (":", ""),
+    ]
     p = tmp_path / "traces.json"
     for _ in range(150):
         lines = list(base)
@@ -347,14 +468,14 @@ def test_random_corruption_never_crashes(tmp_path):
             op = rng.random()
             if op < 0.3 and s:
                 a = rng.randrange(len(s))
-                s = s[:a] + s[a + rng.randint(1, 20):]
+                s = s[:a] + s[a + rng.randint(1, 20) :]
             elif op < 0.8:
                 old, new = rng.choice(swaps)
                 k = s.count(old)
                 if k:
                     parts = s.split(old)
                     j = rng.randrange(k)
-                    s = old.join(parts[:j + 1]) + new + old.join(parts[j + 1:])
+                    s = old.join(parts[: j + 1]) + new + old.join(parts[j + 1 :])
             else:
                 lines.insert(i, s)
             lines[i] = s
@@ -366,8 +487,9 @@ def test_random_corruption_never_crashes(tmp_path):
                 rec = reconstruct(cols, 32)
                 assert rec.slot_new_tokens[rec.slot_mask].min() >= 1
                 assert (rec.slot_request[~rec.slot_mask] == -1).all()
-        assert all(issubclass(w.category, TraceWarning) for w in caught), \
-            [str(w.message) for w in caught if not issubclass(w.category, TraceWarning)]
+        assert all(issubclass(w.category, TraceWarning) for w in caught), [
+            str(w.message) for w in caught if not issubclass(w.category, TraceWarning)
+        ]
 
 
 # ----------------------------------------------- impossible journeys: labels dropped, counted
@@ -377,22 +499,42 @@ def _journey_line(evs):
 
 ORDER_CASES = {
     # FINISHED (and everything else) stamped before QUEUED: E2E -1.78 s
-    "finished_before_queued": ([_ev("QUEUED", 20, ts=2002.0), _ev("SCHEDULED", 21),
-                                _ev("FIRST_TOKEN", 21, pf_done=8, dc_done=1),
-                                _ev("FINISHED", 22, pf_done=8, dc_done=2)],
-                               ["E2E -1.78 s", "TTFT -1.79", "queueing -1.79"]),
-    "scheduled_before_queued": ([_ev("QUEUED", 20, ts=2000.2105), _ev("SCHEDULED", 21),
-                                 _ev("FIRST_TOKEN", 21, pf_done=8, dc_done=1, ts=2000.215),
-                                 _ev("FINISHED", 22, pf_done=8, dc_done=2)],
-                                ["queueing -0.0005 s"]),
-    "finished_before_first_token": ([_ev("QUEUED", 20), _ev("SCHEDULED", 21),
-                                     _ev("FIRST_TOKEN", 21, pf_done=8, dc_done=1, ts=2000.3),
-                                     _ev("FINISHED", 22, pf_done=8, dc_done=2)],
-                                    ["finish before first token -0.08 s"]),
-    "first_token_step_before_scheduled": ([_ev("QUEUED", 20), _ev("SCHEDULED", 22),
-                                           _ev("FIRST_TOKEN", 21, pf_done=8, dc_done=1),
-                                           _ev("FINISHED", 23, pf_done=8, dc_done=2)],
-                                          ["SCHEDULED 22, FIRST_TOKEN 21"]),
+    "finished_before_queued": (
+        [
+            _ev("QUEUED", 20, ts=2002.0),
+            _ev("SCHEDULED", 21),
+            _ev("FIRST_TOKEN", 21, pf_done=8, dc_done=1),
+            _ev("FINISHED", 22, pf_done=8, dc_done=2),
+        ],
+        ["E2E -1.78 s", "TTFT -1.79", "queueing -1.79"],
+    ),
+    "scheduled_before_queued": (
+        [
+            _ev("QUEUED", 20, ts=2000.2105),
+            _ev("SCHEDULED", 21),
+            _ev("FIRST_TOKEN", 21, pf_done=8, dc_done=1, ts=2000.215),
+            _ev("FINISHED", 22, pf_done=8, dc_done=2),
+        ],
+        ["queueing -0.0005 s"],
+    ),
+    "finished_before_first_token": (
+        [
+            _ev("QUEUED", 20),
+            _ev("SCHEDULED", 21),
+            _ev("FIRST_TOKEN", 21, pf_done=8, dc_done=1, ts=2000.3),
+            _ev("FINISHED", 22, pf_done=8, dc_done=2),
+        ],
+        ["finish before first token -0.08 s"],
+    ),
+    "first_token_step_before_scheduled": (
+        [
+            _ev("QUEUED", 20),
+            _ev("SCHEDULED", 22),
+            _ev("FIRST_TOKEN", 21, pf_done=8, dc_done=1),
+            _ev("FINISHED", 23, pf_done=8, dc_done=2),
+        ],
+        ["SCHEDULED 22, FIRST_TOKEN 21"],
+    ),
 }
 
 
@@ -423,10 +565,21 @@ def test_many_impossible_requests_are_listed_then_counted(tmp_path):
     extra = []
     for k in range(8):
         rid = f"cmpl-bad{k}-0-1"
-        extra.append(line([core_span(rid, [
-            _ev("QUEUED", 20, ts=2002.0), _ev("SCHEDULED", 21),
-            _ev("FIRST_TOKEN", 21, pf_done=8, dc_done=1),
-            _ev("FINISHED", 22, pf_done=8, dc_done=2)])]))
+        extra.append(
+            line(
+                [
+                    core_span(
+                        rid,
+                        [
+                            _ev("QUEUED", 20, ts=2002.0),
+                            _ev("SCHEDULED", 21),
+                            _ev("FIRST_TOKEN", 21, pf_done=8, dc_done=1),
+                            _ev("FINISHED", 22, pf_done=8, dc_done=2),
+                        ],
+                    )
+                ]
+            )
+        )
     ds, msgs = run_import(write_experiment(tmp_path / "e", good_lines() + extra))
     (hit,) = [m for m in msgs if "impossible event order" in m]
     assert "8 requests" in hit and "; 3 more" in hit
@@ -436,17 +589,38 @@ def test_many_impossible_requests_are_listed_then_counted(tmp_path):
 
 
 # --------------------------------------------- step durations: physical bound, no wrap-around
-@pytest.mark.parametrize("dur,shown", [(10**15, "1e+15 µs"), (10**30, "1e+30 µs"),
-                                       (2**63, "9.22337e+18 µs"),
-                                       (3_600_000_001, "3.6e+09 µs")])
+@pytest.mark.parametrize(
+    "dur,shown",
+    [
+        (10**15, "1e+15 µs"),
+        (10**30, "1e+30 µs"),
+        (2**63, "9.22337e+18 µs"),
+        (3_600_000_001, "3.6e+09 µs"),
+    ],
+)
 def test_impossible_step_duration_is_rejected_stating_its_value(tmp_path, dur, shown):
-    bad = line([step_span(9, [batch_summary(7, dur, num_prefill=1, num_decode=0,
-                                            prefill_tokens=32, decode_tokens=0,
-                                            **{"step.ts_end_ns": 10**9})])])
+    bad = line(
+        [
+            step_span(
+                9,
+                [
+                    batch_summary(
+                        7,
+                        dur,
+                        num_prefill=1,
+                        num_decode=0,
+                        prefill_tokens=32,
+                        decode_tokens=0,
+                        **{"step.ts_end_ns": 10**9},
+                    )
+                ],
+            )
+        ]
+    )
     ds, msgs = run_import(write_experiment(tmp_path / "e", good_lines() + [bad]))
     hits = [m for m in msgs if "physical bound" in m]
     assert len(hits) == 1 and shown in hits[0], msgs
-    assert not any("<= 0" in m for m in msgs), msgs   # no int64 wrap-around
+    assert not any("<= 0" in m for m in msgs), msgs  # no int64 wrap-around
     i = ds["step_id"].values.tolist().index(7)
     assert not bool(ds["sampled"].values[i]) and np.isnan(ds["duration_us"].values[i])
     assert json.loads(ds.attrs["import_stats"])["e"]["batch_too_long"] == 1
@@ -473,8 +647,9 @@ def test_journey_int_outside_int64_is_a_malformed_line(tmp_path, key):
 
 
 def test_step_id_outside_int64_is_a_malformed_line(tmp_path):
-    bad = _summary_line(7, 500).replace('"step.id","value":{"intValue":"7"}',
-                                        '"step.id","value":{"intValue":"' + "9" * 25 + '"}')
+    bad = _summary_line(7, 500).replace(
+        '"step.id","value":{"intValue":"7"}', '"step.id","value":{"intValue":"' + "9" * 25 + '"}'
+    )
     assert "9" * 25 in bad
     ds, msgs = run_import(write_experiment(tmp_path / "e", good_lines() + [bad]))
     assert int(ds["exp_num_bad_lines"].values[0]) == 1
@@ -507,14 +682,17 @@ def test_symlinked_experiment_dirs_import_like_copies(tmp_path):
     for d in sorted(src.iterdir()):
         shutil.copytree(d, copies / d.name)
         (links / d.name).symlink_to(d, target_is_directory=True)
-    (links / "loop").symlink_to(links, target_is_directory=True)      # a cycle: walked once
+    (links / "loop").symlink_to(links, target_is_directory=True)  # a cycle: walked once
     (links / "again").symlink_to(src / "20260101-a", target_is_directory=True)  # same folder
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TraceWarning)
         a = import_root(copies, progress=False, workers=1, use_cache=False)
         b = import_root(links, progress=False, workers=1, use_cache=False)
-    assert a["experiment"].values.tolist() == b["experiment"].values.tolist() == \
-        ["20260101-a", "20260101-b"]
+    assert (
+        a["experiment"].values.tolist()
+        == b["experiment"].values.tolist()
+        == ["20260101-a", "20260101-b"]
+    )
     assert dataset_hash(a) == dataset_hash(b)
     for name in ("duration_us", "req_e2e_us", "slot_new_tokens"):
         np.testing.assert_array_equal(a[name].values, b[name].values)

@@ -36,10 +36,19 @@ def _quiet(fn, *a, **kw):
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     r = tmp_path_factory.mktemp("root")
-    write_experiment(r / "20260101-000000-llama-2-7b-tp1-a", good_lines(),
-                     profile={"load": {"stages": [{"rate": 1, "duration": 10}]}})
-    simulate(r / "20260101-000001-llama-2-7b-tp1-b", n_requests=60, seed=1, rate_per_s=50.0,
-             max_num_batched_tokens=128, max_num_seqs=8)
+    write_experiment(
+        r / "20260101-000000-llama-2-7b-tp1-a",
+        good_lines(),
+        profile={"load": {"stages": [{"rate": 1, "duration": 10}]}},
+    )
+    simulate(
+        r / "20260101-000001-llama-2-7b-tp1-b",
+        n_requests=60,
+        seed=1,
+        rate_per_s=50.0,
+        max_num_batched_tokens=128,
+        max_num_seqs=8,
+    )
     (r / "notes").mkdir()
     return r
 
@@ -131,9 +140,17 @@ def test_cache_invalidated_by_changed_input(tmp_path):
 
 def test_parallel_parse_equals_sequential(tmp_path, monkeypatch):
     d = tmp_path / "sim"
-    simulate(d, n_requests=150, seed=5, rate_per_s=60.0, max_num_batched_tokens=128,
-             max_num_seqs=8, spans_per_line=4, record_truth=False)
-    with open(d / "traces.json", "a") as f:      # a bad line in the second half
+    simulate(
+        d,
+        n_requests=150,
+        seed=5,
+        rate_per_s=60.0,
+        max_num_batched_tokens=128,
+        max_num_seqs=8,
+        spans_per_line=4,
+        record_truth=False,
+    )
+    with open(d / "traces.json", "a") as f:  # a bad line in the second half
         f.write('{"resourceSpans": [\n')
     monkeypatch.setattr(config, "IMPORT_PARALLEL_MIN_BYTES", 1)
     with pytest.warns(Warning) as rec:
@@ -144,8 +161,17 @@ def test_parallel_parse_equals_sequential(tmp_path, monkeypatch):
     assert seq.num_lines == par.num_lines and seq.num_bad_lines == par.num_bad_lines == 1
     assert f"traces.json:{seq.num_lines}:" in str(rec2[0].message)
     assert seq.request_ids == par.request_ids
-    for n in ("j_req", "j_kind", "j_ts", "j_step", "j_pf_done", "j_dc_done", "b_int", "s_int",
-              "a_ts"):
+    for n in (
+        "j_req",
+        "j_kind",
+        "j_ts",
+        "j_step",
+        "j_pf_done",
+        "j_dc_done",
+        "b_int",
+        "s_int",
+        "a_ts",
+    ):
         np.testing.assert_array_equal(getattr(seq, n), getattr(par, n), err_msg=n)
     assert seq.j_status == par.j_status and seq.a_id == par.a_id
 
@@ -186,16 +212,23 @@ def _rewrite(saved, tmp_path, fn):
     return p
 
 
-@pytest.mark.parametrize("mutate,match", [
-    (lambda ds: ds.drop_vars("slot_progress"), "slot_progress"),
-    (lambda ds: ds.assign_attrs(schema_version=0), "schema_version"),
-    (lambda ds: ds.drop_attrs() if hasattr(ds, "drop_attrs") else ds.assign_attrs(
-        manifest=None), "manifest|schema_version"),
-    (lambda ds: ds.assign(duration_us=ds["duration_us"].astype(str)), "duration_us"),
-    (lambda ds: ds.assign(slot_request=ds["slot_request"] + 100), "slot_request"),
-    (lambda ds: ds.assign(step_experiment=ds["step_experiment"] + 1), "step_experiment"),
-    (lambda ds: ds.assign(num_decode=(("x",), np.zeros(3, np.int32))), "num_decode"),
-])
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda ds: ds.drop_vars("slot_progress"), "slot_progress"),
+        (lambda ds: ds.assign_attrs(schema_version=0), "schema_version"),
+        (
+            lambda ds: (
+                ds.drop_attrs() if hasattr(ds, "drop_attrs") else ds.assign_attrs(manifest=None)
+            ),
+            "manifest|schema_version",
+        ),
+        (lambda ds: ds.assign(duration_us=ds["duration_us"].astype(str)), "duration_us"),
+        (lambda ds: ds.assign(slot_request=ds["slot_request"] + 100), "slot_request"),
+        (lambda ds: ds.assign(step_experiment=ds["step_experiment"] + 1), "step_experiment"),
+        (lambda ds: ds.assign(num_decode=(("x",), np.zeros(3, np.int32))), "num_decode"),
+    ],
+)
 def test_load_rejects_wrong_files(saved, tmp_path, mutate, match):
     p = _rewrite(saved, tmp_path, mutate)
     with pytest.raises(CalibError, match=match) as exc:
@@ -214,7 +247,7 @@ def test_load_rejects_non_netcdf(tmp_path):
 
 def test_save_is_atomic(root, tmp_path):
     ds = import_experiment(root / "20260101-000000-llama-2-7b-tp1-a")
-    bad = ds.assign_attrs(manifest={"not": "serialisable"})   # netCDF attrs cannot hold dicts
+    bad = ds.assign_attrs(manifest={"not": "serialisable"})  # netCDF attrs cannot hold dicts
     target = tmp_path / "out.nc"
     with pytest.raises((TypeError, ValueError)):
         save_dataset(bad, target)
@@ -223,17 +256,30 @@ def test_save_is_atomic(root, tmp_path):
 
 
 def test_model_config_for_unbundled_model(tmp_path):
-    cfg = {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 8,
-           "num_key_value_heads": 2, "intermediate_size": 512, "vocab_size": 1000,
-           "torch_dtype": "bfloat16"}
+    cfg = {
+        "num_hidden_layers": 4,
+        "hidden_size": 256,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "intermediate_size": 512,
+        "vocab_size": 1000,
+        "torch_dtype": "bfloat16",
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    d = write_experiment(tmp_path / "exp", good_lines(),
-                         exp_config=dict(EXP_CONFIG, model="acme/Tiny-1b", tensor_parallelism=2))
+    d = write_experiment(
+        tmp_path / "exp",
+        good_lines(),
+        exp_config=dict(EXP_CONFIG, model="acme/Tiny-1b", tensor_parallelism=2),
+    )
     ds = import_experiment(d, model_config=tmp_path / "config.json")
     assert ds["exp_model"].values[0] == "tiny-1b"
     assert json.loads(ds["exp_arch_json"].values[0])["num_key_value_heads"] == 2
     with pytest.raises(CalibError, match="tensor_parallelism"):
-        import_experiment(write_experiment(
-            tmp_path / "exp16", good_lines(),
-            exp_config=dict(EXP_CONFIG, model="acme/Tiny-1b", tensor_parallelism=16)),
-            model_config=tmp_path / "config.json")
+        import_experiment(
+            write_experiment(
+                tmp_path / "exp16",
+                good_lines(),
+                exp_config=dict(EXP_CONFIG, model="acme/Tiny-1b", tensor_parallelism=16),
+            ),
+            model_config=tmp_path / "config.json",
+        )

@@ -57,9 +57,16 @@ def _steps(ds):
     out = {}
     for i, s in enumerate(ds["step_id"].values.tolist()):
         m = ds["slot_mask"].values[i]
-        out[s] = [(ids[r], int(p), int(n), int(g)) for r, p, n, g in zip(
-            ds["slot_request"].values[i][m], ds["slot_phase"].values[i][m],
-            ds["slot_new_tokens"].values[i][m], ds["slot_progress"].values[i][m], strict=True)]
+        out[s] = [
+            (ids[r], int(p), int(n), int(g))
+            for r, p, n, g in zip(
+                ds["slot_request"].values[i][m],
+                ds["slot_phase"].values[i][m],
+                ds["slot_new_tokens"].values[i][m],
+                ds["slot_progress"].values[i][m],
+                strict=True,
+            )
+        ]
     return out
 
 
@@ -77,8 +84,9 @@ def test_good_experiment_batches_exact(good):
             assert good["slot_prompt_len"].values[i, k] == PROMPT[ids[r]]
     # per-step aggregates
     np.testing.assert_array_equal(good["num_decode"].values, [0, 1, 2, 1, 1, 1, 0, 0, 1, 0])
-    np.testing.assert_array_equal(good["prefill_tokens"].values,
-                                  [32, 28, 8, 20, 0, 16, 32, 32, 31, 20])
+    np.testing.assert_array_equal(
+        good["prefill_tokens"].values, [32, 28, 8, 20, 0, 16, 32, 32, 31, 20]
+    )
     # no step exceeds the token budget
     assert ((good["prefill_tokens"] + good["decode_tokens"]).values <= 32).all()
 
@@ -91,8 +99,14 @@ def test_good_experiment_requests_and_labels(good):
     np.testing.assert_array_equal(r["req_output_len"].values, [3, 2, 2, 5, -1, 1])
     np.testing.assert_array_equal(r["req_num_preemptions"].values, [0, 0, 0, 1, 0, 1])
     np.testing.assert_array_equal(r["req_failed"].values, [0, 0, 0, 0, 1, 0])
-    assert r["req_finish_status"].values.tolist() == ["length", "length", "stopped", "length",
-                                                      "", "length"]
+    assert r["req_finish_status"].values.tolist() == [
+        "length",
+        "length",
+        "stopped",
+        "length",
+        "",
+        "length",
+    ]
     np.testing.assert_array_equal(r["req_first_token_step"].values, [1, 2, 3, 4, 6, 11])
     np.testing.assert_array_equal(r["req_finished_step"].values, [3, 3, 4, 10, -1, 11])
     nan = np.nan
@@ -126,8 +140,15 @@ def test_good_experiment_summary_join_and_crosschecks(good):
 
 def test_vectorised_path_equals_walk(tmp_path):
     d = tmp_path / "sim"
-    simulate(d, n_requests=120, seed=3, max_num_batched_tokens=128, max_num_seqs=12,
-             rate_per_s=80.0, record_truth=False)
+    simulate(
+        d,
+        n_requests=120,
+        seed=3,
+        max_num_batched_tokens=128,
+        max_num_seqs=12,
+        rate_per_s=80.0,
+        record_truth=False,
+    )
     for src in (d / "traces.json",):
         c = read_traces(src)
         a = reconstruct(c, 128)
@@ -141,19 +162,28 @@ def test_vectorised_path_equals_walk(tmp_path):
 @pytest.mark.parametrize("rate,budget", [(15.0, 256), (300.0, 128)])
 def test_round_trip_mini_scheduler_exact(tmp_path, rate, budget):
     d = tmp_path / "sim"
-    truth = simulate(d, n_requests=250, seed=7, max_num_batched_tokens=budget, max_num_seqs=16,
-                     rate_per_s=rate)
+    truth = simulate(
+        d, n_requests=250, seed=7, max_num_batched_tokens=budget, max_num_seqs=16, rate_per_s=rate
+    )
     ds, msgs = _import(d)
     assert msgs == []
     got = {}
     ids = ds["req_id"].values
     for i, s in enumerate(ds["step_id"].values.tolist()):
         m = ds["slot_mask"].values[i]
-        got[s] = [(ids[r], int(p), int(n), int(g)) for r, p, n, g in zip(
-            ds["slot_request"].values[i][m], ds["slot_phase"].values[i][m],
-            ds["slot_new_tokens"].values[i][m], ds["slot_progress"].values[i][m], strict=True)]
-    want = {s: [(base_request_id(r), p, n, g) for r, p, n, g in v]
-            for s, v in truth["steps"].items()}
+        got[s] = [
+            (ids[r], int(p), int(n), int(g))
+            for r, p, n, g in zip(
+                ds["slot_request"].values[i][m],
+                ds["slot_phase"].values[i][m],
+                ds["slot_new_tokens"].values[i][m],
+                ds["slot_progress"].values[i][m],
+                strict=True,
+            )
+        ]
+    want = {
+        s: [(base_request_id(r), p, n, g) for r, p, n, g in v] for s, v in truth["steps"].items()
+    }
     assert got == want
     # chunked prefills happened and the prefix cache was hit
     assert (ds["num_prefill"].values > 1).any() or (ds["prefill_tokens"].values == budget).any()
@@ -186,19 +216,39 @@ def test_iter_records_typed(tmp_path):
 
 def test_events_split_over_lines_and_scopes_interleaved(tmp_path):
     """One request's journey in three spans on three lines, mixed with other scopes."""
-    ev = [journey_event("QUEUED", step=0, ts=1.0, pf_done=0, pf_total=8, dc_max=2),
-          journey_event("SCHEDULED", step=1, ts=1.1, pf_done=0, pf_total=8, dc_max=2,
-                        **{"schedule.kind": "FIRST"}),
-          journey_event("FIRST_TOKEN", step=1, ts=1.2, pf_done=8, pf_total=8, dc_done=1,
-                        dc_max=2),
-          journey_event("FINISHED", step=2, ts=1.3, pf_done=8, pf_total=8, dc_done=2, dc_max=2,
-                        **{"finish.status": "length", "some.new.attribute": "x"})]
+    ev = [
+        journey_event("QUEUED", step=0, ts=1.0, pf_done=0, pf_total=8, dc_max=2),
+        journey_event(
+            "SCHEDULED",
+            step=1,
+            ts=1.1,
+            pf_done=0,
+            pf_total=8,
+            dc_max=2,
+            **{"schedule.kind": "FIRST"},
+        ),
+        journey_event("FIRST_TOKEN", step=1, ts=1.2, pf_done=8, pf_total=8, dc_done=1, dc_max=2),
+        journey_event(
+            "FINISHED",
+            step=2,
+            ts=1.3,
+            pf_done=8,
+            pf_total=8,
+            dc_done=2,
+            dc_max=2,
+            **{"finish.status": "length", "some.new.attribute": "x"},
+        ),
+    ]
     rid = "cmpl-x-0-1"
     obj = json.loads(line([core_span(rid, ev[2:3])]))
-    obj["resourceSpans"][0]["scopeSpans"].insert(0, {"scope": {"name": "other.scope"},
-                                                      "spans": [{"name": "whatever"}]})
-    lines = [line([core_span(rid, ev[:1])]), json.dumps(obj), line([core_span(rid, ev[3:]),
-                                                                    core_span(rid, ev[1:2])])]
+    obj["resourceSpans"][0]["scopeSpans"].insert(
+        0, {"scope": {"name": "other.scope"}, "spans": [{"name": "whatever"}]}
+    )
+    lines = [
+        line([core_span(rid, ev[:1])]),
+        json.dumps(obj),
+        line([core_span(rid, ev[3:]), core_span(rid, ev[1:2])]),
+    ]
     ds, msgs = _import(write_experiment(tmp_path / "e", lines))
     assert msgs == []
     assert ds["step_id"].values.tolist() == [1, 2]
@@ -208,16 +258,23 @@ def test_events_split_over_lines_and_scopes_interleaved(tmp_path):
 
 def test_over_budget_is_reported(tmp_path):
     """A prefill that cannot fit the budget at its FIRST_TOKEN step is counted and warned."""
-    cfg = {"model": "meta-llama/Llama-2-7b-hf", "tensor_parallelism": 1, "max_model_len": 4096,
-           "max_num_batched_tokens": 16, "max_num_seqs": 8, "app": "t"}
-    ev = [journey_event("QUEUED", step=0, ts=1.0, pf_done=0, pf_total=40, dc_max=1),
-          journey_event("SCHEDULED", step=1, ts=1.1, pf_done=0, pf_total=40, dc_max=1),
-          journey_event("FIRST_TOKEN", step=2, ts=1.2, pf_done=40, pf_total=40, dc_done=1,
-                        dc_max=1),
-          journey_event("FINISHED", step=2, ts=1.2, pf_done=40, pf_total=40, dc_done=1,
-                        dc_max=1)]
-    ds, msgs = _import(write_experiment(tmp_path / "e", [line([core_span("cmpl-o-0-1", ev)])],
-                                        exp_config=cfg))
+    cfg = {
+        "model": "meta-llama/Llama-2-7b-hf",
+        "tensor_parallelism": 1,
+        "max_model_len": 4096,
+        "max_num_batched_tokens": 16,
+        "max_num_seqs": 8,
+        "app": "t",
+    }
+    ev = [
+        journey_event("QUEUED", step=0, ts=1.0, pf_done=0, pf_total=40, dc_max=1),
+        journey_event("SCHEDULED", step=1, ts=1.1, pf_done=0, pf_total=40, dc_max=1),
+        journey_event("FIRST_TOKEN", step=2, ts=1.2, pf_done=40, pf_total=40, dc_done=1, dc_max=1),
+        journey_event("FINISHED", step=2, ts=1.2, pf_done=40, pf_total=40, dc_done=1, dc_max=1),
+    ]
+    ds, msgs = _import(
+        write_experiment(tmp_path / "e", [line([core_span("cmpl-o-0-1", ev)])], exp_config=cfg)
+    )
     assert any("more prefill tokens than max_num_batched_tokens" in m for m in msgs)
     assert ds["slot_new_tokens"].values[:, 0].tolist() == [16, 24]
     stats = json.loads(ds.attrs["import_stats"])["e"]

@@ -24,24 +24,47 @@ from calib import validate as V
 from calib.simulate import ExperimentSpec, simulate_experiment, write_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
-SP = dict(num_unique_system_prompts=3, num_users_per_system_prompt=5, system_prompt_len=100,
-          question_len=300, output_len=40)
+SP = dict(
+    num_unique_system_prompts=3,
+    num_users_per_system_prompt=5,
+    system_prompt_len=100,
+    question_len=300,
+    output_len=40,
+)
 MODELS = (("meta-llama/Llama-2-7b-hf", 1), ("mistralai/Mixtral-8x7B-v0.1", 2))
 WORKLOADS = ("general", "codegen")
 
 
-def _simulate(root: Path, *, step_time=None, stages=((8.0, 4.0),), output_len=40,
-              models=MODELS, workloads=WORKLOADS, seed=3, truth_params=None):
+def _simulate(
+    root: Path,
+    *,
+    step_time=None,
+    stages=((8.0, 4.0),),
+    output_len=40,
+    models=MODELS,
+    workloads=WORKLOADS,
+    seed=3,
+    truth_params=None,
+):
     from calib.traces import import_root
 
     for i, (model, tp) in enumerate(models):
         for j, w in enumerate(workloads):
-            spec = ExperimentSpec(model=model, tp=tp, workload=w,
-                                  shared_prefix=dict(SP, output_len=output_len + 20 * j),
-                                  stages=stages, seed_offset=10 * i + j,
-                                  started=f"20261101-{i:02d}{j:02d}00")
-            write_experiment(simulate_experiment(spec, seed=seed, step_time=step_time,
-                                                 truth_params=truth_params), root)
+            spec = ExperimentSpec(
+                model=model,
+                tp=tp,
+                workload=w,
+                shared_prefix=dict(SP, output_len=output_len + 20 * j),
+                stages=stages,
+                seed_offset=10 * i + j,
+                started=f"20261101-{i:02d}{j:02d}00",
+            )
+            write_experiment(
+                simulate_experiment(
+                    spec, seed=seed, step_time=step_time, truth_params=truth_params
+                ),
+                root,
+            )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return import_root(root, workers=1, progress=False, use_cache=False)
@@ -88,8 +111,11 @@ def test_request_hash_bucket_known_value_and_fractions():
     n = 20000
     b = V.request_hash_bucket([f"cmpl-{i:08x}" for i in range(n)])
     lo, hi = config.VALIDATE_HASH_SPLIT
-    for frac, got in ((lo / 100, (b < lo).mean()), ((hi - lo) / 100, ((b >= lo) & (b < hi)).mean()),
-                      (1 - hi / 100, (b >= hi).mean())):
+    for frac, got in (
+        (lo / 100, (b < lo).mean()),
+        ((hi - lo) / 100, ((b >= lo) & (b < hi)).mean()),
+        (1 - hi / 100, (b >= hi).mean()),
+    ):
         sd = np.sqrt(frac * (1 - frac) / n)
         assert abs(got - frac) < 4 * sd, (frac, got)
 
@@ -167,8 +193,15 @@ def test_run_validation_tables_and_atomic_files(tiny, tmp_path):
     from calib.priors import load_priors
 
     settings = V.default_settings(chains=2, warmup=0, draws=25)
-    res = V.run_validation(tiny, ["temporal", "model"], priors=load_priors(), settings=settings,
-                           draws=50, progress=False, fit_fn=mock_fit)
+    res = V.run_validation(
+        tiny,
+        ["temporal", "model"],
+        priors=load_priors(),
+        settings=settings,
+        draws=50,
+        progress=False,
+        fit_fn=mock_fit,
+    )
     assert list(res.steps.columns) == list(V.STEP_COLUMNS)
     assert list(res.e2e.columns) == list(V.E2E_COLUMNS)
     # temporal: val + test, 4 predictors each; model: 2 folds x test x 4 predictors
@@ -217,9 +250,15 @@ def test_baseline_e2e_uses_the_replay_host_gaps(tiny):
 
     fold = V.make_folds(tiny, "temporal")[0]
     feats = StepFeatures.from_dataset(tiny)
-    r = V.evaluate_fold(tiny, fold, features=feats, priors=load_priors(),
-                        settings=V.default_settings(chains=1, warmup=0, draws=20), draws=20,
-                        fit_fn=mock_fit)
+    r = V.evaluate_fold(
+        tiny,
+        fold,
+        features=feats,
+        priors=load_priors(),
+        settings=V.default_settings(chains=1, warmup=0, draws=20),
+        draws=20,
+        fit_fn=mock_fit,
+    )
     meta = V._meta(tiny)
     train = fold.steps(V.TRAIN, meta.sampled)
     rows = pd.DataFrame(r.e2e_rows)
@@ -243,9 +282,19 @@ def test_baseline_e2e_uses_the_replay_host_gaps(tiny):
 
 
 def test_script_missing_traces_exits_2(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "validate.py"), "--traces",
-                        str(tmp_path / "nope.nc"), "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "validate.py"),
+            "--traces",
+            str(tmp_path / "nope.nc"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
@@ -255,36 +304,80 @@ def test_script_missing_traces_exits_2(tmp_path):
 def _fixture_result():
     """A hand-made two-fold result (temporal test part, leave-one-model-out) with known numbers."""
     steps, e2e = [], []
-    for fold, split, part, mspe in (("temporal", "temporal", "test", -1.25),
-                                    ("model=llama-2-7b", "model", "test", 7.5)):
+    for fold, split, part, mspe in (
+        ("temporal", "temporal", "test", -1.25),
+        ("model=llama-2-7b", "model", "test", 7.5),
+    ):
         for k, name in enumerate(V.PREDICTORS):
-            steps.append({"split": split, "fold": fold, "part": part, "predictor": name,
-                          "n_steps": 120, "mape_pct": 4.0 + k, "median_ape_pct": 3.0,
-                          "pearson_r": 0.99, "mspe_pct": mspe if name == "calib" else 2.0,
-                          "coverage_pct": 88.5 if name == "calib" else np.nan})
+            steps.append(
+                {
+                    "split": split,
+                    "fold": fold,
+                    "part": part,
+                    "predictor": name,
+                    "n_steps": 120,
+                    "mape_pct": 4.0 + k,
+                    "median_ape_pct": 3.0,
+                    "pearson_r": 0.99,
+                    "mspe_pct": mspe if name == "calib" else 2.0,
+                    "coverage_pct": 88.5 if name == "calib" else np.nan,
+                }
+            )
         for metric, obs in (("e2e", 2.0e6), ("ttft", 1.0e5), ("itl", 3.0e4)):
-            e2e.append({"split": split, "fold": fold, "part": part, "experiment": "exp-a",
-                        "model": "llama-2-7b", "workload": "general",
-                        "basis": "population" if split == "model" else "fitted",
-                        "metric": metric, "n_requests": 50, "observed_us": obs,
-                        "predicted_us": obs * 1.024, "lower_us": obs * 0.9,
-                        "upper_us": obs * 1.1, "error_pct": 2.4, "inside": True,
-                        "blis_error_pct": -6.0, "blackbox_error_pct": 11.0,
-                        "nnls_error_pct": -3.5})
-    folds = [{"split": s, "fold": f, "held_out": "", "n_train_steps": 900, "gate": "pass",
-              "sampling_s": 1.0, "wall_s": 2.0} for s, f in (("temporal", "temporal"),
-                                                              ("model", "model=llama-2-7b"))]
+            e2e.append(
+                {
+                    "split": split,
+                    "fold": fold,
+                    "part": part,
+                    "experiment": "exp-a",
+                    "model": "llama-2-7b",
+                    "workload": "general",
+                    "basis": "population" if split == "model" else "fitted",
+                    "metric": metric,
+                    "n_requests": 50,
+                    "observed_us": obs,
+                    "predicted_us": obs * 1.024,
+                    "lower_us": obs * 0.9,
+                    "upper_us": obs * 1.1,
+                    "error_pct": 2.4,
+                    "inside": True,
+                    "blis_error_pct": -6.0,
+                    "blackbox_error_pct": 11.0,
+                    "nnls_error_pct": -3.5,
+                }
+            )
+    folds = [
+        {
+            "split": s,
+            "fold": f,
+            "held_out": "",
+            "n_train_steps": 900,
+            "gate": "pass",
+            "sampling_s": 1.0,
+            "wall_s": 2.0,
+        }
+        for s, f in (("temporal", "temporal"), ("model", "model=llama-2-7b"))
+    ]
     return V.ValidationResult(
         steps=pd.DataFrame(steps, columns=list(V.STEP_COLUMNS)),
-        e2e=pd.DataFrame(e2e, columns=list(V.E2E_COLUMNS)), folds=folds,
-        settings={"hierarchy": "per-model", "sampler": {"chains": 2, "warmup": 300,
-                                                         "draws": 300},
-                  "draws": 400, "prob": 0.9, "seed": 0, "max_train_steps": 30000,
-                  "splits": ["temporal", "model"]})
+        e2e=pd.DataFrame(e2e, columns=list(V.E2E_COLUMNS)),
+        folds=folds,
+        settings={
+            "hierarchy": "per-model",
+            "sampler": {"chains": 2, "warmup": 300, "draws": 300},
+            "draws": 400,
+            "prob": 0.9,
+            "seed": 0,
+            "max_train_steps": 30000,
+            "splits": ["temporal", "model"],
+        },
+    )
 
 
-README = ("# calib\n\nIntro.\n\n## Validation and benchmarks\n\nText.\n\n"
-          "## Testing\n\n```bash\npytest\n```\n")
+README = (
+    "# calib\n\nIntro.\n\n## Validation and benchmarks\n\nText.\n\n"
+    "## Testing\n\n```bash\npytest\n```\n"
+)
 
 
 def test_results_section_from_validate_outputs(tmp_path):
@@ -301,7 +394,7 @@ def test_results_section_from_validate_outputs(tmp_path):
     # the section is created just before "## Testing"; everything else is untouched
     head, tail = text.split(f"{config.RESULTS_HEADING}\n\n{start}\n")
     assert head == README.split("## Testing")[0]
-    assert tail.split(f"{end}\n\n", 1)[1] == README[README.index("## Testing"):]
+    assert tail.split(f"{end}\n\n", 1)[1] == README[README.index("## Testing") :]
     assert text.count(start) == 1 and text.count(end) == 1
     # provenance: both commands, the validate run's time and data hash
     assert "`python scripts/results_section.py`" in block
@@ -310,23 +403,30 @@ def test_results_section_from_validate_outputs(tmp_path):
     assert created in block and "data abababababab" in block
     assert "from `reports/validate/`" in block
     # numbers come from the tables: MAPE calib 4.0 / nnls 7.0, MSPE, step coverage, E2E
-    assert ("| temporal | temporal | test | 120 | 4.0 | 5.0 | 6.0 | 7.0 | -1.25 | +2.00 | pass "
-            "| 88.5 | 2.4 | 6.0 | 11.0 | 3.5 | 1/1 | 2.4 | 2.4 |") in block
+    assert (
+        "| temporal | temporal | test | 120 | 4.0 | 5.0 | 6.0 | 7.0 | -1.25 | +2.00 | pass "
+        "| 88.5 | 2.4 | 6.0 | 11.0 | 3.5 | 1/1 | 2.4 | 2.4 |"
+    ) in block
     # INV-M-6 is judged on the exported predictor (blis, MSPE +2.00 in both parts)
     assert "| model | model=llama-2-7b | test | 120 |" in block
     assert "| +7.50 | +2.00 | pass |" in block
-    assert ("INV-M-6 (|MSPE| < 5 % on held-out steps) — exported BLIS predictor: PASS, 2/2 "
-            "held-out parts within the bound") in block
-    assert "calib posterior predictive mean: 1/2 held-out parts within the bound, worst +7.50 % " \
-           "(model=llama-2-7b, test)" in block
+    assert (
+        "INV-M-6 (|MSPE| < 5 % on held-out steps) — exported BLIS predictor: PASS, 2/2 "
+        "held-out parts within the bound"
+    ) in block
+    assert (
+        "calib posterior predictive mean: 1/2 held-out parts within the bound, worst +7.50 % "
+        "(model=llama-2-7b, test)" in block
+    )
     # leave-one-model-out: observed, predicted and the population-level band in ms
     assert "| llama-2-7b | exp-a | 2000.0 | 2048.0 | [1800.0, 2200.0] | +2.4 | yes |" in block
     assert "pass in all folds" in block
     res.folds[1]["gate"] = "fail: rhat 1.02"
     V.write_reports(res, rep, data_hash="ab" * 32, command=["validate.py", "--split", "all"])
     block = V.write_results_section(rep, readme, generator="python scripts/results_section.py")
-    assert ("not passed in 1/2 folds (model=llama-2-7b; reasons in "
-            "`reports/validate/validation.md`)") in block
+    assert (
+        "not passed in 1/2 folds (model=llama-2-7b; reasons in `reports/validate/validation.md`)"
+    ) in block
     # a second run replaces only the block
     readme.write_text(text.replace("Intro.", "Intro, edited by the lead."))
     V.write_results_section(rep, readme, generator="python scripts/results_section.py")
@@ -349,21 +449,39 @@ def test_results_section_script_exit_codes(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(README)
     script = str(ROOT / "scripts" / "results_section.py")
-    r = subprocess.run([sys.executable, script, "--reports", str(rep), "--readme", str(readme)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, script, "--reports", str(rep), "--readme", str(readme)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "--reports" in readme.read_text() and config.RESULTS_MARKERS[0] in readme.read_text()
-    r = subprocess.run([sys.executable, script, "--reports", str(tmp_path / "none"),
-                        "--readme", str(readme)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, script, "--reports", str(tmp_path / "none"), "--readme", str(readme)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------------ slow: truth in family
-TRUE = {"b": {"llama-2-7b": [1.5, 1.3, 2.0, 1.2, 1.2, 1.0],
-              "mixtral-8x7b": [1.3, 1.6, 1.7, 1.5, 1.3, 1.6]},
-        "per_layer_us": 6.0, "per_request_us": 4.0, "per_step_us": 300.0, "alpha": 0.3,
-        "sigma": 0.06, "stall_prob": 0.02, "stall_log_mult": 0.7, "stall_log_sd": 0.3}
+TRUE = {
+    "b": {
+        "llama-2-7b": [1.5, 1.3, 2.0, 1.2, 1.2, 1.0],
+        "mixtral-8x7b": [1.3, 1.6, 1.7, 1.5, 1.3, 1.6],
+    },
+    "per_layer_us": 6.0,
+    "per_request_us": 4.0,
+    "per_step_us": 300.0,
+    "alpha": 0.3,
+    "sigma": 0.06,
+    "stall_prob": 0.02,
+    "stall_log_mult": 0.7,
+    "stall_log_sd": 0.3,
+}
 
 
 class ModelFamilyStepTime:
@@ -380,18 +498,29 @@ class ModelFamilyStepTime:
         width = 8
         while width < W:
             width *= 2
-        pad = [np.pad(np.asarray(a), ((0, 0), (0, width - W)))
-               for a in (batch.new_tokens, batch.progress, batch.prompt_len, batch.phase,
-                         batch.mask)]
-        c = roofline.step_components(roofline.arch_consts(arch, hardware, tp), *pad,
-                                     dtype=np.float64, block_rows=0)
-        feats = StepFeatures(np.stack([np.asarray(getattr(c, k)) for k in config.COMPONENTS],
-                                      axis=1), np.asarray(c.num_layers),
-                             np.asarray(c.batch_size), np.asarray(c.num_moe_layers))
+        pad = [
+            np.pad(np.asarray(a), ((0, 0), (0, width - W)))
+            for a in (batch.new_tokens, batch.progress, batch.prompt_len, batch.phase, batch.mask)
+        ]
+        c = roofline.step_components(
+            roofline.arch_consts(arch, hardware, tp), *pad, dtype=np.float64, block_rows=0
+        )
+        feats = StepFeatures(
+            np.stack([np.asarray(getattr(c, k)) for k in config.COMPONENTS], axis=1),
+            np.asarray(c.num_layers),
+            np.asarray(c.batch_size),
+            np.asarray(c.num_moe_layers),
+        )
         key = "mixtral-8x7b" if arch.num_local_experts else "llama-2-7b"
         t = self.truth
-        mu = plugin_step_time_us(np.asarray(t["b"][key]), t["per_layer_us"], t["per_request_us"],
-                                 t["per_step_us"], t["alpha"], feats)
+        mu = plugin_step_time_us(
+            np.asarray(t["b"][key]),
+            t["per_layer_us"],
+            t["per_request_us"],
+            t["per_step_us"],
+            t["alpha"],
+            feats,
+        )
         return noise.sample(rng, mu, *(t[k] for k in noise.NOISE_PARAMS[:4]))
 
 
@@ -402,20 +531,45 @@ def test_truth_in_family_held_out_e2e_and_coverage(tmp_path):
 
     # the simulator's host gaps between steps (lognormal, mean 60 µs) stay in: the replay
     # adds the gap measured from the step timestamps (calib.e2e.measure_host_timing)
-    ds = _simulate(tmp_path, step_time=ModelFamilyStepTime(TRUE), stages=((6.0, 30.0),),
-                   output_len=200, workloads=("general", "codegen", "roleplay"),
-                   truth_params=TruthParams())
+    ds = _simulate(
+        tmp_path,
+        step_time=ModelFamilyStepTime(TRUE),
+        stages=((6.0, 30.0),),
+        output_len=200,
+        workloads=("general", "codegen", "roleplay"),
+        truth_params=TruthParams(),
+    )
     settings = V.default_settings(chains=2, warmup=300, draws=300)
-    res = V.run_validation(ds, ["temporal", "request-hash"], priors=load_priors(),
-                           settings=settings, draws=300, progress=False)
+    res = V.run_validation(
+        ds,
+        ["temporal", "request-hash"],
+        priors=load_priors(),
+        settings=settings,
+        draws=300,
+        progress=False,
+    )
     # the per-step constants (weight, per-layer, per-step) form a ridge, so short chains may
     # miss the strict gate; the held-out predictions are what this test judges
     assert all(f["n_train_steps"] > 1000 for f in res.folds), res.folds
     e2e = res.e2e[(res.e2e.metric == "e2e") & np.isfinite(res.e2e.observed_us)]
     print("\n" + V.summary_table(res).to_string())
-    print(e2e[["fold", "part", "experiment", "observed_us", "predicted_us", "lower_us",
-               "upper_us", "error_pct", "inside", "blackbox_error_pct",
-               "nnls_error_pct"]].to_string())
+    print(
+        e2e[
+            [
+                "fold",
+                "part",
+                "experiment",
+                "observed_us",
+                "predicted_us",
+                "lower_us",
+                "upper_us",
+                "error_pct",
+                "inside",
+                "blackbox_error_pct",
+                "nnls_error_pct",
+            ]
+        ].to_string()
+    )
     assert len(e2e) >= 12
     assert e2e.error_pct.abs().max() < 3.0, e2e[["fold", "part", "experiment", "error_pct"]]
     # nominal 90 %: at least 2/3 of the experiment intervals contain the observed mean
@@ -440,16 +594,28 @@ def test_calib_step_point_is_the_predictive_mean(tiny):
     rng = np.random.default_rng(0)
     d, E = 400, len(meta.experiments)
     b = np.exp(rng.normal(0.3, 0.4, (d, E, 6)))  # log-normal: mean well above median
-    params = {"per_layer_us": np.full(d, 5.0), "per_request_us": np.full(d, 3.0),
-              "per_step_us": np.full(d, 200.0), "alpha": np.full(d, 0.5),
-              }
-    noise_params = (np.full((d, E), 0.05), np.full((d, E), 0.02), np.full((d, E), 0.7),
-                    np.full((d, E), 0.3))
-    point, inside = _calib_step_predictions(params, b, noise_params, feats, steps,
-                                            meta, 0.9, rng)
-    D = step_time_draws_us(b, params["per_layer_us"], params["per_request_us"],
-                           params["per_step_us"], params["alpha"], feats.take(steps),
-                           meta.step_exp[steps])
+    params = {
+        "per_layer_us": np.full(d, 5.0),
+        "per_request_us": np.full(d, 3.0),
+        "per_step_us": np.full(d, 200.0),
+        "alpha": np.full(d, 0.5),
+    }
+    noise_params = (
+        np.full((d, E), 0.05),
+        np.full((d, E), 0.02),
+        np.full((d, E), 0.7),
+        np.full((d, E), 0.3),
+    )
+    point, inside = _calib_step_predictions(params, b, noise_params, feats, steps, meta, 0.9, rng)
+    D = step_time_draws_us(
+        b,
+        params["per_layer_us"],
+        params["per_request_us"],
+        params["per_step_us"],
+        params["alpha"],
+        feats.take(steps),
+        meta.step_exp[steps],
+    )
     # the point is the posterior predictive mean: mean over draws of mean_factor·mu
     factor = noise.mean_factor(0.05, 0.02, 0.7, 0.3)
     np.testing.assert_allclose(point, factor * D.mean(axis=0), rtol=1e-12)

@@ -32,36 +32,82 @@ from calib.errors import CalibError
 DEFAULT_CACHE = config.PROJECT_ROOT / "bench" / "out" / "stress-cache"
 DEFAULT_OUT = config.PROJECT_ROOT / "bench" / "out" / "stress"
 
-COLUMNS = ("set", "seed", "models", "sampled", "min_model_sampled", "gate", "failed",
-           "wall_s", "sampling_s", "leapfrog_per_iter", "step_size", "divergences",
-           "saturated_pct",
-           "min_ess_bulk_pc", "min_ess_tail_pc", "min_ess_per_s", "max_rhat", "worst_rhat",
-           "worst_ess_bulk", "worst_ess_tail", "divergent_at", "saturated_at", "data_s")
+COLUMNS = (
+    "set",
+    "seed",
+    "models",
+    "sampled",
+    "min_model_sampled",
+    "gate",
+    "failed",
+    "wall_s",
+    "sampling_s",
+    "leapfrog_per_iter",
+    "step_size",
+    "divergences",
+    "saturated_pct",
+    "min_ess_bulk_pc",
+    "min_ess_tail_pc",
+    "min_ess_per_s",
+    "max_rhat",
+    "worst_rhat",
+    "worst_ess_bulk",
+    "worst_ess_tail",
+    "divergent_at",
+    "saturated_at",
+    "data_s",
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from calib.simulate.stress import HELD_BACK, SETS
 
     s = config.SAMPLER
-    p = cli.Parser(description="Fit every stress set at each seed with the fit's defaults; "
-                               "print one row per set x seed.")
-    p.add_argument("--sets", nargs="+", metavar="NAME", default=None,
-                   help="sets to run (default: all; names: "
-                        + ", ".join(x.name for x in SETS + HELD_BACK) + ")")
-    p.add_argument("--seeds", nargs="+", type=cli.nonneg_int, default=[0, 1, 2],
-                   help="fit seeds (default: 0 1 2)")
-    p.add_argument("--held-back", action="store_true",
-                   help="run the held-back sets (fresh seeds, never used in tuning) instead")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: every stage "
-                        "shortened (calib.simulate.stress.QUICK_DURATION_FACTOR)")
+    p = cli.Parser(
+        description="Fit every stress set at each seed with the fit's defaults; "
+        "print one row per set x seed."
+    )
+    p.add_argument(
+        "--sets",
+        nargs="+",
+        metavar="NAME",
+        default=None,
+        help="sets to run (default: all; names: "
+        + ", ".join(x.name for x in SETS + HELD_BACK)
+        + ")",
+    )
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        type=cli.nonneg_int,
+        default=[0, 1, 2],
+        help="fit seeds (default: 0 1 2)",
+    )
+    p.add_argument(
+        "--held-back",
+        action="store_true",
+        help="run the held-back sets (fresh seeds, never used in tuning) instead",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: every stage shortened (calib.simulate.stress.QUICK_DURATION_FACTOR)",
+    )
     p.add_argument("--chains", type=cli.positive_int, default=s.chains)
     p.add_argument("--warmup", type=cli.nonneg_int, default=s.warmup)
     p.add_argument("--draws", type=cli.positive_int, default=s.draws)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                   help="folder for the table (stress.csv / stress.md)")
-    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
-                   help="folder for generated traces and imported datasets")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="folder for the table (stress.csv / stress.md)",
+    )
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=DEFAULT_CACHE,
+        help="folder for generated traces and imported datasets",
+    )
     args = p.parse_args(argv)
     pool = HELD_BACK if args.held_back else SETS
     if args.sets is None:
@@ -70,8 +116,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         names = {x.name for x in pool}
         bad = [n for n in args.sets if n not in names]
         if bad:
-            p.error(f"unknown {'held-back ' if args.held_back else ''}set(s) {', '.join(bad)}; "
-                    f"choose from {', '.join(x.name for x in pool)}")
+            p.error(
+                f"unknown {'held-back ' if args.held_back else ''}set(s) {', '.join(bad)}; "
+                f"choose from {', '.join(x.name for x in pool)}"
+            )
     return args
 
 
@@ -126,8 +174,9 @@ def _located(idata, mask) -> str:
         if abs(z[i]) > abs(best):
             best = float(z[i])
             idx = np.unravel_index(i, v.shape[2:]) if v.ndim > 2 else ()
-            labels = [str(da.coords[dim].values[k]) for dim, k in zip(da.dims[2:], idx,
-                                                                      strict=True)]
+            labels = [
+                str(da.coords[dim].values[k]) for dim, k in zip(da.dims[2:], idx, strict=True)
+            ]
             where = f"{name}[{', '.join(labels)}]" if labels else name
     return f"{where} (z {best:+.1f})"
 
@@ -143,8 +192,7 @@ def measure(stress_set, nc: Path, seed: int, args) -> dict:
     sampled = ds["exp_num_sampled"].values
     models = ds["exp_model"].values
     per_model = {m: int(sampled[models == m].sum()) for m in sorted(set(models.tolist()))}
-    settings = SamplerSettings(chains=args.chains, warmup=args.warmup, draws=args.draws,
-                               seed=seed)
+    settings = SamplerSettings(chains=args.chains, warmup=args.warmup, draws=args.draws, seed=seed)
     t0 = time.perf_counter()
     res = fit(ds, settings=settings, progress=False, out_path=None)
     wall = time.perf_counter() - t0
@@ -155,27 +203,45 @@ def measure(stress_set, nc: Path, seed: int, args) -> dict:
     n_chains = div.shape[0]
     ess_b = rows["ess_bulk"].value
     return {
-        "set": stress_set.name, "seed": seed, "models": len(per_model),
-        "sampled": int(sum(per_model.values())), "min_model_sampled": min(per_model.values()),
+        "set": stress_set.name,
+        "seed": seed,
+        "models": len(per_model),
+        "sampled": int(sum(per_model.values())),
+        "min_model_sampled": min(per_model.values()),
         "gate": "pass" if res.passed else "FAIL",
         "failed": " ".join(r.name for r in res.gate.rows if not r.ok),
-        "wall_s": round(wall, 1), "sampling_s": round(res.sampling_s, 1),
+        "wall_s": round(wall, 1),
+        "sampling_s": round(res.sampling_s, 1),
         "leapfrog_per_iter": round(float(np.mean(st["n_steps"].values)), 1),
         "step_size": float(f"{np.median(st['step_size'].values):.3g}"),
-        "divergences": int(div.sum()), "saturated_pct": round(100.0 * float(sat.mean()), 2),
-        "min_ess_bulk_pc": round(ess_b, 0), "min_ess_tail_pc": round(rows["ess_tail"].value, 0),
+        "divergences": int(div.sum()),
+        "saturated_pct": round(100.0 * float(sat.mean()), 2),
+        "min_ess_bulk_pc": round(ess_b, 0),
+        "min_ess_tail_pc": round(rows["ess_tail"].value, 0),
         "min_ess_per_s": round(ess_b * n_chains / res.sampling_s, 2),
-        "max_rhat": round(rows["rhat"].value, 3), "worst_rhat": rows["rhat"].worst,
-        "worst_ess_bulk": rows["ess_bulk"].worst, "worst_ess_tail": rows["ess_tail"].worst,
-        "divergent_at": _located(res.idata, div), "saturated_at": _located(res.idata, sat),
+        "max_rhat": round(rows["rhat"].value, 3),
+        "worst_rhat": rows["rhat"].worst,
+        "worst_ess_bulk": rows["ess_bulk"].worst,
+        "worst_ess_tail": rows["ess_tail"].worst,
+        "divergent_at": _located(res.idata, div),
+        "saturated_at": _located(res.idata, sat),
     }
 
 
-_SHORT = {"set": "set", "seed": "seed", "gate": "gate", "wall_s": "wall s",
-          "sampling_s": "sampling s", "leapfrog_per_iter": "leapfrog/iter",
-          "step_size": "step",
-          "divergences": "div", "saturated_pct": "% sat", "min_ess_bulk_pc": "bulk ESS/ch",
-          "min_ess_tail_pc": "tail ESS/ch", "min_ess_per_s": "ESS/s"}
+_SHORT = {
+    "set": "set",
+    "seed": "seed",
+    "gate": "gate",
+    "wall_s": "wall s",
+    "sampling_s": "sampling s",
+    "leapfrog_per_iter": "leapfrog/iter",
+    "step_size": "step",
+    "divergences": "div",
+    "saturated_pct": "% sat",
+    "min_ess_bulk_pc": "bulk ESS/ch",
+    "min_ess_tail_pc": "tail ESS/ch",
+    "min_ess_per_s": "ESS/s",
+}
 
 
 def markdown(rows: list[dict], title: str) -> str:
@@ -200,8 +266,12 @@ def write_tables(rows: list[dict], out: Path, stem: str, title: str) -> None:
 
 def _line(r: dict) -> str:
     core = "  ".join(f"{_SHORT[k]} {r[k]}" for k in _SHORT if k not in ("set", "seed"))
-    extra = f"  failed [{r['failed']}] rhat {r['max_rhat']} {r['worst_rhat']}; " \
-            f"bulk {r['worst_ess_bulk']}; tail {r['worst_ess_tail']}" if r["failed"] else ""
+    extra = (
+        f"  failed [{r['failed']}] rhat {r['max_rhat']} {r['worst_rhat']}; "
+        f"bulk {r['worst_ess_bulk']}; tail {r['worst_ess_tail']}"
+        if r["failed"]
+        else ""
+    )
     where = "".join(f"  {k} {r[k]}" for k in ("divergent_at", "saturated_at") if r[k])
     return f"{r['set']:<20} seed {r['seed']}  {core}{extra}{where}"
 
@@ -211,13 +281,18 @@ def main(argv: list[str] | None = None) -> int:
     from calib.simulate.stress import get_set
 
     try:
-        cli.setup_jax(device="cpu", chain_method=config.SAMPLER.chain_method,
-                      chains=args.chains, x64=config.FIT_PRECISION == "float64")
+        cli.setup_jax(
+            device="cpu",
+            chain_method=config.SAMPLER.chain_method,
+            chains=args.chains,
+            x64=config.FIT_PRECISION == "float64",
+        )
         sys.path.insert(0, str(config.PROJECT_ROOT / "bench"))
         from _common import header
 
-        title = ("calib stress suite (held-back sets)" if args.held_back
-                 else "calib stress suite") + (" --quick" if args.quick else "")
+        title = (
+            "calib stress suite (held-back sets)" if args.held_back else "calib stress suite"
+        ) + (" --quick" if args.quick else "")
         info = header(title)
         stem = "stress-held-back" if args.held_back else "stress"
         rows: list[dict] = []
@@ -229,8 +304,13 @@ def main(argv: list[str] | None = None) -> int:
                 r["data_s"] = round(data_s, 1)
                 rows.append(r)
                 print(_line(r), flush=True)
-                write_tables(rows, args.out, stem, f"{title}: {info['cpu']}, {info['cores']} "
-                             f"cores, {info['date']}, load {info['load']}")
+                write_tables(
+                    rows,
+                    args.out,
+                    stem,
+                    f"{title}: {info['cpu']}, {info['cores']} "
+                    f"cores, {info['date']}, load {info['load']}",
+                )
     except CalibError as err:
         return cli.user_error(err)
     except KeyboardInterrupt:

@@ -36,16 +36,31 @@ from calib.simulate.workloads import load_recipe, recipe_specs
 from calib.simulate.writer import experiment_dirname, truth_dataset, write_experiment, write_truth
 
 __all__ = [
-    "ExperimentSpec", "RequestPlan", "SimResult", "StepBatch", "StepTimeFn", "TruthParams",
+    "ExperimentSpec",
+    "RequestPlan",
+    "SimResult",
+    "StepBatch",
+    "StepTimeFn",
+    "TruthParams",
     "TruthStepTime",
-    "experiment_dirname", "kv_capacity_blocks", "load_recipe", "padded_composition",
-    "recipe_specs", "simulate_experiment", "simulate_recipe", "summary_stats", "truth_dataset",
-    "write_experiment", "write_truth", "merge_stats",
+    "experiment_dirname",
+    "kv_capacity_blocks",
+    "load_recipe",
+    "padded_composition",
+    "recipe_specs",
+    "simulate_experiment",
+    "simulate_recipe",
+    "summary_stats",
+    "truth_dataset",
+    "write_experiment",
+    "write_truth",
+    "merge_stats",
 ]
 
 
-def _run_one(spec: ExperimentSpec, seed: int, out_root: str, truth_dir: str | None,
-             gzip: bool) -> tuple[str, dict]:
+def _run_one(
+    spec: ExperimentSpec, seed: int, out_root: str, truth_dir: str | None, gzip: bool
+) -> tuple[str, dict]:
     import time
 
     t0 = time.perf_counter()
@@ -59,19 +74,38 @@ def _run_one(spec: ExperimentSpec, seed: int, out_root: str, truth_dir: str | No
 
 def merge_stats(stats: list[dict]) -> dict:
     """Totals over experiments of :func:`summary_stats` dicts (+ timings)."""
-    keys = ("experiments", "requests", "steps", "sampled", "preemptions", "cached_tokens",
-            "prompt_tokens", "computed_prefill_tokens", "sum_step_us", "simulate_s", "write_s")
+    keys = (
+        "experiments",
+        "requests",
+        "steps",
+        "sampled",
+        "preemptions",
+        "cached_tokens",
+        "prompt_tokens",
+        "computed_prefill_tokens",
+        "sum_step_us",
+        "simulate_s",
+        "write_s",
+    )
     out = {k: sum(s.get(k, 0) for s in stats) for k in keys}
-    out["prefix_hit_rate"] = (out["cached_tokens"] / out["prompt_tokens"]
-                              if out["prompt_tokens"] else 0.0)
+    out["prefix_hit_rate"] = (
+        out["cached_tokens"] / out["prompt_tokens"] if out["prompt_tokens"] else 0.0
+    )
     out["mean_step_us"] = out["sum_step_us"] / out["steps"] if out["steps"] else float("nan")
     return out
 
 
-def simulate_recipe(recipe_path_or_dict: str | Path | Mapping, out_root: str | Path, *,
-                    truth_dir: str | Path | None = None, seed: int | None = None,
-                    scale: str = "default", workers: int | None = None, gzip: bool = False,
-                    progress: Callable[[dict], None] | None = None) -> list[Path]:
+def simulate_recipe(
+    recipe_path_or_dict: str | Path | Mapping,
+    out_root: str | Path,
+    *,
+    truth_dir: str | Path | None = None,
+    seed: int | None = None,
+    scale: str = "default",
+    workers: int | None = None,
+    gzip: bool = False,
+    progress: Callable[[dict], None] | None = None,
+) -> list[Path]:
     """Simulate and write every experiment of a recipe; return their directories.
 
     Parameters
@@ -103,17 +137,19 @@ def simulate_recipe(recipe_path_or_dict: str | Path | Mapping, out_root: str | P
         workers = 1 if cpus <= 2 else min(cpus, n)
     workers = max(1, int(workers))
     out_root, tdir = str(out_root), None if truth_dir is None else str(truth_dir)
-    paths: list[str] = [""] * n      # every slot is filled below
+    paths: list[str] = [""] * n  # every slot is filled below
     if workers == 1:
         for i, s in enumerate(specs):
             paths[i], st = _run_one(s, seed, out_root, tdir, gzip)
             if progress:
                 progress(st)
     else:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                                 initializer=worker_signals) as ex:
-            futs = {ex.submit(_run_one, s, seed, out_root, tdir, gzip): i
-                    for i, s in enumerate(specs)}
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=get_context("spawn"), initializer=worker_signals
+        ) as ex:
+            futs = {
+                ex.submit(_run_one, s, seed, out_root, tdir, gzip): i for i, s in enumerate(specs)
+            }
             for f in as_completed(futs):
                 paths[futs[f]], st = f.result()
                 if progress:

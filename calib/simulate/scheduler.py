@@ -80,8 +80,13 @@ EVENT_TYPES = ("QUEUED", "SCHEDULED", "FIRST_TOKEN", "PREEMPTED", "FINISHED")
 #: Phase codes of journey events (index into EVENT_PHASES).
 EVENT_PHASES = ("WAITING", "PREFILL", "DECODE")
 
-SHARED_PREFIX_KEYS = ("num_unique_system_prompts", "num_users_per_system_prompt",
-                      "system_prompt_len", "question_len", "output_len")
+SHARED_PREFIX_KEYS = (
+    "num_unique_system_prompts",
+    "num_users_per_system_prompt",
+    "system_prompt_len",
+    "question_len",
+    "output_len",
+)
 
 
 @dataclass(frozen=True)
@@ -129,12 +134,16 @@ class ExperimentSpec:
     def profile(self) -> dict:
         """The load generator's profile (profile.yaml content)."""
         return {
-            "load": {"type": "constant",
-                     "stages": [{"rate": float(r), "duration": float(d)} for r, d in self.stages]},
+            "load": {
+                "type": "constant",
+                "stages": [{"rate": float(r), "duration": float(d)} for r, d in self.stages],
+            },
             "api": {"type": "completion", "streaming": True},
             "server": {"type": "vllm", "model_name": self.model, "ignore_eos": True},
-            "data": {"type": "shared_prefix",
-                     "shared_prefix": {k: int(self.shared_prefix[k]) for k in SHARED_PREFIX_KEYS}},
+            "data": {
+                "type": "shared_prefix",
+                "shared_prefix": {k: int(self.shared_prefix[k]) for k in SHARED_PREFIX_KEYS},
+            },
         }
 
 
@@ -207,13 +216,18 @@ def padded_composition(comp: Mapping[str, np.ndarray]) -> StepBatch:
 
     mask = np.zeros((S, W), dtype=bool)
     mask[rows, cols] = True
-    return StepBatch(phase=pad("phase", np.int8), new_tokens=pad("new_tokens", np.int32),
-                     progress=pad("progress", np.int32), prompt_len=pad("prompt_len", np.int32),
-                     mask=mask)
+    return StepBatch(
+        phase=pad("phase", np.int8),
+        new_tokens=pad("new_tokens", np.int32),
+        progress=pad("progress", np.int32),
+        prompt_len=pad("prompt_len", np.int32),
+        mask=mask,
+    )
 
 
-def kv_capacity_blocks(arch: Architecture, hw: Hardware, tp: int,
-                       gpu_memory_utilization: float) -> int:
+def kv_capacity_blocks(
+    arch: Architecture, hw: Hardware, tp: int, gpu_memory_utilization: float
+) -> int:
     """KV-cache blocks per GPU: (memory·util − weights/TP) / (16 · KV bytes per token per GPU)."""
     avail = hw.memory_bytes * gpu_memory_utilization - weight_bytes(arch) / tp
     return max(int(avail // (KV_BLOCK_TOKENS * kv_bytes_per_token(arch, tp))), 0)
@@ -226,34 +240,50 @@ def _check_spec(spec: ExperimentSpec) -> tuple[Architecture, Hardware]:
     hw = load_hardware(spec.hardware)
     for key in SHARED_PREFIX_KEYS:
         v = spec.shared_prefix.get(key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "system_prompt_len"
-                                                                  else 1):
-            raise CalibError(f"must be a positive integer, got {v!r}", path=src,
-                             field=f"shared_prefix.{key}")
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, int)
+            or v < (0 if key == "system_prompt_len" else 1)
+        ):
+            raise CalibError(
+                f"must be a positive integer, got {v!r}", path=src, field=f"shared_prefix.{key}"
+            )
     for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
         v = getattr(spec, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise CalibError(f"must be a positive integer, got {v!r}", path=src, field=name)
     if not spec.stages:
-        raise CalibError("no load stages", path=src, field="stages",
-                         fix="give a list of {rate, duration}")
+        raise CalibError(
+            "no load stages", path=src, field="stages", fix="give a list of {rate, duration}"
+        )
     for i, st in enumerate(spec.stages):
-        if len(st) != 2 or not all(isinstance(x, int | float) and not isinstance(x, bool)
-                                   and x > 0 for x in st):
-            raise CalibError(f"stage {i} must have positive rate and duration, got {st!r}",
-                             path=src, field="stages")
+        if len(st) != 2 or not all(
+            isinstance(x, int | float) and not isinstance(x, bool) and x > 0 for x in st
+        ):
+            raise CalibError(
+                f"stage {i} must have positive rate and duration, got {st!r}",
+                path=src,
+                field="stages",
+            )
     sp = spec.shared_prefix
     total = sp["system_prompt_len"] + sp["question_len"] + sp["output_len"]
     if total > spec.max_model_len:
-        raise CalibError(f"prompt + output = {total} tokens exceeds max_model_len "
-                         f"{spec.max_model_len}", path=src, field="max_model_len")
+        raise CalibError(
+            f"prompt + output = {total} tokens exceeds max_model_len {spec.max_model_len}",
+            path=src,
+            field="max_model_len",
+        )
     if not 0 < spec.gpu_memory_utilization <= 1:
         raise CalibError("must be in (0, 1]", path=src, field="gpu_memory_utilization")
     blocks = kv_capacity_blocks(arch, hw, spec.tp, spec.gpu_memory_utilization)
     if blocks * KV_BLOCK_TOKENS < total:
-        raise CalibError(f"{arch.name} on {spec.tp}x {hw.name} leaves {blocks} KV blocks, "
-                         f"too few for one request of {total} tokens", path=src,
-                         field="tensor_parallelism", fix="use a larger TP degree")
+        raise CalibError(
+            f"{arch.name} on {spec.tp}x {hw.name} leaves {blocks} KV blocks, "
+            f"too few for one request of {total} tokens",
+            path=src,
+            field="tensor_parallelism",
+            fix="use a larger TP degree",
+        )
     return arch, hw
 
 
@@ -353,11 +383,16 @@ class RequestPlan:
     idle_wake_us: float = 0.0
 
 
-def simulate_experiment(spec: ExperimentSpec, *, seed: int, step_time: StepTimeFn | None = None,
-                        truth_params: TruthParams | None = None,
-                        batch_summary_rate: float = SIMULATION.batch_summary_rate,
-                        snapshot_rate: float = SIMULATION.snapshot_rate,
-                        requests: RequestPlan | None = None) -> SimResult:
+def simulate_experiment(
+    spec: ExperimentSpec,
+    *,
+    seed: int,
+    step_time: StepTimeFn | None = None,
+    truth_params: TruthParams | None = None,
+    batch_summary_rate: float = SIMULATION.batch_summary_rate,
+    snapshot_rate: float = SIMULATION.snapshot_rate,
+    requests: RequestPlan | None = None,
+) -> SimResult:
     """Simulate one experiment in memory (pure: same spec and seed, same result).
 
     Parameters
@@ -439,9 +474,12 @@ def simulate_experiment(spec: ExperimentSpec, *, seed: int, step_time: StepTimeF
     ts_f = np.full(N, -1, dtype=np.int64)
     ts_d = np.full(N, -1, dtype=np.int64)
 
-    kv = _KV(kv_capacity_blocks(arch, hw, spec.tp, spec.gpu_memory_utilization)
-             if requests is None or requests.kv_blocks_total is None
-             else int(requests.kv_blocks_total), n_sys)
+    kv = _KV(
+        kv_capacity_blocks(arch, hw, spec.tp, spec.gpu_memory_utilization)
+        if requests is None or requests.kv_blocks_total is None
+        else int(requests.kv_blocks_total),
+        n_sys,
+    )
 
     # event columns
     ev_req: list[int] = []
@@ -617,23 +655,39 @@ def simulate_experiment(spec: ExperimentSpec, *, seed: int, step_time: StepTimeF
             step -= 1
             t += int((params.inter_step_gap_us if gap_us is None else gap_us) * 1000)
             if not running and waiting and n_preempted == 0:
-                raise CalibError("a waiting request can never be scheduled (KV cache too small)",
-                                 field="max_model_len")
+                raise CalibError(
+                    "a waiting request can never be scheduled (KV cache too small)",
+                    field="max_model_len",
+                )
             continue
         pf_arr = np.asarray(pf_req, dtype=np.int64)
         ent = np.concatenate([dc, pf_arr]) if n_pf else dc
         new_t = np.concatenate([np.ones(n_dc, np.int64), np.asarray(pf_new, np.int64)])
         prog = np.concatenate([computed[dc], np.asarray(pf_prog, np.int64)])
-        phase = np.concatenate([np.full(n_dc, PHASE_DECODE, np.int8),
-                                np.full(n_pf, PHASE_PREFILL, np.int8)])
+        phase = np.concatenate(
+            [np.full(n_dc, PHASE_DECODE, np.int8), np.full(n_pf, PHASE_PREFILL, np.int8)]
+        )
         W = ent.size
         if fast is not None:
-            dur_us = fast.one_step(arch, hw, spec.tp, n_dc, int(prog[:n_dc].sum()), pf_new,
-                                   pf_prog, [int(prompt_len[r]) for r in pf_req], r_time)
+            dur_us = fast.one_step(
+                arch,
+                hw,
+                spec.tp,
+                n_dc,
+                int(prog[:n_dc].sum()),
+                pf_new,
+                pf_prog,
+                [int(prompt_len[r]) for r in pf_req],
+                r_time,
+            )
         else:
-            sb = StepBatch(phase=phase[None, :], new_tokens=new_t[None, :],
-                           progress=prog[None, :], prompt_len=prompt_len[ent][None, :],
-                           mask=np.broadcast_to(one, (1, W)))
+            sb = StepBatch(
+                phase=phase[None, :],
+                new_tokens=new_t[None, :],
+                progress=prog[None, :],
+                prompt_len=prompt_len[ent][None, :],
+                mask=np.broadcast_to(one, (1, W)),
+            )
             dur_us = float(step_time(sb, arch, hw, spec.tp, r_time)[0])
         if not (dur_us > 0 and math.isfinite(dur_us)):
             raise ValueError(f"step_time returned {dur_us!r} for step {step}")
@@ -691,20 +745,28 @@ def simulate_experiment(spec: ExperimentSpec, *, seed: int, step_time: StepTimeF
         s_pre.append(n_preempted)
         s_free.append(kv.free)
 
-        gap = (r_gap.lognormal(np.log(params.inter_step_gap_us * 1000.0),
-                               params.inter_step_gap_sigma)
-               if gap_us is None else gap_us * 1000.0)
+        gap = (
+            r_gap.lognormal(np.log(params.inter_step_gap_us * 1000.0), params.inter_step_gap_sigma)
+            if gap_us is None
+            else gap_us * 1000.0
+        )
         t = t_end + int(round(gap))
 
     # ---- assemble
     S = len(s_id)
     steps: dict[str, np.ndarray] = {
-        "id": np.asarray(s_id, np.int64), "start_ns": np.asarray(s_start, np.int64),
-        "end_ns": np.asarray(s_end, np.int64), "duration_us": np.asarray(s_dur, np.float64),
-        "running_depth": np.asarray(s_run, np.int32), "waiting_depth": np.asarray(s_wait, np.int32),
-        "num_prefill": np.asarray(s_npf, np.int32), "num_decode": np.asarray(s_ndc, np.int32),
-        "prefill_tokens": np.asarray(s_tpf, np.int32), "decode_tokens": np.asarray(s_tdc, np.int32),
-        "num_finished": np.asarray(s_fin, np.int32), "num_preempted": np.asarray(s_pre, np.int32),
+        "id": np.asarray(s_id, np.int64),
+        "start_ns": np.asarray(s_start, np.int64),
+        "end_ns": np.asarray(s_end, np.int64),
+        "duration_us": np.asarray(s_dur, np.float64),
+        "running_depth": np.asarray(s_run, np.int32),
+        "waiting_depth": np.asarray(s_wait, np.int32),
+        "num_prefill": np.asarray(s_npf, np.int32),
+        "num_decode": np.asarray(s_ndc, np.int32),
+        "prefill_tokens": np.asarray(s_tpf, np.int32),
+        "decode_tokens": np.asarray(s_tdc, np.int32),
+        "num_finished": np.asarray(s_fin, np.int32),
+        "num_preempted": np.asarray(s_pre, np.int32),
         "kv_blocks_free": np.asarray(s_free, np.int32),
     }
     steps["duration_us_int"] = np.rint(steps["duration_us"]).astype(np.int64)
@@ -716,10 +778,15 @@ def simulate_experiment(spec: ExperimentSpec, *, seed: int, step_time: StepTimeF
         return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
 
     comp = {
-        "offsets": offsets, "request": cat(c_req, np.int32), "new_tokens": cat(c_new, np.int32),
-        "progress": cat(c_prog, np.int32), "phase": cat(c_phase, np.int8),
-        "num_output": cat(c_out, np.int32), "blocks": cat(c_blk, np.int32),
-        "cached_blocks": cat(c_hit, np.int32), "num_preemptions": cat(c_np, np.int32),
+        "offsets": offsets,
+        "request": cat(c_req, np.int32),
+        "new_tokens": cat(c_new, np.int32),
+        "progress": cat(c_prog, np.int32),
+        "phase": cat(c_phase, np.int8),
+        "num_output": cat(c_out, np.int32),
+        "blocks": cat(c_blk, np.int32),
+        "cached_blocks": cat(c_hit, np.int32),
+        "num_preemptions": cat(c_np, np.int32),
     }
     comp["prompt_len"] = prompt_len[comp["request"]].astype(np.int32)
     step_of_entry = np.repeat(np.arange(S), np.diff(offsets))
@@ -727,27 +794,49 @@ def simulate_experiment(spec: ExperimentSpec, *, seed: int, step_time: StepTimeF
     comp["snapshot"] = steps["sampled"][step_of_entry] & (r_samp.random(offsets[-1]) < within)
 
     req_cols = {
-        "id": np.asarray(ids, dtype=object), "suffix": np.asarray(suffixes, dtype=object),
-        "system_prompt": sys_id.astype(np.int32), "prompt_len": prompt_len.astype(np.int32),
-        "output_len": output_len.astype(np.int32), "arrived_ns": arrived_ns,
-        "queued_ns": queued_ns, "departed_ns": ts_d + depart_ns, "scheduled_ns": ts_s,
-        "first_token_ns": ts_f, "finished_ns": ts_d, "queued_step": st_q,
-        "scheduled_step": st_s, "first_token_step": st_f, "finished_step": st_d,
-        "cached_tokens": cached_first.astype(np.int32), "num_preemptions": npre.astype(np.int32),
+        "id": np.asarray(ids, dtype=object),
+        "suffix": np.asarray(suffixes, dtype=object),
+        "system_prompt": sys_id.astype(np.int32),
+        "prompt_len": prompt_len.astype(np.int32),
+        "output_len": output_len.astype(np.int32),
+        "arrived_ns": arrived_ns,
+        "queued_ns": queued_ns,
+        "departed_ns": ts_d + depart_ns,
+        "scheduled_ns": ts_s,
+        "first_token_ns": ts_f,
+        "finished_ns": ts_d,
+        "queued_step": st_q,
+        "scheduled_step": st_s,
+        "first_token_step": st_f,
+        "finished_step": st_d,
+        "cached_tokens": cached_first.astype(np.int32),
+        "num_preemptions": npre.astype(np.int32),
     }
     events: dict[str, np.ndarray] = {
-        "request": np.asarray(ev_req, np.int64), "type": np.asarray(ev_type, np.int8),
-        "step": np.asarray(ev_step, np.int64), "ts_ns": np.asarray(ev_ts, np.int64),
-        "phase": np.asarray(ev_phase, np.int8), "prefill_done": np.asarray(ev_pf, np.int64),
-        "decode_done": np.asarray(ev_dc, np.int64), "num_preemptions": np.asarray(ev_np, np.int64),
+        "request": np.asarray(ev_req, np.int64),
+        "type": np.asarray(ev_type, np.int8),
+        "step": np.asarray(ev_step, np.int64),
+        "ts_ns": np.asarray(ev_ts, np.int64),
+        "phase": np.asarray(ev_phase, np.int8),
+        "prefill_done": np.asarray(ev_pf, np.int64),
+        "decode_done": np.asarray(ev_dc, np.int64),
+        "num_preemptions": np.asarray(ev_np, np.int64),
         "resume": np.asarray(ev_res, np.int8),
     }
-    res = SimResult(spec=spec, seed=int(seed), arch=arch, hardware=hw,
-                    kv_blocks_total=kv.total, mono_base_ns=mono_base_ns,
-                    unix_offset_ns=unix_offset_ns, steps=steps, comp=comp, requests=req_cols,
-                    events=events,
-                    truth_params=params.to_json() if isinstance(step_time, TruthStepTime)
-                    else "{}")
+    res = SimResult(
+        spec=spec,
+        seed=int(seed),
+        arch=arch,
+        hardware=hw,
+        kv_blocks_total=kv.total,
+        mono_base_ns=mono_base_ns,
+        unix_offset_ns=unix_offset_ns,
+        steps=steps,
+        comp=comp,
+        requests=req_cols,
+        events=events,
+        truth_params=params.to_json() if isinstance(step_time, TruthStepTime) else "{}",
+    )
     res.stats = summary_stats(res)
     return res
 
@@ -780,6 +869,7 @@ def _unix_offset_ns(started: str) -> int:
     try:
         dt = datetime.strptime(started, "%Y%m%d-%H%M%S").replace(tzinfo=UTC)
     except ValueError:
-        raise CalibError(f"bad start timestamp {started!r}", field="started",
-                         fix="use YYYYMMDD-HHMMSS") from None
+        raise CalibError(
+            f"bad start timestamp {started!r}", field="started", fix="use YYYYMMDD-HHMMSS"
+        ) from None
     return int(dt.timestamp()) * 1_000_000_000

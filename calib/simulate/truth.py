@@ -61,8 +61,14 @@ class StepBatch(NamedTuple):
 
 
 class StepTimeFn(Protocol):
-    def __call__(self, batch: StepBatch, arch: Architecture, hardware: Hardware, tp: int,
-                 rng: np.random.Generator) -> np.ndarray: ...
+    def __call__(
+        self,
+        batch: StepBatch,
+        arch: Architecture,
+        hardware: Hardware,
+        tp: int,
+        rng: np.random.Generator,
+    ) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -208,15 +214,24 @@ class TruthStepTime:
                 "lm_bytes": arch.hidden_size * arch.vocab_size * bpp / tp,
                 # attention: FLOPs per (query token x key token), all layers, per GPU
                 "attn_flops_qk": 4.0 * L * arch.num_attention_heads * arch.head_dim / tp,
-                "kv_bytes_tok": kv_bytes_per_token(arch, tp) ,
+                "kv_bytes_tok": kv_bytes_per_token(arch, tp),
                 "ar_bytes_tok": 2.0 * arch.hidden_size,  # bf16 activations
             }
             self._cache[key] = c
         return c
 
-    def one_step(self, arch: Architecture, hardware: Hardware, tp: int, n_decode: int,
-                 decode_progress_sum: int, pf_new: list[int], pf_progress: list[int],
-                 pf_prompt_len: list[int], rng: np.random.Generator) -> float:
+    def one_step(
+        self,
+        arch: Architecture,
+        hardware: Hardware,
+        tp: int,
+        n_decode: int,
+        decode_progress_sum: int,
+        pf_new: list[int],
+        pf_progress: list[int],
+        pf_prompt_len: list[int],
+        rng: np.random.Generator,
+    ) -> float:
         """Scalar fast path for one step (same formula and draws as ``__call__`` with n=1).
 
         Decode requests enter only through their count and the sum of their
@@ -229,12 +244,12 @@ class TruthStepTime:
         pw = p.smooth_max_power
         n_pf = len(pf_new)
         tokens = float(n_decode + sum(pf_new))
-        n_sample = n_decode + sum(1 for a, b, q in zip(pf_progress, pf_new, pf_prompt_len,
-                                                       strict=True) if a + b >= q)
+        n_sample = n_decode + sum(
+            1 for a, b, q in zip(pf_progress, pf_new, pf_prompt_len, strict=True) if a + b >= q
+        )
         tile = p.gemm_tile_tokens
         t_g = float(_pad(tokens, tile))
-        eff_g = max(_ramp(p.gemm_efficiency_max, t_g, p.gemm_knee_tokens, p.gemm_curve_power),
-                    1e-6)
+        eff_g = max(_ramp(p.gemm_efficiency_max, t_g, p.gemm_knee_tokens, p.gemm_curve_power), 1e-6)
         t_comp = t_g * c["dense_flops_tok"] / (F * eff_g)
         wbytes = c["dense_bytes"]
         if arch.is_moe:
@@ -259,25 +274,37 @@ class TruthStepTime:
         for new, prog in zip(pf_new, pf_progress, strict=True):
             ctx = prog + new
             flops = c["attn_flops_qk"] * new * (prog + 0.5 * (new + 1.0))
-            eff_a = max(_ramp(p.attn_efficiency_max, ctx, p.attn_knee_kv, p.attn_curve_power),
-                        1e-6)
+            eff_a = max(_ramp(p.attn_efficiency_max, ctx, p.attn_knee_kv, p.attn_curve_power), 1e-6)
             t_pf += flops / (F * eff_a)
         ctx_sum = decode_progress_sum + n_decode  # ctx = progress + 1 per decode
-        t_dc = (c["kv_bytes_tok"] * (ctx_sum + n_decode * p.kv_read_knee_tokens)
-                / (W * p.kv_read_efficiency_max))
+        t_dc = (
+            c["kv_bytes_tok"]
+            * (ctx_sum + n_decode * p.kv_read_knee_tokens)
+            / (W * p.kv_read_efficiency_max)
+        )
         big, small = max(t_pf, t_dc), min(t_pf, t_dc)
         overlap = p.overlap_max * math.sqrt(small / max(big, 1e-9))
         t_attn = big + (1.0 - overlap) * small
         if tp > 1:
             ring = 2.0 * (tp - 1) / tp
-            t_ar = 2.0 * L * (p.allreduce_latency_us + ring * tokens * c["ar_bytes_tok"] / (
-                c["N"] * p.allreduce_bw_efficiency))
+            t_ar = (
+                2.0
+                * L
+                * (
+                    p.allreduce_latency_us
+                    + ring * tokens * c["ar_bytes_tok"] / (c["N"] * p.allreduce_bw_efficiency)
+                )
+            )
         else:
             t_ar = 0.0
         gpu = (t_lin + t_attn + t_ar + L * p.layer_overhead_us) * rng.lognormal(
-            0.0, p.gpu_noise_sigma)
-        cpu = (p.step_overhead_us * rng.lognormal(0.0, p.step_overhead_sigma)
-               + p.request_overhead_us * (n_decode + n_pf) + p.prefill_request_overhead_us * n_pf)
+            0.0, p.gpu_noise_sigma
+        )
+        cpu = (
+            p.step_overhead_us * rng.lognormal(0.0, p.step_overhead_sigma)
+            + p.request_overhead_us * (n_decode + n_pf)
+            + p.prefill_request_overhead_us * n_pf
+        )
         total = gpu + cpu
         if p.cpu_overlap:
             total -= p.cpu_overlap * min(gpu, cpu)
@@ -287,8 +314,14 @@ class TruthStepTime:
             total *= p.hiccup_low + (p.hiccup_high - p.hiccup_low) * u**2
         return float(total)
 
-    def __call__(self, batch: StepBatch, arch: Architecture, hardware: Hardware, tp: int,
-                 rng: np.random.Generator) -> np.ndarray:
+    def __call__(
+        self,
+        batch: StepBatch,
+        arch: Architecture,
+        hardware: Hardware,
+        tp: int,
+        rng: np.random.Generator,
+    ) -> np.ndarray:
         p = self.params
         c = self._consts(arch, hardware, tp)
         mask = np.asarray(batch.mask, dtype=bool)
@@ -325,10 +358,10 @@ class TruthStepTime:
             pe = _pad(per_expert_tok, tile)
             eff_e = _ramp(p.gemm_efficiency_max, pe, p.gemm_knee_tokens, p.gemm_curve_power)
             if tile:
-                pad_e = np.where(per_expert_tok > 0, pe / np.maximum(per_expert_tok, 1e-300),
-                                 1.0)
+                pad_e = np.where(per_expert_tok > 0, pe / np.maximum(per_expert_tok, 1e-300), 1.0)
                 t_comp = t_comp + tokens * pad_e * c["expert_flops_tok"] / (
-                    F * np.maximum(eff_e, 1e-6))
+                    F * np.maximum(eff_e, 1e-6)
+                )
             else:
                 t_comp = t_comp + tokens * c["expert_flops_tok"] / (F * np.maximum(eff_e, 1e-6))
             wbytes = wbytes + hits * c["expert_bytes_each"]
@@ -357,20 +390,23 @@ class TruthStepTime:
         if tp > 1:
             ring = 2.0 * (tp - 1) / tp
             per_call = p.allreduce_latency_us + ring * tokens * c["ar_bytes_tok"] / (
-                c["N"] * p.allreduce_bw_efficiency)
+                c["N"] * p.allreduce_bw_efficiency
+            )
             t_ar = 2.0 * L * per_call
         else:
             t_ar = np.zeros(n)
 
         gpu = t_lin + t_attn + t_ar + L * p.layer_overhead_us
         gpu = gpu * rng.lognormal(0.0, p.gpu_noise_sigma, size=n)
-        cpu = (p.step_overhead_us * rng.lognormal(0.0, p.step_overhead_sigma, size=n)
-               + p.request_overhead_us * n_req + p.prefill_request_overhead_us * n_pf)
+        cpu = (
+            p.step_overhead_us * rng.lognormal(0.0, p.step_overhead_sigma, size=n)
+            + p.request_overhead_us * n_req
+            + p.prefill_request_overhead_us * n_pf
+        )
         total = gpu + cpu
         if p.cpu_overlap:
             total = total - p.cpu_overlap * np.minimum(gpu, cpu)
         hic = rng.random(n) < p.hiccup_prob
         u = rng.random(n)
-        total = np.where(hic, total * (p.hiccup_low + (p.hiccup_high - p.hiccup_low) * u**2),
-                         total)
+        total = np.where(hic, total * (p.hiccup_low + (p.hiccup_high - p.hiccup_low) * u**2), total)
         return total

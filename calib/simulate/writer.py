@@ -113,7 +113,7 @@ def _journey_spans(res: SimResult):
         seg_start = 0
         for j in range(idx.size):
             if types[idx[j]] == EV_PREEMPTED or j == idx.size - 1:
-                seg = idx[seg_start:j + 1]
+                seg = idx[seg_start : j + 1]
                 out.append((int(ev["ts_ns"][seg[-1]]), 1, seg))
                 seg_start = j + 1
     return out
@@ -139,8 +139,11 @@ def _event_attrs_journey(res, e, prompt_len, max_tokens):
         attrs.append(_s("schedule.kind", "RESUME" if ev["resume"][e] else "FIRST"))
     elif typ == EV_FINISHED:
         attrs.append(_s("finish.status", "length"))
-    return {"timeUnixNano": str(ts + res.unix_offset_ns), "name": "journey." + EVENT_TYPES[typ],
-            "attributes": attrs}
+    return {
+        "timeUnixNano": str(ts + res.unix_offset_ns),
+        "name": "journey." + EVENT_TYPES[typ],
+        "attributes": attrs,
+    }
 
 
 def _step_span(res: SimResult, k: int, snap_by_step: dict, ids: _Ids, trace_id: str) -> dict:
@@ -160,8 +163,9 @@ def _step_span(res: SimResult, k: int, snap_by_step: dict, ids: _Ids, trace_id: 
             _i("queue.waiting_depth", st["waiting_depth"][i]),
             _i("batch.num_prefill_reqs", st["num_prefill"][i]),
             _i("batch.num_decode_reqs", st["num_decode"][i]),
-            _i("batch.scheduled_tokens",
-               int(st["prefill_tokens"][i]) + int(st["decode_tokens"][i])),
+            _i(
+                "batch.scheduled_tokens", int(st["prefill_tokens"][i]) + int(st["decode_tokens"][i])
+            ),
             _i("batch.prefill_tokens", st["prefill_tokens"][i]),
             _i("batch.decode_tokens", st["decode_tokens"][i]),
             _i("batch.num_finished", st["num_finished"][i]),
@@ -189,13 +193,21 @@ def _step_span(res: SimResult, k: int, snap_by_step: dict, ids: _Ids, trace_id: 
                 _i("kv.blocks_cached_gpu", cached),
                 _i("request.effective_prompt_len", plen - 16 * cached),
             ]
-            events.append({"timeUnixNano": tun, "name": "step.REQUEST_SNAPSHOT",
-                           "attributes": sattrs})
+            events.append(
+                {"timeUnixNano": tun, "name": "step.REQUEST_SNAPSHOT", "attributes": sattrs}
+            )
     start = int(st["start_ns"][lo]) + res.unix_offset_ns
     end = int(st["end_ns"][hi - 1]) + res.unix_offset_ns
-    return {"traceId": trace_id, "spanId": ids.hex(8), "name": f"scheduler_steps_{k}", "kind": 1,
-            "startTimeUnixNano": str(start), "endTimeUnixNano": str(end), "attributes": [],
-            "events": events}
+    return {
+        "traceId": trace_id,
+        "spanId": ids.hex(8),
+        "name": f"scheduler_steps_{k}",
+        "kind": 1,
+        "startTimeUnixNano": str(start),
+        "endTimeUnixNano": str(end),
+        "attributes": [],
+        "events": events,
+    }
 
 
 def iter_trace_lines(res: SimResult):
@@ -230,34 +242,51 @@ def iter_trace_lines(res: SimResult):
     def api_span(r):
         a, d = int(rq["arrived_ns"][r]), int(rq["departed_ns"][r])
         return {
-            "traceId": trace_ids[r], "spanId": api_span_ids[r], "name": "llm_request", "kind": 2,
-            "startTimeUnixNano": str(a + off), "endTimeUnixNano": str(d + off),
-            "attributes": [_s("gen_ai.request.id", rq["id"][r]),
-                           _s("http.route", "/v1/completions"),
-                           _i("gen_ai.usage.prompt_tokens", rq["prompt_len"][r]),
-                           _i("gen_ai.request.max_tokens", rq["output_len"][r])],
+            "traceId": trace_ids[r],
+            "spanId": api_span_ids[r],
+            "name": "llm_request",
+            "kind": 2,
+            "startTimeUnixNano": str(a + off),
+            "endTimeUnixNano": str(d + off),
+            "attributes": [
+                _s("gen_ai.request.id", rq["id"][r]),
+                _s("http.route", "/v1/completions"),
+                _i("gen_ai.usage.prompt_tokens", rq["prompt_len"][r]),
+                _i("gen_ai.request.max_tokens", rq["output_len"][r]),
+            ],
             "events": [
-                {"timeUnixNano": str(a + off), "name": "api.ARRIVED",
-                 "attributes": [_d("event.ts.monotonic", _ts(a))]},
-                {"timeUnixNano": str(d + off), "name": "api.DEPARTED",
-                 "attributes": [_d("event.ts.monotonic", _ts(d))]},
-            ]}
+                {
+                    "timeUnixNano": str(a + off),
+                    "name": "api.ARRIVED",
+                    "attributes": [_d("event.ts.monotonic", _ts(a))],
+                },
+                {
+                    "timeUnixNano": str(d + off),
+                    "name": "api.DEPARTED",
+                    "attributes": [_d("event.ts.monotonic", _ts(d))],
+                },
+            ],
+        }
 
     def core_span(seg):
         r = int(ev["request"][seg[0]])
         plen, mx = int(rq["prompt_len"][r]), int(rq["output_len"][r])
         events = [_event_attrs_journey(res, int(e), plen, mx) for e in seg]
         return {
-            "traceId": trace_ids[r], "spanId": ids.hex(8), "parentSpanId": api_span_ids[r],
-            "name": "llm_core", "kind": 1,
+            "traceId": trace_ids[r],
+            "spanId": ids.hex(8),
+            "parentSpanId": api_span_ids[r],
+            "name": "llm_core",
+            "kind": 1,
             "startTimeUnixNano": events[0]["timeUnixNano"],
             "endTimeUnixNano": events[-1]["timeUnixNano"],
             "attributes": [_s("gen_ai.request.id", f"{rq['id'][r]}-0-{rq['suffix'][r]}")],
-            "events": events}
+            "events": events,
+        }
 
     for a in range(0, len(desc), SPANS_PER_LINE):
         by_scope: dict[int, list] = {}
-        for _, scope, payload in desc[a:a + SPANS_PER_LINE]:
+        for _, scope, payload in desc[a : a + SPANS_PER_LINE]:
             if scope == 0:
                 span = api_span(payload)
             elif scope == 1:
@@ -265,15 +294,34 @@ def iter_trace_lines(res: SimResult):
             else:
                 span = _step_span(res, payload, snap_by_step, ids, step_trace)
             by_scope.setdefault(scope, []).append(span)
-        line = {"resourceSpans": [{"resource": _RESOURCE, "scopeSpans": [
-            {"scope": {"name": _SCOPES[s]}, "spans": spans} for s, spans in sorted(by_scope.items())
-        ]}]}
+        line = {
+            "resourceSpans": [
+                {
+                    "resource": _RESOURCE,
+                    "scopeSpans": [
+                        {"scope": {"name": _SCOPES[s]}, "spans": spans}
+                        for s, spans in sorted(by_scope.items())
+                    ],
+                }
+            ]
+        }
         yield _DUMPS(line)
 
 
 # ------------------------------------------------------------ client metrics
-_PCTS = (("p0.1", 0.1), ("p1", 1), ("p5", 5), ("p10", 10), ("p25", 25), ("median", 50),
-         ("p75", 75), ("p90", 90), ("p95", 95), ("p99", 99), ("p99.9", 99.9))
+_PCTS = (
+    ("p0.1", 0.1),
+    ("p1", 1),
+    ("p5", 5),
+    ("p10", 10),
+    ("p25", 25),
+    ("median", 50),
+    ("p75", 75),
+    ("p90", 90),
+    ("p95", 95),
+    ("p99", 99),
+    ("p99.9", 99.9),
+)
 
 
 def _dist(x) -> dict:
@@ -305,8 +353,10 @@ def client_metrics(res: SimResult) -> dict:
     out = rq["output_len"].astype(np.float64)
     tpot = np.where(out > 1, (lat - ttft) / np.maximum(2 * out - 1, 1), 0.0)
     # token emission times: entries that complete all known tokens
-    makes_tok = (comp["progress"].astype(np.int64) + comp["new_tokens"]
-                 == comp["prompt_len"].astype(np.int64) + comp["num_output"])
+    makes_tok = (
+        comp["progress"].astype(np.int64) + comp["new_tokens"]
+        == comp["prompt_len"].astype(np.int64) + comp["num_output"]
+    )
     step_of = np.repeat(np.arange(st["id"].size), np.diff(comp["offsets"]))
     tr = comp["request"][makes_tok]
     tt = st["end_ns"][step_of[makes_tok]]
@@ -321,40 +371,53 @@ def client_metrics(res: SimResult) -> dict:
     span_s = max((t1 - t0) / 1e9, 1e-9)
     n_ok = int(ok.sum())
     return {
-        "load_summary": {"count": int(ok.size),
-                         "schedule_delay": _dist(np.zeros(0))},
+        "load_summary": {"count": int(ok.size), "schedule_delay": _dist(np.zeros(0))},
         "successes": {
             "count": n_ok,
-            "latency": {"request_latency": _dist(lat[ok]), "time_to_first_token": _dist(ttft[ok]),
-                        "time_per_output_token": _dist(tpot[ok]),
-                        "inter_token_latency": _dist(itl)},
+            "latency": {
+                "request_latency": _dist(lat[ok]),
+                "time_to_first_token": _dist(ttft[ok]),
+                "time_per_output_token": _dist(tpot[ok]),
+                "inter_token_latency": _dist(itl),
+            },
             "prompt_len": _dist(rq["prompt_len"][ok]),
             "output_len": _dist(rq["output_len"][ok]),
             "throughput": {
                 "input_tokens_per_sec": float(rq["prompt_len"][ok].sum() / span_s),
                 "output_tokens_per_sec": float(rq["output_len"][ok].sum() / span_s),
-                "total_tokens_per_sec": float((rq["prompt_len"][ok].sum()
-                                               + rq["output_len"][ok].sum()) / span_s),
+                "total_tokens_per_sec": float(
+                    (rq["prompt_len"][ok].sum() + rq["output_len"][ok].sum()) / span_s
+                ),
                 "requests_per_sec": float(n_ok / span_s),
             },
         },
-        "failures": {"count": int((~ok).sum()), "request_latency": _dist(np.zeros(0)),
-                     "prompt_len": _dist(np.zeros(0))},
+        "failures": {
+            "count": int((~ok).sum()),
+            "request_latency": _dist(np.zeros(0)),
+            "prompt_len": _dist(np.zeros(0)),
+        },
     }
 
 
 # ------------------------------------------------------------------- writing
 def exp_config(res: SimResult) -> dict:
     s = res.spec
-    return {"model": s.model, "tensor_parallelism": s.tp, "max_model_len": s.max_model_len,
-            "max_num_batched_tokens": s.max_num_batched_tokens, "max_num_seqs": s.max_num_seqs,
-            "app": s.workload, "hardware": s.hardware,
-            "gpu_memory_utilization": s.gpu_memory_utilization,
-            "enable_prefix_caching": bool(s.enable_prefix_caching)}
+    return {
+        "model": s.model,
+        "tensor_parallelism": s.tp,
+        "max_model_len": s.max_model_len,
+        "max_num_batched_tokens": s.max_num_batched_tokens,
+        "max_num_seqs": s.max_num_seqs,
+        "app": s.workload,
+        "hardware": s.hardware,
+        "gpu_memory_utilization": s.gpu_memory_utilization,
+        "enable_prefix_caching": bool(s.enable_prefix_caching),
+    }
 
 
-def write_experiment(result: SimResult, root: str | Path, *, truth_dir: str | Path | None = None,
-                     gzip: bool = False) -> Path:
+def write_experiment(
+    result: SimResult, root: str | Path, *, truth_dir: str | Path | None = None, gzip: bool = False
+) -> Path:
     """Write one experiment directory under ``root`` (and its truth under ``truth_dir``).
 
     Every file is streamed to a temporary name and renamed into place.
@@ -367,14 +430,19 @@ def write_experiment(result: SimResult, root: str | Path, *, truth_dir: str | Pa
         tmp.write_text(yaml.safe_dump(exp_config(result), sort_keys=False), encoding="utf-8")
         _public(tmp)
     with atomic_path(d / "profile.yaml") as tmp:
-        tmp.write_text(json.dumps(result.spec.profile(), separators=(",", ":")) + "\n",
-                       encoding="utf-8")
+        tmp.write_text(
+            json.dumps(result.spec.profile(), separators=(",", ":")) + "\n", encoding="utf-8"
+        )
         _public(tmp)
     name = "traces.json.gz" if gzip else "traces.json"
     with atomic_path(d / name) as tmp:
         if gzip:
-            with open(tmp, "wb") as raw, gzip_mod.GzipFile(filename="", mode="wb", fileobj=raw,
-                                                           compresslevel=6, mtime=0) as f:
+            with (
+                open(tmp, "wb") as raw,
+                gzip_mod.GzipFile(
+                    filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0
+                ) as f,
+            ):
                 buf = []
                 for line in iter_trace_lines(result):
                     buf.append(line)
@@ -421,9 +489,20 @@ def truth_dataset(result: SimResult):
         "start_ns": (("step",), st["start_ns"]),
         "end_ns": (("step",), st["end_ns"]),
         "sampled": (("step",), st["sampled"]),
-        **{k: (("step",), st[k]) for k in ("running_depth", "waiting_depth", "num_prefill",
-                                           "num_decode", "prefill_tokens", "decode_tokens",
-                                           "num_finished", "num_preempted", "kv_blocks_free")},
+        **{
+            k: (("step",), st[k])
+            for k in (
+                "running_depth",
+                "waiting_depth",
+                "num_prefill",
+                "num_decode",
+                "prefill_tokens",
+                "decode_tokens",
+                "num_finished",
+                "num_preempted",
+                "kv_blocks_free",
+            )
+        },
         "slot_request": (K, sreq),
         "slot_phase": (K, pb.phase),
         "slot_new_tokens": (K, pb.new_tokens),
@@ -431,36 +510,56 @@ def truth_dataset(result: SimResult):
         "slot_prompt_len": (K, pb.prompt_len),
         "slot_mask": (K, pb.mask),
         "req_id": (("request",), rq["id"].astype(str)),
-        "req_engine_id": (("request",), np.asarray(
-            [f"{i}-0-{s}" for i, s in zip(rq["id"], rq["suffix"], strict=True)], dtype=str)),
+        "req_engine_id": (
+            ("request",),
+            np.asarray(
+                [f"{i}-0-{s}" for i, s in zip(rq["id"], rq["suffix"], strict=True)], dtype=str
+            ),
+        ),
     }
-    for k in ("system_prompt", "prompt_len", "output_len", "arrived_ns", "queued_ns",
-              "departed_ns", "scheduled_ns", "first_token_ns", "finished_ns", "queued_step",
-              "scheduled_step", "first_token_step", "finished_step", "cached_tokens",
-              "num_preemptions"):
+    for k in (
+        "system_prompt",
+        "prompt_len",
+        "output_len",
+        "arrived_ns",
+        "queued_ns",
+        "departed_ns",
+        "scheduled_ns",
+        "first_token_ns",
+        "finished_ns",
+        "queued_step",
+        "scheduled_step",
+        "first_token_step",
+        "finished_step",
+        "cached_tokens",
+        "num_preemptions",
+    ):
         data[f"req_{k}"] = (("request",), rq[k])
     ds = xr.Dataset(data, coords={"slot": np.arange(W)})
-    ds.attrs.update({
-        "experiment": experiment_dirname(result),
-        "spec_json": json.dumps(result.spec.to_dict(), sort_keys=True),
-        "seed": int(result.seed),
-        "kv_blocks_total": int(result.kv_blocks_total),
-        "mono_base_ns": str(result.mono_base_ns),
-        "unix_offset_ns": str(result.unix_offset_ns),
-        "truth_params_json": result.truth_params,
-        "manifest": manifest_to_attr(manifest(kind="simulation-truth", seed=int(result.seed))),
-        "doc": ("True step durations (float µs; duration_us_int == step.duration_us written), "
+    ds.attrs.update(
+        {
+            "experiment": experiment_dirname(result),
+            "spec_json": json.dumps(result.spec.to_dict(), sort_keys=True),
+            "seed": int(result.seed),
+            "kv_blocks_total": int(result.kv_blocks_total),
+            "mono_base_ns": str(result.mono_base_ns),
+            "unix_offset_ns": str(result.unix_offset_ns),
+            "truth_params_json": result.truth_params,
+            "manifest": manifest_to_attr(manifest(kind="simulation-truth", seed=int(result.seed))),
+            "doc": (
+                "True step durations (float µs; duration_us_int == step.duration_us written), "
                 "padded compositions (slot_* as calib.traces.schema; slot_request indexes the "
-                "request dim), request timings (monotonic ns, -1 = never)."),
-    })
+                "request dim), request timings (monotonic ns, -1 = never)."
+            ),
+        }
+    )
     return ds
 
 
 def write_truth(result: SimResult, path: str | Path) -> Path:
     """Write the truth NetCDF of one experiment atomically (zlib-compressed)."""
     ds = truth_dataset(result)
-    enc = {v: {"zlib": True, "complevel": 4} for v in ds.data_vars
-           if ds[v].dtype.kind in "iufb"}
+    enc = {v: {"zlib": True, "complevel": 4} for v in ds.data_vars if ds[v].dtype.kind in "iufb"}
     path = Path(path)
     with atomic_path(path) as tmp:
         ds.to_netcdf(tmp, engine="netcdf4", encoding=enc)

@@ -91,10 +91,22 @@ from calib.traces.reconstruct import reconstruct
 from calib.traces.schema import PHASE_DECODE, REQUIRED_ATTRS, SCHEMA
 
 FIX_REIMPORT = "re-import with scripts/import_traces.py"
-REQUIRED_KEYS = {"model": str, "tensor_parallelism": int, "max_model_len": int,
-                 "max_num_batched_tokens": int, "max_num_seqs": int, "app": str}
-_NP_DTYPES = {"int8": np.int8, "int32": np.int32, "int64": np.int64, "float64": np.float64,
-              "bool": np.bool_, "str": str}
+REQUIRED_KEYS = {
+    "model": str,
+    "tensor_parallelism": int,
+    "max_model_len": int,
+    "max_num_batched_tokens": int,
+    "max_num_seqs": int,
+    "app": str,
+}
+_NP_DTYPES = {
+    "int8": np.int8,
+    "int32": np.int32,
+    "int64": np.int64,
+    "float64": np.float64,
+    "bool": np.bool_,
+    "str": str,
+}
 _PAD = {"slot_request": -1}
 
 
@@ -103,15 +115,17 @@ def find_experiments(root: str | Path) -> list[Path]:
     """Experiment directories under ``root`` (``root`` itself if it is one), sorted."""
     root = Path(root)
     if not root.exists():
-        raise CalibError("path does not exist", path=root, fix="give an experiment directory "
-                         "or a folder of experiment directories")
+        raise CalibError(
+            "path does not exist",
+            path=root,
+            fix="give an experiment directory or a folder of experiment directories",
+        )
     if not root.is_dir():
         raise CalibError("not a directory", path=root)
     _check_readable(root)
 
     def is_exp(d: Path) -> bool:
-        return any((d / n).is_file() for n in ("exp-config.yaml", "traces.json",
-                                               "traces.json.gz"))
+        return any((d / n).is_file() for n in ("exp-config.yaml", "traces.json", "traces.json.gz"))
 
     if is_exp(root):
         return [root]
@@ -133,54 +147,75 @@ def find_experiments(root: str | Path) -> list[Path]:
             found.append(d)
             dirnames[:] = []
     if not found:
-        raise CalibError("no experiment directories (none holds exp-config.yaml or "
-                         "traces.json)", path=root,
-                         fix="point at an experiment directory or a folder of them")
+        raise CalibError(
+            "no experiment directories (none holds exp-config.yaml or traces.json)",
+            path=root,
+            fix="point at an experiment directory or a folder of them",
+        )
     return sorted(found)
 
 
 def _walk_error(err: OSError) -> None:
-    raise CalibError(f"cannot list the folder ({err.strerror or err})",
-                     path=err.filename, fix="fix its permissions") from None
+    raise CalibError(
+        f"cannot list the folder ({err.strerror or err})",
+        path=err.filename,
+        fix="fix its permissions",
+    ) from None
 
 
 def _check_readable(path: Path) -> None:
     """A folder must be listable and a file readable by this user (else CalibError)."""
     mode = os.R_OK | (os.X_OK if path.is_dir() else 0)
     if not os.access(path, mode):
-        raise CalibError("not readable (permission denied)", path=path,
-                         fix="fix its permissions or copy it somewhere readable")
+        raise CalibError(
+            "not readable (permission denied)",
+            path=path,
+            fix="fix its permissions or copy it somewhere readable",
+        )
 
 
 def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as err:
-        raise CalibError(f"cannot read ({err.strerror or err})", path=path,
-                         fix="fix its permissions") from None
+        raise CalibError(
+            f"cannot read ({err.strerror or err})", path=path, fix="fix its permissions"
+        ) from None
 
 
 def _read_exp_config(d: Path) -> tuple[dict, Path]:
     p = d / "exp-config.yaml"
     if not p.is_file():
-        raise CalibError("exp-config.yaml is missing", path=d,
-                         fix="add exp-config.yaml with model, tensor_parallelism, max_model_len,"
-                             " max_num_batched_tokens, max_num_seqs, app")
+        raise CalibError(
+            "exp-config.yaml is missing",
+            path=d,
+            fix="add exp-config.yaml with model, tensor_parallelism, max_model_len,"
+            " max_num_batched_tokens, max_num_seqs, app",
+        )
     try:
         cfg = yaml.safe_load(_read_bytes(p).decode("utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        raise CalibError("not valid YAML", path=p, line=None if mark is None else mark.line + 1,
-                         fix="write flat `key: value` YAML") from None
+        raise CalibError(
+            "not valid YAML",
+            path=p,
+            line=None if mark is None else mark.line + 1,
+            fix="write flat `key: value` YAML",
+        ) from None
     except UnicodeDecodeError:
         raise CalibError("not UTF-8 text", path=p) from None
     if not isinstance(cfg, dict):
-        raise CalibError("must be a YAML mapping of key: value", path=p,
-                         fix="write flat `key: value` YAML")
+        raise CalibError(
+            "must be a YAML mapping of key: value", path=p, fix="write flat `key: value` YAML"
+        )
     for key, typ in REQUIRED_KEYS.items():
         if key not in cfg:
-            raise CalibError("required key missing", path=p, field=key,
-                             fix=f"add `{key}: ...` to exp-config.yaml")
+            raise CalibError(
+                "required key missing",
+                path=p,
+                field=key,
+                fix=f"add `{key}: ...` to exp-config.yaml",
+            )
         v = cfg[key]
         if typ is int and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise CalibError(f"must be a positive integer, got {v!r}", path=p, field=key)
@@ -199,22 +234,29 @@ def _read_optional(path: Path, kind: str) -> tuple[str, bytes]:
     try:
         obj = yaml.safe_load(raw) if kind == "yaml" else json.loads(raw)
     except (yaml.YAMLError, ValueError) as exc:
-        raise CalibError(f"cannot parse ({str(exc).splitlines()[0][:100]})", path=path,
-                         fix="fix or remove the file (it is optional)") from None
+        raise CalibError(
+            f"cannot parse ({str(exc).splitlines()[0][:100]})",
+            path=path,
+            fix="fix or remove the file (it is optional)",
+        ) from None
     return json.dumps(obj, sort_keys=True, default=str), raw
 
 
 def _trace_file(d: Path) -> Path:
     plain, gz = d / "traces.json", d / "traces.json.gz"
     if plain.is_file() and gz.is_file():
-        raise CalibError("both traces.json and traces.json.gz are present", path=d,
-                         fix="keep only one of them")
+        raise CalibError(
+            "both traces.json and traces.json.gz are present", path=d, fix="keep only one of them"
+        )
     if plain.is_file():
         return plain
     if gz.is_file():
         return gz
-    raise CalibError("no traces.json (or traces.json.gz) in the experiment directory", path=d,
-                     fix="copy the OTLP trace export there as traces.json")
+    raise CalibError(
+        "no traces.json (or traces.json.gz) in the experiment directory",
+        path=d,
+        fix="copy the OTLP trace export there as traces.json",
+    )
 
 
 def source_sha256(d: str | Path, *, with_metrics: bool = False) -> str:
@@ -234,9 +276,13 @@ def source_sha256(d: str | Path, *, with_metrics: bool = False) -> str:
 
 
 # ---------------------------------------------------------------------- import one
-def import_experiment(path: str | Path, *, hardware: str | None = None,
-                      model_config: str | Path | None = None,
-                      parse_workers: int = 1) -> xr.Dataset:
+def import_experiment(
+    path: str | Path,
+    *,
+    hardware: str | None = None,
+    model_config: str | Path | None = None,
+    parse_workers: int = 1,
+) -> xr.Dataset:
     """Import one experiment directory into a dataset with an experiment dim of length 1.
 
     Pure function of its inputs (files and arguments): safe to run in worker
@@ -262,16 +308,18 @@ def import_experiment(path: str | Path, *, hardware: str | None = None,
     try:
         arch = load_architecture(cfg["model"], model_config)
     except CalibError as exc:
-        raise CalibError(str(exc).removeprefix("field 'model': "), path=cfg_path,
-                         field="model") from None
+        raise CalibError(
+            str(exc).removeprefix("field 'model': "), path=cfg_path, field="model"
+        ) from None
     arch.check_tp(cfg["tensor_parallelism"], source=cfg_path)
     hw_name = hardware or cfg.get("hardware") or config.DEFAULT_HARDWARE
     try:
         hw = load_hardware(hw_name)
     except CalibError as exc:
         where = "--hardware" if hardware else cfg_path
-        raise CalibError(str(exc).removeprefix("field 'hardware': "), path=where,
-                         field="hardware") from None
+        raise CalibError(
+            str(exc).removeprefix("field 'hardware': "), path=where, field="hardware"
+        ) from None
     profile_json, _ = _read_optional(d / "profile.yaml", "yaml")
     metrics_json, _ = _read_optional(d / "results" / "summary_lifecycle_metrics.json", "json")
     sha = source_sha256(d)
@@ -280,38 +328,54 @@ def import_experiment(path: str | Path, *, hardware: str | None = None,
     if len(cols.j_req) == 0:
         raise CalibError(
             f"no vllm.scheduler journey events ({cols.num_lines} lines, "
-            f"{cols.num_bad_lines} malformed)", path=trace_path,
-            fix="export traces with journey tracing on (scope vllm.scheduler, span llm_core)")
+            f"{cols.num_bad_lines} malformed)",
+            path=trace_path,
+            fix="export traces with journey tracing on (scope vllm.scheduler, span llm_core)",
+        )
     rec = reconstruct(cols, cfg["max_num_batched_tokens"], source=trace_path)
     if rec.step_id.size == 0:
-        raise CalibError("no scheduler step could be reconstructed (no request was scheduled)",
-                         path=trace_path)
+        raise CalibError(
+            "no scheduler step could be reconstructed (no request was scheduled)", path=trace_path
+        )
 
     n_steps = rec.step_id.size
     n_req = rec.req["req_id"].size
     data = {
-        "exp_model": [arch.name], "exp_model_id": [cfg["model"]],
+        "exp_model": [arch.name],
+        "exp_model_id": [cfg["model"]],
         "exp_tp": [cfg["tensor_parallelism"]],
         "exp_max_num_batched_tokens": [cfg["max_num_batched_tokens"]],
-        "exp_max_num_seqs": [cfg["max_num_seqs"]], "exp_max_model_len": [cfg["max_model_len"]],
-        "exp_hardware": [hw.name], "exp_workload": [cfg["app"]],
+        "exp_max_num_seqs": [cfg["max_num_seqs"]],
+        "exp_max_model_len": [cfg["max_model_len"]],
+        "exp_hardware": [hw.name],
+        "exp_workload": [cfg["app"]],
         "exp_arch_json": [json.dumps(arch.to_dict(), sort_keys=True)],
         "exp_hardware_json": [json.dumps(hw.to_dict(), sort_keys=True)],
-        "exp_profile_json": [profile_json], "exp_client_metrics_json": [metrics_json],
-        "exp_source_sha256": [sha], "exp_num_steps": [n_steps],
-        "exp_num_sampled": [int(rec.bs["sampled"].sum())], "exp_num_requests": [n_req],
+        "exp_profile_json": [profile_json],
+        "exp_client_metrics_json": [metrics_json],
+        "exp_source_sha256": [sha],
+        "exp_num_steps": [n_steps],
+        "exp_num_sampled": [int(rec.bs["sampled"].sum())],
+        "exp_num_requests": [n_req],
         "exp_num_failed": [int(rec.req["req_failed"].sum())],
         "exp_num_bad_lines": [cols.num_bad_lines],
         "exp_xcheck_batch_rate": [rec.xcheck_batch_rate],
         "exp_xcheck_snapshot_rate": [rec.xcheck_snapshot_rate],
-        "step_experiment": np.zeros(n_steps), "step_id": rec.step_id,
-        "num_prefill": rec.num_prefill, "num_decode": rec.num_decode,
-        "prefill_tokens": rec.prefill_tokens, "decode_tokens": rec.decode_tokens,
-        "slot_request": rec.slot_request, "slot_phase": rec.slot_phase,
-        "slot_new_tokens": rec.slot_new_tokens, "slot_progress": rec.slot_progress,
-        "slot_prompt_len": rec.slot_prompt_len, "slot_mask": rec.slot_mask,
+        "step_experiment": np.zeros(n_steps),
+        "step_id": rec.step_id,
+        "num_prefill": rec.num_prefill,
+        "num_decode": rec.num_decode,
+        "prefill_tokens": rec.prefill_tokens,
+        "decode_tokens": rec.decode_tokens,
+        "slot_request": rec.slot_request,
+        "slot_phase": rec.slot_phase,
+        "slot_new_tokens": rec.slot_new_tokens,
+        "slot_progress": rec.slot_progress,
+        "slot_prompt_len": rec.slot_prompt_len,
+        "slot_mask": rec.slot_mask,
         "req_experiment": np.zeros(n_req),
-        **rec.bs, **rec.req,
+        **rec.bs,
+        **rec.req,
     }
     stats = {k: v for k, v in rec.stats.items()}
     stats["lines"] = cols.num_lines
@@ -351,8 +415,11 @@ def concat_experiments(datasets: Sequence[xr.Dataset]) -> xr.Dataset:
     names = np.concatenate([ds["experiment"].values for ds in datasets]).astype(str)
     if len(set(names.tolist())) != names.size:
         dup = sorted({n for n in names.tolist() if (names == n).sum() > 1})
-        raise CalibError(f"experiment names are not unique: {dup}", field="experiment",
-                         fix="give every experiment directory a distinct name")
+        raise CalibError(
+            f"experiment names are not unique: {dup}",
+            field="experiment",
+            fix="give every experiment directory a distinct name",
+        )
     width = max(ds.sizes.get("slot", 0) for ds in datasets)
     e_off = np.cumsum([0] + [ds.sizes["experiment"] for ds in datasets])
     r_off = np.cumsum([0] + [ds.sizes["request"] for ds in datasets])
@@ -368,7 +435,7 @@ def concat_experiments(datasets: Sequence[xr.Dataset]) -> xr.Dataset:
                 a = ds[name].values
                 if name == "slot_request":
                     a = np.where(a >= 0, a + r_off[i], -1)
-                out[row:row + a.shape[0], :a.shape[1]] = a
+                out[row : row + a.shape[0], : a.shape[1]] = a
                 row += a.shape[0]
             data[name] = out
             continue
@@ -444,26 +511,39 @@ def load_dataset(path: str | Path, *, progress: bool = True) -> xr.Dataset:
         with xr.open_dataset(path, engine="netcdf4") as f:
             ds = f.load()
     except (OSError, ValueError, RuntimeError) as exc:
-        raise CalibError(f"not a readable NetCDF dataset ({exc})", path=path,
-                         fix=FIX_REIMPORT) from None
+        raise CalibError(
+            f"not a readable NetCDF dataset ({exc})", path=path, fix=FIX_REIMPORT
+        ) from None
     for key in REQUIRED_ATTRS:
         if key not in ds.attrs:
             raise CalibError(f"attribute {key!r} missing", path=path, field=key, fix=FIX_REIMPORT)
     if int(ds.attrs["schema_version"]) != DATASET_SCHEMA_VERSION:
-        raise CalibError(f"schema_version {ds.attrs['schema_version']} but this calib reads "
-                         f"{DATASET_SCHEMA_VERSION}", path=path, field="schema_version",
-                         fix=FIX_REIMPORT)
+        raise CalibError(
+            f"schema_version {ds.attrs['schema_version']} but this calib reads "
+            f"{DATASET_SCHEMA_VERSION}",
+            path=path,
+            field="schema_version",
+            fix=FIX_REIMPORT,
+        )
     for name, var in SCHEMA.items():
         if name not in ds:
             raise CalibError("variable missing", path=path, field=name, fix=FIX_REIMPORT)
         if ds[name].dims != var.dims:
-            raise CalibError(f"dims {ds[name].dims}, expected {var.dims}", path=path,
-                             field=name, fix=FIX_REIMPORT)
+            raise CalibError(
+                f"dims {ds[name].dims}, expected {var.dims}",
+                path=path,
+                field=name,
+                fix=FIX_REIMPORT,
+            )
         kind = ds[name].dtype.kind
         want = {"bool": "biu", "str": "USO", "float64": "f"}.get(var.dtype, "iu")
         if kind not in want:
-            raise CalibError(f"dtype {ds[name].dtype}, expected {var.dtype}", path=path,
-                             field=name, fix=FIX_REIMPORT)
+            raise CalibError(
+                f"dtype {ds[name].dtype}, expected {var.dtype}",
+                path=path,
+                field=name,
+                fix=FIX_REIMPORT,
+            )
         if var.dtype == "bool":
             ds[name] = ds[name].astype(bool)
         elif var.dtype == "str":
@@ -480,17 +560,29 @@ def load_dataset(path: str | Path, *, progress: bool = True) -> xr.Dataset:
             raise CalibError(f"invalid values: {what}", path=path, field=name, fix=FIX_REIMPORT)
 
     se, re_ = ds["step_experiment"].values, ds["req_experiment"].values
-    check("step_experiment", se.size == 0 or (se.min() >= 0 and se.max() < n_exp),
-          "index outside the experiment dimension")
-    check("req_experiment", re_.size == 0 or (re_.min() >= 0 and re_.max() < n_exp),
-          "index outside the experiment dimension")
+    check(
+        "step_experiment",
+        se.size == 0 or (se.min() >= 0 and se.max() < n_exp),
+        "index outside the experiment dimension",
+    )
+    check(
+        "req_experiment",
+        re_.size == 0 or (re_.min() >= 0 and re_.max() < n_exp),
+        "index outside the experiment dimension",
+    )
     sr = ds["slot_request"].values
-    check("slot_request", sr.size == 0 or (sr.min() >= -1 and sr.max() < n_req),
-          "index outside the request dimension")
+    check(
+        "slot_request",
+        sr.size == 0 or (sr.min() >= -1 and sr.max() < n_req),
+        "index outside the request dimension",
+    )
     ph = ds["slot_phase"].values
     check("slot_phase", bool(np.isin(ph, (0, 1, PHASE_DECODE)).all()), "phase not in {0,1,2}")
-    check("slot_mask", bool(np.array_equal(ds["slot_mask"].values, sr >= 0)),
-          "mask disagrees with slot_request >= 0")
+    check(
+        "slot_mask",
+        bool(np.array_equal(ds["slot_mask"].values, sr >= 0)),
+        "mask disagrees with slot_request >= 0",
+    )
     return ds
 
 
@@ -500,16 +592,18 @@ def _cache_key(src_sha: str, hardware, model_config) -> str:
     hw = str(hardware or "")
     if hw and Path(hw).is_file():
         hw += ":" + file_sha256(hw)
-    return text_sha256(json.dumps([src_sha, hw, str(model_config or ""), mc,
-                                   DATASET_SCHEMA_VERSION, __version__]))
+    return text_sha256(
+        json.dumps([src_sha, hw, str(model_config or ""), mc, DATASET_SCHEMA_VERSION, __version__])
+    )
 
 
 def _import_one(d: str, hardware, model_config, cache_file: str | None, parse_workers: int = 1):
     """Worker: import one directory; returns (dataset or cache path, warning texts)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TraceWarning)
-        ds = import_experiment(d, hardware=hardware, model_config=model_config,
-                               parse_workers=parse_workers)
+        ds = import_experiment(
+            d, hardware=hardware, model_config=model_config, parse_workers=parse_workers
+        )
         if cache_file is not None:
             save_dataset(ds, cache_file, record=False)
         result = ds
@@ -517,10 +611,17 @@ def _import_one(d: str, hardware, model_config, cache_file: str | None, parse_wo
     return result, msgs
 
 
-def import_root(root: str | Path, *, hardware: str | None = None,
-                model_config: str | Path | None = None, workers: int | None = None,
-                progress: bool = True, cache_dir: str | Path | None = None,
-                use_cache: bool = True, scheduler: str = "processes") -> xr.Dataset:
+def import_root(
+    root: str | Path,
+    *,
+    hardware: str | None = None,
+    model_config: str | Path | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    scheduler: str = "processes",
+) -> xr.Dataset:
     """Import every experiment directory under ``root`` (or ``root`` itself) and concatenate.
 
     Parameters
@@ -548,23 +649,31 @@ def import_root(root: str | Path, *, hardware: str | None = None,
     if len(set(names)) != len(names):  # same leaf name in different sub-folders
         names = [str(d.relative_to(root)) if d != root else d.name for d in dirs]
     if scheduler not in ("processes", "dask"):
-        raise CalibError(f"unknown scheduler {scheduler!r}", field="scheduler",
-                         fix="use 'processes' or 'dask'")
+        raise CalibError(
+            f"unknown scheduler {scheduler!r}", field="scheduler", fix="use 'processes' or 'dask'"
+        )
     if scheduler == "dask":
         try:
             import dask
         except ImportError:
-            raise CalibError("scheduler='dask' needs the optional dask dependency",
-                             field="scheduler",
-                             fix="pip install 'calib[dask]' or use scheduler='processes'") from None
-        tasks = [dask.delayed(import_experiment)(str(d), hardware=hardware,
-                                                 model_config=model_config) for d in dirs]
+            raise CalibError(
+                "scheduler='dask' needs the optional dask dependency",
+                field="scheduler",
+                fix="pip install 'calib[dask]' or use scheduler='processes'",
+            ) from None
+        tasks = [
+            dask.delayed(import_experiment)(str(d), hardware=hardware, model_config=model_config)
+            for d in dirs
+        ]
         return concat_experiments(_rename(list(dask.compute(*tasks)), names))
 
     cache_path = None
     if use_cache:
-        cache_path = Path(cache_dir) if cache_dir else (
-            (root if root.is_dir() else root.parent) / config.IMPORT_CACHE_DIRNAME)
+        cache_path = (
+            Path(cache_dir)
+            if cache_dir
+            else ((root if root.is_dir() else root.parent) / config.IMPORT_CACHE_DIRNAME)
+        )
         try:
             cache_path.mkdir(parents=True, exist_ok=True)
             writable = os.access(cache_path, os.W_OK | os.X_OK)
@@ -572,19 +681,29 @@ def import_root(root: str | Path, *, hardware: str | None = None,
             writable = False
         if not writable:
             if cache_dir:
-                raise CalibError("cache folder cannot be created or written", path=cache_path,
-                                 fix="pass a writable --cache-dir, or --no-cache")
-            warnings.warn(TraceWarning(f"{cache_path}: cannot create or write the import cache "
-                                       "(read-only input?); importing without it"),
-                          stacklevel=2)
+                raise CalibError(
+                    "cache folder cannot be created or written",
+                    path=cache_path,
+                    fix="pass a writable --cache-dir, or --no-cache",
+                )
+            warnings.warn(
+                TraceWarning(
+                    f"{cache_path}: cannot create or write the import cache "
+                    "(read-only input?); importing without it"
+                ),
+                stacklevel=2,
+            )
             cache_path = None
     jobs = []
     results: list = [None] * len(dirs)
     for i, d in enumerate(dirs):
         cfile = None
         if cache_path is not None:
-            key = _cache_key(source_sha256(d, with_metrics=True) if _has_traces(d) else "",
-                             hardware, model_config)
+            key = _cache_key(
+                source_sha256(d, with_metrics=True) if _has_traces(d) else "",
+                hardware,
+                model_config,
+            )
             cfile = cache_path / f"{key}.nc"
             if cfile.is_file():
                 try:
@@ -602,15 +721,19 @@ def import_root(root: str | Path, *, hardware: str | None = None,
             # One experiment left: parse its (possibly large) file with all workers.
             parse_workers = workers or config.IMPORT_WORKERS or os.cpu_count() or 1
             for i, src, cache_file in jobs:
-                results[i] = _finish_job(_import_one(src, hardware, model_config, cache_file,
-                                                     parse_workers))
+                results[i] = _finish_job(
+                    _import_one(src, hardware, model_config, cache_file, parse_workers)
+                )
                 bar.update(1)
         elif jobs:
             ctx = mp_context()
-            with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx,
-                                     initializer=worker_signals) as pool:
-                futs = {pool.submit(_import_one, src, hardware, model_config, cache_file): i
-                        for i, src, cache_file in jobs}
+            with ProcessPoolExecutor(
+                max_workers=n_workers, mp_context=ctx, initializer=worker_signals
+            ) as pool:
+                futs = {
+                    pool.submit(_import_one, src, hardware, model_config, cache_file): i
+                    for i, src, cache_file in jobs
+                }
                 for fut in as_completed(futs):
                     results[futs[fut]] = _finish_job(fut.result())
                     bar.update(1)
@@ -633,8 +756,10 @@ def _finish_job(res) -> xr.Dataset:
 def _rewarn_cached(ds: xr.Dataset, d: Path) -> None:
     nbad = int(ds["exp_num_bad_lines"].values[0])
     if nbad:
-        warnings.warn(TraceWarning(f"{d}: cached import; {nbad} malformed traces.json lines "
-                                   f"were skipped"), stacklevel=3)
+        warnings.warn(
+            TraceWarning(f"{d}: cached import; {nbad} malformed traces.json lines were skipped"),
+            stacklevel=3,
+        )
 
 
 def _rename(results: list, names: list[str]) -> list:
@@ -650,6 +775,11 @@ def _progress(total: int, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
     # disable=None: shown on a terminal only (a piped stderr keeps the CLI's one line).
-    return tqdm(total=total, initial=initial,
-                disable=True if not enabled or total <= 1 else None,
-                desc="import", unit="exp", leave=False)
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=True if not enabled or total <= 1 else None,
+        desc="import",
+        unit="exp",
+        leave=False,
+    )

@@ -88,54 +88,75 @@ _API_CODES = {f"api.{n}": i for i, n in enumerate(API_NAMES)}
 
 #: BATCH_SUMMARY integer attributes, in column order (all but step.id optional: -1).
 BATCH_INT_KEYS = (
-    "step.id", "step.duration_us", "step.ts_start_ns", "step.ts_end_ns",
-    "queue.running_depth", "queue.waiting_depth",
-    "batch.num_prefill_reqs", "batch.num_decode_reqs", "batch.scheduled_tokens",
-    "batch.prefill_tokens", "batch.decode_tokens", "batch.num_finished",
-    "batch.num_preempted", "kv.blocks_total_gpu", "kv.blocks_free_gpu",
+    "step.id",
+    "step.duration_us",
+    "step.ts_start_ns",
+    "step.ts_end_ns",
+    "queue.running_depth",
+    "queue.waiting_depth",
+    "batch.num_prefill_reqs",
+    "batch.num_decode_reqs",
+    "batch.scheduled_tokens",
+    "batch.prefill_tokens",
+    "batch.decode_tokens",
+    "batch.num_finished",
+    "batch.num_preempted",
+    "kv.blocks_total_gpu",
+    "kv.blocks_free_gpu",
 )
 #: REQUEST_SNAPSHOT integer attributes (step.id required, others optional: -1).
 SNAPSHOT_INT_KEYS = (
-    "step.id", "request.num_prompt_tokens", "request.num_computed_tokens",
-    "request.num_output_tokens", "request.num_preemptions",
-    "request.scheduled_tokens_this_step", "kv.blocks_allocated_gpu",
-    "kv.blocks_cached_gpu", "request.effective_prompt_len",
+    "step.id",
+    "request.num_prompt_tokens",
+    "request.num_computed_tokens",
+    "request.num_output_tokens",
+    "request.num_preemptions",
+    "request.scheduled_tokens_this_step",
+    "kv.blocks_allocated_gpu",
+    "kv.blocks_cached_gpu",
+    "request.effective_prompt_len",
 )
 #: Journey integer attributes (all required on every journey event).
-JOURNEY_INT_KEYS = ("scheduler.step", "prefill.done_tokens", "prefill.total_tokens",
-                    "decode.done_tokens", "decode.max_tokens", "num_preemptions")
+JOURNEY_INT_KEYS = (
+    "scheduler.step",
+    "prefill.done_tokens",
+    "prefill.total_tokens",
+    "decode.done_tokens",
+    "decode.max_tokens",
+    "num_preemptions",
+)
 
 
 # ----------------------------------------------------------------------------- records
 class JourneyEvent(NamedTuple):
-    request_id: str          # gen_ai.request.id of the llm_core span (cmpl-<id>-0-<suffix>)
-    kind: int                # QUEUED .. FINISHED
-    ts_s: float              # ts.monotonic (seconds)
-    step: int                # scheduler.step
+    request_id: str  # gen_ai.request.id of the llm_core span (cmpl-<id>-0-<suffix>)
+    kind: int  # QUEUED .. FINISHED
+    ts_s: float  # ts.monotonic (seconds)
+    step: int  # scheduler.step
     prefill_done: int
     prefill_total: int
     decode_done: int
     decode_max: int
     num_preemptions: int
-    resume: int              # schedule.kind: 1 RESUME, 0 FIRST, -1 absent
-    finish_status: str       # finish.status ('' if absent)
-    phase: str               # phase ('' if absent)
+    resume: int  # schedule.kind: 1 RESUME, 0 FIRST, -1 absent
+    finish_status: str  # finish.status ('' if absent)
+    phase: str  # phase ('' if absent)
 
 
 class ApiEvent(NamedTuple):
-    request_id: str          # base id cmpl-<id>
-    kind: int                # ARRIVED / DEPARTED / ABORTED
-    ts_s: float              # event.ts.monotonic (seconds)
+    request_id: str  # base id cmpl-<id>
+    kind: int  # ARRIVED / DEPARTED / ABORTED
+    ts_s: float  # event.ts.monotonic (seconds)
 
 
 class BatchSummary(NamedTuple):
-    values: dict[str, int | float]   # BATCH_INT_KEYS plus kv.usage_gpu_ratio
+    values: dict[str, int | float]  # BATCH_INT_KEYS plus kv.usage_gpu_ratio
 
 
 class RequestSnapshot(NamedTuple):
     request_id: str
     phase: str
-    values: dict[str, int]           # SNAPSHOT_INT_KEYS
+    values: dict[str, int]  # SNAPSHOT_INT_KEYS
 
 
 class _Bad(Exception):
@@ -244,9 +265,9 @@ class TraceColumns:
     a_ts: _Column = field(default_factory=list)
     #: BATCH_SUMMARY rows, flat: BATCH_INT_KEYS values + kv.usage_gpu_ratio (NaN) per row.
     b_rows: list = field(default_factory=list)
-    s_req: list = field(default_factory=list)     # REQUEST_SNAPSHOT request.id
+    s_req: list = field(default_factory=list)  # REQUEST_SNAPSHOT request.id
     s_phase: list = field(default_factory=list)
-    s_rows: list = field(default_factory=list)    # flat SNAPSHOT_INT_KEYS values per row
+    s_rows: list = field(default_factory=list)  # flat SNAPSHOT_INT_KEYS values per row
     #: per request (aligned with ``request_ids``): line of its first journey event.
     request_lines: list = field(default_factory=list)
     #: line being parsed (set by the reader; names requests in warnings).
@@ -256,8 +277,21 @@ class TraceColumns:
     #: (line number, reason) of the first bad lines (all of them are counted).
     bad_lines: list = field(default_factory=list)
 
-    _LISTS = ("j_req", "j_kind", "j_ts", "j_ints", "j_resume", "j_status", "a_id", "a_kind", "a_ts",
-              "b_rows", "s_req", "s_phase", "s_rows")
+    _LISTS = (
+        "j_req",
+        "j_kind",
+        "j_ts",
+        "j_ints",
+        "j_resume",
+        "j_status",
+        "a_id",
+        "a_kind",
+        "a_ts",
+        "b_rows",
+        "s_req",
+        "s_phase",
+        "s_rows",
+    )
 
     def _mark(self) -> tuple:
         return tuple(len(getattr(self, n)) for n in self._LISTS), len(self.request_ids)
@@ -274,8 +308,14 @@ class TraceColumns:
     def finish(self) -> TraceColumns:
         """Convert the list columns to numpy arrays (in place); returns self."""
         ji = np.asarray(self.j_ints, dtype=np.int64).reshape(-1, len(JOURNEY_INT_KEYS))
-        (self.j_step, self.j_pf_done, self.j_pf_total, self.j_dc_done, self.j_dc_max,
-         self.j_npre) = (np.ascontiguousarray(ji[:, k]) for k in range(ji.shape[1]))
+        (
+            self.j_step,
+            self.j_pf_done,
+            self.j_pf_total,
+            self.j_dc_done,
+            self.j_dc_max,
+            self.j_npre,
+        ) = (np.ascontiguousarray(ji[:, k]) for k in range(ji.shape[1]))
         self.j_ints = []
         self.j_req = np.asarray(self.j_req, dtype=np.int64)
         self.j_kind = np.asarray(self.j_kind, dtype=np.int8)
@@ -376,8 +416,9 @@ def _step_spans(spans, c: TraceColumns, keep_phase: list | None) -> None:
                 d = _attrs(ev["attributes"])
                 row: list[float] = [_int(d, "step.id"), _int_unbounded(d, "step.duration_us")]
                 row.extend([_int_opt(d, k) for k in BATCH_INT_KEYS[2:]])
-                row.append(_float(d, "kv.usage_gpu_ratio") if "kv.usage_gpu_ratio" in d
-                           else math.nan)
+                row.append(
+                    _float(d, "kv.usage_gpu_ratio") if "kv.usage_gpu_ratio" in d else math.nan
+                )
                 c.b_rows.extend(row)
             elif name == "step.REQUEST_SNAPSHOT":
                 d = _attrs(ev["attributes"])
@@ -388,8 +429,11 @@ def _step_spans(spans, c: TraceColumns, keep_phase: list | None) -> None:
                 c.s_rows.extend(row)
 
 
-_SCOPES = {"vllm.scheduler": _journey_spans, "vllm.api": _api_spans,
-           "vllm.scheduler.step": _step_spans}
+_SCOPES = {
+    "vllm.scheduler": _journey_spans,
+    "vllm.api": _api_spans,
+    "vllm.scheduler.step": _step_spans,
+}
 
 
 def _parse_line(raw: bytes, c: TraceColumns, keep_phase: list | None = None) -> None:
@@ -437,8 +481,9 @@ def _iter_raw(path: Path) -> Iterator[tuple[int, bytes]]:
         yield -1, repr(exc).encode()
 
 
-def read_traces(path: str | Path, *, max_line_warnings: int | None = None,
-                workers: int = 1) -> TraceColumns:
+def read_traces(
+    path: str | Path, *, max_line_warnings: int | None = None, workers: int = 1
+) -> TraceColumns:
     """Read one ``traces.json`` / ``traces.json.gz`` into columns (streaming).
 
     Parameters
@@ -457,19 +502,28 @@ def read_traces(path: str | Path, *, max_line_warnings: int | None = None,
     """
     path = Path(path)
     limit = config.IMPORT_MAX_LINE_WARNINGS if max_line_warnings is None else max_line_warnings
-    if (workers > 1 and path.suffix != ".gz" and path.is_file()
-            and path.stat().st_size >= config.IMPORT_PARALLEL_MIN_BYTES):
+    if (
+        workers > 1
+        and path.suffix != ".gz"
+        and path.is_file()
+        and path.stat().st_size >= config.IMPORT_PARALLEL_MIN_BYTES
+    ):
         c = _read_parallel(path, workers)
         for k, (lineno, reason) in enumerate(c.bad_lines):
             if k < limit:
-                warnings.warn(TraceWarning(f"{path}:{lineno}: skipped malformed line: {reason}"),
-                              stacklevel=2)
+                warnings.warn(
+                    TraceWarning(f"{path}:{lineno}: skipped malformed line: {reason}"), stacklevel=2
+                )
     else:
         c = _read_range(path, limit)
     if c.num_bad_lines > limit:
-        warnings.warn(TraceWarning(
-            f"{path}: {c.num_bad_lines} malformed lines skipped in total "
-            f"({c.num_bad_lines - limit} not listed individually)"), stacklevel=2)
+        warnings.warn(
+            TraceWarning(
+                f"{path}: {c.num_bad_lines} malformed lines skipped in total "
+                f"({c.num_bad_lines - limit} not listed individually)"
+            ),
+            stacklevel=2,
+        )
     return c
 
 
@@ -530,10 +584,18 @@ def _read_parallel(path: Path, workers: int) -> TraceColumns:
     cuts.append(size)
     ranges = [(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
     ctx = mp_context()
-    with ProcessPoolExecutor(max_workers=len(ranges), mp_context=ctx,
-                             initializer=worker_signals) as pool:
-        parts = list(pool.map(_read_range, [path] * len(ranges), [0] * len(ranges),
-                              [a for a, _ in ranges], [b for _, b in ranges]))
+    with ProcessPoolExecutor(
+        max_workers=len(ranges), mp_context=ctx, initializer=worker_signals
+    ) as pool:
+        parts = list(
+            pool.map(
+                _read_range,
+                [path] * len(ranges),
+                [0] * len(ranges),
+                [a for a, _ in ranges],
+                [b for _, b in ranges],
+            )
+        )
     return merge_columns(parts, path)
 
 
@@ -560,15 +622,30 @@ def merge_columns(parts: list[TraceColumns], path: str | Path) -> TraceColumns:
         out.s_phase.extend(p.s_phase)
     out.num_lines = offset
     out.j_req = np.concatenate(j_req)
-    for n in ("j_kind", "j_ts", "j_step", "j_pf_done", "j_pf_total", "j_dc_done", "j_dc_max",
-              "j_npre", "j_resume", "a_kind", "a_ts", "b_int", "b_dur", "b_kv_ratio", "s_int"):
+    for n in (
+        "j_kind",
+        "j_ts",
+        "j_step",
+        "j_pf_done",
+        "j_pf_total",
+        "j_dc_done",
+        "j_dc_max",
+        "j_npre",
+        "j_resume",
+        "a_kind",
+        "a_ts",
+        "b_int",
+        "b_dur",
+        "b_kv_ratio",
+        "s_int",
+    ):
         setattr(out, n, np.concatenate([getattr(p, n) for p in parts]))
     out.b_rows, out.s_rows, out.j_ints = [], [], []
     return out
 
 
 def _read_into(c: TraceColumns, path: Path, limit: int, lines=None) -> None:
-    for lineno, raw in (_iter_raw(path) if lines is None else lines):
+    for lineno, raw in _iter_raw(path) if lines is None else lines:
         if lineno < 0:
             _bad(c, path, c.num_lines + 1, f"unreadable compressed data ({raw.decode()})", limit)
             break
@@ -588,12 +665,14 @@ def _bad(c: TraceColumns, path: Path, lineno: int, reason: str, limit: int) -> N
     if len(c.bad_lines) < 100:
         c.bad_lines.append((lineno, reason))
     if c.num_bad_lines <= limit:
-        warnings.warn(TraceWarning(f"{path}:{lineno}: skipped malformed line: {reason}"),
-                      stacklevel=3)
+        warnings.warn(
+            TraceWarning(f"{path}:{lineno}: skipped malformed line: {reason}"), stacklevel=3
+        )
 
 
-def iter_records(path: str | Path) -> Iterator[JourneyEvent | ApiEvent | BatchSummary
-                                               | RequestSnapshot]:
+def iter_records(
+    path: str | Path,
+) -> Iterator[JourneyEvent | ApiEvent | BatchSummary | RequestSnapshot]:
     """Yield typed records of one trace file (slow path, for inspection).
 
     Lines are visited in file order; within a line, journey events come first, then
@@ -620,16 +699,27 @@ def iter_records(path: str | Path) -> Iterator[JourneyEvent | ApiEvent | BatchSu
             _bad(counter, path, lineno, str(exc), limit)
             continue
         for i in range(len(c.j_req)):
-            step, pf_done, pf_total, dc_done, dc_max, npre = c.j_ints[6 * i:6 * i + 6]
-            yield JourneyEvent(c.request_ids[c.j_req[i]], c.j_kind[i], c.j_ts[i], step,
-                               pf_done, pf_total, dc_done, dc_max, npre, c.j_resume[i],
-                               c.j_status[i], phases[i])
+            step, pf_done, pf_total, dc_done, dc_max, npre = c.j_ints[6 * i : 6 * i + 6]
+            yield JourneyEvent(
+                c.request_ids[c.j_req[i]],
+                c.j_kind[i],
+                c.j_ts[i],
+                step,
+                pf_done,
+                pf_total,
+                dc_done,
+                dc_max,
+                npre,
+                c.j_resume[i],
+                c.j_status[i],
+                phases[i],
+            )
         for i in range(len(c.a_id)):
             yield ApiEvent(c.a_id[i], c.a_kind[i], c.a_ts[i])
         nb = len(BATCH_INT_KEYS) + 1
         ns = len(SNAPSHOT_INT_KEYS)
-        b_rows = [c.b_rows[i:i + nb] for i in range(0, len(c.b_rows), nb)]
-        s_rows = [c.s_rows[i:i + ns] for i in range(0, len(c.s_rows), ns)]
+        b_rows = [c.b_rows[i : i + nb] for i in range(0, len(c.b_rows), nb)]
+        s_rows = [c.s_rows[i : i + ns] for i in range(0, len(c.s_rows), ns)]
         for row in b_rows:
             vals: dict[str, int | float] = dict(zip(BATCH_INT_KEYS, row[:-1], strict=True))
             vals["kv.usage_gpu_ratio"] = row[-1]

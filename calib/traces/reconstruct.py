@@ -126,15 +126,16 @@ class Reconstruction:
     slot_progress: np.ndarray
     slot_prompt_len: np.ndarray
     slot_mask: np.ndarray
-    bs: dict[str, np.ndarray]          # schema's bs_* variables + duration_us, sampled
-    req: dict[str, np.ndarray]         # schema's req_* variables (without req_experiment)
+    bs: dict[str, np.ndarray]  # schema's bs_* variables + duration_us, sampled
+    req: dict[str, np.ndarray]  # schema's req_* variables (without req_experiment)
     xcheck_batch_rate: float
     xcheck_snapshot_rate: float
     stats: dict = field(default_factory=dict)
 
 
-def _first_rows(kind_sorted: np.ndarray, req_sorted: np.ndarray, vals: np.ndarray, k: int,
-                n_req: int, fill):
+def _first_rows(
+    kind_sorted: np.ndarray, req_sorted: np.ndarray, vals: np.ndarray, k: int, n_req: int, fill
+):
     """Per request, ``vals`` at its first event of kind ``k`` (in sorted order)."""
     out = np.full(n_req, fill, dtype=vals.dtype)
     sel = np.flatnonzero(kind_sorted == k)
@@ -145,8 +146,13 @@ def _first_rows(kind_sorted: np.ndarray, req_sorted: np.ndarray, vals: np.ndarra
     return out
 
 
-def reconstruct(c: TraceColumns, max_num_batched_tokens: int, *,
-                source: str | Path = "traces.json", _vectorise: bool = True) -> Reconstruction:
+def reconstruct(
+    c: TraceColumns,
+    max_num_batched_tokens: int,
+    *,
+    source: str | Path = "traces.json",
+    _vectorise: bool = True,
+) -> Reconstruction:
     """Reconstruct per-step batches, labels and cross-checks from parsed traces.
 
     Parameters
@@ -219,8 +225,13 @@ def reconstruct(c: TraceColumns, max_num_batched_tokens: int, *,
     # absent or not before SCHEDULED) are vectorised; the walk below gives the same result.
     n_sched = np.bincount(req_s[kind_s == SCHEDULED], minlength=n_req)
     n_pre = np.bincount(req_s[kind_s == PREEMPTED], minlength=n_req)
-    simple = _vectorise & ((n_sched == 1) & (n_pre == 0) & (sc_step >= 0) & (fin_step >= sc_step)
-              & ((ft_step < 0) | (ft_step >= sc_step)))
+    simple = _vectorise & (
+        (n_sched == 1)
+        & (n_pre == 0)
+        & (sc_step >= 0)
+        & (fin_step >= sc_step)
+        & ((ft_step < 0) | (ft_step >= sc_step))
+    )
     sr = np.flatnonzero(simple)
     sa, sb, sF, sP = sc_step[sr], fin_step[sr], ft_step[sr], prompt[sr]
     skv = np.minimum(np.maximum(cached[sr], 0), np.maximum(sP - 1, 0))
@@ -228,8 +239,10 @@ def reconstruct(c: TraceColumns, max_num_batched_tokens: int, *,
     scomp = (sF >= 0) & (sF <= sb)
     sdec = scomp & (sF < sb)
     if (sdec & (out_len[sr] >= 0) & (out_len[sr] - 1 != sb - sF)).any():
-        anomaly("decode_steps_vs_tokens",
-                int((sdec & (out_len[sr] >= 0) & (out_len[sr] - 1 != sb - sF)).sum()))
+        anomaly(
+            "decode_steps_vs_tokens",
+            int((sdec & (out_len[sr] >= 0) & (out_len[sr] - 1 != sb - sF)).sum()),
+        )
     d_req, d_a, d_b = sr[sdec].tolist(), (sF[sdec] + 1).tolist(), sb[sdec].tolist()
     d_p0 = sP[sdec].tolist()
     j_req, j_a = sr.tolist(), sa.tolist()
@@ -272,12 +285,12 @@ def reconstruct(c: TraceColumns, max_num_batched_tokens: int, *,
             if fin_l[r] >= 0:
                 anomaly("unclosed_interval")
             if F >= open_a and g0 == 0:
-                intervals.append((open_a, F, g0, -1, kv0))   # prefill up to FIRST_TOKEN only
+                intervals.append((open_a, F, g0, -1, kv0))  # prefill up to FIRST_TOKEN only
         gaps_s[r] = gap
         for a, b, ga, gb, kv in intervals:
             if b < a:
                 continue
-            if F < 0 or F >= a:          # prefill phase
+            if F < 0 or F >= a:  # prefill phase
                 kvc = min(max(kv, 0), max(P - 1, 0))
                 need = max(P - kvc, 1)
                 if 0 <= F <= b:
@@ -301,7 +314,7 @@ def reconstruct(c: TraceColumns, max_num_batched_tokens: int, *,
                     j_comp.append(False)
                     j_need.append(need)
                     j_kv0.append(kvc)
-            else:                        # resumed after the first token: recompute
+            else:  # resumed after the first token: recompute
                 ga = max(ga, 1)
                 target = P + ga
                 kvc = min(max(kv, 0), target - 1)
@@ -340,12 +353,12 @@ def reconstruct(c: TraceColumns, max_num_batched_tokens: int, *,
     jl = np.asarray(j_b, np.int64) - np.asarray(j_a, np.int64) + 1
     jlong = jl > cap
     if long_.any() or jlong.any():
-        anomaly("interval_longer_than_IMPORT_MAX_INTERVAL_STEPS",
-                int(long_.sum() + jlong.sum()))
+        anomaly("interval_longer_than_IMPORT_MAX_INTERVAL_STEPS", int(long_.sum() + jlong.sum()))
         d_req_a, d_a_a, d_len, d_p0_a = (x[~long_] for x in (d_req_a, d_a_a, d_len, d_p0_a))
         keep = np.flatnonzero(~jlong).tolist()
-        j_req, j_a, j_b, j_comp, j_need, j_kv0 = ([x[i] for i in keep] for x in (
-            j_req, j_a, j_b, j_comp, j_need, j_kv0))
+        j_req, j_a, j_b, j_comp, j_need, j_kv0 = (
+            [x[i] for i in keep] for x in (j_req, j_a, j_b, j_comp, j_need, j_kv0)
+        )
 
     # ---- decode pairs, vectorised
     tot = int(d_len.sum())
@@ -356,18 +369,23 @@ def reconstruct(c: TraceColumns, max_num_batched_tokens: int, *,
 
     # ---- prefill allocation sweep
     pf_step, pf_req, pf_new, pf_prog, over = _allocate_prefills(
-        j_req, j_a, j_b, j_comp, j_need, j_kv0, rank, dec_step, max_num_batched_tokens)
+        j_req, j_a, j_b, j_comp, j_need, j_kv0, rank, dec_step, max_num_batched_tokens
+    )
     stats["over_budget_steps"], stats["over_budget_tokens"] = over
     stats["prefill_jobs"] = len(j_req)
 
     # ---- assemble slots
     all_step = np.concatenate([dec_step, pf_step])
     all_req = np.concatenate([dec_req, pf_req])
-    all_phase = np.concatenate([np.full(dec_step.size, PHASE_DECODE, np.int8),
-                                np.full(pf_step.size, PHASE_PREFILL, np.int8)])
+    all_phase = np.concatenate(
+        [
+            np.full(dec_step.size, PHASE_DECODE, np.int8),
+            np.full(pf_step.size, PHASE_PREFILL, np.int8),
+        ]
+    )
     all_new = np.concatenate([np.ones(dec_step.size, np.int64), pf_new])
     all_prog = np.concatenate([dec_prog, pf_prog])
-    new_req = rank[all_req] if all_req.size else all_req       # queue-order request index
+    new_req = rank[all_req] if all_req.size else all_req  # queue-order request index
     o = np.lexsort((new_req, -all_phase, all_step))
     all_step, new_req, all_phase = all_step[o], new_req[o], all_phase[o]
     all_new, all_prog, all_req = all_new[o], all_prog[o], all_req[o]
@@ -397,22 +415,39 @@ def reconstruct(c: TraceColumns, max_num_batched_tokens: int, *,
     is_pf = all_phase == PHASE_PREFILL
     num_prefill = np.bincount(step_pos, weights=is_pf, minlength=n_steps).astype(np.int32)
     num_decode = (per_step - num_prefill).astype(np.int32)
-    prefill_tokens = np.bincount(step_pos, weights=np.where(is_pf, all_new, 0),
-                                 minlength=n_steps).astype(np.int32)
-    decode_tokens = np.bincount(step_pos, weights=np.where(is_pf, 0, all_new),
-                                minlength=n_steps).astype(np.int32)
+    prefill_tokens = np.bincount(
+        step_pos, weights=np.where(is_pf, all_new, 0), minlength=n_steps
+    ).astype(np.int32)
+    decode_tokens = np.bincount(
+        step_pos, weights=np.where(is_pf, 0, all_new), minlength=n_steps
+    ).astype(np.int32)
 
     # ---- BATCH_SUMMARY join
-    bs, xb = _join_batch_summaries(c, step_id, num_prefill, num_decode, prefill_tokens,
-                                   decode_tokens, source, stats)
+    bs, xb = _join_batch_summaries(
+        c, step_id, num_prefill, num_decode, prefill_tokens, decode_tokens, source, stats
+    )
 
     # ---- REQUEST_SNAPSHOT cross-check
-    xs = _check_snapshots(c, step_id, rank, slot_request, slot_phase, slot_new, slot_prog,
-                          source, stats)
+    xs = _check_snapshots(
+        c, step_id, rank, slot_request, slot_phase, slot_new, slot_prog, source, stats
+    )
 
     # ---- event order and label signs per request
-    disorder = _check_event_order(c, ~failed & has, q_ts, sc_ts, ft_ts, fin_ts,
-                                  q_step, sc_step, ft_step, fin_step, gaps_s, source, stats)
+    disorder = _check_event_order(
+        c,
+        ~failed & has,
+        q_ts,
+        sc_ts,
+        ft_ts,
+        fin_ts,
+        q_step,
+        sc_step,
+        ft_step,
+        fin_step,
+        gaps_s,
+        source,
+        stats,
+    )
     failed = failed | disorder
 
     # ---- labels (µs), in queue order
@@ -460,27 +495,67 @@ def reconstruct(c: TraceColumns, max_num_batched_tokens: int, *,
     stats["failed"] = int(failed[kept].sum())
     stats["api_joined"] = int(np.isfinite(arr).sum())
     if any(anomalies.values()):
-        warnings.warn(TraceWarning(
-            f"{source}: journey anomalies (counted, handled as documented in "
-            f"calib.traces.reconstruct): {anomalies}"), stacklevel=2)
+        warnings.warn(
+            TraceWarning(
+                f"{source}: journey anomalies (counted, handled as documented in "
+                f"calib.traces.reconstruct): {anomalies}"
+            ),
+            stacklevel=2,
+        )
     if stats["over_budget_steps"]:
-        warnings.warn(TraceWarning(
-            f"{source}: {stats['over_budget_steps']} steps need more prefill tokens than "
-            f"max_num_batched_tokens allows ({stats['over_budget_tokens']} tokens over); "
-            f"check max_num_batched_tokens in exp-config.yaml"), stacklevel=2)
-    return Reconstruction(step_id, num_prefill, num_decode, prefill_tokens, decode_tokens,
-                          slot_request, slot_phase, slot_new, slot_prog, slot_prompt, slot_mask,
-                          bs, req, xb, xs, stats)
+        warnings.warn(
+            TraceWarning(
+                f"{source}: {stats['over_budget_steps']} steps need more prefill tokens than "
+                f"max_num_batched_tokens allows ({stats['over_budget_tokens']} tokens over); "
+                f"check max_num_batched_tokens in exp-config.yaml"
+            ),
+            stacklevel=2,
+        )
+    return Reconstruction(
+        step_id,
+        num_prefill,
+        num_decode,
+        prefill_tokens,
+        decode_tokens,
+        slot_request,
+        slot_phase,
+        slot_new,
+        slot_prog,
+        slot_prompt,
+        slot_mask,
+        bs,
+        req,
+        xb,
+        xs,
+        stats,
+    )
 
 
-def _check_event_order(c, complete, q_ts, sc_ts, ft_ts, fin_ts, q_step, sc_step, ft_step,
-                       fin_step, gaps_s, source, stats) -> np.ndarray:
+def _check_event_order(
+    c,
+    complete,
+    q_ts,
+    sc_ts,
+    ft_ts,
+    fin_ts,
+    q_step,
+    sc_step,
+    ft_step,
+    fin_step,
+    gaps_s,
+    source,
+    stats,
+) -> np.ndarray:
     """Requests (of ``complete``) whose journey order is impossible (module doc)."""
     with np.errstate(invalid="ignore"):
-        labels = {"queueing": sc_ts - q_ts, "TTFT": ft_ts - q_ts, "E2E": fin_ts - q_ts,
-                  "first token before scheduling": ft_ts - sc_ts,
-                  "finish before first token": fin_ts - ft_ts,
-                  "processing": fin_ts - sc_ts - gaps_s}
+        labels = {
+            "queueing": sc_ts - q_ts,
+            "TTFT": ft_ts - q_ts,
+            "E2E": fin_ts - q_ts,
+            "first token before scheduling": ft_ts - sc_ts,
+            "finish before first token": fin_ts - ft_ts,
+            "processing": fin_ts - sc_ts - gaps_s,
+        }
         bad = np.zeros(complete.shape, bool)
         for v in labels.values():
             bad |= v < 0
@@ -491,18 +566,25 @@ def _check_event_order(c, complete, q_ts, sc_ts, ft_ts, fin_ts, q_step, sc_step,
     if n:
         lines = getattr(c, "request_lines", None) or []
         shown = []
-        for r in np.flatnonzero(bad)[:config.IMPORT_MAX_REQUEST_WARNINGS].tolist():
+        for r in np.flatnonzero(bad)[: config.IMPORT_MAX_REQUEST_WARNINGS].tolist():
             what = [f"{k} {v[r]:+.6g} s" for k, v in labels.items() if v[r] < 0]
             if steps[r]:
-                what.append(f"steps QUEUED {q_step[r]}, SCHEDULED {sc_step[r]}, "
-                            f"FIRST_TOKEN {ft_step[r]}, FINISHED {fin_step[r]}")
+                what.append(
+                    f"steps QUEUED {q_step[r]}, SCHEDULED {sc_step[r]}, "
+                    f"FIRST_TOKEN {ft_step[r]}, FINISHED {fin_step[r]}"
+                )
             where = f"{source}:{lines[r]}" if r < len(lines) and lines[r] else f"{source}"
             shown.append(f"{where} request {c.request_ids[r]} ({'; '.join(what)})")
         more = "" if n <= len(shown) else f"; {n - len(shown)} more"
-        warnings.warn(TraceWarning(
-            f"{source}: {n} requests with impossible event order (negative queueing, TTFT, "
-            f"E2E or processing time) dropped from the labels, their steps kept: "
-            + " | ".join(shown) + more), stacklevel=3)
+        warnings.warn(
+            TraceWarning(
+                f"{source}: {n} requests with impossible event order (negative queueing, TTFT, "
+                f"E2E or processing time) dropped from the labels, their steps kept: "
+                + " | ".join(shown)
+                + more
+            ),
+            stacklevel=3,
+        )
     return bad
 
 
@@ -521,8 +603,9 @@ def _allocate_prefills(j_req, j_a, j_b, j_comp, j_need, j_kv0, rank, dec_step, b
     offs = np.arange(int(jlen.sum()), dtype=np.int64) - np.repeat(np.cumsum(jlen) - jlen, jlen)
     visit = np.unique(np.repeat(ja, jlen) + offs)
     dec_sorted = np.sort(dec_step)
-    ndec = (np.searchsorted(dec_sorted, visit, "right")
-            - np.searchsorted(dec_sorted, visit, "left")).tolist()
+    ndec = (
+        np.searchsorted(dec_sorted, visit, "right") - np.searchsorted(dec_sorted, visit, "left")
+    ).tolist()
     rem = list(j_need)
     prog = list(j_kv0)
     out_s, out_r, out_n, out_p = [], [], [], []
@@ -568,20 +651,33 @@ def _allocate_prefills(j_req, j_a, j_b, j_comp, j_need, j_kv0, rank, dec_step, b
                 prog[j] += a
         active = [j for j in active if j_b[j] > t]
     i64 = np.int64
-    return (np.asarray(out_s, i64), np.asarray(out_r, i64), np.asarray(out_n, i64),
-            np.asarray(out_p, i64), (over_steps, over_tokens))
+    return (
+        np.asarray(out_s, i64),
+        np.asarray(out_r, i64),
+        np.asarray(out_n, i64),
+        np.asarray(out_p, i64),
+        (over_steps, over_tokens),
+    )
 
 
 _BS_MAP = {  # schema variable -> column of otlp.BATCH_INT_KEYS
-    "bs_num_prefill_reqs": 6, "bs_num_decode_reqs": 7, "bs_scheduled_tokens": 8,
-    "bs_prefill_tokens": 9, "bs_decode_tokens": 10, "bs_num_finished": 11,
-    "bs_num_preempted": 12, "bs_running_depth": 4, "bs_waiting_depth": 5,
-    "bs_kv_blocks_total_gpu": 13, "bs_kv_blocks_free_gpu": 14,
+    "bs_num_prefill_reqs": 6,
+    "bs_num_decode_reqs": 7,
+    "bs_scheduled_tokens": 8,
+    "bs_prefill_tokens": 9,
+    "bs_decode_tokens": 10,
+    "bs_num_finished": 11,
+    "bs_num_preempted": 12,
+    "bs_running_depth": 4,
+    "bs_waiting_depth": 5,
+    "bs_kv_blocks_total_gpu": 13,
+    "bs_kv_blocks_free_gpu": 14,
 }
 
 
-def _join_batch_summaries(c, step_id, num_prefill, num_decode, prefill_tokens, decode_tokens,
-                          source, stats):
+def _join_batch_summaries(
+    c, step_id, num_prefill, num_decode, prefill_tokens, decode_tokens, source, stats
+):
     n = step_id.size
     bs = {k: np.full(n, -1, np.int32) for k in _BS_MAP}
     bs["bs_ts_start_ns"] = np.full(n, -1, np.int64)
@@ -592,8 +688,7 @@ def _join_batch_summaries(c, step_id, num_prefill, num_decode, prefill_tokens, d
     b = c.b_int
     stats["batch_summaries"] = int(b.shape[0])
     if b.shape[0] == 0:
-        stats.update(batch_duplicates=0, batch_unmatched=0, batch_bad_duration=0,
-                     batch_too_long=0)
+        stats.update(batch_duplicates=0, batch_unmatched=0, batch_bad_duration=0, batch_too_long=0)
         return bs, float("nan")
     ids, first = np.unique(b[:, 0], return_index=True)
     ndup = b.shape[0] - ids.size
@@ -601,8 +696,11 @@ def _join_batch_summaries(c, step_id, num_prefill, num_decode, prefill_tokens, d
     b = b[first]
     ratio = c.b_kv_ratio[first]
     pos = np.searchsorted(step_id, b[:, 0])
-    matched = (pos < n) & (step_id[np.minimum(pos, max(n - 1, 0))] == b[:, 0]) if n else \
-        np.zeros(b.shape[0], bool)
+    matched = (
+        (pos < n) & (step_id[np.minimum(pos, max(n - 1, 0))] == b[:, 0])
+        if n
+        else np.zeros(b.shape[0], bool)
+    )
     nun = int((~matched).sum())
     b, ratio, pos = b[matched], ratio[matched], pos[matched]
     for k, col in _BS_MAP.items():
@@ -617,44 +715,68 @@ def _join_batch_summaries(c, step_id, num_prefill, num_decode, prefill_tokens, d
     bs["sampled"][pos[good]] = True
     nbad = int((dur <= 0).sum())
     nlong = int(too_long.sum())
-    stats.update(batch_duplicates=int(ndup), batch_unmatched=nun, batch_bad_duration=nbad,
-                 batch_too_long=nlong)
+    stats.update(
+        batch_duplicates=int(ndup),
+        batch_unmatched=nun,
+        batch_bad_duration=nbad,
+        batch_too_long=nlong,
+    )
     if ndup:
-        warnings.warn(TraceWarning(
-            f"{source}: {ndup} duplicate step.BATCH_SUMMARY step.id values; kept the first "
-            f"of each"), stacklevel=3)
+        warnings.warn(
+            TraceWarning(
+                f"{source}: {ndup} duplicate step.BATCH_SUMMARY step.id values; kept the first "
+                f"of each"
+            ),
+            stacklevel=3,
+        )
     if nun:
-        warnings.warn(TraceWarning(
-            f"{source}: {nun} step.BATCH_SUMMARY events name steps with no reconstructed "
-            f"batch (no journey covers them); dropped"), stacklevel=3)
+        warnings.warn(
+            TraceWarning(
+                f"{source}: {nun} step.BATCH_SUMMARY events name steps with no reconstructed "
+                f"batch (no journey covers them); dropped"
+            ),
+            stacklevel=3,
+        )
     if nbad:
-        warnings.warn(TraceWarning(
-            f"{source}: {nbad} step.BATCH_SUMMARY events have step.duration_us <= 0; "
-            f"those steps are treated as not sampled"), stacklevel=3)
+        warnings.warn(
+            TraceWarning(
+                f"{source}: {nbad} step.BATCH_SUMMARY events have step.duration_us <= 0; "
+                f"those steps are treated as not sampled"
+            ),
+            stacklevel=3,
+        )
     if nlong:
         worst = float(dur[too_long].max())
-        warnings.warn(TraceWarning(
-            f"{source}: {nlong} step.BATCH_SUMMARY events have step.duration_us above the "
-            f"physical bound of {config.IMPORT_MAX_STEP_DURATION_US} µs (1 hour; "
-            f"calib.config.IMPORT_MAX_STEP_DURATION_US), largest {worst:.6g} µs "
-            f"({worst / 3.6e9:.3g} h); those steps are treated as not sampled"), stacklevel=3)
+        warnings.warn(
+            TraceWarning(
+                f"{source}: {nlong} step.BATCH_SUMMARY events have step.duration_us above the "
+                f"physical bound of {config.IMPORT_MAX_STEP_DURATION_US} µs (1 hour; "
+                f"calib.config.IMPORT_MAX_STEP_DURATION_US), largest {worst:.6g} µs "
+                f"({worst / 3.6e9:.3g} h); those steps are treated as not sampled"
+            ),
+            stacklevel=3,
+        )
     disagree = np.zeros(pos.size, bool)
-    for col, rec in ((6, num_prefill), (7, num_decode), (9, prefill_tokens),
-                     (10, decode_tokens)):
+    for col, rec in ((6, num_prefill), (7, num_decode), (9, prefill_tokens), (10, decode_tokens)):
         have = b[:, col] >= 0
         disagree |= have & (b[:, col] != rec[pos])
     denom = pos.size + nun
     rate = float((disagree.sum() + nun) / denom) if denom else float("nan")
     stats["batch_disagreements"] = int(disagree.sum())
     if rate > config.CROSSCHECK_WARN_RATE:
-        warnings.warn(TraceWarning(
-            f"{source}: {rate:.1%} of step.BATCH_SUMMARY events disagree with the "
-            f"reconstructed batch counts"), stacklevel=3)
+        warnings.warn(
+            TraceWarning(
+                f"{source}: {rate:.1%} of step.BATCH_SUMMARY events disagree with the "
+                f"reconstructed batch counts"
+            ),
+            stacklevel=3,
+        )
     return bs, rate
 
 
-def _check_snapshots(c, step_id, rank, slot_request, slot_phase, slot_new, slot_prog, source,
-                     stats):
+def _check_snapshots(
+    c, step_id, rank, slot_request, slot_phase, slot_new, slot_prog, source, stats
+):
     ns = len(c.s_req)
     stats["snapshots"] = ns
     if ns == 0:
@@ -686,9 +808,13 @@ def _check_snapshots(c, step_id, rank, slot_request, slot_phase, slot_new, slot_
     rate = float((~agree).mean())
     stats["snapshot_disagreements"] = int((~agree).sum())
     if rate > config.CROSSCHECK_WARN_RATE:
-        warnings.warn(TraceWarning(
-            f"{source}: {rate:.1%} of step.REQUEST_SNAPSHOT events disagree with the "
-            f"reconstruction"), stacklevel=3)
+        warnings.warn(
+            TraceWarning(
+                f"{source}: {rate:.1%} of step.REQUEST_SNAPSHOT events disagree with the "
+                f"reconstruction"
+            ),
+            stacklevel=3,
+        )
     return rate
 
 

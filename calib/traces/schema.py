@@ -41,34 +41,42 @@ E, S, K, R = ("experiment",), ("step",), ("step", "slot"), ("request",)
 
 SCHEMA: dict[str, Var] = {
     # ---- per experiment
-    "exp_model": Var(E, "str",
-                     "calib model name (e.g. 'llama-2-7b'); the `model` coordinate of fits"),
+    "exp_model": Var(
+        E, "str", "calib model name (e.g. 'llama-2-7b'); the `model` coordinate of fits"
+    ),
     "exp_model_id": Var(E, "str", "exp-config.yaml `model` as written (HF id)"),
     "exp_tp": Var(E, "int32", "tensor_parallelism"),
     "exp_max_num_batched_tokens": Var(E, "int32", "vLLM token budget per step"),
     "exp_max_num_seqs": Var(E, "int32", "vLLM max running requests"),
     "exp_max_model_len": Var(E, "int32", "vLLM max model length"),
-    "exp_hardware": Var(E, "str",
-                        "accelerator name (exp-config `hardware`, else the import default)"),
+    "exp_hardware": Var(
+        E, "str", "accelerator name (exp-config `hardware`, else the import default)"
+    ),
     "exp_workload": Var(E, "str", "exp-config.yaml `app` (workload name)"),
     "exp_arch_json": Var(E, "str", "JSON of calib.arch.Architecture used for this experiment"),
     "exp_hardware_json": Var(E, "str", "JSON of calib.hardware.Hardware used for this experiment"),
     "exp_profile_json": Var(E, "str", "profile.yaml content as JSON ('{}' if absent)"),
-    "exp_client_metrics_json": Var(E, "str",
-                                   "results/summary_lifecycle_metrics.json ('{}' if absent)"),
+    "exp_client_metrics_json": Var(
+        E, "str", "results/summary_lifecycle_metrics.json ('{}' if absent)"
+    ),
     "exp_source_sha256": Var(E, "str", "SHA-256 of traces.json + exp-config.yaml + profile.yaml"),
     "exp_num_steps": Var(E, "int64", "reconstructed steps"),
     "exp_num_sampled": Var(E, "int64", "steps with a measured duration"),
     "exp_num_requests": Var(E, "int64", "requests with a journey"),
-    "exp_num_failed": Var(E, "int64",
-                          "requests missing QUEUED, SCHEDULED, FIRST_TOKEN or FINISHED"),
+    "exp_num_failed": Var(
+        E, "int64", "requests missing QUEUED, SCHEDULED, FIRST_TOKEN or FINISHED"
+    ),
     "exp_num_bad_lines": Var(E, "int64", "malformed traces.json lines skipped"),
-    "exp_xcheck_batch_rate": Var(E, "float64",
-                                 "fraction of sampled steps whose BATCH_SUMMARY counts disagree "
-                                 "with the reconstruction"),
-    "exp_xcheck_snapshot_rate": Var(E, "float64",
-                                    "fraction of REQUEST_SNAPSHOTs disagreeing with the "
-                                    "reconstruction (NaN if none)"),
+    "exp_xcheck_batch_rate": Var(
+        E,
+        "float64",
+        "fraction of sampled steps whose BATCH_SUMMARY counts disagree with the reconstruction",
+    ),
+    "exp_xcheck_snapshot_rate": Var(
+        E,
+        "float64",
+        "fraction of REQUEST_SNAPSHOTs disagreeing with the reconstruction (NaN if none)",
+    ),
     # ---- per step
     "step_experiment": Var(S, "int32", "index into the experiment dimension"),
     "step_id": Var(S, "int64", "vLLM scheduler step id"),
@@ -78,8 +86,9 @@ SCHEMA: dict[str, Var] = {
     "num_decode": Var(S, "int32", "reconstructed decode requests in the batch"),
     "prefill_tokens": Var(S, "int32", "reconstructed prefill tokens computed this step"),
     "decode_tokens": Var(S, "int32", "reconstructed decode tokens this step"),
-    "bs_num_prefill_reqs": Var(S, "int32",
-                               "BATCH_SUMMARY batch.num_prefill_reqs (−1 if not sampled)"),
+    "bs_num_prefill_reqs": Var(
+        S, "int32", "BATCH_SUMMARY batch.num_prefill_reqs (−1 if not sampled)"
+    ),
     "bs_num_decode_reqs": Var(S, "int32", "BATCH_SUMMARY batch.num_decode_reqs (−1)"),
     "bs_scheduled_tokens": Var(S, "int32", "BATCH_SUMMARY batch.scheduled_tokens (−1)"),
     "bs_prefill_tokens": Var(S, "int32", "BATCH_SUMMARY batch.prefill_tokens (−1)"),
@@ -104,12 +113,12 @@ SCHEMA: dict[str, Var] = {
     "req_experiment": Var(R, "int32", "index into the experiment dimension"),
     "req_id": Var(R, "str", "base request id `cmpl-<id>` (joins the vllm.api span)"),
     "req_prompt_len": Var(R, "int32", "prefill.total_tokens"),
-    "req_cached_tokens": Var(R, "int32",
-                             "prompt tokens found in the prefix cache (first SCHEDULED "
-                             "prefill.done_tokens)"),
-    "req_output_len": Var(R, "int32",
-                          "decode tokens generated (decode.done_tokens at FINISHED; −1 if "
-                          "unknown)"),
+    "req_cached_tokens": Var(
+        R, "int32", "prompt tokens found in the prefix cache (first SCHEDULED prefill.done_tokens)"
+    ),
+    "req_output_len": Var(
+        R, "int32", "decode tokens generated (decode.done_tokens at FINISHED; −1 if unknown)"
+    ),
     "req_max_tokens": Var(R, "int32", "decode.max_tokens"),
     "req_num_preemptions": Var(R, "int32", "preemptions"),
     "req_failed": Var(R, "bool", "missing QUEUED, SCHEDULED, FIRST_TOKEN or FINISHED (labels NaN)"),
@@ -123,8 +132,9 @@ SCHEMA: dict[str, Var] = {
     "req_ttft_us": Var(R, "float64", "FIRST_TOKEN − QUEUED"),
     "req_e2e_us": Var(R, "float64", "FINISHED − QUEUED"),
     "req_processing_us": Var(R, "float64", "FINISHED − first SCHEDULED − preemption gaps"),
-    "req_decode_interval_us": Var(R, "float64",
-                                  "(E2E − TTFT) / (output_len − 1) (NaN if output_len < 2)"),
+    "req_decode_interval_us": Var(
+        R, "float64", "(E2E − TTFT) / (output_len − 1) (NaN if output_len < 2)"
+    ),
     "req_api_queue_us": Var(R, "float64", "QUEUED − api.ARRIVED (NaN without the API span)"),
     "req_api_depart_us": Var(R, "float64", "api.DEPARTED − FINISHED (NaN without the API span)"),
 }
