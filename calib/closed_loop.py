@@ -392,12 +392,14 @@ def exported_coefficients(
     Runs :func:`calib.export.export_posterior` (files into ``out_dir``, a temporary
     directory when None; the alphas are the posterior's own API-overhead estimate, or
     ``alpha_coeffs``) and returns its ``trained_physics_coefficients`` per model plus,
-    per draw, the betas of that draw through :func:`calib.predict.betas_from_params`
+    per draw, the mean-consistent betas of that draw (``mean_factor`` times the draw's
+    coefficients, as the export averages them; through :func:`calib.predict.betas_from_params`)
     and alphas drawn from the estimate's normal approximation (mean, sd; clipped at 0
     as exported). Returns ``(coefficients, export_result)``.
     """
     import tempfile
 
+    from calib import noise
     from calib.export import BLIS_BLOCK, export_posterior, population_name
     from calib.overheads import alphas as overhead_alphas
     from calib.posterior import api_overheads, flat_draws, model_coords
@@ -426,13 +428,24 @@ def exported_coefficients(
         if draws
         else np.zeros(0, dtype=int)
     )
+    # per draw, the same quantity the export's point averages: the predictive mean step
+    # time, mean_factor·coefficients (a new model: b_pop·exp(tau·z), the models' mean F)
+    factor = noise.mean_factor(*noise.posterior_params(post, len(models)))  # (draws, models)
+    tau = post.get("tau", np.zeros_like(post["b_pop"]))
+    z = rng.standard_normal(tau.shape)
     sets = []
     for d in idx:
         one = {}
         for m, name in enumerate([*models, population_name()]):
-            b = post["b"][d, m] if m < len(models) else post["b_pop"][d]
+            if m < len(models):
+                b, f = post["b"][d, m], factor[d, m]
+            else:
+                b, f = post["b_pop"][d] * np.exp(tau[d] * z[d]), factor[d].mean()
             betas = betas_from_params(
-                b, post["per_layer_us"][d], post["per_request_us"][d], post["per_step_us"][d]
+                f * b,
+                f * post["per_layer_us"][d],
+                f * post["per_request_us"][d],
+                f * post["per_step_us"][d],
             )
             if api is None:
                 alphas = point[name][0]
