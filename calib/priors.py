@@ -43,7 +43,7 @@ import yaml
 
 from calib.config import DEFAULT_PRIORS
 from calib.errors import CalibError
-from calib.vocab import COMPONENTS
+from calib.vocab import COMPONENTS, SCALAR_PARAMETERS
 
 #: Family -> its parameter names (all required, all positive reals except ``normal.loc``).
 FAMILIES: dict[str, tuple[str, ...]] = {
@@ -75,19 +75,7 @@ META_FIELDS = ("family", "units", "rationale")
 #: Per-component parameters: one entry per component.
 PER_COMPONENT = ("b_pop", "tau", "tau_exp")
 #: Scalar parameters.
-SCALARS = (
-    "per_layer_us",
-    "per_request_us",
-    "per_step_us",
-    "alpha",
-    "sigma",
-    "stall_prob",
-    "stall_log_mult",
-    "stall_log_sd",
-    "fast_prob",
-    "fast_log_mult",
-    "fast_log_sd",
-)
+SCALARS = SCALAR_PARAMETERS
 
 #: Families allowed for each parameter (the model's parameterisation needs them).
 ALLOWED: dict[str, tuple[str, ...]] = {

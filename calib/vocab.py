@@ -20,14 +20,8 @@ OVERHEAD_SITES = (
     ("per_request_us", "batch_size"),
     ("per_step_us", None),
 )
-#: The named parameters in natural coordinates, in display order: what a posterior
-#: file stores (the sampler's raw coordinates are not saved).
-PARAMETER_SITES = (
-    "b_pop",
-    "tau",
-    "b",
-    "tau_exp",
-    "b_exp",
+#: Parameters with a scalar prior entry (``priors/*.yaml``), overheads then noise.
+SCALAR_PARAMETERS = (
     "per_layer_us",
     "per_request_us",
     "per_step_us",
@@ -39,8 +33,10 @@ PARAMETER_SITES = (
     "fast_prob",
     "fast_log_mult",
     "fast_log_sd",
-    "mean_factor",
 )
+#: The named parameters in natural coordinates, in display order: what a posterior
+#: file stores (the sampler's raw coordinates are not saved).
+PARAMETER_SITES = ("b_pop", "tau", "b", "tau_exp", "b_exp", *SCALAR_PARAMETERS, "mean_factor")
 #: Hierarchy names accepted at the command line (``--hierarchy``).
 HIERARCHIES = ("pooled", "per-model", "per-experiment")
 #: Validation split families (``--split``).
