@@ -223,13 +223,13 @@ def main(argv=None) -> int:
     print("\nexported alphas (µs; queueing α₀, post-decode α₁, per output token α₂):")
     for name, (alphas, _betas) in coeffs.point.items():
         print(f"  {name:<24} " + ", ".join(f"{a:9.1f}" for a in alphas))
-    print("NNLS betas per model (BLIS order):")
     e2e_rows = tf[tf.metric == "e2e"]
     gaps = e2e_rows.groupby("model").gap_us.mean().to_dict()
     print(
         "measured host gap between steps (µs, mean of the model's experiments): "
         + ", ".join(f"{m} {g:.1f}" for m, g in gaps.items())
     )
+    print("NNLS betas per model (BLIS order):")
     sets = variant_sets(plans, coeffs.point, fits, gaps)
     for m, (_a, b) in sets["nnls"].items():
         print(f"  {m:<24} " + ", ".join(f"{v:.4g}" for v in b))
