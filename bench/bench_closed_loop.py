@@ -94,7 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--workers", type=cli.positive_int, default=None, help="replay processes (default: CPUs)"
     )
-    p.add_argument("--csv", default=None, help="also write every error as a long CSV table")
+    p.add_argument(
+        "--csv", default=None, help="also write every error as a long CSV table (with manifest)"
+    )
     p.add_argument(
         "--quick", action="store_true", help="smoke run: one experiment per model, 100 TF draws"
     )
@@ -375,7 +377,8 @@ def main(argv=None) -> int:
     print("\n# lines for BENCHMARKS.md")
     print(
         f"# {info['date']}, {info['cpu']}, {info['cores']} cores, load {info['load']}; "
-        f"`python bench/bench_closed_loop.py --posterior {shown} --draws {args.draws}`"
+        f"`python bench/bench_closed_loop.py --posterior {shown} --draws {args.draws}"
+        + (" --quick`" if args.quick else "`")
     )
     print("| variant | E2E median \\|err\\| / worst / within 10 % | TTFT | decode interval |")
     print("|---|---|---|---|")
@@ -385,9 +388,20 @@ def main(argv=None) -> int:
     print("times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     print(f"wall time {time.perf_counter() - t0:.0f} s")
     if args.csv:
-        from calib.io import atomic_write_text
+        import json
 
-        atomic_write_text(args.csv, long.to_csv(index=False))
+        from calib.io import atomic_write_text, manifest
+
+        m = manifest(
+            kind="closed-loop-bench",
+            data_hash=dataset_hash(ds),
+            settings={"draws": args.draws, "tf_draws": tf_draws, "quick": args.quick},
+            source_posterior_sha256=file_sha256(args.posterior),
+            iter29_source=ITER29_SOURCE,
+        )
+        atomic_write_text(
+            args.csv, f"# manifest: {json.dumps(m, sort_keys=True)}\n" + long.to_csv(index=False)
+        )
     return 0
 
 
