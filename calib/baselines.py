@@ -27,6 +27,7 @@ __all__ = [
     "blackbox_fit",
     "blackbox_predict",
     "nnls_fit",
+    "nnls_model_fits",
     "nnls_predict",
 ]
 
@@ -105,8 +106,24 @@ def baseline_step_predictions(ds, features: StepFeatures) -> dict[str, np.ndarra
         coef = blackbox_fit(pf[sel], dc[sel], dur[sel])
         out["blackbox"][sel] = blackbox_predict(coef, pf[sel], dc[sel])
     step_model = exp_model[step_exp]
+    for m, coef in nnls_model_fits(ds, features).items():
+        sel = np.nonzero(step_model == m)[0]
+        out["nnls"][sel] = nnls_predict(coef, features.take(sel))
+    return out
+
+
+def nnls_model_fits(ds, features: StepFeatures) -> dict[str, np.ndarray]:
+    """Per model of ``ds`` (``exp_model``), :func:`nnls_fit` on its sampled steps.
+
+    ``features`` are the roofline terms of all steps of ``ds`` (same order). The
+    coefficients map to BLIS betas with ``calib.predict.betas_from_params(coef[:6],
+    *coef[6:])`` (prefill and decode added, as BLIS does).
+    """
+    step_exp = np.asarray(ds["step_experiment"].values)
+    dur = np.where(fittable(ds), np.asarray(ds["duration_us"].values, np.float64), np.nan)
+    step_model = np.asarray(ds["exp_model"].values).astype(str)[step_exp]
+    fits = {}
     for m in np.unique(step_model):
         sel = np.nonzero(step_model == m)[0]
-        f = features.take(sel)
-        out["nnls"][sel] = nnls_predict(nnls_fit(f, dur[sel]), f)
-    return out
+        fits[str(m)] = nnls_fit(features.take(sel), dur[sel])
+    return fits

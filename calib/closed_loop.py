@@ -72,6 +72,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ClosedLoopResult",
+    "Coefficients",
     "ExperimentPlan",
     "LinearStepTime",
     "closed_loop",

@@ -11,9 +11,10 @@ from calib.baselines import (
     blackbox_fit,
     blackbox_predict,
     nnls_fit,
+    nnls_model_fits,
     nnls_predict,
 )
-from calib.predict import StepFeatures
+from calib.predict import StepFeatures, betas_from_params, blis_step_time_us
 
 
 def test_blackbox_recovers_linear_coefficients():
@@ -56,3 +57,18 @@ def test_baseline_step_predictions_cover_every_step():
         assert abs(np.mean(v) / np.mean(truth["true_step_us"]) - 1) < 0.05
     assert np.mean(np.abs(preds["nnls"] - truth["true_step_us"]) / truth["true_step_us"]) < 0.15
     pytest.importorskip("scipy")
+
+
+def test_nnls_model_fits_are_blis_betas():
+    """Per model, the NNLS fit mapped to BLIS betas predicts what the baseline predicts."""
+    ds, features, _ = make_replay_dataset(seed=4, steps_per_exp=300, requests_per_exp=10)
+    fits = nnls_model_fits(ds, features)
+    models = np.asarray(ds["exp_model"].values).astype(str)
+    assert sorted(fits) == sorted(set(models))
+    step_model = models[np.asarray(ds["step_experiment"].values)]
+    base = baseline_step_predictions(ds, features)["nnls"]
+    for m, coef in fits.items():
+        sel = np.nonzero(step_model == m)[0]
+        f = features.take(sel)
+        betas = betas_from_params(coef[:6], *coef[6:])
+        np.testing.assert_allclose(blis_step_time_us(betas, f), base[sel], rtol=1e-9)

@@ -191,3 +191,41 @@ def test_judge_fails_outside_band_and_over_target(observed):
     res = judge([plan], narrow, ["fitted"], prob=0.9)
     assert not res.passed and "outside the band" in res.message
     assert Coefficients(point={}, draws=[]).draws == []
+
+
+def test_per_draw_betas_average_to_the_exported_point():
+    """Commit 2c60bfe: each draw's betas are mean_factor·coefficients, as the export's point.
+
+    With every posterior draw replayed, the mean over draws of a fitted model's per-draw
+    betas is the exported point (the posterior mean of mean_factor·coefficient) to float
+    precision. The posterior's mean factor is ≥ 1 % away from 1 here, so per-draw betas
+    without it (the body median, as before the fix) would miss by ~100x the tolerance;
+    the population set draws b_pop·exp(tau·z) and agrees within its Monte Carlo error.
+    """
+    from fixtures.posteriors import make_replay_dataset, mock_posterior
+
+    from calib import noise
+    from calib.closed_loop import exported_coefficients
+    from calib.export import population_name
+    from calib.posterior import flat_draws, model_coords
+
+    ds, features, truth = make_replay_dataset(seed=1, steps_per_exp=300, requests_per_exp=20)
+    idata = mock_posterior(ds, features, truth)
+    post = flat_draws(idata)
+    models = model_coords(idata)["model"]
+    n = post["b"].shape[0]
+    factor = noise.mean_factor(*noise.posterior_params(post, len(models)))
+    assert np.all(np.abs(factor.mean(axis=0) - 1.0) > 0.01), factor.mean(axis=0)
+
+    coeffs, _ = exported_coefficients(idata, draws=n, alpha_coeffs=ALPHAS)
+    assert len(coeffs.draws) == n
+    for name in models:
+        point = np.array(coeffs.point[name][1])
+        per_draw = np.array([d[name][1] for d in coeffs.draws])
+        np.testing.assert_allclose(per_draw.mean(axis=0), point, rtol=1e-9, atol=1e-12)
+        assert all(d[name][0] == ALPHAS for d in coeffs.draws)
+    pop = population_name()
+    point = np.array(coeffs.point[pop][1])
+    per_draw = np.array([d[pop][1] for d in coeffs.draws]).mean(axis=0)
+    on = point > 0
+    np.testing.assert_allclose(per_draw[on], point[on], rtol=0.05)
