@@ -321,7 +321,15 @@ def draws(
     kinds = []
     notes = []
     for e, (name, b) in enumerate(zip(experiments, basis, strict=True)):
-        cond = b == "fitted" and str(name) in known
+        i = known.get(str(name))
+        # conditional: a fitted experiment with sampled steps in the record (a held-out
+        # workload of a per-model fit has none there: it is a new experiment)
+        cond = (
+            b == "fitted"
+            and i is not None
+            and record["log_ratio"]["e2e"][i] is not None
+            and record["se"]["e2e"][i] is not None
+        )
         kinds.append("conditional" if cond else "new")
         for k, metric in enumerate(_METRICS):
             p = record["pooled"][metric]
@@ -329,8 +337,8 @@ def draws(
                 continue
             z = rng.standard_normal(n_draws)
             if cond:
-                r = record["log_ratio"][metric][known[str(name)]]
-                se = record["se"][metric][known[str(name)]]
+                r = record["log_ratio"][metric][i]
+                se = record["se"][metric][i]
                 if r is None or se is None:
                     continue
                 if not p["tau_identified"]:
