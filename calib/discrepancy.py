@@ -73,6 +73,7 @@ __all__ = [
     "pool",
     "predicted_step_means",
     "step_inputs",
+    "summary",
 ]
 
 #: Root attribute of a posterior file holding the record (JSON).
@@ -158,27 +159,20 @@ def estimate(
     *,
     replicates: int = config.DISCREPANCY_BOOTSTRAP,
     seed: int = config.DISCREPANCY_SEED,
-    prob: float = config.INTERVAL_PROB,
 ) -> dict:
     """The discrepancy record (JSON-safe) from the sampled steps (see the module docstring).
 
     Per metric under ``pooled``: ``mu``, ``tau`` (log scale), ``Q``, ``n_experiments``,
-    ``tau_identified``, the bootstrap ``mu_draws``/``tau_draws`` and their ``prob``
-    intervals; per metric under ``log_ratio``/``se``: one value per experiment (None:
+    ``tau_identified`` and the bootstrap ``mu_draws``/``tau_draws``
+    (:func:`summary` gives their intervals); per metric under ``log_ratio``/``se``: one value per experiment (None:
     no data).
     """
     experiments, models = [str(x) for x in experiments], [str(x) for x in models]
     r, se = log_ratios(exp_idx, weights, obs, pred, len(experiments))
-    lo_q, hi_q = (1 - prob) / 2, (1 + prob) / 2
-    pooled = {}
-    for k, metric in enumerate(_METRICS):
-        p = pool(r[k], se[k], replicates=replicates, seed=seed + k)
-        for name in ("mu", "tau"):
-            d = np.asarray(p[f"{name}_draws"], float)
-            p[f"{name}_interval"] = (
-                [float(np.quantile(d, lo_q)), float(np.quantile(d, hi_q))] if d.size else None
-            )
-        pooled[metric] = p
+    pooled = {
+        metric: pool(r[k], se[k], replicates=replicates, seed=seed + k)
+        for k, metric in enumerate(_METRICS)
+    }
 
     def _list(a):
         return [None if not np.isfinite(x) else float(x) for x in a]
@@ -193,7 +187,6 @@ def estimate(
         "pooled": pooled,
         "replicates": int(replicates),
         "seed": int(seed),
-        "prob": float(prob),
         "min_experiments": int(config.DISCREPANCY_MIN_EXPERIMENTS),
         "method": "r = log(sum w*observed / sum w*posterior predictive mean) over each "
         "experiment's sampled steps with the replay's metric weights, delta-method se; "
@@ -365,3 +358,46 @@ def draws(
             "bands of new experiments exclude it"
         )
     return delta, kinds, notes
+
+
+def summary(record: dict | None, prob: float = config.INTERVAL_PROB) -> dict:
+    """The export's description of the record (JSON/YAML-safe; ``prob`` intervals of the
+    bootstrap draws)."""
+    if record is None:
+        return {
+            "available": False,
+            "meaning": "the posterior has no discrepancy record (fitted before it existed): "
+            "predictions of a new workload carry parameter uncertainty and step noise only",
+        }
+    lo_q, hi_q = (1 - prob) / 2, (1 + prob) / 2
+    out: dict = {
+        "available": True,
+        "scale": "log of observed / predicted step-time sums (0.01 ~ 1 %)",
+        "meaning": "for a new workload, the step-time part of the predicted experiment mean "
+        "of each metric is off by exp(delta), delta ~ N(mu, tau) (tau: between-experiment "
+        "sd learned across the fitted experiments; mu: the mean misfit). The betas are not "
+        "corrected by mu: it differs between metrics",
+        "method": record["method"],
+        "interval": {"kind": config.INTERVAL_KIND, "probability": prob},
+    }
+    for metric, p in record["pooled"].items():
+        row: dict = {
+            "n_experiments": p["n_experiments"],
+            "mu": p["mu"],
+            "tau": p["tau"],
+            "tau_identified": p["tau_identified"],
+        }
+        for name in ("mu", "tau"):
+            d = np.asarray(p[f"{name}_draws"], float)
+            row[f"{name}_interval"] = (
+                [float(np.quantile(d, lo_q)), float(np.quantile(d, hi_q))] if d.size else None
+            )
+        if p["tau_identified"] and p["mu_draws"]:
+            z = np.random.default_rng(record.get("seed", 0)).standard_normal(len(p["mu_draws"]))
+            new = np.asarray(p["mu_draws"]) + np.asarray(p["tau_draws"]) * z
+            row["new_workload_factor_interval"] = [
+                float(np.exp(np.quantile(new, lo_q))),
+                float(np.exp(np.quantile(new, hi_q))),
+            ]
+        out[metric] = row
+    return out

@@ -73,8 +73,8 @@ def _record(r: float, se: float, mu: float, tau: float, n_exp: int = 1) -> dict:
         "tau": tau,
         "n_experiments": 16,
         "tau_identified": True,
-        "mu_draws": [mu] * 10,
-        "tau_draws": [tau] * 10,
+        "mu_draws": [mu] * 4000,
+        "tau_draws": [tau] * 4000,
     }
     names = [f"e{i}" for i in range(n_exp)]
     return {
@@ -149,3 +149,14 @@ def test_record_from_a_fit_matches_the_replays_step_bias(replay_data):
                                    rtol=1e-6)
     assert rec["pooled"]["e2e"]["n_experiments"] == 4
     json.dumps(rec)  # JSON-safe
+
+
+def test_export_summary_describes_mu_tau_and_the_new_workload_factor():
+    rec = _record(0.0, 0.01, 0.004, 0.008)
+    rec.update(method="m", seed=0)
+    s = D.summary(rec, 0.9)
+    assert s["available"] and s["e2e"]["mu"] == 0.004 and s["e2e"]["tau"] == 0.008
+    lo, hi = s["e2e"]["new_workload_factor_interval"]
+    assert lo == pytest.approx(np.exp(0.004 - 1.645 * 0.008), rel=2e-3)
+    assert hi == pytest.approx(np.exp(0.004 + 1.645 * 0.008), rel=2e-3)
+    assert D.summary(None)["available"] is False
