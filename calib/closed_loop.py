@@ -498,18 +498,8 @@ def closed_loop(
     from calib.arch import load_architecture
     from calib.hardware import load_hardware
 
-    from calib import discrepancy
-
     sets = [coeffs.point, *coeffs.draws]
-    # per draw and experiment a new experiment's structural discrepancy on the step
-    # times (BLIS never sees the workload): exp(delta), delta ~ N(mu, tau) of E2E
-    delta = discrepancy.draws(
-        coeffs.discrepancy,
-        [p.name for p in plans],
-        ["new"] * len(plans),
-        len(coeffs.draws),
-        np.random.default_rng(config.DISCREPANCY_SEED),
-    )[0][:, 0, :]
+    factor = discrepancy_factors(coeffs, plans)
     jobs, basis = [], []
     for e, plan in enumerate(plans):
         name, b = set_name(plan, coeffs)
@@ -519,7 +509,7 @@ def closed_loop(
         for k, s in enumerate(sets):
             alphas, betas = s[name]
             w = step_time_weights(betas, probes)  # linear in the betas
-            jobs.append((k, e, plan, w * np.exp(delta[k - 1, e]) if k else w, alphas))
+            jobs.append((k, e, plan, w * factor[k - 1, e] if k else w, alphas))
     jobs.sort(key=lambda j: -len(j[2].arrived_us))  # longest first: better packing
     results = np.full((len(sets), len(plans), len(METRICS)), np.nan)
     if workers is None:
@@ -549,6 +539,22 @@ def closed_loop(
         e2e_target_pct=e2e_target_pct,
         ttft_itl_target_pct=ttft_itl_target_pct,
     )
+
+
+def discrepancy_factors(coeffs: Coefficients, plans: Sequence[ExperimentPlan]) -> np.ndarray:
+    """``exp(δ)`` (draws, experiments) multiplying each draw's step times of each experiment:
+    a new experiment's structural discrepancy of E2E, ``δ ~ N(mu, tau)``
+    (:func:`calib.discrepancy.draws`; BLIS never sees the workload); 1 without a record."""
+    from calib import discrepancy
+
+    delta = discrepancy.draws(
+        coeffs.discrepancy,
+        [p.name for p in plans],
+        ["new"] * len(plans),
+        len(coeffs.draws),
+        np.random.default_rng(config.DISCREPANCY_SEED),
+    )[0]
+    return np.exp(delta[:, 0, :])
 
 
 def set_name(plan: ExperimentPlan, coeffs: Coefficients) -> tuple[str, str]:
