@@ -183,3 +183,18 @@ def test_export_summary_describes_mu_tau_and_the_new_workload_factor():
     assert lo == pytest.approx(np.exp(0.004 - 1.645 * 0.008), rel=2e-3)
     assert hi == pytest.approx(np.exp(0.004 + 1.645 * 0.008), rel=2e-3)
     assert D.summary(None)["available"] is False
+
+
+def test_closed_loop_factors_are_a_new_experiments_discrepancy():
+    from types import SimpleNamespace
+
+    from calib.closed_loop import Coefficients, discrepancy_factors
+
+    plans = [SimpleNamespace(name=n) for n in ("e0", "x")]
+    rec = _record(0.5, 0.001, 0.004, 0.008)  # "e0" is in the record: still not conditioned
+    f = discrepancy_factors(Coefficients(point={}, draws=[{}] * 20_000, discrepancy=rec), plans)
+    assert f.shape == (20_000, 2)
+    np.testing.assert_allclose(np.log(f).mean(axis=0), 0.004, atol=2e-4)
+    np.testing.assert_allclose(np.log(f).std(axis=0), 0.008, rtol=0.03)
+    none = discrepancy_factors(Coefficients(point={}, draws=[{}] * 3), plans)
+    assert np.all(none == 1.0)
