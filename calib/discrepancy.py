@@ -381,10 +381,11 @@ def summary(record: dict | None, prob: float = config.INTERVAL_PROB) -> dict:
     out: dict = {
         "available": True,
         "scale": "log of observed / predicted step-time sums (0.01 ~ 1 %)",
-        "meaning": "for a new workload, the step-time part of the predicted experiment mean "
-        "of each metric is off by exp(delta), delta ~ N(mu, tau) (tau: between-experiment "
-        "sd learned across the fitted experiments; mu: the mean misfit). The betas are not "
-        "corrected by mu: it differs between metrics",
+        "meaning": "for a new workload, the observed step-time part of each metric's "
+        "experiment mean is about the predicted one times exp(delta), delta ~ N(mu, tau) "
+        "(tau: between-experiment sd learned across the fitted experiments; mu: the mean "
+        "misfit, > 0: predictions low). The betas are not corrected by mu: it differs "
+        "between metrics",
         "method": record["method"],
         "interval": {"kind": config.INTERVAL_KIND, "probability": prob},
     }
