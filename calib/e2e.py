@@ -65,6 +65,19 @@ tail, no clipping), so the interval is a posterior *predictive* interval of the
 experiment mean. Without noise, ``mu`` is the body *median* step time and sums of
 medians sit below sums of durations by the mean factor (``mean_factor``, ~1-3 %).
 
+Structural discrepancy (:mod:`calib.discrepancy`): per draw, the step part of every
+experiment mean is multiplied by ``exp(δ)``, ``δ`` drawn per metric from the
+posterior's discrepancy record: a ``fitted`` experiment (named in the record, with
+sampled steps there) from its conditional distribution given its own sampled steps'
+log ratio (the point moves towards the observed: a replay of fitted data, not a
+forecast); every other experiment (``new-experiment``, ``population``, and all with
+``new_experiments=True``) from a new experiment's ``N(mu, tau)``, the basis BLIS
+predicts at. The band then holds parameter uncertainty, step noise (full tails) and
+the experiment discrepancy (column ``discrepancy``: ``conditional``, ``new`` or
+``none``); a posterior without the record gives bands without it and a note
+(``E2EResult.notes``). Column ``half_width_pct`` is half the band's width over the
+point; every table reports its median next to the coverage.
+
 Point prediction (``predicted_us``): the *mean* of the experiment mean over posterior
 draws (the posterior predictive mean, what a sum of step times is an estimate of; at the
 population level it includes the ``≈ exp(tau²/2)`` of the log-normal corrections); the
@@ -588,7 +601,7 @@ class E2EResult:
     Attributes
     ----------
     table : pandas.DataFrame, one row per (metric, experiment): ``metric``, ``experiment``,
-        ``model``, ``basis``, ``n_requests``, ``observed_us``, ``predicted_us`` (median over
+        ``model``, ``basis``, ``n_requests``, ``observed_us``, ``predicted_us`` (mean over
         draws, see the module docstring), ``lower_us``/``upper_us`` (equal-tailed
         ``prob`` interval), ``error_pct``
         ((predicted − observed)/observed·100), ``bias_us`` (predicted − observed),
@@ -599,7 +612,7 @@ class E2EResult:
         ``step_bias_pct`` (step-level bias on the experiment's sampled steps, weighted
         as in the metric; see the module docstring) and per baseline ``<name>_us`` and
         ``<name>_error_pct``.
-    coverage : metric -> dict(n, inside, rate, p_low, fails).
+    coverage : metric -> dict(n, inside, rate, p_low, checked, fails, median_half_width_pct).
     passed : whether every checked metric passes.
     message : one-line verdict.
     worst : (metric, experiment, error_pct) with the largest |error| on E2E.
