@@ -31,9 +31,10 @@ bootstrap over experiments (the estimator rerun on every replicate: draws of
 misfits most are those whose heavy mixed batches make ``r`` noisy (on the embedded
 default ``corr(r, se) = 0.8`` for E2E), and precision weights, which assume effect and
 precision independent, then put ``mu`` near the well-fitted experiments (0.37 % vs
-0.72 %) and ``tau`` too small (0.78 % vs 1.05 %; BENCHMARKS.md). The record (:func:`estimate`, JSON in the
-posterior's ``discrepancy`` attribute, written by :func:`calib.fit.fit` from the fit's
-own dataset) holds ``r``, ``se``, the estimates and the draws.
+0.72 %) and ``tau`` too small (0.78 % vs 1.05 %; BENCHMARKS.md). The record
+(:func:`estimate`, JSON in the posterior's ``discrepancy`` attribute, written by
+:func:`calib.fit.fit` from the fit's own dataset) holds ``r``, ``se``, the estimates
+and the draws.
 
 How predictions use it (:func:`draws`), per posterior draw, the step-time part of an
 experiment's predicted metric is multiplied by ``exp(δ_ek)``:
@@ -169,10 +170,9 @@ def estimate(
 ) -> dict:
     """The discrepancy record (JSON-safe) from the sampled steps (see the module docstring).
 
-    Per metric under ``pooled``: ``mu``, ``tau`` (log scale), ``Q``, ``n_experiments``,
-    ``tau_identified`` and the bootstrap ``mu_draws``/``tau_draws``
-    (:func:`summary` gives their intervals); per metric under ``log_ratio``/``se``: one value per experiment (None:
-    no data).
+    Per metric under ``pooled``: what :func:`pool` returns (``mu``, ``tau`` on the log
+    scale, the bootstrap draws; :func:`summary` gives their intervals); per metric under
+    ``log_ratio``/``se``: one value per experiment (None: no data).
     """
     experiments, models = [str(x) for x in experiments], [str(x) for x in models]
     r, se = log_ratios(exp_idx, weights, obs, pred, len(experiments))
@@ -260,8 +260,13 @@ def predicted_step_means(idata, draws: int | None = None) -> tuple[np.ndarray, n
     for a in range(0, d, chunk):
         sl = slice(a, min(d, a + chunk))
         mu = step_time_draws_us(
-            b[sl], p["per_layer_us"][sl], p["per_request_us"][sl], p["per_step_us"][sl],
-            p["alpha"][sl], feats, group,
+            b[sl],
+            p["per_layer_us"][sl],
+            p["per_request_us"][sl],
+            p["per_step_us"][sl],
+            p["alpha"][sl],
+            feats,
+            group,
         )
         mf = stepnoise.mean_factor(*(x[sl][:, midx] for x in noise))
         total += (mu * mf).sum(axis=0)
@@ -315,8 +320,10 @@ def draws(
         return (
             delta,
             ["none"] * E,
-            ["bands exclude the structural discrepancy (the posterior has no "
-             "discrepancy record; refit to add it)"],
+            [
+                "bands exclude the structural discrepancy (the posterior has no "
+                "discrepancy record; refit to add it)"
+            ],
         )
     known = {name: i for i, name in enumerate(record["experiments"])}
     kinds = []
@@ -354,8 +361,9 @@ def draws(
                 j = rng.integers(0, len(p["mu_draws"]), n_draws)
                 delta[:, k, e] = np.asarray(p["mu_draws"])[j] + np.asarray(p["tau_draws"])[j] * z
     unident = [
-        m for m in _METRICS if record["pooled"][m]["mu"] is not None
-        and not record["pooled"][m]["tau_identified"]
+        m
+        for m in _METRICS
+        if record["pooled"][m]["mu"] is not None and not record["pooled"][m]["tau_identified"]
     ]
     if unident and "new" in kinds:
         kinds = ["none" if k == "new" else k for k in kinds]

@@ -1091,9 +1091,7 @@ def fit_model_data(
     if discrepancy_inputs is not None:
         from calib import discrepancy
 
-        idata.attrs[discrepancy.ATTR] = json.dumps(
-            discrepancy.from_fit(idata, discrepancy_inputs)
-        )
+        idata.attrs[discrepancy.ATTR] = json.dumps(discrepancy.from_fit(idata, discrepancy_inputs))
 
     from calib.ppc import add_posterior_predictive
 

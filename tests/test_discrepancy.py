@@ -117,8 +117,9 @@ def test_conditional_is_the_normal_shrinkage_formula():
     assert delta[:, 0, 0].mean() == pytest.approx(mu + s * (r - mu), abs=1e-4)
     assert delta[:, 0, 0].std() == pytest.approx(np.sqrt(s) * se, rel=0.01)
     # any other basis, or an experiment not in the record: a new experiment's N(mu, tau)
-    new, kinds, _ = D.draws(rec, ["e0", "x"], ["population", "fitted"], 200_000,
-                            np.random.default_rng(1))
+    new, kinds, _ = D.draws(
+        rec, ["e0", "x"], ["population", "fitted"], 200_000, np.random.default_rng(1)
+    )
     assert kinds == ["new", "new"]
     assert new[:, 1].mean() == pytest.approx(mu, abs=1e-4)
     assert new[:, 1].std() == pytest.approx(tau, rel=0.01)
@@ -147,8 +148,7 @@ def test_bands_contain_the_discrepancy(replay_data):
     rec = _record(0.1, 0.001, 0.0, 0.05, n_exp=len(names))
     rec["experiments"] = names
     with_rec.attrs[D.ATTR] = json.dumps(rec)
-    new = replay(with_rec, ds, features=features, draws=400, baselines=False,
-                 new_experiments=True)
+    new = replay(with_rec, ds, features=features, draws=400, baselines=False, new_experiments=True)
     e2e = new.table[new.table.metric == "e2e"]
     assert set(e2e.basis) == {"new-experiment"} and set(e2e.discrepancy) == {"new"}
     # N(0, 0.05) on the step part: half-width ~ 1.645·5 % (steps dominate the mean)
@@ -166,10 +166,9 @@ def test_record_from_a_fit_matches_the_replays_step_bias(replay_data):
     ds, features, idata = replay_data
     rec = D.from_fit(idata, D.step_inputs(ds))
     res = replay(idata, ds, features=features, draws=None, noise=False, baselines=False)
-    for k, m in enumerate(("e2e", "ttft", "itl")):
+    for m in ("e2e", "ttft", "itl"):
         bias = res.table[res.table.metric == m].step_bias_pct.to_numpy()
-        np.testing.assert_allclose(100 * np.expm1(-np.array(rec["log_ratio"][m])), bias,
-                                   rtol=1e-6)
+        np.testing.assert_allclose(100 * np.expm1(-np.array(rec["log_ratio"][m])), bias, rtol=1e-6)
     assert rec["pooled"]["e2e"]["n_experiments"] == 4
     json.dumps(rec)  # JSON-safe
 
