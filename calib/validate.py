@@ -573,7 +573,7 @@ def evaluate_fold(
         step_index=train_fit,
         progress=progress,
     )
-    idata = fit.idata
+    idata: Any = fit.idata
     # the structural discrepancy from the TRAIN steps only (from_fit keeps the steps the
     # fold's posterior was fitted on); held-out bands use it (calib.discrepancy.draws)
     if discrepancy.ATTR not in idata.attrs:
