@@ -277,9 +277,12 @@ def predicted_step_means(idata, draws: int | None = None) -> tuple[np.ndarray, n
 def from_fit(idata, inputs: StepInputs) -> dict:
     """The record of a fitted posterior on the dataset it was fitted on (the fit's hook)."""
     pred, step = predicted_step_means(idata)
-    pos = {int(s): i for i, s in enumerate(step)}
-    keep = np.array([int(s) in pos for s in inputs.step], bool)
-    where = np.array([pos[int(s)] for s in inputs.step[keep]], np.int64)
+    # the steps the posterior was fitted on (a validation fold: its train steps)
+    srt = np.argsort(step, kind="stable")
+    at = np.searchsorted(step[srt], inputs.step)
+    keep = at < step.size
+    keep[keep] = step[srt][at[keep]] == inputs.step[keep]
+    where = srt[at[keep]]
     return estimate(
         inputs.exp_idx[keep],
         inputs.weights[keep],
