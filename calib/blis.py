@@ -374,10 +374,11 @@ def blis_closed_loop(
     of shape (sets, experiments, 3) in µs (set 0: the export's coefficients with its
     ``*.defaults.yaml``).
     """
-    from calib.closed_loop import METRICS, set_name
+    from calib.closed_loop import METRICS, discrepancy_factors, set_name
 
     defaults = defaults_files(export_result)
     sets = [coeffs.point, *coeffs.draws]
+    factor = discrepancy_factors(coeffs, plans)  # the band's structural discrepancy
     results = np.full((len(sets), len(plans), len(METRICS)), np.nan)
     basis = []
     work = Path(work_dir)
@@ -390,6 +391,8 @@ def blis_closed_loop(
         )
         for k, s in enumerate(sets):
             alphas, betas = s[name]
+            if k:  # BLIS's step time is linear in the betas
+                betas = [float(b) * float(factor[k - 1, e]) for b in betas]
             res_path = work / f"exp{e:03d}" / f"results-{k:03d}.json"
             cmd = blis_command(
                 blis,

@@ -42,9 +42,13 @@ Without a shared-prefix profile no prefix-cache hits are replayed.
 
 Band: with ``draws = K``, one replay per posterior draw (thinned evenly): that draw's
 betas through the export's own mapping (:func:`calib.predict.betas_from_params`) and
-the API fit's draw of the alphas (clipped at 0 as the export does). The band is the
-central ``prob`` interval of the K replayed means; it holds parameter uncertainty
-only (the replay is deterministic given the coefficients).
+the API fit's draw of the alphas (clipped at 0 as the export does), with the step
+times of each experiment multiplied by a new experiment's structural discrepancy
+``exp(δ)``, ``δ ~ N(mu, tau)`` of E2E (:mod:`calib.discrepancy`; BLIS never sees
+the workload, so no conditioning on it). The band is the central ``prob`` interval of
+the K replayed means: parameter uncertainty and the discrepancy (the replay is
+deterministic given the coefficients, so no step noise; a posterior without the
+record gives parameter uncertainty only).
 
 Verdict per experiment and metric: ``|err| <`` the target
 (:data:`calib.config.CLOSED_LOOP_E2E_TARGET_PCT`, ``..._TTFT_ITL_TARGET_PCT``) and, with
@@ -383,6 +387,7 @@ class Coefficients:
 
     point: dict[str, tuple[list[float], list[float]]]  # model -> (alphas, betas)
     draws: list[dict[str, tuple[list[float], list[float]]]]  # per draw, same shape
+    discrepancy: dict | None = None  # the posterior's record (calib.discrepancy)
 
 
 def exported_coefficients(
@@ -455,7 +460,9 @@ def exported_coefficients(
                 alphas = [max(0.0, float(v)) for v in rng.normal(a["raw_mean"], a["sd"])]
             one[name] = (alphas, betas)
         sets.append(one)
-    return Coefficients(point=point, draws=sets), res
+    from calib import discrepancy
+
+    return Coefficients(point=point, draws=sets, discrepancy=discrepancy.load(idata)), res
 
 
 # ------------------------------------------------------------------ the check
@@ -493,6 +500,7 @@ def closed_loop(
     from calib.hardware import load_hardware
 
     sets = [coeffs.point, *coeffs.draws]
+    factor = discrepancy_factors(coeffs, plans)
     jobs, basis = [], []
     for e, plan in enumerate(plans):
         name, b = set_name(plan, coeffs)
@@ -501,7 +509,8 @@ def closed_loop(
         probes = probe_features(arch, load_hardware(plan.spec.hardware), plan.spec.tp)
         for k, s in enumerate(sets):
             alphas, betas = s[name]
-            jobs.append((k, e, plan, step_time_weights(betas, probes), alphas))
+            w = step_time_weights(betas, probes)  # linear in the betas
+            jobs.append((k, e, plan, w * factor[k - 1, e] if k else w, alphas))
     jobs.sort(key=lambda j: -len(j[2].arrived_us))  # longest first: better packing
     results = np.full((len(sets), len(plans), len(METRICS)), np.nan)
     if workers is None:
@@ -531,6 +540,22 @@ def closed_loop(
         e2e_target_pct=e2e_target_pct,
         ttft_itl_target_pct=ttft_itl_target_pct,
     )
+
+
+def discrepancy_factors(coeffs: Coefficients, plans: Sequence[ExperimentPlan]) -> np.ndarray:
+    """``exp(δ)`` (draws, experiments) multiplying each draw's step times of each experiment:
+    a new experiment's structural discrepancy of E2E, ``δ ~ N(mu, tau)``
+    (:func:`calib.discrepancy.draws`; BLIS never sees the workload); 1 without a record."""
+    from calib import discrepancy
+
+    delta = discrepancy.draws(
+        coeffs.discrepancy,
+        [p.name for p in plans],
+        ["new"] * len(plans),
+        len(coeffs.draws),
+        np.random.default_rng(config.DISCREPANCY_SEED),
+    )[0]
+    return np.exp(delta[:, 0, :])
 
 
 def set_name(plan: ExperimentPlan, coeffs: Coefficients) -> tuple[str, str]:

@@ -272,6 +272,15 @@ OVERHEAD_BOOTSTRAP = 400
 #: Seed of that bootstrap (and of a new model's draws).
 OVERHEAD_SEED = 0
 
+#: Bootstrap replicates (over experiments) of the structural discrepancy's mu and tau
+#: (calib/discrepancy.py); stored in the posterior, so kept at the overheads' size.
+DISCREPANCY_BOOTSTRAP = 400
+#: Seed of that bootstrap.
+DISCREPANCY_SEED = 0
+#: Fewest experiments with a metric for its between-experiment sd tau to be estimated:
+#: DerSimonian-Laird on 2 has one degree of freedom (tau is then recorded as unknown).
+DISCREPANCY_MIN_EXPERIMENTS = 3
+
 # ------------------------------------------- validation (calib/validate.py, validation helper)
 #: NUTS settings of each validation fold: fewer draws than :data:`SAMPLER` (one fit per
 #: fold; ``scripts/validate.py`` flags override them); 4 chains because 2 short chains

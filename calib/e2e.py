@@ -50,8 +50,10 @@ Which corrections predict an experiment (column ``basis``):
 
 ``fitted``          the experiment's own posterior (``b_exp`` for per-experiment fits,
                     else its model's ``b``);
-``new-experiment``  per-experiment fits, workload not in the posterior (or forced with
-                    ``new_experiments=True``): ``log b = log b[m] + tau_exp·z`` per draw;
+``new-experiment``  workload not in the posterior (or forced with
+                    ``new_experiments=True``, any hierarchy): per-experiment fits draw
+                    ``log b = log b[m] + tau_exp·z`` per draw, other fits use the model's
+                    ``b``; the discrepancy is a new experiment's ``N(mu, tau)``;
 ``population``      model not in the posterior (or listed in ``population_models``):
                     ``log b = log b_pop + tau·z`` per draw (the predictive distribution
                     of a new model's corrections); its noise parameters are the per-draw
@@ -62,6 +64,19 @@ noise (:func:`calib.noise.sample`: log-normal body, stall and fast components, t
 tail, no clipping), so the interval is a posterior *predictive* interval of the
 experiment mean. Without noise, ``mu`` is the body *median* step time and sums of
 medians sit below sums of durations by the mean factor (``mean_factor``, ~1-3 %).
+
+Structural discrepancy (:mod:`calib.discrepancy`): per draw, the step part of every
+experiment mean is multiplied by ``exp(δ)``, ``δ`` drawn per metric from the
+posterior's discrepancy record: a ``fitted`` experiment (named in the record, with
+sampled steps there) from its conditional distribution given its own sampled steps'
+log ratio (the point moves towards the observed: a replay of fitted data, not a
+forecast); every other experiment (``new-experiment``, ``population``, and all with
+``new_experiments=True``) from a new experiment's ``N(mu, tau)``, the basis BLIS
+predicts at. The band then holds parameter uncertainty, step noise (full tails) and
+the experiment discrepancy (column ``discrepancy``: ``conditional``, ``new`` or
+``none``); a posterior without the record gives bands without it and a note
+(``E2EResult.notes``). Column ``half_width_pct`` is half the band's width over the
+point; every table reports its median next to the coverage.
 
 Point prediction (``predicted_us``): the *mean* of the experiment mean over posterior
 draws (the posterior predictive mean, what a sum of step times is an estimate of; at the
@@ -85,7 +100,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from calib import config
+from calib import config, discrepancy
 from calib import noise as stepnoise
 from calib.errors import CalibError
 from calib.posterior import flat_draws
@@ -507,9 +522,9 @@ def correction_draws(
                 z = rng.standard_normal((d, _COMP))
                 b[:, e] = params["b"][:, m] * np.exp(tau_exp * z)
                 basis.append("new-experiment")
-            else:
+            else:  # per-model fit: no experiment effects; the basis still says which
                 b[:, e] = params["b"][:, m]
-                basis.append("fitted")
+                basis.append("new-experiment" if new_experiments else "fitted")
             for out, p in zip(pars, per_model, strict=True):
                 out[:, e] = p[:, m]
         else:
@@ -557,18 +572,26 @@ def _correction_groups(
 
 
 def means_with_host_time(
-    step_us: np.ndarray, design: ReplayDesign, gap_us: np.ndarray | None = None
+    step_us: np.ndarray,
+    design: ReplayDesign,
+    gap_us: np.ndarray | None = None,
+    factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """Predicted experiment means ``(draws, 3, E)``: step durations plus host gaps.
 
     ``step_us`` (draws, n) or (n,) in replay order (:func:`experiment_means`);
     ``gap_us`` the host gap per experiment, (E,) or per draw (draws, E) (default: the
     measured ``design.timing.gap_us``), counted ``design.gap_counts`` times in each
-    mean. This is how :func:`replay` predicts every metric, the baselines included.
+    mean. ``factor`` (draws, 3, E) multiplies the step part of each mean (the structural
+    discrepancy ``exp(δ)``, :func:`calib.discrepancy.draws`). This is how :func:`replay`
+    predicts every metric, the baselines included.
     """
     gap = design.timing.gap_us if gap_us is None else np.asarray(gap_us, np.float64)
     gap = np.atleast_2d(gap)
-    return experiment_means(step_us, design) + gap[:, None, :] * design.gap_counts
+    steps = experiment_means(step_us, design)
+    if factor is not None:
+        steps = steps * factor
+    return steps + gap[:, None, :] * design.gap_counts
 
 
 @dataclass
@@ -578,15 +601,18 @@ class E2EResult:
     Attributes
     ----------
     table : pandas.DataFrame, one row per (metric, experiment): ``metric``, ``experiment``,
-        ``model``, ``basis``, ``n_requests``, ``observed_us``, ``predicted_us`` (median over
+        ``model``, ``basis``, ``n_requests``, ``observed_us``, ``predicted_us`` (mean over
         draws, see the module docstring), ``lower_us``/``upper_us`` (equal-tailed
         ``prob`` interval), ``error_pct``
         ((predicted − observed)/observed·100), ``bias_us`` (predicted − observed),
-        ``inside``, ``gap_us`` (host gap per step used for the experiment),
+        ``inside``, ``half_width_pct`` (half the band's width over the point, %),
+        ``discrepancy`` (how the structural discrepancy entered the band:
+        ``conditional``, ``new`` or ``none``; :func:`calib.discrepancy.draws`),
+        ``gap_us`` (host gap per step used for the experiment),
         ``step_bias_pct`` (step-level bias on the experiment's sampled steps, weighted
         as in the metric; see the module docstring) and per baseline ``<name>_us`` and
         ``<name>_error_pct``.
-    coverage : metric -> dict(n, inside, rate, p_low, fails).
+    coverage : metric -> dict(n, inside, rate, p_low, checked, fails, median_half_width_pct).
     passed : whether every checked metric passes.
     message : one-line verdict.
     worst : (metric, experiment, error_pct) with the largest |error| on E2E.
@@ -594,6 +620,8 @@ class E2EResult:
     prob, noise : settings used.
     timing : the :class:`HostTiming` used (gap per experiment, QUEUED share).
     settings : the settings as plain values (for manifests).
+    notes : one line each on what the bands leave out (e.g. a posterior without a
+        discrepancy record).
     """
 
     table: pd.DataFrame
@@ -606,6 +634,7 @@ class E2EResult:
     noise: bool
     settings: dict = field(default_factory=dict)
     timing: HostTiming | None = None
+    notes: list = field(default_factory=list)
 
 
 def replay(
@@ -691,6 +720,14 @@ def replay(
     else:
         obs_step, sp = np.zeros(n), np.zeros(0, np.int64)
     pred_sp = np.zeros(sp.size)
+    # structural discrepancy (calib/discrepancy.py): per draw, exp(delta) on the step part
+    delta, disc_kind, disc_notes = discrepancy.draws(
+        discrepancy.load(idata),
+        design.experiments,
+        groups.basis,
+        d,
+        np.random.default_rng([seed, config.DISCREPANCY_SEED]),
+    )
     chunk = max(1, min(d, config.E2E_CHUNK_ELEMENTS // max(n, 1)))
     pred = np.empty((d, 3, E))
     for a in range(0, d, chunk):
@@ -704,18 +741,17 @@ def replay(
             feats,
             design.step_exp,
         )
+        # exact predictive mean of the sampled steps (mean_factor·mu), for step_bias_pct
+        mf = stepnoise.mean_factor(*(p[sl][:, design.step_exp[sp]] for p in groups.noise))
+        pred_sp += (D[:, sp] * mf).sum(axis=0)
         if noise:
             D = stepnoise.sample(rng, D, *(p[sl][:, design.step_exp] for p in groups.noise))
-        pred_sp += D[:, sp].sum(axis=0)
-        pred[sl] = means_with_host_time(D, design, gap_draws[sl])
+        pred[sl] = means_with_host_time(D, design, gap_draws[sl], factor=np.exp(delta[sl]))
     pred_sp /= d
-    step_bias = np.full((3, E), np.nan)
-    for k in range(3):
-        w = design.weights[sp, k]
-        num = np.bincount(design.step_exp[sp], weights=w * pred_sp, minlength=E)
-        den = np.bincount(design.step_exp[sp], weights=w * obs_step[sp], minlength=E)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            step_bias[k] = np.where(den > 0, 100.0 * (num / den - 1.0), np.nan)
+    r_sp, _ = discrepancy.log_ratios(
+        design.step_exp[sp], design.weights[sp], obs_step[sp], pred_sp, E
+    )
+    step_bias = 100.0 * np.expm1(-r_sp)
 
     base = {}
     if baselines:
@@ -746,6 +782,8 @@ def replay(
                 "error_pct": 100.0 * (point - obs) / obs if finite else np.nan,
                 "bias_us": float(point - obs) if finite else np.nan,
                 "inside": bool(finite and lo <= obs <= hi),
+                "half_width_pct": 50.0 * (hi - lo) / point if finite else np.nan,
+                "discrepancy": disc_kind[e],
                 "gap_us": float(timing.gap_us[e]),
                 "step_bias_pct": float(step_bias[k, e]),
             }
@@ -765,6 +803,9 @@ def replay(
         checked = metric in config.E2E_CHECK_METRICS
         fails = bool(checked and (n_e == 0 or p_low < config.E2E_COVERAGE_FAIL_TAIL))
         coverage[metric] = {
+            "median_half_width_pct": (
+                float(np.median(sub.half_width_pct)) if n_e else float("nan")
+            ),
             "n": n_e,
             "inside": k_in,
             "rate": k_in / n_e if n_e else np.nan,
@@ -780,7 +821,8 @@ def replay(
         worst = ("e2e", "", float("nan"))
     failed = [m for m, c in coverage.items() if c["fails"]]
     parts = [
-        f"{m} coverage {c['inside']}/{c['n']} ({100 * c['rate']:.0f} %)"
+        f"{m} coverage {c['inside']}/{c['n']} ({100 * c['rate']:.0f} %, median half-width "
+        f"{c['median_half_width_pct']:.1f} %)"
         for m, c in coverage.items()
         if c["n"]
     ]
@@ -832,6 +874,7 @@ def replay(
         prob=prob,
         noise=noise,
         timing=timing,
+        notes=disc_notes,
         settings={
             "draws": int(d),
             "noise": noise,
@@ -845,6 +888,7 @@ def replay(
             "queued_step_weight_source": timing.queued_source,
             "new_experiments": new_experiments,
             "population_models": sorted(population_models or ()),
+            "discrepancy": sorted(set(disc_kind)),
         },
     )
 
@@ -870,13 +914,15 @@ def format_table(result: E2EResult) -> str:
             "ttft": "time to first token",
             "itl": "decode interval (E2E−TTFT)/(output−1)",
         }[metric]
+        has_disc = "discrepancy" in sub and (sub.discrepancy != "none").any()
         lines.append(
-            f"== {label} (ms; {pct} interval; "
-            f"{'with' if result.noise else 'without'} step noise) =="
+            f"== {label} (ms; {pct} band: parameters"
+            f"{' + step noise' if result.noise else ''}"
+            f"{' + experiment discrepancy' if has_disc else ''}) =="
         )
         head = (
             f"{'experiment':<44} {'basis':<14} {'observed':>10} {'predicted':>10} "
-            f"{'lower':>10} {'upper':>10} {'err%':>7} {'bias':>9} {'in':>3}"
+            f"{'lower':>10} {'upper':>10} {'±%':>5} {'err%':>7} {'bias':>9} {'in':>3}"
         )
         if has_extra:
             head += f" {'gap µs':>7} {'step-bias%':>10}"
@@ -887,7 +933,8 @@ def format_table(result: E2EResult) -> str:
             line = (
                 f"{str(r.experiment)[:44]:<44} {r.basis:<14} {r.observed_us / 1e3:>10.2f} "
                 f"{r.predicted_us / 1e3:>10.2f} {r.lower_us / 1e3:>10.2f} "
-                f"{r.upper_us / 1e3:>10.2f} {r.error_pct:>+7.1f} {r.bias_us / 1e3:>+9.2f} "
+                f"{r.upper_us / 1e3:>10.2f} {r.half_width_pct:>5.1f} {r.error_pct:>+7.1f} "
+                f"{r.bias_us / 1e3:>+9.2f} "
                 f"{'yes' if r.inside else 'NO':>3}"
             )
             if has_extra:
@@ -898,7 +945,8 @@ def format_table(result: E2EResult) -> str:
         c = result.coverage[metric]
         mean_abs = sub.error_pct.abs().mean()
         summary = (
-            f"coverage {c['inside']}/{c['n']}; mean err {sub.error_pct.mean():+.1f} % "
+            f"coverage {c['inside']}/{c['n']}; median half-width "
+            f"{c['median_half_width_pct']:.1f} %; mean err {sub.error_pct.mean():+.1f} % "
             f"(|err| {mean_abs:.1f} %)"
         )
         if has_extra:
@@ -914,5 +962,6 @@ def format_table(result: E2EResult) -> str:
             "err% close to it is explained by step-time misfit, not by the replay)",
             "",
         ]
+    lines += [f"note: {n}" for n in result.notes]
     lines.append(result.message)
     return "\n".join(lines)

@@ -60,6 +60,13 @@ overhead (FINISHED→DEPARTED), α₂ per output token; the API-overhead estimat
 stored in the posterior (:mod:`calib.overheads`: means with bootstrap intervals,
 pooled across the models of the server as far as the data allow), clipped at 0, or
 values given explicitly. The export runs no inference and reads no other data.
+
+Structural discrepancy (``uncertainty.structural_discrepancy``, :mod:`calib.discrepancy`):
+per metric (E2E, TTFT, decode interval) the mean ``mu`` and between-experiment sd
+``tau`` of ``log(observed / predicted)`` step-time sums, learned across the fitted
+experiments: for a new workload the step-time part of a predicted metric is off by a
+factor ``exp(δ)``, ``δ ~ N(mu, tau)``. It is metric-specific, so it is described, not
+folded into the betas (they stay the posterior predictive mean step time).
 """
 
 from __future__ import annotations
@@ -71,7 +78,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from calib import config, noise, overheads
+from calib import config, discrepancy, noise, overheads
 from calib.errors import CalibError
 from calib.io import atomic_write_text, manifest
 from calib.posterior import plugin_means
@@ -260,6 +267,7 @@ def model_export(
     source: dict,
     export_manifest: dict,
     b_point: np.ndarray | None = None,
+    structural: dict | None = None,
 ) -> dict:
     """The export document of one model (``model=None``: the population set).
 
@@ -267,7 +275,8 @@ def model_export(
     model's), ``factor`` (draws,) the mean factor, ``noise_draws`` the noise parameters'
     draws to summarise; ``b_point`` (draws, 6), default ``b_draws``, the corrections whose
     ``factor``-scaled mean is the point (population: ``b_pop·exp(tau²/2)``, the exact
-    predictive mean over a new model).
+    predictive mean over a new model). ``structural``: the uncertainty section's
+    description of the structural discrepancy (:func:`calib.discrepancy.summary`).
     """
     b_point = b_draws if b_point is None else b_point
     means = plugin_means(post)
@@ -348,6 +357,7 @@ def model_export(
             k: {**_summary(v, prob), "meaning": _NOISE_MEANING[k] + pop}
             for k, v in noise_draws.items()
         },
+        "structural_discrepancy": structural,
     }
     return {
         "model": name,
@@ -494,6 +504,7 @@ def export_posterior(
         )
         return a
 
+    structural = discrepancy.summary(discrepancy.load(idata), prob)
     docs: dict[str, dict] = {}
     d = post["b"].shape[0]
     per_model = dict(
@@ -514,6 +525,7 @@ def export_posterior(
             prob=prob,
             source=source,
             export_manifest=export_manifest,
+            structural=structural,
         )
     tau = post.get("tau", np.zeros((d, len(config.COMPONENTS))))
     z = np.random.default_rng(config.E2E_SEED).standard_normal(tau.shape)
@@ -531,6 +543,7 @@ def export_posterior(
         prob=prob,
         source=source,
         export_manifest=export_manifest,
+        structural=structural,
     )
 
     paths = []

@@ -988,6 +988,7 @@ def fit_model_data(
     command: list[str] | None = None,
     api_overheads: dict | None = None,
     ppc_draws: int = config.PPC_DRAWS,
+    discrepancy_inputs=None,
 ) -> FitResult:
     """Fit prepared model data: sampler -> gate -> manifest -> (file).
 
@@ -1010,6 +1011,9 @@ def fit_model_data(
     command : command line for the manifest (default ``sys.argv``).
     api_overheads : the API-overhead estimate of the same data
         (:func:`calib.overheads.estimate`), stored in the posterior for the export.
+    discrepancy_inputs : the sampled steps of the same data with their replay weights
+        (:func:`calib.discrepancy.step_inputs`): the structural-discrepancy record
+        (:func:`calib.discrepancy.from_fit`) is computed from them and the posterior.
     """
     from calib import diagnostics
     from calib.io import manifest
@@ -1084,6 +1088,10 @@ def fit_model_data(
         from calib.posterior import API_OVERHEADS_ATTR
 
         idata.attrs[API_OVERHEADS_ATTR] = json.dumps(api_overheads)
+    if discrepancy_inputs is not None:
+        from calib import discrepancy
+
+        idata.attrs[discrepancy.ATTR] = json.dumps(discrepancy.from_fit(idata, discrepancy_inputs))
 
     from calib.ppc import add_posterior_predictive
 
@@ -1153,6 +1161,7 @@ def fit(
     except CalibError as err:  # no request labels: the export then needs --alpha-coeffs
         print(f"warning: no API-overhead estimate: {err}", file=sys.stderr)
         api = None
+    disc = _discrepancy_inputs(ds)
     del ds  # the sampler needs only the model data (a real-size dataset is GBs)
     return fit_model_data(
         data,
@@ -1172,7 +1181,20 @@ def fit(
         command=command,
         api_overheads=api,
         ppc_draws=ppc_draws,
+        discrepancy_inputs=disc,
     )
+
+
+def _discrepancy_inputs(ds):
+    """The structural-discrepancy inputs of a dataset (:func:`calib.discrepancy.step_inputs`),
+    or None with a warning when it has no request windows to weight the steps by."""
+    from calib import discrepancy
+
+    try:
+        return discrepancy.step_inputs(ds)
+    except CalibError as err:
+        print(f"warning: no structural-discrepancy record: {err}", file=sys.stderr)
+        return None
 
 
 # ------------------------------------------------------------------- prior check

@@ -49,6 +49,7 @@ import numpy as np
 
 from calib import config
 from calib.errors import CalibError
+from calib.pooling import random_effects
 
 __all__ = ["QUANTITIES", "alphas", "estimate", "observations"]
 
@@ -96,23 +97,6 @@ def observations(ds) -> dict[str, Any]:
     )
     out["per_token_se"] = gap.gap_se_us[ok]
     return out
-
-
-def _random_effects(mean: np.ndarray, se2: np.ndarray) -> tuple:
-    """DerSimonian–Laird over the last axis: (shrunk means, pooled mean, tau, Q).
-
-    ``mean``, ``se2`` (..., M) per-model means and squared standard errors.
-    """
-    se2 = np.maximum(se2, 1e-12)  # an exactly constant quantity (se 0, µs²): finite weights
-    w = 1.0 / se2
-    pooled = (w * mean).sum(-1) / w.sum(-1)
-    q = (w * (mean - pooled[..., None]) ** 2).sum(-1)
-    denom = w.sum(-1) - (w * w).sum(-1) / w.sum(-1)
-    tau2 = np.maximum(0.0, (q - (mean.shape[-1] - 1)) / np.maximum(denom, 1e-300))
-    wr = 1.0 / (se2 + tau2[..., None])
-    mu = (wr * mean).sum(-1) / wr.sum(-1)  # random-effects mean
-    shrink = tau2[..., None] / (tau2[..., None] + se2)
-    return mu[..., None] + shrink * (mean - mu[..., None]), mu, np.sqrt(tau2), q
 
 
 def estimate(
@@ -189,7 +173,7 @@ def estimate(
         mp = means[:, present]
         se2 = np.var(mp[1:], axis=0, ddof=1)[None, :] * np.ones((replicates + 1, 1))
         if mp.shape[1] > 1:
-            shrunk, pooled, tau, qstat = _random_effects(mp, se2)
+            shrunk, pooled, tau, qstat = random_effects(mp, se2)
         else:
             shrunk, pooled, tau, qstat = (
                 mp,

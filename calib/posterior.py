@@ -13,7 +13,9 @@ without the dataset. Root attributes (all NetCDF-safe scalars or JSON strings):
 ``diagnostics``          JSON of :meth:`calib.diagnostics.GateResult.to_dict`;
 ``hierarchy``            the model hierarchy fitted;
 ``api_overheads``        JSON of :func:`calib.overheads.estimate` on the fitted dataset
-                         (absent when fitted from model data alone).
+                         (absent when fitted from model data alone);
+``discrepancy``          JSON of the structural-discrepancy record
+                         (:mod:`calib.discrepancy`; absent likewise).
 """
 
 from __future__ import annotations

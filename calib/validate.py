@@ -39,6 +39,10 @@ steps and judged on the sampled held-out steps and requests:
   the held-out part exactly as ``check_e2e`` does (:func:`calib.e2e.measure_host_timing`).
   The baselines' step predictions go through the same replay weights and host gaps
   (:func:`calib.e2e.means_with_host_time`), so every predictor gets the same host time.
+  The bands include the structural discrepancy (:mod:`calib.discrepancy`) estimated
+  from the fold's TRAIN steps only: experiments with train steps (temporal and
+  request-hash splits) use their conditional distribution, held-out workloads and
+  models a new experiment's ``N(mu, tau)``.
 
 Predictors (column ``predictor``):
 
@@ -60,6 +64,7 @@ baseline_step_predictions`` fits on every sampled step, which would leak).
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -540,6 +545,7 @@ def evaluate_fold(
     noise : intervals include the step noise (:mod:`calib.noise`).
     fit_fn : replaces ``calib.fit.fit_model_data`` (same signature; for I/O tests).
     """
+    from calib import discrepancy
     from calib.e2e import correction_draws, means_with_host_time, replay, replay_design
     from calib.fit import fit_model_data
     from calib.posterior import flat_draws
@@ -567,7 +573,13 @@ def evaluate_fold(
         step_index=train_fit,
         progress=progress,
     )
-    idata = fit.idata
+    idata: Any = fit.idata
+    # the structural discrepancy from the TRAIN steps only (from_fit keeps the steps the
+    # fold's posterior was fitted on); held-out bands use it (calib.discrepancy.draws)
+    if discrepancy.ATTR not in idata.attrs:
+        idata.attrs[discrepancy.ATTR] = json.dumps(
+            discrepancy.from_fit(idata, discrepancy.step_inputs(ds))
+        )
     params = flat_draws(idata, draws)
     post_models = list(coords["model"])
     post_exps = list(coords["experiment"])

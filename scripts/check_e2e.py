@@ -15,7 +15,9 @@ per experiment from the timestamps of consecutive sampled steps (``--step-gap-us
 overrides), and so is the share of the QUEUED step a request waits for
 (``--queued-step-weight``); the settings line says which values were used.
 Prints one table per metric with the blackbox and NNLS baselines and, per
-experiment, the step model's bias on its sampled steps (``step-bias%``). Exit status:
+experiment, the step model's bias on its sampled steps (``step-bias%``) and the band's
+half-width (``±%``; bands: parameters, step noise and the structural discrepancy,
+calib/discrepancy.py). Exit status:
 0 pass, 1 the check fails (coverage of the intervals below a binomial lower
 bound of the nominal rate; see calib/e2e.py) or is INCONCLUSIVE (too few experiments
 for the coverage test), 2 a user error (``error: ...``), 130 interrupted.
@@ -83,7 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--new-experiments",
         action="store_true",
-        help="per-experiment fits: predict every experiment as a new workload",
+        help="predict every experiment as a new workload (any hierarchy: the "
+        "structural discrepancy is a new experiment's N(mu, tau); per-experiment fits "
+        "also draw new workload effects)",
     )
     p.add_argument(
         "--population-models",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from fixtures.posteriors import make_replay_dataset, mock_posterior
 
-from calib import config
+from calib import config, noise
 from calib.e2e import (
     METRICS,
     experiment_means,
@@ -17,6 +17,7 @@ from calib.e2e import (
     replay_design,
 )
 from calib.errors import CalibError
+from calib.posterior import flat_draws
 from calib.predict import plugin_step_time_us
 
 
@@ -170,9 +171,12 @@ def test_step_bias_column_matches_brute_force(data, idata):
     post = idata.posterior.stack(s=("chain", "draw"))
     idx = np.linspace(0, post.sizes["s"] - 1, 3).round().astype(int)
     em = np.repeat(np.arange(2), 2)[np.asarray(ds["step_experiment"].values)]
+    # the predictive mean step time: mean_factor·mu per draw (with or without noise)
+    pars = noise.posterior_params(flat_draws(idata, 3), 2)
     mu = np.mean(
         [
-            plugin_step_time_us(
+            noise.mean_factor(*(p[j][em] for p in pars))
+            * plugin_step_time_us(
                 post["b"].values[..., i][em],
                 float(post["per_layer_us"].values[i]),
                 float(post["per_request_us"].values[i]),
@@ -180,7 +184,7 @@ def test_step_bias_column_matches_brute_force(data, idata):
                 float(post["alpha"].values[i]),
                 features,
             )
-            for i in idx
+            for j, i in enumerate(idx)
         ],
         axis=0,
     )
@@ -358,7 +362,7 @@ def test_check_e2e_on_default_data(capsys):
     lines = [ln for ln in out.splitlines() if ln.startswith("2026")][:16]
     assert len(lines) == 16  # one E2E row per experiment of the default data
     # the measured host gap is tens of µs on the default data (a real share of step time)
-    gaps = [float(ln.split()[9]) for ln in lines]
+    gaps = [float(ln.split()[10]) for ln in lines]
     assert all(20.0 < g < 200.0 for g in gaps), gaps
 
 
