@@ -24,7 +24,8 @@ for the coverage test), 2 a user error (``error: ...``), 130 interrupted.
 
 Data: without --traces the dataset the posterior records in its manifest (the data
 it was fitted on); that data must still hash to the posterior's data_hash. Other data
-given with --traces is replayed as an out-of-sample check (a note says so).
+given with --traces is replayed as an out-of-sample check (a note says so): every
+experiment is then predicted as a new workload, whatever its name.
 """
 
 from __future__ import annotations
@@ -136,14 +137,16 @@ def main(argv=None) -> int:
         ds = load_dataset(data.path)
         note = data.verify(ds)
         if note:
-            print(note, file=sys.stderr)
+            # other data than the fit's: no experiment's own discrepancy (or workload
+            # effect) was learned from it, whatever its name, so every one is new
+            print(note + "; every experiment is predicted as a new workload", file=sys.stderr)
         res = replay(
             idata,
             ds,
             prob=args.prob,
             draws=args.draws,
             noise=not args.no_noise,
-            new_experiments=args.new_experiments,
+            new_experiments=args.new_experiments or bool(note),
             population_models=args.population_models,
             seed=args.seed,
             baselines=not args.no_baselines,

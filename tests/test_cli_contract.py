@@ -352,6 +352,9 @@ def test_named_other_data_is_an_out_of_sample_check_with_a_note(provenance):
     )
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
     assert "note:" in proc.stderr and "out-of-sample" in proc.stderr
+    # nothing was learned from this data: no experiment keeps the "fitted" basis
+    rows = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith("2026")]
+    assert rows and {r[1] for r in rows} == {"new-experiment"}, proc.stdout[-2000:]
 
 
 # ------------------------------------------------------------------ Ctrl-C
