@@ -186,7 +186,7 @@ def located(post, mask: np.ndarray) -> str:
         return "most draws"
     m = mask.reshape(-1)
     best, where = 0.0, ""
-    for name, da in post.data_vars.items():
+    for da in post.data_vars.values():
         v = np.asarray(da.values, dtype=float)
         flat = v.reshape(v.shape[0] * v.shape[1], -1)
         with np.errstate(all="ignore"):
