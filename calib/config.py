@@ -69,8 +69,13 @@ INIT_METHODS = ("laplace", "median")
 class StartDefaults:
     """The Laplace start (calib.start.laplace_start)."""
 
-    #: L-BFGS iteration cap (the real-size mode takes ~300-700 iterations, ~1-9 s).
-    max_iter: int = 2000
+    #: L-BFGS iterations that bring the start near the mode (the log density's Hessian is
+    #: ill-conditioned, eigenvalues 0.3 to 2·10⁶ on the default data: L-BFGS alone crawls
+    #: along the overhead ridge and stopped at its former 2,000-iteration cap unconverged).
+    max_iter: int = 200
+    #: Trust-region Newton iterations (exact Hessian) that then converge to the mode
+    #: (10-13 on the default data, gradient norm ~1e-9; BENCHMARKS.md, config history).
+    newton_iter: int = 100
     #: Hessian eigenvalues are floored here (unconstrained units): a flat or non-convex
     #: direction gets a standard deviation of at most 1/sqrt(floor) = 1, the prior's scale
     #: in this model's unconstrained coordinates (standardised raw sites, log spreads).

@@ -29,7 +29,16 @@ import numpy as np
 
 from calib import config
 
-__all__ = ["CheckRow", "GateResult", "check", "format_table", "gate_from_attr", "gate_to_attr"]
+__all__ = [
+    "CheckRow",
+    "GateResult",
+    "advice",
+    "check",
+    "format_table",
+    "gate_from_attr",
+    "gate_to_attr",
+    "located",
+]
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,8 @@ class CheckRow:
     ok : whether the check passed.
     worst : the parameter (``b[llama-2-7b, pf_compute]``) or chain at the worst value.
     note : extra context (units, elements skipped, why a value is missing).
+    where : for ``divergences`` and ``tree_depth``: the parameter element whose values on
+        the flagged draws sit furthest from its posterior mean (:func:`located`).
     """
 
     name: str
@@ -54,6 +65,7 @@ class CheckRow:
     ok: bool
     worst: str = ""
     note: str = ""
+    where: str = ""
 
 
 @dataclass(frozen=True)
@@ -161,6 +173,34 @@ def _worst(values: np.ndarray, labels: list[str], largest: bool) -> tuple[float,
     return float(values[i]), labels[i]
 
 
+def located(post, mask: np.ndarray) -> str:
+    """The posterior element whose draws under ``mask`` (chain, draw) sit furthest from
+    its posterior mean, as ``"name[labels] (z ±x.x)"``: z is the mean of the flagged
+    draws minus the posterior mean, in posterior sds (of log|value| for positive
+    parameters). "" when no draw is flagged or nothing varies; "most draws" when over
+    half are flagged (a location then says nothing)."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return ""
+    if mask.mean() > 0.5:
+        return "most draws"
+    m = mask.reshape(-1)
+    best, where = 0.0, ""
+    for da in post.data_vars.values():
+        v = np.asarray(da.values, dtype=float)
+        flat = v.reshape(v.shape[0] * v.shape[1], -1)
+        with np.errstate(all="ignore"):
+            x = np.log(np.abs(flat)) if (flat > 0).all() else flat
+            sd = x.std(axis=0)
+            z = np.where(sd > 0, (x[m].mean(axis=0) - x.mean(axis=0)) / sd, 0.0)
+        z = np.nan_to_num(z)
+        i = int(np.argmax(np.abs(z)))
+        if abs(z[i]) > abs(best):
+            best = float(z[i])
+            where = _labels(da.isel(chain=0, draw=0))[i]
+    return f"{where} (z {best:+.1f})" if where else ""
+
+
 def check(
     idata,
     max_tree_depth: int,
@@ -187,6 +227,7 @@ def check(
     post = idata.posterior
     if var_names is not None:
         post = post[var_names]
+    full_post = post
     n_chains = int(post.sizes["chain"])
     n_draws = int(post.sizes["draw"])
     stats = idata.sample_stats if "sample_stats" in idata.groups() else None
@@ -259,6 +300,7 @@ def check(
                 ok=n_div <= thresholds.max_divergences,
                 worst=worst,
                 note=f"{n_div / div.size:.2%} of draws",
+                where=located(full_post, div) if n_div else "",
             )
         )
     else:
@@ -320,6 +362,7 @@ def check(
                 ok=frac <= thresholds.max_treedepth_fraction,
                 worst=f"chain {int(np.argmax(per_chain))}" if per_chain.sum() else "",
                 note=f"fraction of draws at max depth {max_tree_depth}",
+                where="" if frac <= thresholds.max_treedepth_fraction else located(full_post, sat),
             )
         )
     else:
@@ -335,6 +378,76 @@ def check(
         )
 
     return GateResult(passed=all(r.ok for r in rows), rows=rows)
+
+
+def _param(worst: str) -> str:
+    """The parameter name of a ``worst``/``where`` label (``tau[pf_kv] (z -2.1)`` -> ``tau``)."""
+    return worst.split("[")[0].split(" ")[0]
+
+
+def advice(result: GateResult, *, width: int = 88) -> str:
+    """One paragraph for a failed gate: which parameters failed, and what to try.
+
+    Built from the rows only (so it works on a gate read back from a posterior file);
+    "" when the gate passed.
+    """
+    import textwrap
+
+    if result.passed:
+        return ""
+    r = {row.name: row for row in result.rows}
+    bad = {k: v for k, v in r.items() if not v.ok}
+    what: list[str] = []
+    tries: list[str] = []
+    mixing = [k for k in ("rhat", "ess_bulk", "ess_tail") if k in bad]
+    if "rhat" in bad:
+        what.append(f"the chains disagree on {bad['rhat'].worst} (R-hat {_fmt(bad['rhat'].value)})")
+    for k, kind in (("ess_bulk", "bulk"), ("ess_tail", "tail")):
+        if k in bad:
+            what.append(
+                f"{bad[k].worst} has {_fmt(bad[k].value)} effective {kind} draws per chain "
+                f"(need {_fmt(bad[k].threshold)})"
+            )
+    if "divergences" in bad:
+        d = bad["divergences"]
+        at = f", sitting at {d.where}" if d.where else ""
+        what.append(f"{_fmt(d.value)} divergent transition(s){at}")
+        tries.append(
+            "rerun with another --seed: a divergence or two at a posterior tail that moves "
+            "between seeds is chance, one that returns at the same parameter marks a funnel "
+            "there (check that parameter's prior against what the data say; a model with few "
+            "sampled steps leaves its corrections to the prior); a higher --target-accept "
+            "hides rare ones at the cost of time"
+        )
+    if "tree_depth" in bad:
+        t = bad["tree_depth"]
+        at = f", most at {t.where}" if t.where and t.where != "most draws" else ""
+        what.append(f"{100 * t.value:.1f} % of draws hit the maximum tree depth{at}")
+        tries.append(
+            "a longer adaptation (--warmup 1000) or --max-tree-depth 10: the step size "
+            "adapted far below the posterior's scale in some direction"
+        )
+    if "ebfmi" in bad:
+        what.append(f"E-BFMI {_fmt(bad['ebfmi'].value)} in {bad['ebfmi'].worst or 'a chain'}")
+        if "tree_depth" not in bad:
+            tries.append("a longer adaptation (--warmup 1000)")
+    if mixing:
+        worst = [_param(bad[k].worst) for k in mixing if bad[k].worst]
+        named = f" of {', '.join(dict.fromkeys(worst))}" if worst else ""
+        tries.append(
+            f"more draws (--draws 2000: ESS grows with draws) for a slow-mixing parameter"
+            f"{named}; if it belongs to a model with few sampled steps, more of its steps "
+            "or --hierarchy pooled"
+        )
+    text = (
+        "The fit failed its diagnostics gate: "
+        + "; ".join(what)
+        + ". What to try: "
+        + "; ".join(tries)
+        + ". --save-on-fail keeps the posterior for a look (e.g. az.plot_pair of the "
+        "named parameters)."
+    )
+    return textwrap.fill(text, width=width)
 
 
 def format_table(result: GateResult) -> str:

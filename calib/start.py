@@ -17,8 +17,11 @@ directly:
 
 :func:`laplace_start` therefore
 
-1. maximises the log density in NumPyro's unconstrained space ``x`` (L-BFGS, a few
-   hundred gradients);
+1. maximises the log density in NumPyro's unconstrained space ``x``: L-BFGS (a few
+   hundred gradients) gets near the mode, then trust-region Newton steps with the exact
+   Hessian converge (the Hessian is ill-conditioned: on the default data its
+   eigenvalues span 0.3 to 2·10⁶, and L-BFGS alone crawled along the overhead ridge for
+   2,000 iterations without converging);
 2. takes the Hessian there and turns it into a covariance ``Σ`` (eigenvalues floored,
    so flat or non-convex directions get a unit-scale width instead of an infinite one);
 3. hands NUTS the potential in whitened coordinates ``y`` with ``x = mode + L·y``
@@ -168,14 +171,33 @@ def laplace_start(
             return np.inf, np.zeros_like(g)  # L-BFGS backtracks from outside the support
         return v, g
 
+    hessian = jax.jit(jax.hessian(potential))
+
+    def hess(x):
+        return np.asarray(hessian(jnp.asarray(x, dtype)), np.float64)
+
     x0 = np.asarray(flat0, np.float64)
     res = scipy.optimize.minimize(
         fun, x0, jac=True, method="L-BFGS-B", options={"maxiter": settings.max_iter}
     )
+    nit, newton_nit = int(res.nit), 0
+    if np.isfinite(res.fun) and settings.newton_iter > 0:
+        # L-BFGS gets near the mode fast but crawls along its ill-conditioned ridges;
+        # Newton steps with the exact Hessian in a trust region converge in a few more.
+        newton = scipy.optimize.minimize(
+            fun,
+            res.x,
+            jac=True,
+            hess=lambda x: np.nan_to_num(hess(x)),
+            method="trust-exact",
+            options={"maxiter": settings.newton_iter},
+        )
+        if np.isfinite(newton.fun) and newton.fun <= res.fun:
+            res, newton_nit = newton, int(newton.nit)
     ok = bool(np.isfinite(res.fun))
     mode = res.x if ok and res.fun <= fun(x0)[0] else x0
-    hess = np.asarray(jax.jit(jax.hessian(potential))(jnp.asarray(mode, dtype)), np.float64)
-    cov, eig = _covariance(hess, settings.eigen_floor)
+    hess_mode = hess(mode)
+    cov, eig = _covariance(hess_mode, settings.eigen_floor)
     if dense_mass:
         chol = np.linalg.cholesky(cov + 1e-12 * np.trace(cov) / len(cov) * np.eye(len(cov)))
     else:
@@ -194,7 +216,8 @@ def laplace_start(
     init = jnp.asarray(starts[0] if chains == 1 else starts, dtype)
     report = {
         "method": "laplace",
-        "iterations": int(res.nit),
+        "iterations": nit,
+        "newton_iterations": newton_nit,
         "evaluations": int(res.nfev),
         "converged": bool(res.success),
         "message": str(res.message),

@@ -220,7 +220,7 @@ def _target_accept(args: argparse.Namespace) -> float:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from calib.diagnostics import format_table
+    from calib.diagnostics import advice, format_table
     from calib.fit import SamplerSettings, fit
 
     settings = SamplerSettings(
@@ -255,6 +255,8 @@ def run_fit(args: argparse.Namespace) -> int:
         print(f"wrote {result.path}")
     else:
         print(f"not written: the diagnostics gate failed (use --save-on-fail to keep {args.out})")
+    if not result.passed:
+        print(advice(result.gate))
     return 0 if result.passed else 1
 
 

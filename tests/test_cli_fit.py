@@ -144,6 +144,9 @@ def test_tiny_real_fit_through_cli(tmp_path, dataset):
     proc = run(*common)
     assert proc.returncode == 1, proc.stderr
     assert "verdict: fail:" in proc.stdout and "ess_bulk" in proc.stdout
+    said = " ".join(proc.stdout.split())  # the advice paragraph, unwrapped
+    assert "The fit failed its diagnostics gate:" in said and "What to try:" in said
+    assert "--draws 2000" in said  # 30 draws per chain: the ESS advice
     assert not out.exists()
     proc = run(*common, "--save-on-fail", "--log-likelihood")
     assert proc.returncode == 1, proc.stderr

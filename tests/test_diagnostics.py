@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 
 from calib import config
-from calib.diagnostics import GateResult, check, format_table, gate_from_attr, gate_to_attr
+from calib.diagnostics import (
+    GateResult,
+    advice,
+    check,
+    format_table,
+    gate_from_attr,
+    gate_to_attr,
+    located,
+)
 
 MAX_DEPTH = 8
 
@@ -138,3 +146,34 @@ def test_json_round_trip_and_table():
     for name in ("rhat", "ess_bulk", "ess_tail", "divergences", "ebfmi", "tree_depth"):
         assert name in table
     assert table.splitlines()[-1] == f"verdict: {res.verdict}"
+
+
+def test_located_names_the_parameter_the_flagged_draws_sit_at():
+    """Divergent draws at the low tail of one element: that element, with a negative z."""
+    idata = make_idata(divergent=0)
+    b = idata.posterior["b"].values
+    order = np.argsort(b[0, :, 1, 2])[:5]  # the 5 lowest draws of b[qwen-7b, weight], chain 0
+    mask = np.zeros(b.shape[:2], bool)
+    mask[0, order] = True
+    where = located(idata.posterior, mask)
+    assert where.startswith("b[qwen-7b, weight] (z -"), where
+    assert float(where.split("z ")[1].rstrip(")")) < -1.5
+    assert located(idata.posterior, np.zeros_like(mask)) == ""
+    assert located(idata.posterior, np.ones_like(mask)) == "most draws"
+
+
+def test_advice_names_failed_parameters_and_what_to_try():
+    assert advice(check(make_idata(), MAX_DEPTH)) == ""
+    res = check(make_idata(divergent=3, chain_shift=0.5), MAX_DEPTH)
+    r = rows(res)
+    assert r["divergences"].where  # located on the three divergent draws
+    wrapped = advice(res)
+    assert "\n\n" not in wrapped and max(map(len, wrapped.splitlines())) <= 88
+    text = " ".join(wrapped.split())
+    assert text.startswith("The fit failed its diagnostics gate:")
+    assert "3 divergent transition(s), sitting at" in text and "--seed" in text
+    assert r["rhat"].worst in text and "--draws 2000" in text
+    sat = " ".join(advice(check(make_idata(saturated=40), MAX_DEPTH)).split())
+    assert "2.5 % of draws hit the maximum tree depth" in sat and "--warmup 1000" in sat
+    # the paragraph comes from the rows alone: same text after a round trip through attrs
+    assert advice(gate_from_attr(gate_to_attr(res))) == wrapped

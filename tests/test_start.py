@@ -135,3 +135,18 @@ def test_pilot_warmup_records_the_adaptation(monkeypatch):
     # chains start apart (dispersed starts), so their first draws differ
     alpha = idata.posterior["alpha"].values
     assert np.all(np.isfinite(alpha)) and alpha[0, 0] != alpha[1, 0]
+
+
+def test_newton_steps_finish_what_a_short_lbfgs_run_leaves():
+    """One L-BFGS iteration stops short of the mode; the trust-region Newton steps with
+    the exact Hessian reach it (and without them the start stays short)."""
+    from calib.config import StartDefaults
+
+    post_var = 1.0 / (1.0 / S0**2 + Y.size / S**2)
+    post_mean = post_var * (M0 / S0**2 + Y.sum() / S**2)
+    key = jax.random.key(0)
+    short = laplace_start(_toy, Y, None, chains=2, key=key, settings=StartDefaults(1, 0))
+    assert abs(short.shift[1] - post_mean) > 1e-3 * np.sqrt(post_var)
+    start = laplace_start(_toy, Y, None, chains=2, key=key, settings=StartDefaults(1, 50))
+    assert 0 < start.report["newton_iterations"] <= 50 and start.report["converged"]
+    np.testing.assert_allclose(start.shift, [0.0, post_mean], atol=1e-8)

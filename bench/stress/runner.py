@@ -146,39 +146,12 @@ def prepare(stress_set, cache: Path, *, quick: bool) -> tuple[Path, float]:
 
 
 def _located(idata, mask) -> str:
-    """The parameter element whose draws under ``mask`` sit furthest from its posterior
-    mean (|mean z| of log|value|), with that z; "" when no draw is flagged, "most draws"
-    when over half are (a location then says nothing)."""
-    import numpy as np
-
+    """Where the flagged draws sit, over the named parameters (calib.diagnostics.located)."""
+    from calib.diagnostics import located
     from calib.model import PARAMETER_SITES
 
-    if not mask.any():
-        return ""
-    if mask.mean() > 0.5:
-        return "most draws"
     post = idata.posterior
-    best, where = 0.0, ""
-    for name in PARAMETER_SITES:
-        if name not in post:
-            continue
-        da = post[name]
-        v = np.asarray(da.values, dtype=float)
-        flat = v.reshape(v.shape[0] * v.shape[1], -1)
-        with np.errstate(all="ignore"):
-            x = np.log(np.abs(flat) + 1e-300) if (flat > 0).all() else flat
-            sd = x.std(axis=0)
-            z = (x[mask.reshape(-1)].mean(axis=0) - x.mean(axis=0)) / sd
-        z = np.where(sd > 0, z, 0.0)
-        i = int(np.argmax(np.abs(z)))
-        if abs(z[i]) > abs(best):
-            best = float(z[i])
-            idx = np.unravel_index(i, v.shape[2:]) if v.ndim > 2 else ()
-            labels = [
-                str(da.coords[dim].values[k]) for dim, k in zip(da.dims[2:], idx, strict=True)
-            ]
-            where = f"{name}[{', '.join(labels)}]" if labels else name
-    return f"{where} (z {best:+.1f})"
+    return located(post[[n for n in PARAMETER_SITES if n in post]], mask)
 
 
 def measure(stress_set, nc: Path, seed: int, args) -> dict:
