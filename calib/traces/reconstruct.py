@@ -415,14 +415,8 @@ def reconstruct(
     disorder = _check_event_order(
         c,
         ~failed & has,
-        q_ts,
-        sc_ts,
-        ft_ts,
-        fin_ts,
-        q_step,
-        sc_step,
-        ft_step,
-        fin_step,
+        (q_ts, sc_ts, ft_ts, fin_ts),
+        (q_step, sc_step, ft_step, fin_step),
         gaps_s,
         source,
         stats,
@@ -510,22 +504,13 @@ def reconstruct(
     )
 
 
-def _check_event_order(
-    c,
-    complete,
-    q_ts,
-    sc_ts,
-    ft_ts,
-    fin_ts,
-    q_step,
-    sc_step,
-    ft_step,
-    fin_step,
-    gaps_s,
-    source,
-    stats,
-) -> np.ndarray:
-    """Requests (of ``complete``) whose journey order is impossible (module doc)."""
+def _check_event_order(c, complete, ts, steps, gaps_s, source, stats) -> np.ndarray:
+    """Requests (of ``complete``) whose journey order is impossible (module doc).
+
+    ``ts`` and ``steps``: the QUEUED, SCHEDULED, FIRST_TOKEN and FINISHED timestamps (s)
+    and steps per request."""
+    q_ts, sc_ts, ft_ts, fin_ts = ts
+    q_step, sc_step, ft_step, fin_step = steps
     with np.errstate(invalid="ignore"):
         labels = {
             "queueing": sc_ts - q_ts,
