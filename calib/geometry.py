@@ -45,15 +45,13 @@ from calib.vocab import COMPONENTS, DC_C, OVERHEAD_SITES, PF_C, PF_KV, TP, WEIGH
 
 Array = Any  # jax or pytensor array
 
-_SQRT_2PI = math.sqrt(2.0 * math.pi)
-
 
 # ------------------------------------------------------------------ pure transforms
 # Each change of variables once, as a pure function of arrays in the namespace ``xp``
 # (``jax.numpy`` here, ``pytensor.tensor`` in calib.model_pymc) returning the natural
 # value and the log density the sampler's coordinate carries (natural density + log|J|).
 # The backends only create the sites and add the returned log terms (NumPyro factor,
-# PyMC Potential). The JAX arithmetic is NumPyro's own (same formulas, same order).
+# PyMC Potential); the normal and log-normal densities are each library's own.
 def _softplus(x: Array, xp: Any) -> Array:
     return jax.nn.softplus(x) if xp is jnp else xp.softplus(x)
 
@@ -64,18 +62,22 @@ def _log_sigmoid(x: Array, xp: Any) -> Array:
 
 
 def normal_logp(x: Array, loc: Array, scale: Array, xp: Any = jnp) -> Array:
-    """Log density of N(loc, scale) at ``x`` (NumPyro's ``Normal.log_prob``, term for
-    term: the same value and gradient to the last bit)."""
-    normalize = xp.log(_SQRT_2PI * scale)
-    scaled = (x - loc) / scale
-    return -0.5 * scaled**2 - normalize
+    """Log density of N(loc, scale) at ``x``: the backend's own (NumPyro's
+    ``Normal.log_prob`` for ``jax.numpy``, ``pm.logp`` for ``pytensor.tensor``)."""
+    if xp is jnp:
+        return dist.Normal(loc, scale).log_prob(x)
+    import pymc as pm
+
+    return pm.logp(pm.Normal.dist(loc, scale), x)
 
 
 def lognormal_logp(x: Array, loc: Array, scale: Array, xp: Any = jnp) -> Array:
-    """Log density of LogNormal(loc, scale) at ``x > 0`` (NumPyro's ``LogNormal.log_prob``,
-    term for term: minus the log-Jacobian of exp, plus the normal density of log x)."""
-    lx = xp.log(x)
-    return (0.0 - lx) + normal_logp(lx, loc, scale, xp)
+    """Log density of LogNormal(loc, scale) at ``x > 0``: the backend's own."""
+    if xp is jnp:
+        return dist.LogNormal(loc, scale).log_prob(x)
+    import pymc as pm
+
+    return pm.logp(pm.LogNormal.dist(loc, scale), x)
 
 
 def softplus_overhead(
