@@ -22,11 +22,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from calib import config
 from calib.errors import CalibError
 
 #: ``--device`` choices of the sampling scripts -> JAX platform names
 #: (``numpyro.set_platform`` accepts "cuda", not "gpu").
 DEVICES = {"cpu": "cpu", "gpu": "cuda"}
+#: ``--traces`` help of the scripts that replay a posterior (:func:`add_posterior_arguments`).
+REPLAY_TRACES = "dataset to replay: .nc or a folder of experiment directories"
 
 
 class Parser(argparse.ArgumentParser):
@@ -90,6 +93,48 @@ def probability(text: str) -> float:
     if not 0.0 < v < 1.0:
         raise argparse.ArgumentTypeError(f"expected a probability in (0, 1), got {v}")
     return v
+
+
+def add_posterior_arguments(
+    p: argparse.ArgumentParser,
+    *,
+    traces: str | None = None,
+    prob: str | None = None,
+    csv: bool = False,
+) -> None:
+    """The positional ``posterior`` and, where asked, the flags that go with it:
+    ``--traces`` (``traces``: what the data are for), ``--prob`` (``prob``: what the
+    central probability is of) and ``--csv``."""
+    p.add_argument("posterior", help="posterior NetCDF written by scripts/fit.py")
+    if traces is not None:
+        p.add_argument(
+            "--traces",
+            default=None,
+            help=f"{traces} (default: the data the posterior was fitted on, from its manifest)",
+        )
+    if prob is not None:
+        p.add_argument(
+            "--prob",
+            type=probability,
+            default=config.INTERVAL_PROB,
+            help=f"{prob} probability (default %(default)s)",
+        )
+    if csv:
+        p.add_argument("--csv", default=None, help="also write the table as CSV (with manifest)")
+
+
+def add_replay_draws_arguments(p: argparse.ArgumentParser, *, draws: str) -> None:
+    """``--draws`` (``draws``: what the posterior draws are for) and ``--seed`` of the
+    E2E replay."""
+    p.add_argument(
+        "--draws",
+        type=positive_int,
+        default=config.E2E_DRAWS,
+        help=f"{draws} (default %(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=nonneg_int, default=config.E2E_SEED, help="seed (default %(default)s)"
+    )
 
 
 def setup_jax_cpu() -> None:

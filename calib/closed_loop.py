@@ -686,22 +686,15 @@ def format_table(result: ClosedLoopResult, simulator: str = "calib scheduler") -
 # ------------------------------------------------------------------ script helpers
 def add_check_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by scripts/check_closed_loop.py and scripts/check_blis.py (argparse only)."""
-    from calib.cli import finite_float, probability
+    from calib.cli import REPLAY_TRACES, add_posterior_arguments, finite_float
 
     percent = finite_float(0.0, 1000.0)
 
-    p.add_argument("posterior", help="posterior NetCDF written by scripts/fit.py")
-    p.add_argument(
-        "--traces",
-        default=None,
-        help="dataset to replay (.nc or a folder of experiment directories; "
-        "default: the data the posterior was fitted on, from its manifest)",
-    )
-    p.add_argument(
-        "--prob",
-        type=probability,
-        default=config.INTERVAL_PROB,
-        help="central band probability (default %(default)s)",
+    add_posterior_arguments(
+        p,
+        traces=REPLAY_TRACES,
+        prob="central band",
+        csv=True,
     )
     p.add_argument(
         "--e2e-target",
@@ -717,7 +710,6 @@ def add_check_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PCT",
         help="largest |TTFT| and |decode-interval error| %% that passes (default %(default)s)",
     )
-    p.add_argument("--csv", default=None, help="also write the table as CSV (with manifest)")
 
 
 def write_table_csv(path: str, result, posterior: str, ds, kind: str) -> None:

@@ -387,22 +387,45 @@ def _pmap_of_vmap(n_devices: int):
     return wrap
 
 
-def _assemble(*, posterior, sample_stats, data, coords, step_index, log_lik, prior, attrs):
+def _assemble(
+    samples: dict,
+    *,
+    prior_samples: dict | None,
+    drop: set,
+    site_dims: dict,
+    sample_stats,
+    log_lik,
+    data,
+    coords: dict,
+    step_index: np.ndarray,
+    library,
+    attrs: dict,
+):
+    """InferenceData from one backend's (chain, draw, ...) ``samples``, its sample
+    statistics, log-likelihood and (draw, ...) ``prior_samples`` (or None)."""
     import arviz as az
 
     from calib.posterior import modeldata_to_constant_data
 
+    sizes = _sizes(coords, step_index.shape[0])
+    xcoords = _coords_for(coords, step_index)
+
+    def dataset(group: dict):
+        return _posterior_dataset(
+            group, drop=drop, site_dims=site_dims, coords=xcoords, sizes=sizes, library=library
+        )
+
     const, obs = modeldata_to_constant_data(data, coords, step_index)
     groups = {
-        "posterior": posterior,
+        "posterior": dataset(samples),
         "sample_stats": sample_stats,
         "observed_data": obs,
         "constant_data": const,
     }
     if log_lik is not None:
         groups["log_likelihood"] = log_lik
-    if prior is not None:
-        groups["prior"] = prior
+    if prior_samples is not None:
+        groups["prior"] = dataset({k: np.asarray(v)[None] for k, v in prior_samples.items()})
     return az.InferenceData(attrs=attrs, **groups)
 
 
@@ -621,18 +644,8 @@ def numpyro_to_idata(
         site_dims = SITE_DIMS
     _check_model_data(data, coords)
     step_index = _step_index(data, step_index)
-    sizes = _sizes(coords, step_index.shape[0])
-    xcoords = _coords_for(coords, step_index)
     obs_sites = _observed_sites(model_fn, data, priors)
     samples = {k: np.asarray(v) for k, v in samples.items()}
-    posterior = _posterior_dataset(
-        samples,
-        drop=set(obs_sites),
-        site_dims=site_dims,
-        coords=xcoords,
-        sizes=sizes,
-        library=numpyro,
-    )
     stats = _sample_stats_numpyro(extra_fields, max_tree_depth, numpyro)
     n_chains, n_draws = next(iter(samples.values())).shape[:2]
 
@@ -650,25 +663,17 @@ def numpyro_to_idata(
             ll[obs_name], _jacobian(obs_value, data.duration_us), step_index, numpyro
         )
 
-    prior = None
-    if prior_samples is not None:
-        pred = {k: np.asarray(v)[None] for k, v in prior_samples.items()}
-        prior = _posterior_dataset(
-            pred,
-            drop=set(obs_sites),
-            site_dims=site_dims,
-            coords=xcoords,
-            sizes=sizes,
-            library=numpyro,
-        )
     return _assemble(
-        posterior=posterior,
+        samples,
+        prior_samples=prior_samples,
+        drop=set(obs_sites),
+        site_dims=site_dims,
         sample_stats=stats,
+        log_lik=log_lik,
         data=data,
         coords=coords,
         step_index=step_index,
-        log_lik=log_lik,
-        prior=prior,
+        library=numpyro,
         attrs=dict(attrs or {}),
     )
 
@@ -731,9 +736,6 @@ def run_pymc(
         site_dims = SITE_DIMS
     _check_model_data(data, coords)
     step_index = _step_index(data, step_index)
-    n_steps = step_index.shape[0]
-    sizes = _sizes(coords, n_steps)
-    xcoords = _coords_for(coords, step_index)
     seed_mcmc, seed_prior = (
         int(s.generate_state(1)[0]) for s in np.random.SeedSequence(settings.seed).spawn(2)
     )
@@ -784,18 +786,6 @@ def run_pymc(
         else None
     )
 
-    def to_dataset(group):
-        samples = {k: v.values for k, v in group.data_vars.items()}
-        return _posterior_dataset(
-            samples,
-            drop=set(obs_names),
-            site_dims=site_dims,
-            coords=xcoords,
-            sizes=sizes,
-            library=pm,
-        )
-
-    posterior = to_dataset(trace.posterior)
     st = trace.sample_stats
     stats_keep = (
         "diverging",
@@ -821,24 +811,17 @@ def run_pymc(
         obs_value = np.asarray(trace.observed_data[obs_name].values).reshape(-1)
         log_lik = _log_lik_dataset(ll, _jacobian(obs_value, data.duration_us), step_index, pm)
 
-    prior = None
-    if prior_samples is not None:
-        prior = _posterior_dataset(
-            {k: v[None] for k, v in prior_samples.items()},
-            drop=set(obs_names),
-            site_dims=site_dims,
-            coords=xcoords,
-            sizes=sizes,
-            library=pm,
-        )
     return _assemble(
-        posterior=posterior,
+        {k: v.values for k, v in trace.posterior.data_vars.items()},
+        prior_samples=prior_samples,
+        drop=set(obs_names),
+        site_dims=site_dims,
         sample_stats=stats,
+        log_lik=log_lik,
         data=data,
         coords=coords,
         step_index=step_index,
-        log_lik=log_lik,
-        prior=prior,
+        library=pm,
         attrs={
             "sampler": f"{nuts_sampler}-nuts",
             "chain_method_run": "sequential" if cores == 1 else "parallel",

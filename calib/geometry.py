@@ -3,10 +3,14 @@
 :mod:`calib.model` states the hierarchies in natural coordinates (``b``, ``b_pop``,
 ``tau``, the overheads); the functions here sample them through coordinates chosen for
 NUTS's geometry and add the exact log-Jacobian of every change of variables as a factor
-site, so the density is the natural one (``tests/test_model.py`` checks the sampler's
-density equals the natural density plus log|J|). None of these coordinates is saved
-(:func:`calib.posterior.save_posterior` keeps the natural parameters), so changing them
-does not change a posterior file's meaning.
+site, so the density is the natural one (``tests/test_geometry.py`` checks the sampler's
+density equals the natural density plus log|J|). Each change of variables is written once,
+as a function of arrays in a namespace ``xp`` returning the natural value and the log
+term (:func:`softplus_overhead`, :func:`bounded_overhead`, :func:`pinned_log_b`,
+:func:`recentred_population`, :func:`nested_law`/:func:`nested_value`); the NumPyro sites
+here and the PyMC mirror (:mod:`calib.model_pymc`) call the same functions. None of
+these coordinates is saved (:func:`calib.posterior.save_posterior` keeps the natural
+parameters), so changing them does not change a posterior file's meaning.
 
 * overheads in softplus coordinates (:class:`SoftplusLogNormal`): linear above the prior
   median, so the collinear per-step constants form straight ridges;
@@ -39,7 +43,151 @@ from calib.errors import CalibError
 from calib.priors import Prior, Priors, numpyro_distribution
 from calib.vocab import COMPONENTS, DC_C, OVERHEAD_SITES, PF_C, PF_KV, TP, WEIGHT
 
-Array = Any  # numpy or jax array
+Array = Any  # jax or pytensor array
+
+
+# ------------------------------------------------------------------ pure transforms
+# Each change of variables once, as a pure function of arrays in the namespace ``xp``
+# (``jax.numpy`` here, ``pytensor.tensor`` in calib.model_pymc) returning the natural
+# value and the log density the sampler's coordinate carries (natural density + log|J|).
+# The backends only create the sites and add the returned log terms (NumPyro factor,
+# PyMC Potential); the normal and log-normal densities are each library's own.
+def _softplus(x: Array, xp: Any) -> Array:
+    return jax.nn.softplus(x) if xp is jnp else xp.softplus(x)
+
+
+def _log_sigmoid(x: Array, xp: Any) -> Array:
+    """``log sigmoid(x) = −softplus(−x)``."""
+    return jax.nn.log_sigmoid(x) if xp is jnp else -xp.softplus(-x)
+
+
+def normal_logp(x: Array, loc: Array, scale: Array, xp: Any = jnp) -> Array:
+    """Log density of N(loc, scale) at ``x``: the backend's own (NumPyro's
+    ``Normal.log_prob`` for ``jax.numpy``, ``pm.logp`` for ``pytensor.tensor``)."""
+    if xp is jnp:
+        return dist.Normal(loc, scale).log_prob(x)
+    import pymc as pm
+
+    return pm.logp(pm.Normal.dist(loc, scale), x)
+
+
+def lognormal_logp(x: Array, loc: Array, scale: Array, xp: Any = jnp) -> Array:
+    """Log density of LogNormal(loc, scale) at ``x > 0``: the backend's own."""
+    if xp is jnp:
+        return dist.LogNormal(loc, scale).log_prob(x)
+    import pymc as pm
+
+    return pm.logp(pm.LogNormal.dist(loc, scale), x)
+
+
+def softplus_overhead(
+    z: Array, loc: float, scale: float, unit: float, xp: Any = jnp
+) -> tuple[Array, Array]:
+    """An overhead in softplus coordinates: ``(unit·softplus(z), log density of z)`` when
+    the overhead ~ LogNormal(loc, scale) (:class:`SoftplusLogNormal`)."""
+    x = unit * _softplus(z, xp)
+    return x, lognormal_logp(x, loc, scale, xp) + xp.log(unit) + _log_sigmoid(z, xp)
+
+
+def bounded_overhead(
+    u: Array, log_bound: Array, prior: Prior, xp: Any = jnp
+) -> tuple[Array, Array]:
+    """An overhead below ``exp(log_bound)`` (:func:`_overhead_below`): ``(log overhead,
+    log prior density + log|d overhead / du|)`` of the raw coordinate ``u``;
+    ``overhead = exp(log_bound)·sigmoid(u)``."""
+    log_r = log_bound + _log_sigmoid(u, xp)
+    lp = (
+        lognormal_logp(xp.exp(log_r), math.log(prior["median"]), prior["log_sd"], xp)
+        + log_r
+        + _log_sigmoid(-u, xp)
+    )
+    return log_r, lp
+
+
+def pinned_log_b(
+    pin: Pinned,
+    base_loc: np.ndarray,
+    z: Array,
+    log_b: Array,
+    per: dict[str, Array],
+    overhead_below: Any,
+    xp: Any = jnp,
+) -> tuple[Array, Array]:
+    """log b of the pinned models (:func:`_per_model_log_b`) from the raw ``z``:
+    ``log c = base_loc + z``, ``b = (c − shares − counts·overheads) / scale``. Pure but
+    for ``overhead_below``, the backend's sampler of the bounded overheads.
+
+    ``log_b`` (M, 6) holds the corrections sampled so far (the shares' components);
+    ``overhead_below(site, log_bound)`` samples a shared overhead not yet in ``per``
+    below ``exp(log_bound)`` (the smallest room the constants leave per unit) and is
+    stored in ``per``. Returns (log b[models, k], per model ``log|d log b / d log c|``
+    minus the raw site's N(0, 1) density, which only shapes the start); outside the
+    support (``c`` below the overheads and shares) log b is 0 (finite, so nested sites
+    stay valid) and the log term −∞.
+    """
+    log_c = z + base_loc
+    c = xp.exp(log_c)
+    shared = xp.sum(pin.shares * xp.exp(log_b[pin.models]), axis=-1)
+    rest = c - shared
+    for j, (site, _) in enumerate(OVERHEAD_SITES):
+        if not pin.counts[:, j].any():
+            continue
+        if site not in per:  # bounded: below every model's remaining constant
+            tiny = np.finfo(rest.dtype).tiny  # 1e-300 is 0 in float32
+            log_room = xp.log(xp.maximum(rest, tiny)) - np.log(pin.counts[:, j])
+            per[site] = overhead_below(site, xp.min(log_room))
+        rest = rest - pin.counts[:, j] * per[site]
+    ok = rest > 1e-12 * c
+    rest_s = xp.where(ok, rest, 1.0)
+    log_bk = xp.log(rest_s) - np.log(pin.scale)
+    # |d log b / d log c| = c / rest
+    lp = xp.where(ok, log_c - xp.log(rest_s) - normal_logp(z, 0.0, 1.0, xp), -np.inf)
+    return xp.where(ok, log_bk, 0.0), lp
+
+
+def pinned_base_loc(pin: Pinned, k: int, priors: Priors) -> np.ndarray:
+    """``log c`` at the prior medians for the models of ``pin`` (the centre of ``z_c``)."""
+    medians = np.array([priors[site]["median"] for site, _ in OVERHEAD_SITES])
+    b_med = np.array([priors[f"b_pop.{c}"]["median"] for c in COMPONENTS])
+    return np.log(b_med[k] * pin.scale + pin.counts @ medians + pin.shares @ b_med)
+
+
+def recentred_population(
+    log_bk: Array,
+    n: int,
+    z_k: Array,
+    tau_k: Array,
+    loc_k: float,
+    scale_k: float,
+    xp: Any = jnp,
+    base_lp: Array | float = 0.0,
+) -> tuple[Array, Array]:
+    """``log b_pop[k] = mean_m log b[m, k] + tau[k]/√M · z_k`` (:func:`_recentred_population`)
+    and its log term: the hierarchical density of the ``n`` values ``log_bk`` (M), the prior
+    N(loc_k, scale_k) of log b_pop[k] and ``log(tau[k]/√M)``, minus the raw site's
+    N(0, 1) density and ``base_lp``."""
+    log_b_pop_k = xp.mean(log_bk) + tau_k / math.sqrt(n) * z_k
+    lp = (
+        xp.sum(normal_logp(log_bk, log_b_pop_k, tau_k, xp))
+        + normal_logp(log_b_pop_k, loc_k, scale_k, xp)
+        + xp.log(tau_k)
+        - 0.5 * math.log(n)
+        - normal_logp(z_k, 0.0, 1.0, xp)
+        - base_lp
+    )
+    return log_b_pop_k, lp
+
+
+def nested_law(loc: Array, scale: Array, nc: np.ndarray, xp: Any = jnp) -> tuple[Array, Array]:
+    """Law (loc, sd) of the raw entries of a centred site whose ``nc`` entries stay
+    non-centred (:func:`_nested`): N(loc, scale) centred, N(0, 1) non-centred."""
+    return xp.where(nc, 0.0, loc), xp.where(nc, 1.0, scale)
+
+
+def nested_value(raw: Array, loc: Array, scale: Array, nc: np.ndarray, xp: Any = jnp) -> Array:
+    """Log values of the raw entries of :func:`nested_law` (``loc + scale·raw`` where
+    non-centred)."""
+    return xp.where(nc, loc + scale * raw, raw)
 
 
 # ------------------------------------------------------------------ overhead coordinates
@@ -67,19 +215,14 @@ class SoftplusLogNormal(dist.Distribution):
 
     def value(self, z):
         """The overhead (µs) of raw coordinate ``z``."""
-        return self.unit * jax.nn.softplus(z)
+        return softplus_overhead(z, self.loc, self.scale, self.unit)[0]
 
     def sample(self, key, sample_shape=()):
         x = dist.LogNormal(self.loc, self.scale).sample(key, sample_shape + self.batch_shape)
         return _softplus_inv(x / self.unit)
 
     def log_prob(self, z):
-        x = self.value(z)
-        return (
-            dist.LogNormal(self.loc, self.scale).log_prob(x)
-            + jnp.log(self.unit)
-            + jax.nn.log_sigmoid(z)
-        )
+        return softplus_overhead(z, self.loc, self.scale, self.unit)[1]
 
 
 # ------------------------------------------------------------------ prior pieces
@@ -147,8 +290,8 @@ def _nested(
     s = scale[cols]
     if centered:
         nc = noncentered_columns(cols)
-        raw = numpyro.sample(name_c, dist.Normal(jnp.where(nc, 0.0, loc), jnp.where(nc, 1.0, s)))
-        return jnp.where(nc, loc + s * raw, raw)
+        raw = numpyro.sample(name_c, dist.Normal(*nested_law(loc, s, nc)))
+        return nested_value(raw, loc, s, nc)
     z = numpyro.sample(name_z, dist.Normal(0.0, 1.0).expand([rows.size]))
     return loc + s * z
 
@@ -285,33 +428,17 @@ def _pinned_log_b(
     wm = pin.models
     if not wm.size:
         return wm, None
-    name = pinned()[k]
-    medians = np.array([priors[site]["median"] for site, _ in OVERHEAD_SITES])
-    b_med = np.array([priors[f"b_pop.{c}"]["median"] for c in COMPONENTS])
-    base_loc = np.log(b_med[k] * pin.scale + pin.counts @ medians + pin.shares @ b_med)
-    z = numpyro.sample(name, dist.Normal(0.0, 1.0).expand([wm.size]))
-    log_c = jnp.asarray(base_loc) + z
-    c = jnp.exp(log_c)
-    shared = jnp.sum(jnp.asarray(pin.shares) * jnp.exp(log_b[wm]), axis=-1)
-    rest = c - shared
-    for j, (site, _) in enumerate(OVERHEAD_SITES):
-        if not pin.counts[:, j].any():
-            continue
-        if site not in per:  # bounded: below every model's remaining constant
-            tiny = jnp.finfo(jnp.result_type(rest)).tiny  # 1e-300 is 0 in float32
-            log_room = jnp.log(jnp.maximum(rest, tiny)) - np.log(pin.counts[:, j])
-            per[site] = _overhead_below(site, jnp.min(log_room), priors[site])
-        rest = rest - pin.counts[:, j] * per[site]
-    ok = rest > 1e-12 * c
-    rest_s = jnp.where(ok, rest, 1.0)
-    log_bk = jnp.log(rest_s) - np.log(pin.scale)
-    # |d log b / d log c| = c / rest; the raw site's own N(0, 1) density is removed
-    # again (it only shapes the start).
-    lp = log_c - jnp.log(rest_s) - dist.Normal(0.0, 1.0).log_prob(z)
-    numpyro.factor(f"c_{COMPONENTS[k]}_jacobian", jnp.sum(jnp.where(ok, lp, -jnp.inf)))
-    # Outside the support (c below the overheads) the factor is -inf; keep log b finite
-    # there so nested sites (per-experiment) stay valid distributions.
-    return wm, jnp.where(ok, log_bk, 0.0)
+    z = numpyro.sample(pinned()[k], dist.Normal(0.0, 1.0).expand([wm.size]))
+    log_bk, lp = pinned_log_b(
+        pin,
+        pinned_base_loc(pin, k, priors),
+        z,
+        log_b,
+        per,
+        lambda site, log_bound: _overhead_below(site, log_bound, priors[site]),
+    )
+    numpyro.factor(f"c_{COMPONENTS[k]}_jacobian", jnp.sum(lp))
+    return wm, log_bk
 
 
 def recentred_columns(data: ModelData, cols: np.ndarray, centered: bool) -> np.ndarray:
@@ -345,16 +472,9 @@ def _recentred_population(
     log b_pop[k] and ``log(tau[k]/√M)``, minus the site's own N(0, 1) density and
     ``base_lp`` (the log density of the raw law the M values were sampled from, if any).
     """
-    M = log_bk.shape[0]
-    log_b_pop_k = jnp.mean(log_bk) + tau_k / math.sqrt(M) * z_k
     loc, scale = (np.asarray(a)[k] for a in priors.lognormal_loc_scale("b_pop"))
-    lp = (
-        jnp.sum(dist.Normal(log_b_pop_k, tau_k).log_prob(log_bk))
-        + dist.Normal(float(loc), float(scale)).log_prob(log_b_pop_k)
-        + jnp.log(tau_k)
-        - 0.5 * math.log(M)
-        - dist.Normal(0.0, 1.0).log_prob(z_k)
-        - base_lp
+    log_b_pop_k, lp = recentred_population(
+        log_bk, log_bk.shape[0], z_k, tau_k, float(loc), float(scale), base_lp=base_lp
     )
     numpyro.factor(f"b_pop_{COMPONENTS[k]}_jacobian", lp)
     return log_b_pop_k
@@ -386,14 +506,8 @@ def _overhead_below(site: str, log_bound: Array, prior: Prior) -> Array:
     """
     base = dist.Normal(0.0, BOUNDED_BASE_SD)
     u = numpyro.sample(f"z_{site}", base)
-    log_r = log_bound + jax.nn.log_sigmoid(u)
-    lp = (
-        dist.LogNormal(math.log(prior["median"]), prior["log_sd"]).log_prob(jnp.exp(log_r))
-        + log_r
-        + jax.nn.log_sigmoid(-u)
-        - base.log_prob(u)
-    )
-    numpyro.factor(f"{site}_jacobian", lp)
+    log_r, lp = bounded_overhead(u, log_bound, prior)
+    numpyro.factor(f"{site}_jacobian", lp - base.log_prob(u))
     return numpyro.deterministic(site, jnp.exp(log_r))
 
 

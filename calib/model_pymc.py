@@ -8,8 +8,9 @@ Same hierarchies, site names, dims and densities as :mod:`calib.model` (NumPyro)
 ``fast_sd_frac``; deterministics ``stall_prob``, ``stall_log_sd``, ``fast_prob``,
 ``fast_log_sd``, ``mean_factor``) and the
 observed ``log_duration``.
-Only the sampler differs, so posteriors must agree within Monte-Carlo error
-(``tests/test_pymc_agree.py``). PyMC is imported lazily.
+The sampler's coordinates are :mod:`calib.geometry`'s transforms, called with
+``pytensor.tensor``. Only the sampler differs, so posteriors must agree within
+Monte-Carlo error (``tests/test_pymc_agree.py``). PyMC is imported lazily.
 """
 
 from __future__ import annotations
@@ -26,10 +27,18 @@ from calib.geometry import (
     BOUNDED_BASE_SD,
     _pinned_pairs,
     active_pairs,
+    bounded_overhead,
     bounded_overheads,
+    nested_law,
+    nested_value,
     noncentered_columns,
+    normal_logp,
     pinned,
+    pinned_base_loc,
+    pinned_log_b,
     recentred_columns,
+    recentred_population,
+    softplus_overhead,
 )
 from calib.model import OBS_SITE, SITE_DIMS, get_model
 from calib.priors import Prior, Priors, pymc_variable
@@ -46,32 +55,16 @@ def _overhead(name: str, prior: Prior):
     if config.OVERHEAD_COORDINATES == "softplus":
 
         def logp(z, loc, sd, unit):
-            x = unit * pt.softplus(z)
-            lx = pt.log(x)
-            return (
-                -0.5 * ((lx - loc) / sd) ** 2
-                - lx
-                - pt.log(sd)
-                - 0.5 * np.log(2 * np.pi)
-                + pt.log(unit)
-                + pt.log(pt.sigmoid(z))
-            )
+            return softplus_overhead(z, loc, sd, unit, pt)[1]
 
         def random(loc, sd, unit, rng=None, size=None):
             x = np.exp(rng.normal(loc, sd, size=size)) / unit
             return x + np.log(-np.expm1(-x))
 
         z = pm.CustomDist(f"z_{name}", loc, sd, med, logp=logp, random=random)
-        return pm.Deterministic(name, med * pt.softplus(z))
+        return pm.Deterministic(name, softplus_overhead(z, loc, sd, med, pt)[0])
     z = pm.Normal(f"z_{name}", 0.0, 1.0)
     return pm.Deterministic(name, pt.exp(loc + sd * z))
-
-
-def _normal_logp(x, mu, sd):
-    """Log density of N(mu, sd) at x (pytensor expressions or numbers)."""
-    import pytensor.tensor as pt
-
-    return -0.5 * ((x - mu) / sd) ** 2 - pt.log(sd) - 0.5 * math.log(2 * math.pi)
 
 
 def _overhead_below(site: str, log_bound, prior: Prior):
@@ -81,17 +74,8 @@ def _overhead_below(site: str, log_bound, prior: Prior):
     import pytensor.tensor as pt
 
     u = pm.Normal(f"z_{site}", 0.0, BOUNDED_BASE_SD)
-    log_r = log_bound + pt.log(pt.sigmoid(u))
-    loc, sd = math.log(prior["median"]), prior["log_sd"]
-    # log-normal density of r (normal in log r, minus log r) + log |dr/du| (log r + log
-    # sigmoid(-u)), minus the raw site's own density
-    lp = (
-        (_normal_logp(log_r, loc, sd) - log_r)
-        + log_r
-        + pt.log(pt.sigmoid(-u))
-        - _normal_logp(u, 0.0, BOUNDED_BASE_SD)
-    )
-    pm.Potential(f"{site}_jacobian", lp)
+    log_r, lp = bounded_overhead(u, log_bound, prior, pt)
+    pm.Potential(f"{site}_jacobian", lp - normal_logp(u, 0.0, BOUNDED_BASE_SD, pt))
     return pm.Deterministic(site, pt.exp(log_r))
 
 
@@ -155,58 +139,37 @@ def build_pymc_model(
                 spread = pt.switch(rc, scale[ak], tau[ak])
                 if centered:  # same mixed form as calib.geometry._nested
                     nc = noncentered_columns(ak)
-                    raw = pm.Normal(
-                        "log_b_active",
-                        pt.switch(nc, 0.0, mloc),
-                        pt.switch(nc, 1.0, spread),
-                        dims="active",
-                    )
-                    act = pt.switch(nc, mloc + spread * raw, raw)
+                    law = nested_law(mloc, spread, nc, pt)
+                    raw = pm.Normal("log_b_active", *law, dims="active")
+                    act = nested_value(raw, mloc, spread, nc, pt)
                 else:
                     act = mloc + spread * pm.Normal("z_b", 0.0, 1.0, dims="active")
                 log_b = pt.set_subtensor(pt.as_tensor(log_b)[am, ak], act)
                 for k in np.unique(ak[rc]):
                     sel = np.flatnonzero(ak == k)
-                    base = pt.sum(_normal_logp(act[sel], loc[k], scale[k]))
+                    base = pt.sum(normal_logp(act[sel], loc[k], scale[k], pt))
                     recentred.append((k, am[sel], act[sel], base))
-            medians = np.array([priors[site]["median"] for site, _ in OVERHEAD_SITES])
-            b_med = np.array([priors[f"b_pop.{c}"]["median"] for c in COMPONENTS])
             for k, name in pinned().items():  # same coordinates as calib.geometry._pinned_log_b
                 pin = _pinned_pairs(data, k)
-                wm = pin.models
-                if not wm.size:
+                if not pin.models.size:
                     continue
                 comp = COMPONENTS[k]
-                base_loc = np.log(b_med[k] * pin.scale + pin.counts @ medians + pin.shares @ b_med)
                 z = pm.Normal(name, 0.0, 1.0, dims=f"{comp}_model")
-                log_c = base_loc + z
-                c = pt.exp(log_c)
-                shared = pt.sum(pin.shares * pt.exp(pt.as_tensor(log_b)[wm]), axis=-1)
-                rest = c - shared
-                for j, (site, _) in enumerate(OVERHEAD_SITES):  # as calib.geometry._pinned_log_b
-                    if not pin.counts[:, j].any():
-                        continue
-                    if site not in per:
-                        log_room = pt.log(pt.maximum(rest, 1e-300)) - np.log(pin.counts[:, j])
-                        per[site] = _overhead_below(site, pt.min(log_room), priors[site])
-                    rest = rest - pin.counts[:, j] * per[site]
-                ok = rest > 1e-12 * c
-                rest_s = pt.switch(ok, rest, 1.0)
-                log_bk = pt.log(rest_s) - np.log(pin.scale)
-                lp = log_c - pt.log(rest_s) - _normal_logp(z, 0.0, 1.0)
-                pm.Potential(f"c_{comp}_jacobian", pt.sum(pt.switch(ok, lp, -np.inf)))
-                recentred.append((k, wm, log_bk, 0.0))
+                log_bk, lp = pinned_log_b(
+                    pin,
+                    pinned_base_loc(pin, k, priors),
+                    z,
+                    log_b,
+                    per,
+                    lambda site, log_bound: _overhead_below(site, log_bound, priors[site]),
+                    pt,
+                )
+                pm.Potential(f"c_{comp}_jacobian", pt.sum(lp))
+                recentred.append((k, pin.models, log_bk, 0.0))
             for k, models, log_bk, base in recentred:
                 # as calib.geometry._recentred_population: b_pop relative to the models' mean
-                tau_k, z_k, n = tau[k], z_b_pop[k], models.size
-                pop_k = pt.mean(log_bk) + tau_k / np.sqrt(n) * z_k
-                lp_pop = (
-                    pt.sum(_normal_logp(log_bk, pop_k, tau_k))
-                    + _normal_logp(pop_k, loc[k], scale[k])
-                    + pt.log(tau_k)
-                    - 0.5 * np.log(n)
-                    - _normal_logp(z_k, 0.0, 1.0)
-                    - base
+                pop_k, lp_pop = recentred_population(
+                    log_bk, models.size, z_b_pop[k], tau[k], loc[k], scale[k], pt, base
                 )
                 pm.Potential(f"b_pop_{COMPONENTS[k]}_jacobian", lp_pop)
                 log_b_pop = pt.set_subtensor(pt.as_tensor(log_b_pop)[k], pop_k)
@@ -225,13 +188,9 @@ def build_pymc_model(
                 eloc = full[ae, aek]
                 if centered:
                     nc = noncentered_columns(aek)
-                    raw = pm.Normal(
-                        "log_b_exp_active",
-                        pt.switch(nc, 0.0, eloc),
-                        pt.switch(nc, 1.0, tau_exp[aek]),
-                        dims="active_exp",
-                    )
-                    act = pt.switch(nc, eloc + tau_exp[aek] * raw, raw)
+                    law = nested_law(eloc, tau_exp[aek], nc, pt)
+                    raw = pm.Normal("log_b_exp_active", *law, dims="active_exp")
+                    act = nested_value(raw, eloc, tau_exp[aek], nc, pt)
                 else:
                     act = eloc + tau_exp[aek] * pm.Normal("z_b_exp", 0.0, 1.0, dims="active_exp")
                 full = pt.set_subtensor(full[ae, aek], act)

@@ -42,7 +42,8 @@ Why this family (and not the log Student-t it replaces):
 Everything here is a pure function of arrays that broadcast together (per step,
 per model or scalar parameters all work). Parameters are passed positionally in
 :class:`NoiseParams` order; the three fast-component ones may be left out.
-Public names: :func:`log_density` (density of ``log y``, any namespace),
+Public names: :func:`as_params` (positional parameters as :class:`NoiseParams`),
+:func:`log_density` (density of ``log y``, any namespace),
 :func:`mean_factor`, :func:`log_mean_factor`, :func:`moment` (``E[(y/m)^k]``),
 :func:`sum_mean_var` (exact mean and variance of a sum of step times), :func:`cdf`,
 :func:`quantile`, :func:`sample` (NumPy), :class:`LogStallNormal` (NumPyro
@@ -57,19 +58,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from calib import config
+from calib.vocab import NOISE_PARAMS
 
 Array = Any  # numpy, jax or pytensor array
 
-#: Parameter names, in the order every function takes them (also the model's site names).
-NOISE_PARAMS = (
-    "sigma",
-    "stall_prob",
-    "stall_log_mult",
-    "stall_log_sd",
-    "fast_prob",
-    "fast_log_mult",
-    "fast_log_sd",
-)
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 #: Upper bound on ``stall_prob`` and ``fast_prob`` in a model (defined in calib.config).
 MAX_TAIL_PROB = config.NOISE_MAX_TAIL_PROB
@@ -113,65 +105,60 @@ def stall_scale(sigma: Array, stall_log_sd: Array, xp: Any = np) -> Array:
     return xp.sqrt(sigma * sigma + stall_log_sd * stall_log_sd)
 
 
-def _tails(stall_prob, stall_log_mult, stall_log_sd, fast_prob, fast_log_mult, fast_log_sd):
+def as_params(params: tuple) -> NoiseParams:
+    """The positional noise parameters (:class:`NoiseParams` order: the four body and
+    stall ones, then optionally the three fast ones) as :class:`NoiseParams`."""
+    p = NoiseParams(*params)
+    fast = (p.fast_prob, p.fast_log_mult, p.fast_log_sd)
+    if any(a is None for a in fast) and not all(a is None for a in fast):
+        raise ValueError("give all three fast-component parameters or none")
+    return p
+
+
+def _tails(p: NoiseParams) -> list[tuple[Array, Array, Array]]:
     """The non-body components as (probability, log shift, log sd of the multiplier)."""
-    out = [(stall_prob, stall_log_mult, stall_log_sd)]
-    if fast_prob is not None:
-        out.append((fast_prob, -fast_log_mult, fast_log_sd))
+    out = [(p.stall_prob, p.stall_log_mult, p.stall_log_sd)]
+    if p.fast_log_mult is not None:  # the three fast ones are given together (as_params)
+        out.append((p.fast_prob, -p.fast_log_mult, p.fast_log_sd))
     return out
 
 
-def log_density(
-    log_y: Array,
-    log_m: Array,
-    sigma: Array,
-    stall_prob: Array,
-    stall_log_mult: Array,
-    stall_log_sd: Array,
-    fast_prob: Array | None = None,
-    fast_log_mult: Array | None = None,
-    fast_log_sd: Array | None = None,
-    *,
-    xp: Any = np,
-) -> Array:
-    """Log density of ``log y`` (not of ``y``: subtract ``log y`` for that).
+def _tail_prob(tails: list[tuple[Array, Array, Array]]) -> Array:
+    """Total probability of the non-body components."""
+    total = tails[0][0]
+    for prob, _, _ in tails[1:]:
+        total = total + prob
+    return total
+
+
+def log_density(log_y: Array, log_m: Array, *params: Array, xp: Any = np) -> Array:
+    """Log density of ``log y`` (not of ``y``: subtract ``log y`` for that); parameters
+    as :class:`NoiseParams`, positionally.
 
     ``xp`` is the array namespace: ``numpy``, ``jax.numpy`` or ``pytensor.tensor``;
     the one formula of the family, used by every backend.
     """
+    p = as_params(params)
     r = log_y - log_m
-    tails = _tails(stall_prob, stall_log_mult, stall_log_sd, fast_prob, fast_log_mult, fast_log_sd)
-    p_tail = stall_prob if fast_prob is None else stall_prob + fast_prob
-    zb = r / sigma
-    out = xp.log1p(-p_tail) - 0.5 * zb * zb - xp.log(sigma)
+    tails = _tails(p)
+    zb = r / p.sigma
+    out = xp.log1p(-_tail_prob(tails)) - 0.5 * zb * zb - xp.log(p.sigma)
     for prob, shift, sd in tails:
-        s = stall_scale(sigma, sd, xp)
+        s = stall_scale(p.sigma, sd, xp)
         z = (r - shift) / s
         out = xp.logaddexp(out, xp.log(prob) - 0.5 * z * z - xp.log(s))
     return out - _HALF_LOG_2PI
 
 
-def moment(
-    k: float,
-    sigma: Array,
-    stall_prob: Array,
-    stall_log_mult: Array,
-    stall_log_sd: Array,
-    fast_prob: Array | None = None,
-    fast_log_mult: Array | None = None,
-    fast_log_sd: Array | None = None,
-    *,
-    xp: Any = np,
-) -> Array:
+def moment(k: float, *params: Array, xp: Any = np) -> Array:
     """``E[(y/m)^k]`` (any real ``k``), exactly:
     ``exp(k²σ²/2)·(1 + Σ_c π_c·expm1(k·shift_c + k²ω_c²/2))`` over the stall (shift δ_s)
-    and fast (shift −δ_f) components."""
+    and fast (shift −δ_f) components (parameters as :class:`NoiseParams`, positionally)."""
+    p = as_params(params)
     acc = 1.0
-    for prob, shift, sd in _tails(
-        stall_prob, stall_log_mult, stall_log_sd, fast_prob, fast_log_mult, fast_log_sd
-    ):
+    for prob, shift, sd in _tails(p):
         acc = acc + prob * xp.expm1(k * shift + 0.5 * k * k * sd * sd)
-    return xp.exp(0.5 * k * k * sigma * sigma) * acc
+    return xp.exp(0.5 * k * k * p.sigma * p.sigma) * acc
 
 
 def log_mean_factor(*params: Array, xp: Any = np) -> Array:
@@ -200,26 +187,16 @@ def sum_mean_var(m: Array, *params: Array, axis: int = -1) -> tuple[np.ndarray, 
     return mean, var
 
 
-def cdf(
-    log_y: Array,
-    log_m: Array,
-    sigma: Array,
-    stall_prob: Array,
-    stall_log_mult: Array,
-    stall_log_sd: Array,
-    fast_prob: Array | None = None,
-    fast_log_mult: Array | None = None,
-    fast_log_sd: Array | None = None,
-) -> np.ndarray:
-    """``P(log Y ≤ log_y)`` (NumPy)."""
+def cdf(log_y: Array, log_m: Array, *params: Array) -> np.ndarray:
+    """``P(log Y ≤ log_y)`` (NumPy; parameters as :class:`NoiseParams`, positionally)."""
     from scipy.special import ndtr
 
+    p = as_params(params)
     r = np.asarray(log_y, dtype=np.float64) - log_m
-    tails = _tails(stall_prob, stall_log_mult, stall_log_sd, fast_prob, fast_log_mult, fast_log_sd)
-    p_tail = stall_prob if fast_prob is None else stall_prob + fast_prob
-    out = (1.0 - p_tail) * ndtr(r / sigma)
+    tails = _tails(p)
+    out = (1.0 - _tail_prob(tails)) * ndtr(r / p.sigma)
     for prob, shift, sd in tails:
-        out = out + prob * ndtr((r - shift) / stall_scale(sigma, sd))
+        out = out + prob * ndtr((r - shift) / stall_scale(p.sigma, sd))
     return out
 
 
@@ -233,7 +210,7 @@ def quantile(q: Array, *params: Array) -> np.ndarray:
     shape = np.broadcast_shapes(q.shape, *(np.shape(a) for a in params if a is not None))
     sigma = np.asarray(params[0])
     lo, hi = -12.0 * sigma, 12.0 * sigma
-    for _, shift, sd in _tails(*params[1:], *([None] * (7 - len(params)))):
+    for _, shift, sd in _tails(as_params(params)):
         s = stall_scale(sigma, np.asarray(sd))
         # every component lies within 12 sd of its centre
         lo = np.minimum(lo, np.asarray(shift) - 12.0 * s)
@@ -261,7 +238,7 @@ def sample(
     log_ratio = sigma * rng.standard_normal(size)
     u = rng.random(size)
     edge = 0.0
-    for prob, shift, sd in _tails(*params[1:], *([None] * (7 - len(params)))):
+    for prob, shift, sd in _tails(as_params(params)):
         hit = (u >= edge) & (u < edge + prob)
         log_ratio = log_ratio + np.where(hit, shift + sd * rng.standard_normal(size), 0.0)
         edge = edge + prob
@@ -318,19 +295,21 @@ def _numpyro_distribution():
             *,
             validate_args=None,
         ):
-            fast = (fast_prob, fast_log_mult, fast_log_sd)
-            if any(a is None for a in fast) and not all(a is None for a in fast):
-                raise ValueError("give all three fast-component parameters or none")
-            args = [loc, sigma, stall_prob, stall_log_mult, stall_log_sd]
-            if fast_prob is not None:
-                args += list(fast)
-            args = promote_shapes(*args)
-            (self.loc, self.sigma, self.stall_prob, self.stall_log_mult, self.stall_log_sd) = args[
-                :5
-            ]
-            self.fast_prob, self.fast_log_mult, self.fast_log_sd = (
-                args[5:] if fast_prob is not None else fast
+            given = as_params(
+                (
+                    sigma,
+                    stall_prob,
+                    stall_log_mult,
+                    stall_log_sd,
+                    fast_prob,
+                    fast_log_mult,
+                    fast_log_sd,
+                )
             )
+            args = promote_shapes(loc, *(a for a in given if a is not None))
+            self.loc = args[0]
+            for name, value in zip(NOISE_PARAMS, NoiseParams(*args[1:]), strict=True):
+                setattr(self, name, value)
             if fast_prob is None:  # validate only the parameters given
                 self.arg_constraints = {
                     k: v for k, v in type(self).arg_constraints.items() if not k.startswith("fast_")
@@ -346,7 +325,7 @@ def _numpyro_distribution():
             return p + (self.fast_prob, self.fast_log_mult, self.fast_log_sd)
 
         def _tails(self):
-            return _tails(*self.params[1:], *([None] * (7 - len(self.params))))
+            return _tails(NoiseParams(*self.params))
 
         def sample(self, key, sample_shape=()):
             shape = sample_shape + self.batch_shape

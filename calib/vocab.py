@@ -20,12 +20,9 @@ OVERHEAD_SITES = (
     ("per_request_us", "batch_size"),
     ("per_step_us", None),
 )
-#: Parameters with a scalar prior entry (``priors/*.yaml``), overheads then noise.
-SCALAR_PARAMETERS = (
-    "per_layer_us",
-    "per_request_us",
-    "per_step_us",
-    "alpha",
+#: The step-time noise parameters (:mod:`calib.noise`), in the order every noise
+#: function takes them (:class:`calib.noise.NoiseParams`; also the model's site names).
+NOISE_PARAMS = (
     "sigma",
     "stall_prob",
     "stall_log_mult",
@@ -34,6 +31,8 @@ SCALAR_PARAMETERS = (
     "fast_log_mult",
     "fast_log_sd",
 )
+#: Parameters with a scalar prior entry (``priors/*.yaml``), overheads then noise.
+SCALAR_PARAMETERS = ("per_layer_us", "per_request_us", "per_step_us", "alpha", *NOISE_PARAMS)
 #: The named parameters in natural coordinates, in display order: what a posterior
 #: file stores (the sampler's raw coordinates are not saved).
 PARAMETER_SITES = ("b_pop", "tau", "b", "tau_exp", "b_exp", *SCALAR_PARAMETERS, "mean_factor")

@@ -36,9 +36,6 @@ import sys
 from calib import cli, config
 from calib.cli import Parser as _Parser
 from calib.cli import finite_float as _finite_float
-from calib.cli import nonneg_int as _nonneg_int
-from calib.cli import positive_int as _positive_int
-from calib.cli import probability as _probability
 from calib.cli import setup_jax_cpu
 from calib.cli import user_error as _user_error
 
@@ -59,25 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    p.add_argument("posterior", help="posterior NetCDF written by scripts/fit.py")
-    p.add_argument(
-        "--traces",
-        default=None,
-        help="dataset to replay (.nc or a folder of experiment directories; "
-        "default: the data the posterior was fitted on, from its manifest)",
+    cli.add_posterior_arguments(
+        p,
+        traces=cli.REPLAY_TRACES,
+        prob="central interval",
+        csv=True,
     )
-    p.add_argument(
-        "--prob",
-        type=_probability,
-        default=config.INTERVAL_PROB,
-        help="central interval probability (default %(default)s)",
-    )
-    p.add_argument(
-        "--draws",
-        type=_positive_int,
-        default=config.E2E_DRAWS,
-        help="posterior draws, thinned evenly (default %(default)s)",
-    )
+    cli.add_replay_draws_arguments(p, draws="posterior draws, thinned evenly")
     p.add_argument(
         "--no-noise",
         action="store_true",
@@ -114,10 +99,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         "from the QUEUED and step timestamps, else "
         f"{config.E2E_QUEUED_STEP_WEIGHT}) or a number in [0, 1]",
     )
-    p.add_argument(
-        "--seed", type=_nonneg_int, default=config.E2E_SEED, help="seed (default %(default)s)"
-    )
-    p.add_argument("--csv", default=None, help="also write the table as CSV (with manifest)")
     return p.parse_args(argv)
 
 

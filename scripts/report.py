@@ -19,10 +19,8 @@ import argparse
 import os
 import sys
 
-from calib import cli, config
+from calib import cli
 from calib.cli import Parser as _Parser
-from calib.cli import nonneg_int as _nonneg_int
-from calib.cli import positive_int as _positive_int
 from calib.cli import setup_jax_cpu
 from calib.cli import user_error as _user_error
 
@@ -33,24 +31,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    p.add_argument("posterior", help="posterior NetCDF written by scripts/fit.py")
+    cli.add_posterior_arguments(p, traces="dataset for the E2E figure")
     p.add_argument("--out", required=True, help="report directory")
-    p.add_argument(
-        "--traces",
-        default=None,
-        help="dataset for the E2E figure (default: the data the posterior was "
-        "fitted on, from its manifest)",
-    )
     p.add_argument("--no-e2e", action="store_true", help="skip the E2E replay figure")
-    p.add_argument(
-        "--draws",
-        type=_positive_int,
-        default=config.E2E_DRAWS,
-        help="posterior draws for the E2E replay (default %(default)s)",
-    )
-    p.add_argument(
-        "--seed", type=_nonneg_int, default=config.E2E_SEED, help="seed (default %(default)s)"
-    )
+    cli.add_replay_draws_arguments(p, draws="posterior draws for the E2E replay")
     return p.parse_args(argv)
 
 

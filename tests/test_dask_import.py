@@ -9,28 +9,14 @@ import warnings
 
 import pytest
 import xarray as xr
-from fixtures.trace_builder import good_lines, simulate, write_experiment
+from fixtures.trace_builder import two_experiment_root
 
 from calib.traces import import_root
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    r = tmp_path_factory.mktemp("dask-root")
-    write_experiment(
-        r / "20260101-000000-llama-2-7b-tp1-a",
-        good_lines(),
-        profile={"load": {"stages": [{"rate": 1, "duration": 10}]}},
-    )
-    simulate(
-        r / "20260101-000001-llama-2-7b-tp1-b",
-        n_requests=40,
-        seed=2,
-        rate_per_s=50.0,
-        max_num_batched_tokens=128,
-        max_num_seqs=8,
-    )
-    return r
+    return two_experiment_root(tmp_path_factory.mktemp("dask-root"), n_requests=40, seed=2)
 
 
 def test_dask_local_cluster_import_equals_local_import(root):

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from fixtures.posteriors import model_design
+from fixtures.posteriors import model_design, model_trace
 from numpyro import handlers
 
 from calib import config
@@ -19,12 +19,6 @@ PRIORS = load_priors()
 @pytest.fixture(scope="module")
 def design():
     return model_design()
-
-
-def _trace(hierarchy, data, centered):
-    model = get_model(hierarchy)
-    with handlers.seed(rng_seed=0):
-        return handlers.trace(model).get_trace(data, PRIORS, centered=centered)
 
 
 @pytest.mark.parametrize("hierarchy", ["per-model", "per-experiment"])
@@ -41,7 +35,7 @@ def test_pinned_coordinates_carry_the_natural_density(design, hierarchy, monkeyp
     from numpyro.infer.util import log_density
 
     model = get_model(hierarchy)
-    tr = _trace(hierarchy, design, True)
+    tr = model_trace(hierarchy, design, True)
     raw = {
         k: v["value"]
         for k, v in tr.items()
@@ -59,7 +53,7 @@ def test_pinned_coordinates_carry_the_natural_density(design, hierarchy, monkeyp
     monkeypatch.setattr(config, "RECENTRED_POPULATION", False)
     nat_names = [
         k
-        for k, v in _trace(hierarchy, design, True).items()
+        for k, v in model_trace(hierarchy, design, True).items()
         if v["type"] == "sample" and not v.get("is_observed", False)
     ]
     monkeypatch.undo()

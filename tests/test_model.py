@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from fixtures.posteriors import model_design
+from fixtures.posteriors import model_design, model_trace
 from numpyro import handlers
 
 from calib import config, noise
@@ -34,12 +34,6 @@ def design():
     return model_design()
 
 
-def _trace(hierarchy, data, centered):
-    model = get_model(hierarchy)
-    with handlers.seed(rng_seed=0):
-        return handlers.trace(model).get_trace(data, PRIORS, centered=centered)
-
-
 def _hand_mu(p, C, L, B, idx):
     b = np.asarray(p["b"])[idx]
     t = C * b
@@ -53,7 +47,7 @@ def _hand_mu(p, C, L, B, idx):
 @pytest.mark.parametrize("hierarchy", HIERARCHIES)
 @pytest.mark.parametrize("centered", [True, False])
 def test_sites_shapes_and_dims(design, hierarchy, centered):
-    tr = _trace(hierarchy, design, centered)
+    tr = model_trace(hierarchy, design, centered)
     coords = model_coords(
         design, ["m0", "m1"], ["e0", "e1", "e2", "e3"], steps=range(design.components.shape[0])
     )
@@ -92,7 +86,7 @@ def test_sites_shapes_and_dims(design, hierarchy, centered):
 @pytest.mark.parametrize("centered", [True, False])
 def test_tp_at_tp1_has_no_sample_site(design, centered):
     assert design.active.tolist() == [[True] * 5 + [False], [True] * 6]
-    tr = _trace("per-experiment", design, centered)
+    tr = model_trace("per-experiment", design, centered)
     site = "log_b_active" if centered else "z_b"
     # 12 pairs minus (m0, tp); pinned pairs (config.PINNED_COMPONENTS: weight, dc_compute
     # of both models) live in z_c_<component>

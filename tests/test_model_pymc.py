@@ -7,16 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fixtures.posteriors import two_model_data
 from numpyro import handlers
 from numpyro.infer.util import log_density
 
-from calib.model import (
-    PARAMETER_SITES,
-    get_model,
-    model_coords,
-    simulate_from_model,
-    synthetic_model_data,
-)
+from calib.model import PARAMETER_SITES, get_model, model_coords
 from calib.priors import load_priors
 
 PRIORS = load_priors()
@@ -28,20 +23,7 @@ def test_pymc_joint_density_equals_numpyro(hierarchy):
     pytest.importorskip("pymc")
     from calib.model_pymc import build_pymc_model
 
-    design = synthetic_model_data(200, 2, 2, seed=4, tp2_models=(1,))
-    truth = dict(
-        b=np.full((2, 6), 1.5),
-        per_layer_us=8.0,
-        per_request_us=12.0,
-        per_step_us=150.0,
-        alpha=0.6,
-        sigma=np.array([0.1, 0.15]),
-        stall_prob=0.02,
-        stall_log_mult=0.7,
-        stall_log_sd=0.3,
-    )
-    y, _ = simulate_from_model(hierarchy, design, params=truth, seed=5)
-    data = design._replace(duration_us=y, log_duration=np.log(y))
+    data = two_model_data(200, seed=4, sim_seed=5, hierarchy=hierarchy, b=np.full((2, 6), 1.5))
     model = get_model(hierarchy)
     with handlers.seed(rng_seed=2):
         tr = handlers.trace(model).get_trace(data, PRIORS)

@@ -30,10 +30,8 @@ def _pdf(r, p):
 
 def _quad(f, p):
     """∫ f(r)·p(r) dr over the log residual, with the components' centres as break points."""
-    centres = [0.0] + [float(c) for _, c, _ in noise._tails(*p[1:], *([None] * (7 - len(p))))]
-    scales = [p[0]] + [
-        noise.stall_scale(p[0], sd) for _, _, sd in noise._tails(*p[1:], *([None] * (7 - len(p))))
-    ]
+    centres = [0.0] + [float(c) for _, c, _ in noise._tails(noise.as_params(p))]
+    scales = [p[0]] + [noise.stall_scale(p[0], sd) for _, _, sd in noise._tails(noise.as_params(p))]
     lo = min(c - 15.0 * s for c, s in zip(centres, scales, strict=True))
     hi = max(c + 15.0 * s for c, s in zip(centres, scales, strict=True))
     val, err = integrate.quad(

@@ -17,14 +17,12 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-import arviz as az
-import numpy as np
-import pandas as pd
 import pytest
+from fixtures.posteriors import assert_backends_agree, two_model_data
 
 from calib import diagnostics
 from calib.fit import SamplerSettings, run_nuts, run_pymc
-from calib.model import get_model, model_coords, simulate_from_model, synthetic_model_data
+from calib.model import get_model, model_coords
 from calib.priors import load_priors
 
 pytestmark = [
@@ -32,19 +30,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:PyTensor could not link to a BLAS"),
 ]
 
-NAMES = [
-    "b_pop",
-    "tau",
-    "b",
-    "per_layer_us",
-    "per_request_us",
-    "per_step_us",
-    "alpha",
-    "sigma",
-    "stall_prob",
-    "stall_log_mult",
-    "stall_log_sd",
-]
 SAMPLER = SamplerSettings(
     chains=4, warmup=1000, draws=1000, chain_method="parallel", target_accept=0.99
 )
@@ -55,20 +40,7 @@ MAX_DIVERGENT_SHARE = 0.005
 def test_nutpie_and_numpyro_agree():
     pytest.importorskip("nutpie")
     priors = load_priors()
-    design = synthetic_model_data(400, 2, 2, seed=21, tp2_models=(1,))
-    truth = dict(
-        b=np.array([[1.8, 1.5, 2.5, 1.6, 1.15, 2.0], [1.6, 1.4, 2.2, 1.9, 1.3, 2.4]]),
-        per_layer_us=8.0,
-        per_request_us=12.0,
-        per_step_us=150.0,
-        alpha=0.6,
-        sigma=np.array([0.1, 0.15]),
-        stall_prob=0.02,
-        stall_log_mult=0.7,
-        stall_log_sd=0.3,
-    )
-    y, _ = simulate_from_model("per-model", design, params=truth, seed=22)
-    data = design._replace(duration_us=y, log_duration=np.log(y))
+    data = two_model_data(400, seed=21, sim_seed=22)
     coords = model_coords(data, ["m0", "m1"], [f"e{i}" for i in range(4)])
 
     idata_np = run_nuts(
@@ -95,25 +67,4 @@ def test_nutpie_and_numpyro_agree():
     rows = {r.name: r for r in gate.rows}
     for name in ("divergences", "ebfmi", "tree_depth"):
         assert math.isfinite(rows[name].value), rows[name]
-    for idata in (idata_np, idata_nt):
-        div = idata.sample_stats["diverging"].values
-        print(f"{idata.attrs['sampler']}: {int(div.sum())} divergent of {div.size}")
-        assert div.mean() <= MAX_DIVERGENT_SHARE, idata.attrs["sampler"]
-    a = az.summary(np.log(idata_np.posterior[NAMES]), round_to="none")
-    b = az.summary(np.log(idata_nt.posterior[NAMES]), round_to="none").loc[a.index]
-    z = (a["mean"] - b["mean"]).abs() / np.sqrt(a["mcse_mean"] ** 2 + b["mcse_mean"] ** 2)
-    table = pd.DataFrame(
-        {
-            "numpyro": a["mean"],
-            "mcse": a["mcse_mean"],
-            "nutpie": b["mean"],
-            "mcse_nutpie": b["mcse_mean"],
-            "z": z.round(2),
-        }
-    )
-    print(table.to_string())
-    assert z.notna().all() and len(z) == 31, table
-    bad = z[z > MAX_Z]
-    assert bad.empty, f"posterior means disagree:\n{bad}"
-    for summ in (a, b):
-        assert (summ["r_hat"].round(2) <= 1.01).all(), summ["r_hat"]
+    assert_backends_agree(idata_np, idata_nt, max_z=MAX_Z, max_divergent_share=MAX_DIVERGENT_SHARE)

@@ -21,13 +21,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import arviz as az
-import numpy as np
-import pandas as pd
 import pytest
+from fixtures.posteriors import assert_backends_agree, two_model_data
 
 from calib.fit import SamplerSettings, run_nuts, run_pymc
-from calib.model import get_model, model_coords, simulate_from_model, synthetic_model_data
+from calib.model import get_model, model_coords
 from calib.priors import load_priors
 
 pytestmark = [
@@ -37,19 +35,6 @@ pytestmark = [
 ]
 
 PRIORS = load_priors()
-NAMES = [
-    "b_pop",
-    "tau",
-    "b",
-    "per_layer_us",
-    "per_request_us",
-    "per_step_us",
-    "alpha",
-    "sigma",
-    "stall_prob",
-    "stall_log_mult",
-    "stall_log_sd",
-]
 #: As in tests/test_recovery.py (now also the project default): small problems (wide
 #: posteriors) leave a few divergent transitions at 0.95.
 TARGET_ACCEPT = 0.99
@@ -64,20 +49,7 @@ SAMPLER = SamplerSettings(
 @pytest.mark.parametrize("hierarchy", ["per-model"])
 def test_pymc_and_numpyro_agree(hierarchy):
     pytest.importorskip("pymc")
-    design = synthetic_model_data(400, 2, 2, seed=21, tp2_models=(1,))
-    truth = dict(
-        b=np.array([[1.8, 1.5, 2.5, 1.6, 1.15, 2.0], [1.6, 1.4, 2.2, 1.9, 1.3, 2.4]]),
-        per_layer_us=8.0,
-        per_request_us=12.0,
-        per_step_us=150.0,
-        alpha=0.6,
-        sigma=np.array([0.1, 0.15]),
-        stall_prob=0.02,
-        stall_log_mult=0.7,
-        stall_log_sd=0.3,
-    )
-    y, _ = simulate_from_model(hierarchy, design, params=truth, seed=22)
-    data = design._replace(duration_us=y, log_duration=np.log(y))
+    data = two_model_data(400, seed=21, sim_seed=22, hierarchy=hierarchy)
     coords = model_coords(data, ["m0", "m1"], [f"e{i}" for i in range(4)])
 
     idata_np = run_nuts(
@@ -97,28 +69,5 @@ def test_pymc_and_numpyro_agree(hierarchy):
         progress=False,
         hierarchy=hierarchy,
     )
-    for idata in (idata_np, idata_pm):
-        div = idata.sample_stats["diverging"].values
-        print(f"{idata.attrs['sampler']}: {int(div.sum())} divergent of {div.size}")
-        assert div.mean() <= MAX_DIVERGENT_SHARE, idata.attrs["sampler"]
-    # log scale (see the module docstring); unrounded: ArviZ's default 3 decimals turn a
-    # small MCSE into 0 and z into NaN
-    a = az.summary(np.log(idata_np.posterior[NAMES]), round_to="none")
-    b = az.summary(np.log(idata_pm.posterior[NAMES]), round_to="none").loc[a.index]
-    # the (m0, tp) entry is not a parameter (equals b_pop[tp]) but must agree too
-    z = (a["mean"] - b["mean"]).abs() / np.sqrt(a["mcse_mean"] ** 2 + b["mcse_mean"] ** 2)
-    table = pd.DataFrame(
-        {
-            "numpyro": a["mean"],
-            "mcse": a["mcse_mean"],
-            "pymc": b["mean"],
-            "mcse_pymc": b["mcse_mean"],
-            "z": z.round(2),
-        }
-    )
-    print(table.to_string())
-    assert z.notna().all() and len(z) == 31, table
-    bad = z[z > 3]
-    assert bad.empty, f"posterior means disagree:\n{bad}"
-    for summ in (a, b):  # R-hat to 2 decimals, as the gate reports it
-        assert (summ["r_hat"].round(2) <= 1.01).all(), summ["r_hat"]
+    # log scale (see the module docstring)
+    assert_backends_agree(idata_np, idata_pm, max_z=3.0, max_divergent_share=MAX_DIVERGENT_SHARE)

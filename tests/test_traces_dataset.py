@@ -9,7 +9,13 @@ import warnings
 import numpy as np
 import pytest
 import xarray as xr
-from fixtures.trace_builder import EXP_CONFIG, good_lines, simulate, write_experiment
+from fixtures.trace_builder import (
+    EXP_CONFIG,
+    good_lines,
+    simulate,
+    two_experiment_root,
+    write_experiment,
+)
 
 from calib import DATASET_SCHEMA_VERSION, config
 from calib.errors import CalibError
@@ -35,20 +41,7 @@ def _quiet(fn, *a, **kw):
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    r = tmp_path_factory.mktemp("root")
-    write_experiment(
-        r / "20260101-000000-llama-2-7b-tp1-a",
-        good_lines(),
-        profile={"load": {"stages": [{"rate": 1, "duration": 10}]}},
-    )
-    simulate(
-        r / "20260101-000001-llama-2-7b-tp1-b",
-        n_requests=60,
-        seed=1,
-        rate_per_s=50.0,
-        max_num_batched_tokens=128,
-        max_num_seqs=8,
-    )
+    r = two_experiment_root(tmp_path_factory.mktemp("root"), n_requests=60, seed=1)
     (r / "notes").mkdir()
     return r
 

@@ -293,55 +293,34 @@ def reconstruct(
             if F < 0 or F >= a:  # prefill phase
                 kvc = min(max(kv, 0), max(P - 1, 0))
                 need = max(P - kvc, 1)
-                if 0 <= F <= b:
-                    j_req.append(r)
-                    j_a.append(a)
-                    j_b.append(F)
-                    j_comp.append(True)
-                    j_need.append(need)
-                    j_kv0.append(kvc)
-                    if F < b:
-                        d_req.append(r)
-                        d_a.append(F + 1)
-                        d_b.append(b)
-                        d_p0.append(P)
-                        if gb >= 0 and gb - max(ga, 1) != b - F:
-                            anomaly("decode_steps_vs_tokens")
-                else:
-                    j_req.append(r)
-                    j_a.append(a)
-                    j_b.append(b)
-                    j_comp.append(False)
-                    j_need.append(need)
-                    j_kv0.append(kvc)
+                done = F if 0 <= F <= b else None  # completion step: FIRST_TOKEN
+                p0 = P
+                if done is not None and F < b and gb >= 0 and gb - max(ga, 1) != b - F:
+                    anomaly("decode_steps_vs_tokens")
             else:  # resumed after the first token: recompute
                 ga = max(ga, 1)
                 target = P + ga
                 kvc = min(max(kv, 0), target - 1)
                 need = target - kvc
+                done = None
+                p0 = P + ga
                 if gb > ga:
-                    cstep = b - (gb - ga) + 1
-                    if cstep < a:
+                    done = b - (gb - ga) + 1  # it samples the next token (module doc)
+                    if done < a:
                         anomaly("resume_tokens_exceed_steps")
-                        cstep = a
-                    j_req.append(r)
-                    j_a.append(a)
-                    j_b.append(cstep)
-                    j_comp.append(True)
-                    j_need.append(need)
-                    j_kv0.append(kvc)
-                    if cstep < b:
-                        d_req.append(r)
-                        d_a.append(cstep + 1)
-                        d_b.append(b)
-                        d_p0.append(P + ga)
-                else:
-                    j_req.append(r)
-                    j_a.append(a)
-                    j_b.append(b)
-                    j_comp.append(False)
-                    j_need.append(need)
-                    j_kv0.append(kvc)
+                        done = a
+            # a job to its completion step (then decode to b), or unfinished to b
+            j_req.append(r)
+            j_a.append(a)
+            j_b.append(b if done is None else done)
+            j_comp.append(done is not None)
+            j_need.append(need)
+            j_kv0.append(kvc)
+            if done is not None and done < b:
+                d_req.append(r)
+                d_a.append(done + 1)
+                d_b.append(b)
+                d_p0.append(p0)
 
     # ---- guard against absurd step values (a damaged trace must not exhaust memory)
     cap = config.IMPORT_MAX_INTERVAL_STEPS
@@ -436,14 +415,8 @@ def reconstruct(
     disorder = _check_event_order(
         c,
         ~failed & has,
-        q_ts,
-        sc_ts,
-        ft_ts,
-        fin_ts,
-        q_step,
-        sc_step,
-        ft_step,
-        fin_step,
+        (q_ts, sc_ts, ft_ts, fin_ts),
+        (q_step, sc_step, ft_step, fin_step),
         gaps_s,
         source,
         stats,
@@ -531,22 +504,13 @@ def reconstruct(
     )
 
 
-def _check_event_order(
-    c,
-    complete,
-    q_ts,
-    sc_ts,
-    ft_ts,
-    fin_ts,
-    q_step,
-    sc_step,
-    ft_step,
-    fin_step,
-    gaps_s,
-    source,
-    stats,
-) -> np.ndarray:
-    """Requests (of ``complete``) whose journey order is impossible (module doc)."""
+def _check_event_order(c, complete, ts, steps, gaps_s, source, stats) -> np.ndarray:
+    """Requests (of ``complete``) whose journey order is impossible (module doc).
+
+    ``ts`` and ``steps``: the QUEUED, SCHEDULED, FIRST_TOKEN and FINISHED timestamps (s)
+    and steps per request."""
+    q_ts, sc_ts, ft_ts, fin_ts = ts
+    q_step, sc_step, ft_step, fin_step = steps
     with np.errstate(invalid="ignore"):
         labels = {
             "queueing": sc_ts - q_ts,
