@@ -253,54 +253,25 @@ def main(argv=None) -> int:
         times[name] = time.perf_counter() - t
         print(f"replayed {name}: {times[name]:.0f} s", flush=True)
 
+    def row(variant, r, predicted, error, inside, observed=None):
+        return {
+            "variant": variant,
+            "experiment": r.experiment,
+            "metric": r.metric,
+            "observed_us": r.observed_us if observed is None else observed,
+            "predicted_us": predicted,
+            "error_pct": error,
+            "inside": inside,
+        }
+
     rows = []
     for name, tab in tables.items():
         for r in tab.itertuples():
-            rows.append(
-                {
-                    "variant": name,
-                    "experiment": r.experiment,
-                    "metric": r.metric,
-                    "observed_us": r.observed_us,
-                    "predicted_us": r.predicted_us,
-                    "error_pct": r.error_pct,
-                    "inside": r.inside,
-                }
-            )
+            rows.append(row(name, r, r.predicted_us, r.error_pct, r.inside))
     for r in tf.itertuples():
-        rows.append(
-            {
-                "variant": "tf",
-                "experiment": r.experiment,
-                "metric": r.metric,
-                "observed_us": r.observed_us,
-                "predicted_us": r.predicted_us,
-                "error_pct": r.error_pct,
-                "inside": r.inside,
-            }
-        )
-        rows.append(
-            {
-                "variant": "tf-nnls",
-                "experiment": r.experiment,
-                "metric": r.metric,
-                "observed_us": r.observed_us,
-                "predicted_us": r.nnls_us,
-                "error_pct": r.nnls_error_pct,
-                "inside": False,
-            }
-        )
-        rows.append(
-            {
-                "variant": "step-bias",
-                "experiment": r.experiment,
-                "metric": r.metric,
-                "observed_us": np.nan,
-                "predicted_us": np.nan,
-                "error_pct": r.step_bias_pct,
-                "inside": False,
-            }
-        )
+        rows.append(row("tf", r, r.predicted_us, r.error_pct, r.inside))
+        rows.append(row("tf-nnls", r, r.nnls_us, r.nnls_error_pct, False))
+        rows.append(row("step-bias", r, np.nan, r.step_bias_pct, False, observed=np.nan))
     long = pd.DataFrame(rows)
     order = [
         "step-bias",
