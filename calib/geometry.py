@@ -6,8 +6,9 @@ NUTS's geometry and add the exact log-Jacobian of every change of variables as a
 site, so the density is the natural one (``tests/test_geometry.py`` checks the sampler's
 density equals the natural density plus log|J|). Each change of variables is written once,
 as a function of arrays in a namespace ``xp`` returning the natural value and the log
-term (:func:`softplus_overhead`, :func:`bounded_overhead`, :func:`pinned_log_b`,
-:func:`recentred_population`, :func:`nested_law`/:func:`nested_value`); the NumPyro sites
+term (:func:`softplus_overhead`, :func:`bounded_overhead`, :func:`bounded_share`,
+:func:`pinned_log_b`, :func:`recentred_population`,
+:func:`nested_law`/:func:`nested_value`); the NumPyro sites
 here and the PyMC mirror (:mod:`calib.model_pymc`) call the same functions. None of
 these coordinates is saved (:func:`calib.posterior.save_posterior` keeps the natural
 parameters), so changing them does not change a posterior file's meaning.
@@ -17,8 +18,10 @@ parameters), so changing them does not change a posterior file's meaning.
 * per-model corrections centred or non-centred (:func:`_nested`), with the components of
   ``config.NONCENTERED_COMPONENTS`` always non-centred;
 * pinned components (:func:`pinned`, :func:`_pinned_log_b`): a model's correction sampled
-  through the constant the data pin (``log c``), with the overheads that constant counts
-  sampled below it (:func:`_overhead_below`);
+  through the constant the data pin (``log c``), with the collinear corrections
+  (:func:`bounded_share`) and the overheads (:func:`_overhead_below`) that constant
+  counts sampled below the room it leaves, in logs (:func:`take_from_rooms`): no raw
+  value reaches the support's boundary;
 * re-centred population means (:func:`_recentred_population`): ``log b_pop`` relative
   to its models' mean, N(0, 1)-shaped at every ``tau``.
 
