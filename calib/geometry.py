@@ -6,8 +6,9 @@ NUTS's geometry and add the exact log-Jacobian of every change of variables as a
 site, so the density is the natural one (``tests/test_geometry.py`` checks the sampler's
 density equals the natural density plus log|J|). Each change of variables is written once,
 as a function of arrays in a namespace ``xp`` returning the natural value and the log
-term (:func:`softplus_overhead`, :func:`bounded_overhead`, :func:`pinned_log_b`,
-:func:`recentred_population`, :func:`nested_law`/:func:`nested_value`); the NumPyro sites
+term (:func:`softplus_overhead`, :func:`bounded_overhead`, :func:`bounded_share`,
+:func:`pinned_log_b`, :func:`recentred_population`,
+:func:`nested_law`/:func:`nested_value`); the NumPyro sites
 here and the PyMC mirror (:mod:`calib.model_pymc`) call the same functions. None of
 these coordinates is saved (:func:`calib.posterior.save_posterior` keeps the natural
 parameters), so changing them does not change a posterior file's meaning.
@@ -17,8 +18,10 @@ parameters), so changing them does not change a posterior file's meaning.
 * per-model corrections centred or non-centred (:func:`_nested`), with the components of
   ``config.NONCENTERED_COMPONENTS`` always non-centred;
 * pinned components (:func:`pinned`, :func:`_pinned_log_b`): a model's correction sampled
-  through the constant the data pin (``log c``), with the overheads that constant counts
-  sampled below it (:func:`_overhead_below`);
+  through the constant the data pin (``log c``), with the collinear corrections
+  (:func:`bounded_share`) and the overheads (:func:`_overhead_below`) that constant
+  counts sampled below the room it leaves, in logs (:func:`take_from_rooms`): no raw
+  value reaches the support's boundary;
 * re-centred population means (:func:`_recentred_population`): ``log b_pop`` relative
   to its models' mean, N(0, 1)-shaped at every ``tau``.
 
@@ -94,55 +97,136 @@ def bounded_overhead(
 ) -> tuple[Array, Array]:
     """An overhead below ``exp(log_bound)`` (:func:`_overhead_below`): ``(log overhead,
     log prior density + log|d overhead / du|)`` of the raw coordinate ``u``;
-    ``overhead = exp(log_bound)·sigmoid(u)``."""
+    ``overhead = exp(log_bound)·sigmoid(u)``. The log-normal density is written as the
+    normal density of ``log overhead`` minus ``log overhead``, which cancels against the
+    ``log overhead`` of the Jacobian: finite at any ``u``."""
     log_r = log_bound + _log_sigmoid(u, xp)
-    lp = (
-        lognormal_logp(xp.exp(log_r), math.log(prior["median"]), prior["log_sd"], xp)
-        + log_r
-        + _log_sigmoid(-u, xp)
-    )
+    lp = normal_logp(log_r, math.log(prior["median"]), prior["log_sd"], xp) + _log_sigmoid(-u, xp)
     return log_r, lp
 
 
+def bounded_share(
+    x: Array, loc: Array, scale: Array, log_room: Array, xp: Any = jnp
+) -> tuple[Array, Array]:
+    """A collinear correction below its room (:func:`pinned_log_b`): ``(log b, log term)``.
+
+    ``x`` is the value the correction's site gives (``loc + scale·z`` non-centred, or a
+    centred draw of N(loc, scale)); ``log b = x − softplus(x − log_room)``, i.e.
+    ``b = room·sigmoid(x − log_room)``: a logit of the fraction of the room centred on
+    the hierarchical mean, so ``log b ≈ x`` (the natural coordinate, no funnel in
+    ``scale``) while ``b`` is far below the room, and ``b → room`` smoothly as ``x → ∞``.
+    The log term turns the site's density of ``x`` into the natural density of log b:
+    ``N(log b; loc, scale) − N(x; loc, scale) + log|d log b / dx|``, with
+    ``d log b / dx = sigmoid(log_room − x)``.
+    """
+    t = x - log_room
+    log_b = x - _softplus(t, xp)
+    lp = normal_logp(log_b, loc, scale, xp) - normal_logp(x, loc, scale, xp) + _log_sigmoid(-t, xp)
+    return log_b, lp
+
+
+def room_bound(log_rest: Array, coef: np.ndarray, per_model: bool, xp: Any = jnp) -> Array:
+    """Log of the most a quantity can take from the rooms ``exp(log_rest)`` (K, M) when
+    it takes ``coef`` (K, M, static, ≥ 0) units of room per unit from each: the minimum of
+    ``log_rest − log coef`` over the constants that count it (``coef > 0``), per model
+    (M,) or over all models (a scalar, for a shared overhead). 0 where nothing counts it."""
+    use = coef > 0
+    cand = xp.where(use, log_rest - np.log(np.where(use, coef, 1.0)), np.inf)
+    if not per_model:
+        return xp.min(cand)
+    return xp.where(use.any(axis=0), xp.min(cand, axis=0), 0.0)
+
+
+def take_from_rooms(
+    log_rest: Array, coef: np.ndarray, log_bound: Array, t: Array, xp: Any = jnp
+) -> Array:
+    """``log_rest`` (K, M) after taking ``coef·q`` from each room, where
+    ``q = exp(log_bound)·sigmoid(t)`` (``log_bound`` from :func:`room_bound`).
+
+    In logs, without cancellation: with ``d = log_rest − log coef − log_bound ≥ 0``,
+    ``rest − coef·q = rest·(1 − e^{−d}·sigmoid(t))`` and
+    ``log(1 − e^{−d}·sigmoid(t)) = log sigmoid(−t) + softplus(t + log(1 − e^{−d}))``
+    (the second term is 0 at ``d = 0``, the room that bounds ``q``), finite at any ``t``.
+    """
+    use = coef > 0
+    d = xp.where(use, log_rest - np.log(np.where(use, coef, 1.0)) - log_bound, 1.0)
+    pos = d > 0
+    d_s = xp.where(pos, d, 1.0)  # the other branch's gradient stays finite
+    left = _log_sigmoid(-t, xp) + xp.where(pos, _softplus(t + xp.log(-xp.expm1(-d_s)), xp), 0.0)
+    return log_rest + xp.where(use, left, 0.0)
+
+
 def pinned_log_b(
-    pin: Pinned,
-    base_loc: np.ndarray,
-    z: Array,
+    pins: dict[int, Pinned],
+    base_locs: dict[int, np.ndarray],
+    zs: dict[int, Array],
     log_b: Array,
+    law: tuple[Array, Array],
     per: dict[str, Array],
     overhead_below: Any,
+    n_models: int,
     xp: Any = jnp,
-) -> tuple[Array, Array]:
-    """log b of the pinned models (:func:`_per_model_log_b`) from the raw ``z``:
-    ``log c = base_loc + z``, ``b = (c − shares − counts·overheads) / scale``. Pure but
-    for ``overhead_below``, the backend's sampler of the bounded overheads.
+) -> tuple[Array, dict[int, Array], Array, dict[int, Array]]:
+    """log b of the pinned models (:func:`_per_model_log_b`) from the raw ``zs``, with
+    the collinear corrections and the shared overheads they count sampled below the room
+    the pinned constants leave. Pure but for ``overhead_below``, the backend's sampler of
+    the bounded overheads.
 
-    ``log_b`` (M, 6) holds the corrections sampled so far (the shares' components);
-    ``overhead_below(site, log_bound)`` samples a shared overhead not yet in ``per``
-    below ``exp(log_bound)`` (the smallest room the constants leave per unit) and is
-    stored in ``per``. Returns (log b[models, k], per model ``log|d log b / d log c|``
-    minus the raw site's N(0, 1) density, which only shapes the start); outside the
-    support (``c`` below the overheads and shares) log b is 0 (finite, so nested sites
-    stay valid) and the log term −∞.
+    For each pinned component k (``pins``, raw ``zs[k]``): ``log c = base_locs[k] + z``,
+    ``b[m, k] = (c − Σ_j shares[m, j]·b[m, j] − counts[m]·overheads) / scale[m]``. In
+    order: (1) each collinear correction j (:data:`SHARE_COMPONENTS`) of a model whose
+    pinned constants carry a share of it is put below the smallest room it leaves in
+    those constants (tp in both pf_compute's and dc_compute's) by :func:`bounded_share`;
+    its value ``x`` is ``log_b[m, j]`` as sampled, of law N(``law[0][j]``,
+    ``law[1][j]``); (2) each overhead a constant counts is sampled by
+    ``overhead_below(site, log_bound) -> (overhead, u)`` below the smallest room per
+    unit over all models, ``overhead = exp(log_bound)·sigmoid(u)``, and stored in
+    ``per``; (3) ``b`` is what is left. The rooms are carried in logs
+    (:func:`take_from_rooms`), so no raw value reaches ``c − shares − overheads ≤ 0``:
+    the support's boundary is at infinity in every raw coordinate.
+
+    ``n_models`` is M. Returns ``log_b`` (M, 6) with the bounded corrections replaced,
+    log b[models, k] per pinned component, the log term of the bounded corrections
+    (natural density + log|J| − the site's density; :func:`bounded_share`) and per
+    pinned component the per model ``log|d log b / d log c| = log c − log rest`` minus
+    the raw site's N(0, 1) density, which only shapes the start.
     """
-    log_c = z + base_loc
-    c = xp.exp(log_c)
-    shared = xp.sum(pin.shares * xp.exp(log_b[pin.models]), axis=-1)
-    rest = c - shared
-    for j, (site, _) in enumerate(OVERHEAD_SITES):
-        if not pin.counts[:, j].any():
+    ks = list(pins)
+
+    def dense(rows: dict[int, np.ndarray]) -> np.ndarray:
+        out = np.zeros((len(ks), n_models))
+        for i, k in enumerate(ks):
+            out[i, pins[k].models] = rows[k]
+        return out
+
+    log_c = {k: base_locs[k] + zs[k] for k in ks}
+    embed = {k: np.eye(n_models)[:, pins[k].models] for k in ks}
+    log_rest = xp.stack([xp.dot(embed[k], log_c[k]) for k in ks])
+    cols = [log_b[:, j] for j in range(len(COMPONENTS))]
+    lp_shares = 0.0
+    for j in SHARE_COMPONENTS:
+        coef = dense({k: pins[k].shares[:, j] for k in ks})
+        if not coef.any():
             continue
-        if site not in per:  # bounded: below every model's remaining constant
-            tiny = np.finfo(rest.dtype).tiny  # 1e-300 is 0 in float32
-            log_room = xp.log(xp.maximum(rest, tiny)) - np.log(pin.counts[:, j])
-            per[site] = overhead_below(site, xp.min(log_room))
-        rest = rest - pin.counts[:, j] * per[site]
-    ok = rest > 1e-12 * c
-    rest_s = xp.where(ok, rest, 1.0)
-    log_bk = xp.log(rest_s) - np.log(pin.scale)
-    # |d log b / d log c| = c / rest
-    lp = xp.where(ok, log_c - xp.log(rest_s) - normal_logp(z, 0.0, 1.0, xp), -np.inf)
-    return xp.where(ok, log_bk, 0.0), lp
+        bounded = coef.any(axis=0)
+        log_room = room_bound(log_rest, coef, True, xp)
+        log_bj, lp = bounded_share(cols[j], law[0][j], law[1][j], log_room, xp)
+        lp_shares = lp_shares + xp.sum(xp.where(bounded, lp, 0.0))
+        log_rest = take_from_rooms(log_rest, coef, log_room, cols[j] - log_room, xp)
+        cols[j] = xp.where(bounded, log_bj, cols[j])
+    for o, (site, _) in enumerate(OVERHEAD_SITES):
+        coef = dense({k: pins[k].counts[:, o] for k in ks})
+        if not coef.any():
+            continue
+        log_bound = room_bound(log_rest, coef, False, xp)
+        per[site], u = overhead_below(site, log_bound)
+        log_rest = take_from_rooms(log_rest, coef, log_bound, u, xp)
+    log_bk, lp_k = {}, {}
+    for i, k in enumerate(ks):
+        rest_k = log_rest[i][pins[k].models]
+        log_bk[k] = rest_k - np.log(pins[k].scale)
+        lp_k[k] = log_c[k] - rest_k - normal_logp(zs[k], 0.0, 1.0, xp)
+    return xp.stack(cols, axis=1), log_bk, lp_shares, lp_k
 
 
 def pinned_base_loc(pin: Pinned, k: int, priors: Priors) -> np.ndarray:
@@ -310,6 +394,9 @@ def pinned() -> dict[int, str]:
 #: multiple of theirs within one model: ``tp`` = k·(prefill + decode tokens) and
 #: ``pf_kv`` = k·prefill tokens, next to the per-token GEMM terms.
 PINNABLE = {WEIGHT: (), PF_C: (PF_KV, TP), DC_C: (TP,)}
+#: The collinear components, in the order they are sampled below the pinned constants'
+#: rooms (:func:`pinned_log_b`).
+SHARE_COMPONENTS = tuple(sorted({j for js in PINNABLE.values() for j in js}))
 
 
 class Pinned(NamedTuple):
@@ -410,35 +497,53 @@ def active_pairs(data: ModelData) -> tuple[np.ndarray, np.ndarray]:
     return am[keep], ak[keep]
 
 
+def pinned_sets(data: ModelData) -> dict[int, Pinned]:
+    """:func:`_pinned_pairs` of each pinned component that has pinned models."""
+    pins = {k: _pinned_pairs(data, k) for k in pinned()}
+    return {k: pin for k, pin in pins.items() if pin.models.size}
+
+
 def _pinned_log_b(
-    k: int, data: ModelData, priors: Priors, log_b: Array, per: dict[str, Array]
-) -> tuple[np.ndarray, Array]:
-    """Sample ``z_c_<k>`` for the pinned models; return (models, log b[models, k]).
+    data: ModelData,
+    priors: Priors,
+    log_b: Array,
+    law: tuple[Array, Array],
+    per: dict[str, Array],
+) -> tuple[Array, dict[int, tuple[np.ndarray, Array]]]:
+    """Sample ``z_c_<k>`` for the models of each pinned component k; return ``log_b``
+    (M, 6) with the bounded collinear corrections replaced and, per k, (models,
+    log b[models, k]) (:func:`pinned_log_b`).
 
-    Records the Jacobian factor of ``log c -> log b`` (``c_<k>_jacobian``); the
-    hierarchical density of log b is added by :func:`_recentred_population`.
+    Records the Jacobian factors of ``log c -> log b`` (``c_<k>_jacobian``) and of the
+    bounded collinear corrections (``shares_jacobian``); the hierarchical density of the
+    pinned log b is added by :func:`_recentred_population`.
 
-    ``log_b`` (M, 6) holds the log corrections sampled so far (those of the collinear
-    components of :data:`PINNABLE` among them).
-    The shared overheads counted by ``k``'s constant (:data:`BOUNDED_OVERHEADS`) are
-    sampled here, each below the smallest constant left after the shares and the
-    overheads before it (:func:`_overhead_below`), and added to ``per``.
+    ``log_b`` (M, 6) holds the log corrections sampled so far, the collinear components
+    of :data:`PINNABLE` among them, of law N(``law[0]``, ``law[1]``) per component. The
+    shared overheads the constants count (:func:`bounded_overheads`) are sampled here
+    (:func:`_overhead_below`) and added to ``per``.
     """
-    pin = _pinned_pairs(data, k)
-    wm = pin.models
-    if not wm.size:
-        return wm, None
-    z = numpyro.sample(pinned()[k], dist.Normal(0.0, 1.0).expand([wm.size]))
-    log_bk, lp = pinned_log_b(
-        pin,
-        pinned_base_loc(pin, k, priors),
-        z,
+    pins = pinned_sets(data)
+    if not pins:
+        return log_b, {}
+    zs = {
+        k: numpyro.sample(pinned()[k], dist.Normal(0.0, 1.0).expand([pin.models.size]))
+        for k, pin in pins.items()
+    }
+    log_b, log_bk, lp_shares, lp_k = pinned_log_b(
+        pins,
+        {k: pinned_base_loc(pin, k, priors) for k, pin in pins.items()},
+        zs,
         log_b,
+        law,
         per,
         lambda site, log_bound: _overhead_below(site, log_bound, priors[site]),
+        data.n_models,
     )
-    numpyro.factor(f"c_{COMPONENTS[k]}_jacobian", jnp.sum(lp))
-    return wm, log_bk
+    numpyro.factor("shares_jacobian", lp_shares)
+    for k in pins:
+        numpyro.factor(f"c_{COMPONENTS[k]}_jacobian", jnp.sum(lp_k[k]))
+    return log_b, {k: (pins[k].models, log_bk[k]) for k in pins}
 
 
 def recentred_columns(data: ModelData, cols: np.ndarray, centered: bool) -> np.ndarray:
@@ -480,17 +585,14 @@ def _recentred_population(
     return log_b_pop_k
 
 
-#: Shared overheads sampled below a pinned component's constants (in this order), when
-#: that component is pinned: the per-step constant counts L·per_layer + per_step, the
-#: decode cost per request counts per_request.
-BOUNDED_OVERHEADS = {WEIGHT: ("per_layer_us", "per_step_us"), DC_C: ("per_request_us",)}
 #: Base law of the raw site ``z_<overhead>`` in the bounded coordinate (it only shapes
 #: NUTS's start; its density is removed again by the Jacobian factor).
 BOUNDED_BASE_SD = 1.5
 
 
-def _overhead_below(site: str, log_bound: Array, prior: Prior) -> Array:
-    """A shared overhead (µs) sampled as a fraction of the room the pinned constants leave.
+def _overhead_below(site: str, log_bound: Array, prior: Prior) -> tuple[Array, Array]:
+    """A shared overhead (µs) sampled as a fraction of the room the pinned constants leave;
+    returns (overhead, raw u).
 
     A pinned constant ``c[m] = b[m, k]·scale[m] + counts[m]·overheads + shares`` needs
     every overhead it counts below ``c[m]``: e.g. ``per_request_us < min c`` for the
@@ -508,7 +610,7 @@ def _overhead_below(site: str, log_bound: Array, prior: Prior) -> Array:
     u = numpyro.sample(f"z_{site}", base)
     log_r, lp = bounded_overhead(u, log_bound, prior)
     numpyro.factor(f"{site}_jacobian", lp - base.log_prob(u))
-    return numpyro.deterministic(site, jnp.exp(log_r))
+    return numpyro.deterministic(site, jnp.exp(log_r)), u
 
 
 def _per_model_log_b(
@@ -525,34 +627,36 @@ def _per_model_log_b(
     model they trade against the per-token GEMM corrections (pf_compute, dc_compute).
     We sample ``log c`` (raw site ``z_c_<component>``: ``log c = log c_prior + z``),
     ``c`` including the overheads and the shares of those collinear components
-    (:func:`_pinned_pairs`), and derive ``b = (c − overheads − shares) / scale``. The
-    prior is unchanged: the hierarchical density of log b plus the log-Jacobian
-    ``log c − log(c − overheads − shares)`` (factor site ``c_<component>_jacobian``).
+    (:func:`_pinned_pairs`), and derive ``b = (c − overheads − shares) / scale``, with
+    the shares and the overheads sampled below the room ``c`` leaves
+    (:func:`pinned_log_b`: measured, a collinear correction sampled without that bound
+    met ``c − shares = 0``, a wall inside the sampler's space, on the divergent draws of
+    an overloaded stress set). The prior is unchanged: the hierarchical density of log
+    b plus the log-Jacobians (factor sites ``c_<component>_jacobian``,
+    ``shares_jacobian``, ``<overhead>_jacobian``).
     """
     z_pop, log_b_pop = _population(priors)
     tau = numpyro.sample("tau", numpyro_distribution(priors.component("tau")))
     full = jnp.broadcast_to(log_b_pop, (data.n_models, len(COMPONENTS)))
+    am, ak = active_pairs(data)
+    # re-centred components: their centred entries are sampled from the prior's law
+    # of log b_pop (base, removed again), then b_pop relative to their mean
+    rc = np.isin(np.arange(len(COMPONENTS)), ak[recentred_columns(data, ak, centered)])
+    loc, scale = (jnp.asarray(a) for a in priors.lognormal_loc_scale("b_pop"))
+    law = (jnp.where(rc, loc, log_b_pop), jnp.where(rc, scale, tau))
+    if am.size:
+        parent = jnp.broadcast_to(law[0], full.shape)
+        full = full.at[am, ak].set(_nested("z_b", "log_b_active", parent, am, ak, law[1], centered))
+    full, pinned_b = _pinned_log_b(data, priors, full, law, per)
     # (component, models, log b[models, k], log density of their raw law)
     recentred: list[tuple[int, np.ndarray, jax.Array, jax.Array | float]] = []
-    am, ak = active_pairs(data)
-    if am.size:
-        # re-centred components: their centred entries are sampled from the prior's law
-        # of log b_pop (base, removed again), then b_pop relative to their mean
-        rc = np.isin(np.arange(len(COMPONENTS)), ak[recentred_columns(data, ak, centered)])
-        loc, scale = (jnp.asarray(a) for a in priors.lognormal_loc_scale("b_pop"))
-        parent = jnp.broadcast_to(jnp.where(rc, loc, log_b_pop), full.shape)
-        log_b_act = _nested(
-            "z_b", "log_b_active", parent, am, ak, jnp.where(rc, scale, tau), centered
+    for k in np.flatnonzero(rc).tolist():
+        models = am[ak == k]
+        log_bk = full[models, k]
+        recentred.append(
+            (k, models, log_bk, jnp.sum(dist.Normal(loc[k], scale[k]).log_prob(log_bk)))
         )
-        full = full.at[am, ak].set(log_b_act)
-        for k in np.flatnonzero(rc).tolist():
-            sel = ak == k
-            base = jnp.sum(dist.Normal(loc[k], scale[k]).log_prob(log_b_act[sel]))
-            recentred.append((k, am[sel], log_b_act[sel], base))
-    for k in pinned():
-        wm, log_bk = _pinned_log_b(k, data, priors, full, per)
-        if wm.size:
-            recentred.append((k, wm, log_bk, 0.0))
+    recentred += [(k, models, log_bk, 0.0) for k, (models, log_bk) in pinned_b.items()]
     for k, models, log_bk, base_lp in recentred:
         pop_k = _recentred_population(k, log_bk, z_pop[k], tau[k], priors, base_lp)
         log_b_pop = log_b_pop.at[k].set(pop_k)
@@ -570,11 +674,11 @@ def _overheads(priors: Priors, data: ModelData | None = None) -> dict[str, Array
 
 
 def bounded_overheads(data: ModelData) -> tuple[str, ...]:
-    """Overheads sampled below the pinned constants (:func:`_overhead_below`): those of
-    :data:`BOUNDED_OVERHEADS` whose component is pinned, with observations."""
+    """Overheads sampled below the pinned constants (:func:`_overhead_below`): those a
+    pinned constant counts (:class:`Pinned` ``counts``), with observations."""
+    pins = pinned_sets(data).values()
     return tuple(
         site
-        for k, sites in BOUNDED_OVERHEADS.items()
-        if k in pinned() and _pinned_pairs(data, k).models.size
-        for site in sites
+        for j, (site, _) in enumerate(OVERHEAD_SITES)
+        if any(pin.counts[:, j].any() for pin in pins)
     )

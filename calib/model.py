@@ -100,6 +100,7 @@ SITE_DIMS: dict[str, tuple[str, ...]] = {
     "c_pf_compute_jacobian": (),
     "z_c_dc_compute": ("dc_compute_model",),
     "c_dc_compute_jacobian": (),
+    "shares_jacobian": (),
     **{f"b_pop_{c}_jacobian": () for c in COMPONENTS},
     "per_layer_us_jacobian": (),
     "per_request_us_jacobian": (),

@@ -25,7 +25,6 @@ from calib import config, noise, steptime
 from calib.data import ModelData
 from calib.geometry import (
     BOUNDED_BASE_SD,
-    _pinned_pairs,
     active_pairs,
     bounded_overhead,
     bounded_overheads,
@@ -36,6 +35,7 @@ from calib.geometry import (
     pinned,
     pinned_base_loc,
     pinned_log_b,
+    pinned_sets,
     recentred_columns,
     recentred_population,
     softplus_overhead,
@@ -68,15 +68,15 @@ def _overhead(name: str, prior: Prior):
 
 
 def _overhead_below(site: str, log_bound, prior: Prior):
-    """``overhead = exp(log_bound) · sigmoid(u)`` with its exact prior
-    (``calib.geometry._overhead_below``)."""
+    """``overhead = exp(log_bound) · sigmoid(u)`` with its exact prior; returns
+    (overhead, u) (``calib.geometry._overhead_below``)."""
     import pymc as pm
     import pytensor.tensor as pt
 
     u = pm.Normal(f"z_{site}", 0.0, BOUNDED_BASE_SD)
     log_r, lp = bounded_overhead(u, log_bound, prior, pt)
     pm.Potential(f"{site}_jacobian", lp - normal_logp(u, 0.0, BOUNDED_BASE_SD, pt))
-    return pm.Deterministic(site, pt.exp(log_r))
+    return pm.Deterministic(site, pt.exp(log_r)), u
 
 
 def build_pymc_model(
@@ -132,40 +132,46 @@ def build_pymc_model(
             tau = pymc_variable("tau", priors.component("tau"), dims="component")
             am, ak = active_pairs(data)
             log_b = pt.broadcast_to(log_b_pop, (M, len(COMPONENTS)))
-            recentred = []  # as calib.geometry._per_model_log_b
+            # as calib.geometry._per_model_log_b: the raw law of each component's entries
+            rc = np.isin(np.arange(len(COMPONENTS)), ak[recentred_columns(data, ak, centered)])
+            law = (pt.switch(rc, loc, log_b_pop), pt.switch(rc, scale, tau))
             if am.size:
-                rc = recentred_columns(data, ak, centered)
-                mloc = pt.switch(rc, loc[ak], log_b_pop[ak])
-                spread = pt.switch(rc, scale[ak], tau[ak])
+                mloc, spread = law[0][ak], law[1][ak]
                 if centered:  # same mixed form as calib.geometry._nested
                     nc = noncentered_columns(ak)
-                    law = nested_law(mloc, spread, nc, pt)
-                    raw = pm.Normal("log_b_active", *law, dims="active")
+                    raw = pm.Normal(
+                        "log_b_active", *nested_law(mloc, spread, nc, pt), dims="active"
+                    )
                     act = nested_value(raw, mloc, spread, nc, pt)
                 else:
                     act = mloc + spread * pm.Normal("z_b", 0.0, 1.0, dims="active")
                 log_b = pt.set_subtensor(pt.as_tensor(log_b)[am, ak], act)
-                for k in np.unique(ak[rc]):
-                    sel = np.flatnonzero(ak == k)
-                    base = pt.sum(normal_logp(act[sel], loc[k], scale[k], pt))
-                    recentred.append((k, am[sel], act[sel], base))
-            for k, name in pinned().items():  # same coordinates as calib.geometry._pinned_log_b
-                pin = _pinned_pairs(data, k)
-                if not pin.models.size:
-                    continue
-                comp = COMPONENTS[k]
-                z = pm.Normal(name, 0.0, 1.0, dims=f"{comp}_model")
-                log_bk, lp = pinned_log_b(
-                    pin,
-                    pinned_base_loc(pin, k, priors),
-                    z,
+            pins = pinned_sets(data)  # same coordinates as calib.geometry._pinned_log_b
+            recentred = []
+            if pins:
+                zs = {
+                    k: pm.Normal(pinned()[k], 0.0, 1.0, dims=f"{COMPONENTS[k]}_model") for k in pins
+                }
+                log_b, log_bk, lp_shares, lp_k = pinned_log_b(
+                    pins,
+                    {k: pinned_base_loc(pin, k, priors) for k, pin in pins.items()},
+                    zs,
                     log_b,
+                    law,
                     per,
                     lambda site, log_bound: _overhead_below(site, log_bound, priors[site]),
+                    M,
                     pt,
                 )
-                pm.Potential(f"c_{comp}_jacobian", pt.sum(lp))
-                recentred.append((k, pin.models, log_bk, 0.0))
+                pm.Potential("shares_jacobian", lp_shares)
+                for k in pins:
+                    pm.Potential(f"c_{COMPONENTS[k]}_jacobian", pt.sum(lp_k[k]))
+            for k in np.flatnonzero(rc).tolist():
+                models = am[ak == k]
+                vals = log_b[models, k]
+                recentred.append((k, models, vals, pt.sum(normal_logp(vals, loc[k], scale[k], pt))))
+            if pins:
+                recentred += [(k, pins[k].models, log_bk[k], 0.0) for k in pins]
             for k, models, log_bk, base in recentred:
                 # as calib.geometry._recentred_population: b_pop relative to the models' mean
                 pop_k, lp_pop = recentred_population(
