@@ -11,7 +11,9 @@ canonical dataset as ``train`` (0), ``val`` (1), ``test`` (2) or excluded (−1)
 ``workload``
     Leave one workload out (``exp_workload``): one fold per workload; the held-out
     experiments are ``test``, all others ``train``. Models keep their other workloads
-    in the fit (per-experiment fits predict the held-out experiment as a new workload).
+    in the fit; the held-out experiments are predicted as new workloads (basis
+    ``new-experiment`` in every hierarchy: per-experiment fits draw new workload
+    effects, and the discrepancy is a new experiment's ``N(mu, tau)``).
 ``model``
     Leave one model out (``exp_model``): the held-out model is predicted from the
     population level (``b = b_pop·exp(tau·z)`` per draw, as ``calib.e2e`` and the
@@ -90,6 +92,7 @@ __all__ = [
     "FoldResult",
     "ValidationResult",
     "evaluate_fold",
+    "fold_schedule",
     "inv_m6_line",
     "inv_m6_verdict",
     "make_folds",
@@ -584,8 +587,16 @@ def evaluate_fold(
     post_models = list(coords["model"])
     post_exps = list(coords["experiment"])
     rng = np.random.default_rng(seed)
+    # a held-out workload is a new workload, whatever the hierarchy (module docstring)
+    new_workloads = fold.split == "workload"
     b, noise_params, _ = correction_draws(
-        params, post_models, post_exps, meta.experiments, meta.exp_model.tolist(), rng=rng
+        params,
+        post_models,
+        post_exps,
+        meta.experiments,
+        meta.exp_model.tolist(),
+        new_experiments=new_workloads,
+        rng=rng,
     )
     betas = _blis_betas(params, post_models, meta)
 
@@ -655,6 +666,7 @@ def evaluate_fold(
             seed=seed,
             baselines=False,
             design=design,
+            new_experiments=new_workloads,
         )
         assert res.timing is not None  # replay() always measures the host timing
         step_all = {"blis": np.full(meta.step_exp.size, np.nan), **base}
@@ -746,11 +758,15 @@ def run_validation(
     features: StepFeatures | None = None,
     progress: bool = True,
     fit_fn: Callable | None = None,
+    on_fold: Callable[[ValidationResult], None] | None = None,
 ) -> ValidationResult:
     """Run every fold of ``splits`` (:func:`make_folds`, :func:`evaluate_fold`).
 
     ``progress`` shows a tqdm bar over folds. Returns the per-step and per-experiment
-    tables (columns :data:`STEP_COLUMNS`, :data:`E2E_COLUMNS`).
+    tables (columns :data:`STEP_COLUMNS`, :data:`E2E_COLUMNS`), rows in split and fold
+    order. The folds run in :func:`fold_schedule` order; after each, ``on_fold`` gets
+    the result so far (``settings["folds_planned"]`` names every fold), so a long run
+    can write partial reports.
     """
     import pandas as pd
     from tqdm import tqdm
@@ -780,8 +796,33 @@ def run_validation(
     if features is None:
         features = StepFeatures.from_dataset(ds)
     folds = [f for s in splits for f in make_folds(ds, s)]
+    rank = {f.name: i for i, f in enumerate(folds)}
     step_rows, e2e_rows, facts = [], [], []
-    bar = tqdm(folds, desc="validate", unit="fold", disable=not progress)
+    from dataclasses import asdict
+
+    run_settings = {
+        "hierarchy": hierarchy,
+        "sampler": asdict(settings),
+        "draws": draws,
+        "prob": prob,
+        "seed": seed,
+        "max_train_steps": max_train_steps,
+        "splits": list(splits),
+        "folds_planned": [f.name for f in folds],
+    }
+
+    def result() -> ValidationResult:
+        def ordered(rows: list[dict]) -> list[dict]:
+            return sorted(rows, key=lambda r: rank[r["fold"]])  # stable within a fold
+
+        return ValidationResult(
+            steps=pd.DataFrame(ordered(step_rows), columns=list(STEP_COLUMNS)),
+            e2e=pd.DataFrame(ordered(e2e_rows), columns=list(E2E_COLUMNS)),
+            folds=ordered(facts),
+            settings=run_settings,
+        )
+
+    bar = tqdm(fold_schedule(folds), desc="validate", unit="fold", disable=not progress)
     for fold in bar:
         bar.set_postfix_str(fold.name[-40:])
         r = evaluate_fold(
@@ -805,6 +846,7 @@ def run_validation(
                 "split": fold.split,
                 "fold": fold.name,
                 "held_out": fold.held_out,
+                "run_order": len(facts) + 1,
                 "n_train_steps": r.n_train_steps,
                 "gate": r.gate_verdict,
                 "sampling_s": round(r.sampling_s, 2),
@@ -819,22 +861,22 @@ def run_validation(
                 },
             }
         )
-    from dataclasses import asdict
+        if on_fold is not None:
+            on_fold(result())
+    return result()
 
-    return ValidationResult(
-        steps=pd.DataFrame(step_rows, columns=list(STEP_COLUMNS)),
-        e2e=pd.DataFrame(e2e_rows, columns=list(E2E_COLUMNS)),
-        folds=facts,
-        settings={
-            "hierarchy": hierarchy,
-            "sampler": asdict(settings),
-            "draws": draws,
-            "prob": prob,
-            "seed": seed,
-            "max_train_steps": max_train_steps,
-            "splits": list(splits),
-        },
-    )
+
+def fold_schedule(folds: Sequence[Fold]) -> list[Fold]:
+    """The order folds run in: every split's first fold, then every split's second, ...
+
+    So a run stopped early (or read while it runs, ``run_validation(on_fold=...)``)
+    has judged every split family; the tables keep split and fold order.
+    """
+    by_split: dict[str, list[Fold]] = {}
+    for f in folds:
+        by_split.setdefault(f.split, []).append(f)
+    rounds = max((len(v) for v in by_split.values()), default=0)
+    return [v[i] for i in range(rounds) for v in by_split.values() if i < len(v)]
 
 
 # ------------------------------------------------------------------------ reports
