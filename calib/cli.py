@@ -479,8 +479,9 @@ class DataChoice:
         from calib.traces import dataset_hash
 
         h = dataset_hash(ds)
-        self._other_data = not (self.fitted_hash is None or h == self.fitted_hash)
-        if not self._other_data:
+        fitted = self.fitted_hash
+        self._other_data = fitted is not None and h != fitted
+        if fitted is None or h == fitted:
             return None
         if not self.named:
             where = (
@@ -490,7 +491,7 @@ class DataChoice:
             )
             raise CalibError(
                 f"{self.path} is {where} but its content hash {h[:12]} differs "
-                f"from the posterior's data_hash {self.fitted_hash[:12]}",
+                f"from the posterior's data_hash {fitted[:12]}",
                 path=self.posterior,
                 field="data_hash",
                 fix=f"pass {self.flag} <the data it was fitted on>, or re-fit",
@@ -498,7 +499,7 @@ class DataChoice:
         if need_same:
             raise CalibError(
                 f"not the data the posterior was fitted on (content hash "
-                f"{h[:12]}, posterior data_hash {self.fitted_hash[:12]})",
+                f"{h[:12]}, posterior data_hash {fitted[:12]})",
                 path=self.path,
                 field=self.flag,
                 fix="pass the fitted data, or re-fit on this data",

@@ -797,7 +797,9 @@ def run_validation(
         features = StepFeatures.from_dataset(ds)
     folds = [f for s in splits for f in make_folds(ds, s)]
     rank = {f.name: i for i, f in enumerate(folds)}
-    step_rows, e2e_rows, facts = [], [], []
+    step_rows: list[dict] = []
+    e2e_rows: list[dict] = []
+    facts: list[dict] = []
     from dataclasses import asdict
 
     run_settings = {
