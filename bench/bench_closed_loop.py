@@ -215,7 +215,14 @@ def main(argv=None) -> int:
 
     t = time.perf_counter()
     feats = StepFeatures.from_dataset(ds)
-    tf = replay(idata, ds, features=feats, draws=tf_draws, baselines=True).table
+    tf = replay(
+        idata,
+        ds,
+        features=feats,
+        draws=tf_draws,
+        baselines=True,
+        new_experiments=data.new_experiments,
+    ).table
     times["teacher-forced"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -433,7 +433,8 @@ class DataChoice:
     records in its manifest (``data_path``); a posterior without one (written before
     calib recorded it) falls back to the embedded default, which must then be the data
     it was fitted on. :meth:`verify` compares the loaded dataset's content hash with
-    the posterior's ``data_hash``.
+    the posterior's ``data_hash``; :attr:`new_experiments` then says at which basis a
+    replay predicts the experiments.
     """
 
     def __init__(self, posterior: str | Path, traces: str | Path | None, *, flag: str = "--traces"):
@@ -445,6 +446,7 @@ class DataChoice:
         self.fitted_hash: str | None = m.get("data_hash")
         self.fitted_path: str | None = m.get("data_path")
         self.named = traces is not None
+        self._other_data: bool | None = None  # set by verify()
         if traces is not None:
             self.path = Path(traces)
         elif self.fitted_path:
@@ -477,7 +479,9 @@ class DataChoice:
         from calib.traces import dataset_hash
 
         h = dataset_hash(ds)
-        if self.fitted_hash is None or h == self.fitted_hash:
+        fitted = self.fitted_hash
+        self._other_data = fitted is not None and h != fitted
+        if fitted is None or h == fitted:
             return None
         if not self.named:
             where = (
@@ -487,7 +491,7 @@ class DataChoice:
             )
             raise CalibError(
                 f"{self.path} is {where} but its content hash {h[:12]} differs "
-                f"from the posterior's data_hash {self.fitted_hash[:12]}",
+                f"from the posterior's data_hash {fitted[:12]}",
                 path=self.posterior,
                 field="data_hash",
                 fix=f"pass {self.flag} <the data it was fitted on>, or re-fit",
@@ -495,12 +499,29 @@ class DataChoice:
         if need_same:
             raise CalibError(
                 f"not the data the posterior was fitted on (content hash "
-                f"{h[:12]}, posterior data_hash {self.fitted_hash[:12]})",
+                f"{h[:12]}, posterior data_hash {fitted[:12]})",
                 path=self.path,
                 field=self.flag,
                 fix="pass the fitted data, or re-fit on this data",
             )
         return (
             f"note: {self.path} is not the data the posterior was fitted on "
-            f"(data_hash differs): an out-of-sample check"
+            f"(data_hash differs): an out-of-sample check; every experiment is "
+            f"predicted as a new workload"
         )
+
+    @property
+    def new_experiments(self) -> bool:
+        """Whether a replay of the verified data predicts every experiment as a new workload.
+
+        The one rule for data other than the fit's: no experiment's own structural
+        discrepancy (or workload effect) was learned from them, whatever its name, so
+        every experiment is predicted at the ``new-experiment`` basis (a new
+        experiment's ``N(mu, tau)``; ``calib.e2e.replay(new_experiments=True)``).
+        The fitted data keep the fitted basis. Not a rule of the replay itself:
+        validate's temporal and request-hash folds replay other data on purpose, at
+        the fitted basis. Call :meth:`verify` first.
+        """
+        if self._other_data is None:
+            raise RuntimeError("DataChoice.verify(ds) must run before new_experiments")
+        return self._other_data

@@ -467,6 +467,7 @@ def make_report(
     *,
     ds=None,
     features=None,
+    new_experiments: bool = False,
     e2e_result=None,
     source_path: str | Path | None = None,
     prob: float = config.INTERVAL_PROB,
@@ -477,7 +478,9 @@ def make_report(
     """Write the report figures and ``summary.md`` into ``out_dir``; return name -> path.
 
     With ``ds`` (canonical dataset) and no ``e2e_result``, runs the teacher-forced
-    replay (:func:`calib.e2e.replay`) for the E2E figure and table.
+    replay (:func:`calib.e2e.replay`) for the E2E figure and table;
+    ``new_experiments`` predicts every experiment as a new workload (set it from
+    :attr:`calib.cli.DataChoice.new_experiments` when ``ds`` is not the fitted data).
     """
     import arviz as az
 
@@ -506,7 +509,15 @@ def make_report(
     if e2e_result is None and ds is not None:
         from calib.e2e import replay
 
-        e2e_result = replay(idata, ds, features=features, prob=prob, draws=draws, seed=seed)
+        e2e_result = replay(
+            idata,
+            ds,
+            features=features,
+            prob=prob,
+            draws=draws,
+            seed=seed,
+            new_experiments=new_experiments,
+        )
     if e2e_result is not None:
         paths["e2e"] = _e2e_plot(e2e_result, out, meta)
 

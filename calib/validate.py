@@ -11,7 +11,9 @@ canonical dataset as ``train`` (0), ``val`` (1), ``test`` (2) or excluded (−1)
 ``workload``
     Leave one workload out (``exp_workload``): one fold per workload; the held-out
     experiments are ``test``, all others ``train``. Models keep their other workloads
-    in the fit (per-experiment fits predict the held-out experiment as a new workload).
+    in the fit; the held-out experiments are predicted as new workloads (basis
+    ``new-experiment`` in every hierarchy: per-experiment fits draw new workload
+    effects, and the discrepancy is a new experiment's ``N(mu, tau)``).
 ``model``
     Leave one model out (``exp_model``): the held-out model is predicted from the
     population level (``b = b_pop·exp(tau·z)`` per draw, as ``calib.e2e`` and the
@@ -90,6 +92,7 @@ __all__ = [
     "FoldResult",
     "ValidationResult",
     "evaluate_fold",
+    "fold_schedule",
     "inv_m6_line",
     "inv_m6_verdict",
     "make_folds",
@@ -584,8 +587,16 @@ def evaluate_fold(
     post_models = list(coords["model"])
     post_exps = list(coords["experiment"])
     rng = np.random.default_rng(seed)
+    # a held-out workload is a new workload, whatever the hierarchy (module docstring)
+    new_workloads = fold.split == "workload"
     b, noise_params, _ = correction_draws(
-        params, post_models, post_exps, meta.experiments, meta.exp_model.tolist(), rng=rng
+        params,
+        post_models,
+        post_exps,
+        meta.experiments,
+        meta.exp_model.tolist(),
+        new_experiments=new_workloads,
+        rng=rng,
     )
     betas = _blis_betas(params, post_models, meta)
 
@@ -655,6 +666,7 @@ def evaluate_fold(
             seed=seed,
             baselines=False,
             design=design,
+            new_experiments=new_workloads,
         )
         assert res.timing is not None  # replay() always measures the host timing
         step_all = {"blis": np.full(meta.step_exp.size, np.nan), **base}
@@ -746,11 +758,15 @@ def run_validation(
     features: StepFeatures | None = None,
     progress: bool = True,
     fit_fn: Callable | None = None,
+    on_fold: Callable[[ValidationResult], None] | None = None,
 ) -> ValidationResult:
     """Run every fold of ``splits`` (:func:`make_folds`, :func:`evaluate_fold`).
 
     ``progress`` shows a tqdm bar over folds. Returns the per-step and per-experiment
-    tables (columns :data:`STEP_COLUMNS`, :data:`E2E_COLUMNS`).
+    tables (columns :data:`STEP_COLUMNS`, :data:`E2E_COLUMNS`), rows in split and fold
+    order. The folds run in :func:`fold_schedule` order; after each, ``on_fold`` gets
+    the result so far (``settings["folds_planned"]`` names every fold), so a long run
+    can write partial reports.
     """
     import pandas as pd
     from tqdm import tqdm
@@ -780,8 +796,35 @@ def run_validation(
     if features is None:
         features = StepFeatures.from_dataset(ds)
     folds = [f for s in splits for f in make_folds(ds, s)]
-    step_rows, e2e_rows, facts = [], [], []
-    bar = tqdm(folds, desc="validate", unit="fold", disable=not progress)
+    rank = {f.name: i for i, f in enumerate(folds)}
+    step_rows: list[dict] = []
+    e2e_rows: list[dict] = []
+    facts: list[dict] = []
+    from dataclasses import asdict
+
+    run_settings = {
+        "hierarchy": hierarchy,
+        "sampler": asdict(settings),
+        "draws": draws,
+        "prob": prob,
+        "seed": seed,
+        "max_train_steps": max_train_steps,
+        "splits": list(splits),
+        "folds_planned": [f.name for f in folds],
+    }
+
+    def result() -> ValidationResult:
+        def ordered(rows: list[dict]) -> list[dict]:
+            return sorted(rows, key=lambda r: rank[r["fold"]])  # stable within a fold
+
+        return ValidationResult(
+            steps=pd.DataFrame(ordered(step_rows), columns=list(STEP_COLUMNS)),
+            e2e=pd.DataFrame(ordered(e2e_rows), columns=list(E2E_COLUMNS)),
+            folds=ordered(facts),
+            settings=run_settings,
+        )
+
+    bar = tqdm(fold_schedule(folds), desc="validate", unit="fold", disable=not progress)
     for fold in bar:
         bar.set_postfix_str(fold.name[-40:])
         r = evaluate_fold(
@@ -805,6 +848,7 @@ def run_validation(
                 "split": fold.split,
                 "fold": fold.name,
                 "held_out": fold.held_out,
+                "run_order": len(facts) + 1,
                 "n_train_steps": r.n_train_steps,
                 "gate": r.gate_verdict,
                 "sampling_s": round(r.sampling_s, 2),
@@ -819,22 +863,22 @@ def run_validation(
                 },
             }
         )
-    from dataclasses import asdict
+        if on_fold is not None:
+            on_fold(result())
+    return result()
 
-    return ValidationResult(
-        steps=pd.DataFrame(step_rows, columns=list(STEP_COLUMNS)),
-        e2e=pd.DataFrame(e2e_rows, columns=list(E2E_COLUMNS)),
-        folds=facts,
-        settings={
-            "hierarchy": hierarchy,
-            "sampler": asdict(settings),
-            "draws": draws,
-            "prob": prob,
-            "seed": seed,
-            "max_train_steps": max_train_steps,
-            "splits": list(splits),
-        },
-    )
+
+def fold_schedule(folds: Sequence[Fold]) -> list[Fold]:
+    """The order folds run in: every split's first fold, then every split's second, ...
+
+    So a run stopped early (or read while it runs, ``run_validation(on_fold=...)``)
+    has judged every split family; the tables keep split and fold order.
+    """
+    by_split: dict[str, list[Fold]] = {}
+    for f in folds:
+        by_split.setdefault(f.split, []).append(f)
+    rounds = max((len(v) for v in by_split.values()), default=0)
+    return [v[i] for i in range(rounds) for v in by_split.values() if i < len(v)]
 
 
 # ------------------------------------------------------------------------ reports
@@ -899,6 +943,116 @@ def inv_m6_line(summary, bound_pct: float = config.VALIDATE_MSPE_BOUND_PCT) -> s
     return f"INV-M-6 (|MSPE| < {bound_pct:g} % on held-out steps) — " + "; ".join(out) + "."
 
 
+def _judged(e2e, metric: str):
+    """Rows of ``e2e`` (table :data:`E2E_COLUMNS`) of one metric with an observed value."""
+    m = e2e[e2e.metric == metric]
+    return m[np.isfinite(m.observed_us.astype(float))]
+
+
+def half_width_pct(rows) -> np.ndarray:
+    """Half the band's width over the predicted mean, % (``calib.e2e``'s
+    ``half_width_pct``), of rows of the per-experiment table."""
+    up, lo = rows.upper_us.astype(float).values, rows.lower_us.astype(float).values
+    return 100.0 * (up - lo) / (2.0 * rows.predicted_us.astype(float).values)
+
+
+def family_table(e2e):
+    """One row per split family: the held-out experiment means of all its folds and parts.
+
+    Per metric (E2E, TTFT, ITL): experiments × held-out parts judged, how many
+    intervals hold the observed mean (count and %), the mean signed error (bias) and
+    the median band half-width (%); for E2E also the largest |error| and the bases
+    the experiments were predicted at (``calib.e2e``: fitted, new-experiment,
+    population).
+    """
+    import pandas as pd
+
+    rows = []
+    for split in dict.fromkeys(e2e.split.tolist()):
+        f = e2e[e2e.split == split]
+        row: dict[str, Any] = {"split": split, "folds": int(f.fold.nunique())}
+        for metric in ("e2e", "ttft", "itl"):
+            m = _judged(f, metric)
+            n = len(m)
+            row[f"{metric}_n"] = n
+            row[f"{metric}_inside"] = int(m.inside.sum())
+            row[f"{metric}_coverage_pct"] = 100.0 * m.inside.mean() if n else np.nan
+            row[f"{metric}_mean_signed_err_pct"] = float(m.error_pct.mean()) if n else np.nan
+            row[f"{metric}_median_half_width_pct"] = (
+                float(np.median(half_width_pct(m))) if n else np.nan
+            )
+            if metric == "e2e":
+                row["e2e_max_abs_err_pct"] = float(m.error_pct.abs().max()) if n else np.nan
+                row["e2e_basis"] = ", ".join(
+                    f"{b} {k}" for b, k in m.basis.value_counts(sort=False).items()
+                )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _family_markdown(fam, pct: str) -> list[str]:
+    """Markdown rows of :func:`family_table`."""
+    head = [
+        "split family",
+        "folds",
+        f"E2E inside {pct}",
+        "E2E signed %",
+        "E2E ±%",
+        "E2E max |err| %",
+        f"TTFT inside {pct}",
+        "TTFT signed %",
+        "TTFT ±%",
+        f"ITL inside {pct}",
+        "ITL signed %",
+        "ITL ±%",
+        "E2E basis",
+    ]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cov(r, metric: str) -> str:
+        n = getattr(r, f"{metric}_n")
+        c = getattr(r, f"{metric}_coverage_pct")
+        return f"{getattr(r, f'{metric}_inside')}/{n} ({_fmt(c, '.0f')} %)" if n else "–"
+
+    for r in fam.itertuples(index=False):
+        cells = [str(r.split), str(r.folds)]
+        for metric in ("e2e", "ttft", "itl"):
+            cells += [
+                cov(r, metric),
+                _fmt(getattr(r, f"{metric}_mean_signed_err_pct"), "+.2f"),
+                _fmt(getattr(r, f"{metric}_median_half_width_pct"), ".1f"),
+            ]
+            if metric == "e2e":
+                cells.append(_fmt(r.e2e_max_abs_err_pct, ".1f"))
+        cells.append(str(r.e2e_basis))
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def _family_intro(pct: str) -> str:
+    return (
+        "Per split family, over every fold and held-out part (val and test; an "
+        "experiment counts once per part): experiment means inside the "
+        f"{pct} posterior-predictive band, mean signed error 100·(pred − obs)/obs (bias), "
+        "median band half-width ±% of the predicted mean, and the basis the experiments "
+        "were predicted at."
+    )
+
+
+def _partial_line(folds: list[dict], settings: dict) -> list[str]:
+    """A warning line when the run has not finished every planned fold (else nothing)."""
+    planned = list(settings.get("folds_planned") or [])
+    done = {str(f.get("fold")) for f in folds}
+    missing = [f for f in planned if f not in done]
+    if not missing:
+        return []
+    return [
+        f"**Partial run: {len(planned) - len(missing)} of {len(planned)} folds done; "
+        f"missing {', '.join(missing)}.**",
+        "",
+    ]
+
+
 def summary_table(result: ValidationResult):
     """One row per (split, fold, part): step and E2E figures of every predictor."""
     import pandas as pd
@@ -924,13 +1078,16 @@ def summary_table(result: ValidationResult):
         row["inv_m6"] = inv_m6_verdict(row["blis_mspe_pct"])  # on the exported predictor
         e = ee[(ee.fold == fold) & (ee.part == part)]
         for metric in ("e2e", "ttft", "itl"):
-            m = e[e.metric == metric]
-            m = m[np.isfinite(m.observed_us.astype(float))]
+            m = _judged(e, metric)
             row[f"{metric}_n_exp"] = int(len(m))
             row[f"{metric}_mean_abs_err_pct"] = (
                 float(m.error_pct.abs().mean()) if len(m) else np.nan
             )
+            row[f"{metric}_mean_signed_err_pct"] = float(m.error_pct.mean()) if len(m) else np.nan
             row[f"{metric}_coverage"] = f"{int(m.inside.sum())}/{len(m)}"
+            row[f"{metric}_median_half_width_pct"] = (
+                float(np.median(half_width_pct(m))) if len(m) else np.nan
+            )
             for name in ("blis", "blackbox", "nnls"):
                 row[f"{metric}_{name}_mean_abs_err_pct"] = (
                     float(m[f"{name}_error_pct"].abs().mean()) if len(m) else np.nan
@@ -960,10 +1117,14 @@ _SUMMARY_CELLS: dict[str, Callable[[Any], str]] = {
     "E2E calib": lambda r: _fmt(r.e2e_mean_abs_err_pct),
     **{f"E2E {p}": _column_cell(f"e2e_{p}_mean_abs_err_pct") for p in PREDICTORS[1:]},
     "E2E cov": lambda r: str(r.e2e_coverage),
+    "E2E ±%": lambda r: _fmt(r.e2e_median_half_width_pct),
+    "E2E signed": lambda r: _fmt(r.e2e_mean_signed_err_pct, "+.2f"),
     "TTFT calib": lambda r: _fmt(r.ttft_mean_abs_err_pct),
     "TTFT cov": lambda r: str(r.ttft_coverage),
+    "TTFT ±%": lambda r: _fmt(r.ttft_median_half_width_pct),
     "ITL calib": lambda r: _fmt(r.itl_mean_abs_err_pct),
     "ITL cov": lambda r: str(r.itl_coverage),
+    "ITL ±%": lambda r: _fmt(r.itl_median_half_width_pct),
 }
 # validation.md shows every column; the README's results block a shorter set.
 REPORT_COLUMNS = (
@@ -978,11 +1139,15 @@ REPORT_COLUMNS = (
     "MSPE blis",
     "step cov",
     *(f"E2E {p}" for p in PREDICTORS),
+    "E2E signed",
     "E2E cov",
+    "E2E ±%",
     "TTFT calib",
     "TTFT cov",
+    "TTFT ±%",
     "ITL calib",
     "ITL cov",
+    "ITL ±%",
 )
 README_COLUMNS = (
     "split",
@@ -995,7 +1160,9 @@ README_COLUMNS = (
     "INV-M-6",
     "step cov",
     *(f"E2E {p}" for p in PREDICTORS),
+    "E2E signed",
     "E2E cov",
+    "E2E ±%",
     "TTFT calib",
     "ITL calib",
 )
@@ -1024,15 +1191,23 @@ def markdown_report(result: ValidationResult, manifest: dict | None = None) -> s
             f"{result.settings.get('sampler')}",
             "",
         ]
+    lines += _partial_line(result.folds, result.settings)
     lines += [
+        "## Held-out experiment means per split family",
+        "",
+        _family_intro(pct),
+        "",
+        *_family_markdown(family_table(result.e2e), pct),
+        "",
         "## Held-out step times (sampled steps) and experiment means",
         "",
         "MAPE / median APE / MSPE in %; MSPE = mean signed 100·(pred − obs)/obs (bias; "
         f"INV-M-6 wants |MSPE| < 5 %); step cov = share of steps inside the {pct} "
         "posterior-predictive interval; E2E/TTFT/ITL = mean |error| over experiments of "
-        f"the experiment-mean latency (teacher-forced), cov = experiments inside the {pct} "
-        "interval. calib = posterior predictive mean, blis = exported BLIS betas "
-        "(plug-in, alpha dropped).",
+        "the experiment-mean latency (teacher-forced), E2E signed = their mean signed "
+        f"error, cov = experiments inside the {pct} interval, ±% = median band "
+        "half-width over the predicted mean. calib = posterior predictive mean, blis = "
+        "exported BLIS betas (plug-in, alpha dropped).",
         "",
         *_summary_markdown(sm, REPORT_COLUMNS),
     ]
@@ -1149,6 +1324,7 @@ def results_markdown(
         f"{st.get('max_train_steps')} train steps per fold, {st.get('draws')} posterior draws "
         f"for predictions). Rerun both commands to refresh; do not edit by hand._",
         "",
+        *_partial_line(folds, st),
         "Diagnostics gate of the fold fits: "
         + (
             "pass in all folds."
@@ -1157,12 +1333,17 @@ def results_markdown(
             f"`{source}validation.md`)."
         ),
         "",
+        _family_intro(pct),
+        "",
+        *_family_markdown(family_table(e2e), pct),
+        "",
         "Held-out parts: MAPE and MSPE (signed mean of 100·(pred − obs)/obs) over sampled "
         f"steps; step cov = share inside the {pct} posterior-predictive interval; E2E/TTFT/ITL "
         "= mean |error| over experiments of the experiment-mean latency (teacher-forced "
-        f"replay with measured host gaps); E2E cov = experiments inside the {pct} interval. "
-        "calib = posterior predictive mean, blis = exported BLIS betas, blackbox / nnls = "
-        "baselines fitted on the same train steps. INV-M-6 (|MSPE| < "
+        "replay with measured host gaps); E2E signed = their mean signed error; E2E cov = "
+        f"experiments inside the {pct} interval; E2E ±% = median band half-width over the "
+        "predicted mean. calib = posterior predictive mean, blis = exported BLIS betas, "
+        "blackbox / nnls = baselines fitted on the same train steps. INV-M-6 (|MSPE| < "
         f"{config.VALIDATE_MSPE_BOUND_PCT:g} %) is judged on the exported predictor (blis).",
         "",
         *_summary_markdown(summary, README_COLUMNS),
@@ -1219,8 +1400,11 @@ def replace_results_section(
 
 
 def write_results_section(reports_dir, readme, *, generator: str) -> str:
-    """Read ``summary.csv``, ``e2e.csv`` and ``manifest.json`` from ``reports_dir`` and
-    write the results block into ``readme`` (atomically); return the block."""
+    """Read ``steps.csv``, ``e2e.csv`` and ``manifest.json`` from ``reports_dir`` and
+    write the results block into ``readme`` (atomically); return the block.
+
+    The summary is recomputed from the two tables (:func:`summary_table`), so the block
+    always has this version's columns."""
     import json
     from pathlib import Path
 
@@ -1229,7 +1413,7 @@ def write_results_section(reports_dir, readme, *, generator: str) -> str:
     from calib.io import atomic_write_text
 
     rep, readme = Path(reports_dir), Path(readme)
-    for name in ("summary.csv", "e2e.csv", "manifest.json"):
+    for name in ("steps.csv", "e2e.csv", "manifest.json"):
         if not (rep / name).is_file():
             raise CalibError(
                 "validation output not found",
@@ -1247,16 +1431,26 @@ def write_results_section(reports_dir, readme, *, generator: str) -> str:
             path=rep / "manifest.json",
             fix="rerun scripts/validate.py",
         ) from None
-    summary = pd.read_csv(rep / "summary.csv")
-    e2e = pd.read_csv(rep / "e2e.csv")
-    missing = [c for c in ("split", "fold", "part", "calib_mspe_pct") if c not in summary]
-    if missing:
-        raise CalibError(
-            f"summary.csv lacks column(s) {', '.join(missing)}",
-            path=rep / "summary.csv",
-            field=missing[0],
-            fix="rerun scripts/validate.py with this calib version",
+    tables = {}
+    for name, columns in (("steps", STEP_COLUMNS), ("e2e", E2E_COLUMNS)):
+        tables[name] = pd.read_csv(rep / f"{name}.csv")
+        missing = [c for c in columns if c not in tables[name]]
+        if missing:
+            raise CalibError(
+                f"{name}.csv lacks column(s) {', '.join(missing)}",
+                path=rep / f"{name}.csv",
+                field=missing[0],
+                fix="rerun scripts/validate.py with this calib version",
+            )
+    e2e = tables["e2e"]
+    summary = summary_table(
+        ValidationResult(
+            steps=tables["steps"],
+            e2e=e2e,
+            folds=list(m.get("folds") or []),
+            settings=dict(m.get("settings") or {}),
         )
+    )
     try:
         shown = rep.resolve().relative_to(readme.resolve().parent)
     except ValueError:

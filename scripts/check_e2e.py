@@ -118,16 +118,14 @@ def main(argv=None) -> int:
         ds = load_dataset(data.path)
         note = data.verify(ds)
         if note:
-            # other data than the fit's: no experiment's own discrepancy (or workload
-            # effect) was learned from it, whatever its name, so every one is new
-            print(note + "; every experiment is predicted as a new workload", file=sys.stderr)
+            print(note, file=sys.stderr)
         res = replay(
             idata,
             ds,
             prob=args.prob,
             draws=args.draws,
             noise=not args.no_noise,
-            new_experiments=args.new_experiments or bool(note),
+            new_experiments=args.new_experiments or data.new_experiments,
             population_models=args.population_models,
             seed=args.seed,
             baselines=not args.no_baselines,

@@ -54,6 +54,7 @@ def main(argv=None) -> int:
 
         idata = load_posterior(args.posterior)
         ds = None
+        new_experiments = False
         if data is not None:
             from calib.traces import load_dataset
 
@@ -61,10 +62,12 @@ def main(argv=None) -> int:
             note = data.verify(ds)
             if note:
                 print(note, file=sys.stderr)
+            new_experiments = data.new_experiments
         paths = make_report(
             idata,
             args.out,
             ds=ds,
+            new_experiments=new_experiments,
             source_path=args.posterior,
             seed=args.seed,
             draws=args.draws,

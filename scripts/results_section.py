@@ -6,8 +6,9 @@ Examples::
     python scripts/validate.py --split all          # writes reports/validate/
     python scripts/results_section.py               # updates README.md from it
 
-Reads summary.csv, e2e.csv and manifest.json of --reports and writes a markdown block
-(held-out errors, coverage, MSPE / INV-M-6, leave-one-model-out bands) between the
+Reads steps.csv, e2e.csv and manifest.json of --reports and writes a markdown block
+(per split family: held-out coverage, bias and band half-width; per fold: errors,
+coverage, MSPE / INV-M-6; leave-one-model-out bands) between the
 markers ``<!-- results:start -->`` and ``<!-- results:end -->`` of --readme; without the
 markers a section "## Results on the embedded data" holding them is added just before
 "## Testing". Nothing else in the README changes. The block names the commands that

@@ -12,7 +12,9 @@ leave-one-model-out (held-out model predicted from the population level) and the
 request-hash split (SHA-256(req_id) mod 100: 70/15/15; a step follows its lead request).
 See calib/validate.py for the exact rules. Writes into --out (atomically): validation.md
 (tables), summary.csv, steps.csv, e2e.csv and manifest.json (settings, per-fold gate
-verdicts, file hashes).
+verdicts, file hashes). The reports are rewritten after every fold (a partial run says
+which folds are missing), one line per fold on stderr; the one-fold splits and the
+first fold of each leave-one-out split run first.
 
 Sampler defaults are smaller than scripts/fit.py's (one fit per fold):
 calib.config.VALIDATE_SAMPLER (4 chains, 500 warmup, 500 draws), and at most
@@ -120,6 +122,19 @@ def run(args: argparse.Namespace) -> int:
         max_tree_depth=args.max_tree_depth,
     )
     splits = SPLITS if args.split == "all" else (args.split,)
+    data_hash = dataset_hash(ds)
+    command = [Path(sys.argv[0]).name, *sys.argv[1:]]
+
+    def partial(res) -> None:
+        write_reports(res, args.out, data_hash=data_hash, command=command)
+        f = max(res.folds, key=lambda x: x["run_order"])  # the fold just finished
+        print(
+            f"fold {f['fold']} done ({len(res.folds)}/{len(res.settings['folds_planned'])}, "
+            f"{f['wall_s']:.0f} s, gate {f['gate'][:60]}): reports in {args.out}",
+            file=sys.stderr,
+            flush=True,
+        )
+
     result = run_validation(
         ds,
         splits,
@@ -131,13 +146,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_train_steps=args.max_train_steps or None,
         progress=args.progress,
+        on_fold=partial,
     )
-    paths = write_reports(
-        result,
-        args.out,
-        data_hash=dataset_hash(ds),
-        command=[Path(sys.argv[0]).name, *sys.argv[1:]],
-    )
+    paths = write_reports(result, args.out, data_hash=data_hash, command=command)
     sm = summary_table(result)
     cols = [
         "fold",

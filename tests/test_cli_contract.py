@@ -357,6 +357,22 @@ def test_named_other_data_is_an_out_of_sample_check_with_a_note(provenance):
     assert rows and {r[1] for r in rows} == {"new-experiment"}, proc.stdout[-2000:]
 
 
+def test_report_on_other_data_predicts_new_experiments(provenance):
+    # the same rule as check_e2e (cli.DataChoice.new_experiments): the report's E2E
+    # figure and table predict other data as new workloads, never at the fitted basis
+    p = provenance
+    out = p["t"] / "rep-other"
+    proc = run(
+        "report", p["recorded"], "--traces", p["t"] / "ds2.nc", "--out", out, "--draws", "20"
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "out-of-sample" in proc.stderr and "new workload" in proc.stderr
+    md = (out / "summary.md").read_text(encoding="utf-8")
+    rows = [ln.split(" | ") for ln in md.splitlines() if ln.startswith("| e2e |")]
+    assert rows and {r[2] for r in rows} == {"new-experiment"}, md[-3000:]
+    assert "new-experiment prediction for llama-2-7b" in md
+
+
 # ------------------------------------------------------------------ Ctrl-C
 def _interrupt(
     cmd_script: str, args: list, *, after: float, cwd: Path, wait_for: Path | None = None

@@ -193,19 +193,34 @@ def test_run_validation_tables_and_atomic_files(tiny, tmp_path):
     from calib.priors import load_priors
 
     settings = V.default_settings(chains=2, warmup=0, draws=25)
+    seen = []
     res = V.run_validation(
         tiny,
-        ["temporal", "model"],
+        ["model", "temporal", "workload"],
         priors=load_priors(),
         settings=settings,
         draws=50,
         progress=False,
         fit_fn=mock_fit,
+        on_fold=lambda r: seen.append(sorted(f["fold"] for f in r.folds)),
     )
     assert list(res.steps.columns) == list(V.STEP_COLUMNS)
     assert list(res.e2e.columns) == list(V.E2E_COLUMNS)
-    # temporal: val + test, 4 predictors each; model: 2 folds x test x 4 predictors
-    assert len(res.steps) == 2 * 4 + 2 * 4
+    # temporal: val + test, 4 predictors each; model, workload: 2 folds x test x 4
+    assert len(res.steps) == 2 * 4 + 2 * 4 + 2 * 4
+    # every split's first fold runs first; the tables stay in split and fold order, and
+    # the callback sees the partial result after each fold
+    planned = ["model=llama-2-7b", "model=mixtral-8x7b", "temporal"]
+    planned += ["workload=general", "workload=codegen"]
+    assert res.settings["folds_planned"] == planned
+    assert [f["fold"] for f in res.folds] == planned
+    assert [f["run_order"] for f in res.folds] == [1, 4, 2, 3, 5]
+    assert list(dict.fromkeys(res.steps.fold)) == planned
+    assert list(dict.fromkeys(res.e2e.fold)) == planned
+    assert [len(x) for x in seen] == [1, 2, 3, 4, 5]
+    assert seen[2] == sorted(["model=llama-2-7b", "temporal", "workload=general"])
+    # a held-out workload is a new workload (not the fitted basis), whatever the hierarchy
+    assert (res.e2e[res.e2e.split == "workload"].basis == "new-experiment").all()
     assert set(res.steps.predictor) == set(V.PREDICTORS)
     assert (res.steps.n_steps > 0).all()
     cal = res.steps[res.steps.predictor == "calib"]
@@ -405,8 +420,14 @@ def test_results_section_from_validate_outputs(tmp_path):
     # numbers come from the tables: MAPE calib 4.0 / nnls 7.0, MSPE, step coverage, E2E
     assert (
         "| temporal | temporal | test | 120 | 4.0 | 5.0 | 6.0 | 7.0 | -1.25 | +2.00 | pass "
-        "| 88.5 | 2.4 | 6.0 | 11.0 | 3.5 | 1/1 | 2.4 | 2.4 |"
+        "| 88.5 | 2.4 | 6.0 | 11.0 | 3.5 | +2.40 | 1/1 | 9.8 | 2.4 | 2.4 |"
     ) in block
+    # per split family: coverage, mean signed error and median half-width (band ±10 %
+    # of the observed around a point 2.4 % high: 100·0.1/1.024 = 9.77 %) and basis
+    fam = "1/1 (100 %) | +2.40 | 9.8"
+    assert f"| temporal | 1 | {fam} | 2.4 | {fam} | {fam} | fitted 1 |" in block
+    assert f"| model | 1 | {fam} | 2.4 | {fam} | {fam} | population 1 |" in block
+    assert "Partial run" not in block
     # INV-M-6 is judged on the exported predictor (blis, MSPE +2.00 in both parts)
     assert "| model | model=llama-2-7b | test | 120 |" in block
     assert "| +7.50 | +2.00 | pass |" in block
@@ -438,8 +459,38 @@ def test_results_section_from_validate_outputs(tmp_path):
     with pytest.raises(CalibError, match="exactly one"):
         V.write_results_section(rep, readme, generator="x")
     assert readme.read_text() == README + end + "\n"
-    with pytest.raises(CalibError, match="summary.csv"):
+    with pytest.raises(CalibError, match="steps.csv"):
         V.write_results_section(tmp_path / "nope", readme, generator="x")
+
+
+def test_family_table_and_partial_run_line(tmp_path):
+    """Per split family: inside count, mean signed error, median half-width, basis; a
+    run that has not finished every planned fold says which are missing."""
+    res = _fixture_result()
+    extra = res.e2e[res.e2e.split == "temporal"].copy()
+    extra["part"] = "val"
+    extra["error_pct"] = -1.0
+    extra["inside"] = False
+    extra["predicted_us"] = extra.observed_us * 0.99
+    extra["lower_us"] = extra.observed_us * 0.95
+    extra["upper_us"] = extra.observed_us * 0.98
+    res.e2e = pd.concat([res.e2e, extra], ignore_index=True)
+    fam = V.family_table(res.e2e).set_index("split")
+    t = fam.loc["temporal"]
+    assert t.e2e_n == 2 and t.e2e_inside == 1 and t.e2e_coverage_pct == 50.0
+    assert t.e2e_mean_signed_err_pct == pytest.approx((2.4 - 1.0) / 2)
+    hw = np.median([100 * 0.1 / 1.024, 100 * 0.015 / 0.99])
+    assert t.e2e_median_half_width_pct == pytest.approx(hw)
+    assert t.e2e_max_abs_err_pct == pytest.approx(2.4) and t.e2e_basis == "fitted 2"
+    assert fam.loc["model"].e2e_basis == "population 1"
+    res.settings["folds_planned"] = ["temporal", "workload=general", "model=llama-2-7b"]
+    rep = tmp_path / "rep"
+    paths = V.write_reports(res, rep, data_hash="d" * 64, command=["validate.py"])
+    line = "**Partial run: 2 of 3 folds done; missing workload=general.**"
+    assert line in paths["markdown"].read_text()
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    assert line in V.write_results_section(rep, readme, generator="x")
 
 
 def test_results_section_script_exit_codes(tmp_path):
