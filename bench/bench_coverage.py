@@ -2,7 +2,7 @@
 """Coverage on trace sets whose truth differs from the embedded default's.
 
     python bench/bench_coverage.py [--sets NAME ...] [--seed 0] [--out bench/out/coverage]
-        [--quick] [--chains N --warmup N --draws N] [--e2e-draws N]
+        [--quick] [--chains N --warmup N --draws N --max-tree-depth N] [--e2e-draws N]
         [--cache bench/out/stress-cache]
 
 The three sets of :data:`SETS` were fixed in this file, and committed, before any of
@@ -18,14 +18,14 @@ of 2-5x) in its stall model and, for two of them, in its truth family:
 
 Each set is simulated by ``calib.simulate`` and written in the real on-disk trace
 format, imported by the real importer and cached (``bench/stress/runner.py``'s
-``prepare``, the stress suite's path), fitted by :func:`calib.fit.fit` with the library's
-defaults (per-model hierarchy; only ``--seed`` differs, and ``--chains/--warmup/--draws``
-when given); the posterior is written to ``OUT/<set>-seed<S>.nc`` even when the gate
-fails. Then every experiment is replayed as ``scripts/check_e2e.py`` does on the fit's own
-data (:func:`calib.e2e.replay`, fitted basis, measured host gaps, full step noise and the
-structural discrepancy): per set, 90 % band coverage of the experiment-mean E2E, TTFT
-and decode interval, the median band half-width (% of the predicted mean), the mean
-signed and the worst E2E error.
+``prepare``, the stress suite's path), fitted by :func:`calib.fit.fit` with the
+library's defaults (per-model hierarchy; only ``--seed`` differs, and
+``--chains/--warmup/--draws/--max-tree-depth`` when given); the posterior is written to
+``OUT/<set>-seed<S>.nc`` even when the gate fails. Then every experiment is replayed as
+``scripts/check_e2e.py`` does on the fit's own data (:func:`calib.e2e.replay`, fitted
+basis, measured host gaps, full step noise and the structural discrepancy): per set, the
+90 % band coverage of the experiment-mean E2E, TTFT and decode interval, the median band
+half-width (% of the predicted mean), the mean signed and the worst E2E error.
 
 One line per set on stdout; ``OUT/coverage.csv`` / ``OUT/coverage.md`` (one row per set)
 and ``OUT/<set>-seed<S>-e2e.csv`` (the replay's per-experiment table). The acceptance
@@ -33,7 +33,7 @@ and ``OUT/<set>-seed<S>-e2e.csv`` (the replay's per-experiment table). The accep
 within ±:data:`MEAN_SIGNED_LIMIT_PCT` %. Exit status 0 when every set meets it, 1
 otherwise, 2 on a user error, 130 interrupted. ``--quick`` shortens every stage
 (``calib.simulate.stress.QUICK_DURATION_FACTOR``) for a smoke run; pair it with short
-chains (``--chains 2 --warmup 20 --draws 20 --e2e-draws 50``).
+chains (``--chains 2 --warmup 10 --draws 10 --max-tree-depth 3 --e2e-draws 50``).
 """
 
 from __future__ import annotations
@@ -155,11 +155,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=names,
         help="sets to run (default: all; " + ", ".join(names) + ")",
     )
-    p.add_argument("--seed", type=cli.nonneg_int, default=s.seed, help="fit seed (default 0)")
+    p.add_argument("--seed", type=cli.nonneg_int, default=s.seed, help="fit seed (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="smoke run: every stage shortened")
     p.add_argument("--chains", type=cli.positive_int, default=s.chains)
     p.add_argument("--warmup", type=cli.nonneg_int, default=s.warmup)
     p.add_argument("--draws", type=cli.positive_int, default=s.draws)
+    p.add_argument("--max-tree-depth", type=cli.positive_int, default=s.max_tree_depth)
     p.add_argument(
         "--e2e-draws",
         type=cli.positive_int,
@@ -215,7 +216,11 @@ def measure(stress_set: StressSet, nc: Path, args) -> tuple[dict, object]:
 
     post = args.out / f"{stress_set.name}{'-quick' if args.quick else ''}-seed{args.seed}.nc"
     settings = SamplerSettings(
-        chains=args.chains, warmup=args.warmup, draws=args.draws, seed=args.seed
+        chains=args.chains,
+        warmup=args.warmup,
+        draws=args.draws,
+        seed=args.seed,
+        max_tree_depth=args.max_tree_depth,
     )
     t0 = time.perf_counter()
     res = fit(
