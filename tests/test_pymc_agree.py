@@ -16,7 +16,9 @@ log scale, because some marginals here are wide and skewed (b_pop[pf_kv]: 90 % i
 its sampling distribution is skewed, and a 3-MCSE rule fails far more often than its
 nominal rate. Measured 2026-11-23 with this test's seeds: z 3.05 for b_pop[pf_kv] on the
 natural scale (the test failed), 0.93 on the log scale (passes, 4 min 6 s with a warm
-PyTensor cache); with seeds 2 and 3, 1.57 and 1.28.
+PyTensor cache); with seeds 2 and 3, 1.57 and 1.28. On the finite-mean noise model
+(2026-12-03): passed, 33 values, largest z 1.73 (b_pop[weight]), 1 divergent draw of
+4000 per backend, R-hat <= 1.01; 71 min wall on the 2-core machine at load 8-12.
 """
 
 from __future__ import annotations
