@@ -7,7 +7,10 @@ max_tree_depth and dense mass but ``TARGET_ACCEPT`` 0.99 (see there). Measured
 2026-11-22 (model of 22:05, overheads bounded below the pinned constants): 275 s wall
 (269 s CPU) on the 2-core machine at load 3-4. Result: coverage 86/90 (P(X >= 86) = 0.047
 under Binomial(90, 0.9)), 0 divergences in all 7 fits; alpha 0.774 ± 0.017 (truth 0.8)
-with mixed batches, 0.508 ± 0.209 (prior 0.5 ± 0.224) without.
+with mixed batches, 0.508 ± 0.209 (prior 0.5 ± 0.224) without. On the finite-mean noise
+model with the fast component in the truth (2026-12-03): coverage 133/140 (P(X >= 133) =
+0.026 under Binomial(140, 0.9)), divergences 0, 0, 1, 0, 0; alpha 0.765 ± 0.017 (truth
+0.8) and 0.493 ± 0.228; 2319 s wall at load 12 -> 1.5 (beside test_pymc_agree).
 
 Coverage: truth is drawn per seed from a realistic generator (corrections ~1-3,
 overheads around the prior medians, noise 3-15 %, stalls 0.5-5 % of steps at x1.5-4.5,
