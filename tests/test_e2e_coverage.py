@@ -8,6 +8,10 @@ against the realised (teacher-forced) means. Steps are separated by host gaps
 (60 µs, sd 18 µs) that the replay measures from the sampled steps' timestamps, as
 on real traces. Across replicates the coverage must be consistent with the
 nominal 90 % (two-sided binomial test at the 1 % level).
+
+Measured 2026-12-03 on the finite-mean noise model (calib.noise; bands with parameter
+uncertainty, full-tail step noise and the structural discrepancy): 29/30 = 0.967
+(binomial p 0.36), 9.6 min of CPU, 21 min 47 s wall on the 2-core machine at load 9-11.
 """
 
 from __future__ import annotations

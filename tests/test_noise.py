@@ -181,17 +181,32 @@ def test_gradients_are_finite_far_in_the_tails():
         assert np.all(np.isfinite(np.asarray(g3(a))))
 
 
+#: Data seeds of the slow recovery test (one NUTS fit each).
+RECOVERY_SEEDS = (2024, 2025, 2026, 2027, 2028)
+#: Each binomial tail of the recovery test's coverage count must have probability above
+#: this (as tests/test_recovery.py).
+RECOVERY_TAIL = 1e-3
+
+
 @pytest.mark.slow
 def test_parameter_recovery_numpyro():
-    """Fixed design mu = b·x; body, stalls and fast steps; NUTS recovers b, the noise
-    parameters and the mean factor (each within 4 posterior sd, and sharp)."""
+    """Fixed design mu = b·x, one truth with body, stalls and fast steps; for each of 5
+    data seeds NUTS fits the noise model (4000 steps, 1 chain x 500 draws). The 90 %
+    equal-tailed intervals of b, the seven noise parameters and the mean factor E[y]/m
+    (9 per seed, 45 in all) must cover the truth at a rate consistent with 90 %: the
+    count must lie in neither binomial tail of probability < 0.001 under Binomial(45,
+    0.9), i.e. at least 33 of 45 (45/45 has probability 0.9^45 = 0.009, so
+    over-coverage cannot be detected at this size; the lower tail catches a biased or
+    over-confident fit). The fits must be sharp where the data inform them (b to 0.5 %,
+    each tail probability to 20 %) and have no divergent transitions. Measured
+    2026-12-03: 39/45 (P(X <= 39) = 0.29), 0 divergences; 204 s at load 10-11 on the
+    2-core machine (37 s for the one-seed version at load 1-2)."""
     import numpyro
     import numpyro.distributions as dist
     from numpyro.infer import MCMC, NUTS
 
-    rng = np.random.default_rng(2024)
-    n = 4000
-    x = rng.uniform(2e3, 3e4, n)  # µs of roofline work per step
+    from calib import config
+
     truth = {
         "b": 1.3,
         "sigma": 0.04,
@@ -203,10 +218,10 @@ def test_parameter_recovery_numpyro():
         "fast_log_sd": 0.2,
     }
     names = noise.NOISE_PARAMS
-    y = noise.sample(rng, truth["b"] * x, *(truth[k] for k in names))
-    log_x, log_y = jnp.asarray(np.log(x)), jnp.asarray(np.log(y))
+    mf_true = noise.mean_factor(*(truth[k] for k in names))
+    n = 4000
 
-    def model():
+    def model(log_x, log_y):
         b = numpyro.sample("b", dist.LogNormal(0.0, 1.0))
         sigma = numpyro.sample("sigma", dist.HalfNormal(0.3))
         # tail probabilities bounded by MAX_TAIL_PROB (the body is the majority): else a
@@ -224,16 +239,42 @@ def test_parameter_recovery_numpyro():
             obs=log_y,
         )
 
-    mcmc = MCMC(NUTS(model), num_warmup=300, num_samples=500, num_chains=1, progress_bar=False)
-    mcmc.run(jax.random.key(0))
-    post = {k: np.asarray(v) for k, v in mcmc.get_samples().items()}
-    assert int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum()) == 0
-    for k, v in truth.items():
-        z = (post[k].mean() - v) / post[k].std()
-        assert abs(z) < 4.0, (k, post[k].mean(), post[k].std(), v)
-    assert post["b"].std() / truth["b"] < 0.005
-    assert post["stall_prob"].std() / truth["stall_prob"] < 0.2
-    assert post["fast_prob"].std() / truth["fast_prob"] < 0.2
-    mf = noise.mean_factor(*(post[k] for k in names))
-    mf_true = noise.mean_factor(*(truth[k] for k in names))
-    assert abs(mf.mean() - mf_true) < 4.0 * mf.std()
+    # one compiled sampler for all seeds: the data are traced arguments
+    mcmc = MCMC(
+        NUTS(model),
+        num_warmup=300,
+        num_samples=500,
+        num_chains=1,
+        progress_bar=False,
+        jit_model_args=True,
+    )
+    covered = total = 0
+    misses, divergences = [], {}
+    for seed in RECOVERY_SEEDS:
+        rng = np.random.default_rng(seed)
+        x = rng.uniform(2e3, 3e4, n)  # µs of roofline work per step
+        y = noise.sample(rng, truth["b"] * x, *(truth[k] for k in names))
+        mcmc.run(jax.random.key(seed), jnp.asarray(np.log(x)), jnp.asarray(np.log(y)))
+        post = {k: np.asarray(v) for k, v in mcmc.get_samples().items()}
+        post["mean_factor"] = noise.mean_factor(*(post[k] for k in names))
+        divergences[seed] = int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum())
+        for k, v in {**truth, "mean_factor": mf_true}.items():
+            lo, hi = np.quantile(post[k], [0.05, 0.95])
+            ok = bool(lo <= v <= hi)
+            covered += ok
+            total += 1
+            if not ok:
+                misses.append(f"seed {seed} {k}: truth {v:.4g} outside [{lo:.4g}, {hi:.4g}]")
+        assert post["b"].std() / truth["b"] < 0.005, seed
+        assert post["stall_prob"].std() / truth["stall_prob"] < 0.2, seed
+        assert post["fast_prob"].std() / truth["fast_prob"] < 0.2, seed
+    assert total == (len(truth) + 1) * len(RECOVERY_SEEDS)
+    binom = stats.binom(total, config.INTERVAL_PROB)
+    low, high = binom.cdf(covered), binom.sf(covered - 1)  # P(X <= covered), P(X >= covered)
+    msg = (
+        f"coverage {covered}/{total} (P(X<=k) {low:.2g}, P(X>=k) {high:.2g}); "
+        f"divergences per seed {divergences}; misses: {misses}"
+    )
+    print(msg)
+    assert low > RECOVERY_TAIL and high > RECOVERY_TAIL, msg
+    assert sum(divergences.values()) == 0, msg
