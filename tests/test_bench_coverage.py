@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
+from fixtures.checks import run_script
 
 from calib import config
 from calib.simulate.stress import HELD_BACK, SETS, TRUTH_FAMILIES, set_truth
@@ -27,14 +25,7 @@ def _module():
 
 
 def _run(*args, timeout=900):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(config.PROJECT_ROOT)}
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return run_script(SCRIPT, *args, timeout=timeout)
 
 
 def test_recipes_differ_from_the_default_truth():

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
+from fixtures.checks import run_script
 
 from calib import config
 
@@ -17,15 +15,7 @@ SCRIPT = config.PROJECT_ROOT / "scripts" / "fit.py"
 
 
 def run(*args, cwd=None, timeout=600):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "MPLBACKEND": "Agg"}
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-        env=env,
-    )
+    return run_script(SCRIPT, *args, timeout=timeout, cwd=cwd)
 
 
 def assert_user_error(proc, *needles):

@@ -203,9 +203,8 @@ def test_parameter_recovery_numpyro():
     2-core machine (37 s for the one-seed version at load 1-2)."""
     import numpyro
     import numpyro.distributions as dist
+    from fixtures.checks import assert_binomial_coverage
     from numpyro.infer import MCMC, NUTS
-
-    from calib import config
 
     truth = {
         "b": 1.3,
@@ -269,12 +268,7 @@ def test_parameter_recovery_numpyro():
         assert post["stall_prob"].std() / truth["stall_prob"] < 0.2, seed
         assert post["fast_prob"].std() / truth["fast_prob"] < 0.2, seed
     assert total == (len(truth) + 1) * len(RECOVERY_SEEDS)
-    binom = stats.binom(total, config.INTERVAL_PROB)
-    low, high = binom.cdf(covered), binom.sf(covered - 1)  # P(X <= covered), P(X >= covered)
-    msg = (
-        f"coverage {covered}/{total} (P(X<=k) {low:.2g}, P(X>=k) {high:.2g}); "
-        f"divergences per seed {divergences}; misses: {misses}"
+    msg = assert_binomial_coverage(
+        covered, total, RECOVERY_TAIL, f"divergences per seed {divergences}; misses: {misses}"
     )
-    print(msg)
-    assert low > RECOVERY_TAIL and high > RECOVERY_TAIL, msg
     assert sum(divergences.values()) == 0, msg

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import stats
+from fixtures.checks import assert_binomial_coverage
 
 from calib import config, noise
 from calib.fit import SamplerSettings, run_nuts
@@ -155,14 +155,9 @@ def test_interval_coverage_over_seeds():
                     f"seed {seed} {name}: truth {float(t[name]):.4g} outside [{lo:.4g}, {hi:.4g}]"
                 )
     assert total == 28 * len(SEEDS)
-    binom = stats.binom(total, config.INTERVAL_PROB)
-    low, high = binom.cdf(covered), binom.sf(covered - 1)  # P(X <= covered), P(X >= covered)
-    msg = (
-        f"coverage {covered}/{total} = {covered / total:.3f} (P(X<=k) {low:.2g}, "
-        f"P(X>=k) {high:.2g}); divergences per seed {divergences}; misses: {misses}"
+    msg = assert_binomial_coverage(
+        covered, total, TAIL, f"divergences per seed {divergences}; misses: {misses}"
     )
-    print(msg)
-    assert low > TAIL and high > TAIL, msg
     # divergent transitions mean the sampler may have missed part of the posterior
     assert max(divergences.values()) <= MAX_DIVERGENCES, msg
 

@@ -4,14 +4,12 @@ and the runner writes its table (scripts/stress.py)."""
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import yaml
+from fixtures.checks import run_script
 
 from calib import config
 from calib.arch import load_architecture
@@ -145,19 +143,7 @@ def test_smallest_set_writes_traces_that_import(tmp_path):
 
 
 def _run(*args, timeout=900):
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "MPLBACKEND": "Agg",
-        "PYTHONPATH": str(config.PROJECT_ROOT),
-    }
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return run_script(SCRIPT, *args, timeout=timeout)
 
 
 def test_runner_unknown_set_is_a_user_error():
